@@ -1,0 +1,2 @@
+//! The `cmr` binary.
+fn main() {}

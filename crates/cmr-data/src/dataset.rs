@@ -1,0 +1,300 @@
+//! Dataset discovery and validation: split folders, pairing, natural order.
+//!
+//! A split folder holds `image/<id>.png` and, when labelled, `mask/<id>_mask.png`.
+//! A dataset root holds `train/`, optionally `val/` and `test/`.
+
+use std::cmp::Ordering;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use crate::error::{DataError, Result};
+use crate::plane::{Image, Mask, Size};
+use crate::png::{read_image, read_mask};
+
+/// One slice: its id (the image file stem, e.g. `cmr12`), the image and, in a
+/// labelled split, its mask, both centre padded/cropped to the loading size.
+#[derive(Clone, Debug)]
+pub struct Sample {
+    pub id: String,
+    pub image: Image,
+    pub mask: Option<Mask>,
+    /// Size of the image on disk, to map predictions back with [`Image::unfit`].
+    pub original: Size,
+    /// Where the image was read from.
+    pub path: PathBuf,
+}
+
+/// Whether a split's masks are read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Labels {
+    /// `mask/` must exist and every image must have its mask.
+    Required,
+    /// Read and pair masks when `mask/` exists; otherwise images only.
+    IfPresent,
+    /// Images only; a `mask/` folder is not looked at.
+    Ignore,
+}
+
+/// Options for loading a split.
+#[derive(Clone, Copy, Debug)]
+pub struct LoadOptions {
+    /// Side length every image and mask is centre padded/cropped to.
+    pub size: usize,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self { size: 96 }
+    }
+}
+
+/// Compare ids in natural order: digit runs compare as numbers, so `cmr2` comes
+/// before `cmr10`.
+pub fn natural_cmp(a: &str, b: &str) -> Ordering {
+    let (mut a, mut b) = (a.as_bytes(), b.as_bytes());
+    loop {
+        match (a.first(), b.first()) {
+            (None, None) => return Ordering::Equal,
+            (None, Some(_)) => return Ordering::Less,
+            (Some(_), None) => return Ordering::Greater,
+            (Some(x), Some(y)) if x.is_ascii_digit() && y.is_ascii_digit() => {
+                let na = a.iter().take_while(|c| c.is_ascii_digit()).count();
+                let nb = b.iter().take_while(|c| c.is_ascii_digit()).count();
+                let (da, db) = (&a[..na], &b[..nb]);
+                let ta = trim_zeros(da);
+                let tb = trim_zeros(db);
+                let ord = ta.len().cmp(&tb.len()).then_with(|| ta.cmp(tb)).then(na.cmp(&nb));
+                if ord != Ordering::Equal {
+                    return ord;
+                }
+                a = &a[na..];
+                b = &b[nb..];
+            }
+            (Some(x), Some(y)) => {
+                if x != y {
+                    return x.cmp(y);
+                }
+                a = &a[1..];
+                b = &b[1..];
+            }
+        }
+    }
+}
+
+fn trim_zeros(d: &[u8]) -> &[u8] {
+    let z = d.iter().take_while(|&&c| c == b'0').count();
+    &d[z..]
+}
+
+/// The PNG files of a folder by id (file stem), in natural order.
+fn png_files(dir: &Path) -> Result<BTreeMap<NaturalKey, PathBuf>> {
+    let entries = std::fs::read_dir(dir).map_err(|e| DataError::io(dir, e))?;
+    let mut out = BTreeMap::new();
+    for entry in entries {
+        let path = entry.map_err(|e| DataError::io(dir, e))?.path();
+        let is_png = path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("png"));
+        if !is_png || !path.is_file() {
+            continue;
+        }
+        let Some(stem) = path.file_stem().and_then(|s| s.to_str()) else {
+            continue;
+        };
+        let key = NaturalKey(stem.to_string());
+        if out.contains_key(&key) {
+            return Err(DataError::DuplicateId {
+                id: stem.to_string(),
+                path,
+            });
+        }
+        out.insert(key, path);
+    }
+    Ok(out)
+}
+
+/// A string ordered by [`natural_cmp`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct NaturalKey(String);
+
+impl PartialOrd for NaturalKey {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for NaturalKey {
+    fn cmp(&self, other: &Self) -> Ordering {
+        natural_cmp(&self.0, &other.0).then_with(|| self.0.cmp(&other.0))
+    }
+}
+
+/// The mask file name of an image id: `<id>_mask.png`.
+pub fn mask_file_name(id: &str) -> String {
+    format!("{id}_mask.png")
+}
+
+/// Load a split folder: every `image/*.png`, paired with `mask/<id>_mask.png`
+/// as `labels` says, validated and fitted to `opts.size`.
+///
+/// Errors name the file: a missing folder, an empty split, an undecodable PNG,
+/// a mask value above 3, an image without its mask, a mask without its image,
+/// image and mask of different sizes.
+pub fn load_split(dir: &Path, labels: Labels, opts: LoadOptions) -> Result<Vec<Sample>> {
+    if opts.size == 0 {
+        return Err(DataError::Config("size must be at least 1".into()));
+    }
+    if !dir.is_dir() {
+        return Err(DataError::MissingFolder {
+            path: dir.to_path_buf(),
+            what: "split folder",
+        });
+    }
+    let image_dir = dir.join("image");
+    if !image_dir.is_dir() {
+        return Err(DataError::MissingFolder {
+            path: image_dir,
+            what: "a split holds image/*.png",
+        });
+    }
+    let mask_dir = dir.join("mask");
+    let labelled = match labels {
+        Labels::Required => {
+            if !mask_dir.is_dir() {
+                return Err(DataError::MissingFolder {
+                    path: mask_dir,
+                    what: "a labelled split holds mask/<id>_mask.png",
+                });
+            }
+            true
+        }
+        Labels::IfPresent => mask_dir.is_dir(),
+        Labels::Ignore => false,
+    };
+
+    let images = png_files(&image_dir)?;
+    if images.is_empty() {
+        return Err(DataError::EmptySplit { dir: image_dir });
+    }
+    let mut masks = if labelled {
+        png_files(&mask_dir)?
+            .into_iter()
+            .map(|(k, path)| {
+                let id = k.0.strip_suffix("_mask").unwrap_or(&k.0).to_string();
+                (id, path)
+            })
+            .collect::<BTreeMap<String, PathBuf>>()
+    } else {
+        BTreeMap::new()
+    };
+
+    let target = Size {
+        height: opts.size,
+        width: opts.size,
+    };
+    let mut samples = Vec::with_capacity(images.len());
+    for (NaturalKey(id), image_path) in images {
+        let image = read_image(&image_path)?;
+        let mask = if labelled {
+            let Some(mask_path) = masks.remove(&id) else {
+                return Err(DataError::MissingMask {
+                    expected: mask_dir.join(mask_file_name(&id)),
+                    image: image_path,
+                });
+            };
+            let mask = read_mask(&mask_path)?;
+            if mask.size() != image.size() {
+                return Err(DataError::SizeMismatch {
+                    image_size: (image.width(), image.height()),
+                    mask_size: (mask.width(), mask.height()),
+                    image: image_path,
+                    mask: mask_path,
+                });
+            }
+            Some(mask.fit(target))
+        } else {
+            None
+        };
+        let original = image.size();
+        if original != target {
+            tracing::debug!(
+                "{}: {}x{} fitted to {}x{}",
+                image_path.display(),
+                original.width,
+                original.height,
+                target.width,
+                target.height
+            );
+        }
+        samples.push(Sample {
+            id,
+            image: image.fit(target),
+            mask,
+            original,
+            path: image_path,
+        });
+    }
+    if let Some((id, mask)) = masks.into_iter().next() {
+        return Err(DataError::OrphanMask {
+            mask,
+            expected: image_dir.join(format!("{id}.png")),
+        });
+    }
+    Ok(samples)
+}
+
+/// A dataset root: `train/` (labelled), optional `val/` (labelled) and `test/`
+/// (images; any masks there are not labels and are ignored).
+#[derive(Clone, Debug)]
+pub struct Dataset {
+    pub root: PathBuf,
+    pub train: Vec<Sample>,
+    pub val: Option<Vec<Sample>>,
+    pub test: Option<Vec<Sample>>,
+}
+
+impl Dataset {
+    /// Open and validate a dataset root.
+    pub fn open(root: &Path, opts: LoadOptions) -> Result<Self> {
+        if !root.is_dir() {
+            return Err(DataError::MissingFolder {
+                path: root.to_path_buf(),
+                what: "dataset root",
+            });
+        }
+        let train = load_split(&root.join("train"), Labels::Required, opts)?;
+        let val_dir = root.join("val");
+        let val = if val_dir.exists() {
+            Some(load_split(&val_dir, Labels::Required, opts)?)
+        } else {
+            None
+        };
+        let test_dir = root.join("test");
+        let test = if test_dir.exists() {
+            Some(load_split(&test_dir, Labels::Ignore, opts)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            root: root.to_path_buf(),
+            train,
+            val,
+            test,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn natural_order() {
+        let mut ids = vec!["cmr10", "cmr2", "cmr1", "cmr100", "cmr02", "a", "cmr", "b3"];
+        ids.sort_by(|a, b| natural_cmp(a, b));
+        assert_eq!(
+            ids,
+            vec!["a", "b3", "cmr", "cmr1", "cmr2", "cmr02", "cmr10", "cmr100"]
+        );
+    }
+}

@@ -1,0 +1,94 @@
+//! The error type of `cmr-data`: every variant names the file and the problem.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong while reading, validating or writing data.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    /// A file or folder could not be read or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A folder the layout requires is not there.
+    #[error("{}: folder not found ({what})", path.display())]
+    MissingFolder { path: PathBuf, what: &'static str },
+    /// A PNG that does not decode (truncated, corrupt, not a PNG).
+    #[error("{}: cannot decode PNG: {source}", path.display())]
+    Decode {
+        path: PathBuf,
+        #[source]
+        source: image::ImageError,
+    },
+    /// A PNG could not be encoded.
+    #[error("{}: cannot encode PNG: {source}", path.display())]
+    Encode {
+        path: PathBuf,
+        #[source]
+        source: image::ImageError,
+    },
+    /// A mask that is not an 8-bit single-channel PNG.
+    #[error("{}: a mask must be an 8-bit grayscale PNG, found {found}", path.display())]
+    MaskFormat { path: PathBuf, found: String },
+    /// A mask pixel outside 0..=3.
+    #[error("{}: mask value {value} at (x {x}, y {y}) is not a class (0..=3)", path.display())]
+    MaskValue {
+        path: PathBuf,
+        value: u8,
+        x: usize,
+        y: usize,
+    },
+    /// An image in a labelled split without its mask.
+    #[error("{}: image has no mask (expected {})", image.display(), expected.display())]
+    MissingMask { image: PathBuf, expected: PathBuf },
+    /// A mask whose image is not there.
+    #[error("{}: mask has no image (expected {})", mask.display(), expected.display())]
+    OrphanMask { mask: PathBuf, expected: PathBuf },
+    /// Image and mask of different sizes.
+    #[error(
+        "{}: mask is {}x{} but its image {} is {}x{}",
+        mask.display(), mask_size.0, mask_size.1, image.display(), image_size.0, image_size.1
+    )]
+    SizeMismatch {
+        image: PathBuf,
+        mask: PathBuf,
+        image_size: (usize, usize),
+        mask_size: (usize, usize),
+    },
+    /// A split folder without a single image.
+    #[error("{}: no PNG images in this split", dir.display())]
+    EmptySplit { dir: PathBuf },
+    /// Two files that map to the same sample id.
+    #[error("{}: duplicate sample id {id:?}", path.display())]
+    DuplicateId { path: PathBuf, id: String },
+    /// A malformed run-length CSV.
+    #[error("{}:{line}: {message}", path.display())]
+    Csv {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
+    /// A run-length encoding that does not fit the mask it decodes into.
+    #[error("run-length encoding: {0}")]
+    Rle(String),
+    /// A configuration value out of its range.
+    #[error("invalid data configuration: {0}")]
+    Config(String),
+    /// A tensor operation failed while batching.
+    #[error(transparent)]
+    Tensor(#[from] candle_core::Error),
+}
+
+/// `Result` with [`DataError`].
+pub type Result<T, E = DataError> = std::result::Result<T, E>;
+
+impl DataError {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}

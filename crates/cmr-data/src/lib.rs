@@ -1,0 +1,29 @@
+//! Cardiac MR slices as data: discovery, validation, pad/crop, splits,
+//! augmentation, batching to candle tensors, and the competition's formats.
+//!
+//! This crate knows files and pixels and nothing of networks. Everything it
+//! writes (mask PNGs, overlays, the run-length CSV) is written atomically.
+
+mod atomic;
+mod augment;
+mod batch;
+mod dataset;
+mod error;
+mod normalize;
+mod plane;
+mod png;
+mod rle;
+mod rng;
+mod split;
+
+pub use atomic::{write_atomic, write_atomic_with};
+pub use augment::{Affine, AffineParams, AugmentConfig, Ranged, affine_bilinear, affine_nearest, flip_h, flip_v, rot90};
+pub use batch::{Batch, BatchPlan};
+pub use dataset::{Dataset, Labels, LoadOptions, Sample, load_split, mask_file_name, natural_cmp};
+pub use error::{DataError, Result};
+pub use normalize::{Normalization, to_unit};
+pub use plane::{Image, Mask, Plane, Size};
+pub use png::{CLASS_COLOURS, NUM_CLASSES, overlay, read_image, read_mask, write_image, write_mask, write_overlay};
+pub use rle::{FOREGROUND, Row, read_submission, rle_decode, rle_encode, submission_rows, write_submission};
+pub use rng::{StreamRng, hash_str, purpose, stream};
+pub use split::{Splits, ValSource, hold_out};

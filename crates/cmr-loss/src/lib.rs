@@ -1,0 +1,19 @@
+//! Losses and metrics for cardiac MR segmentation, with the report's and the
+//! competition's definitions.
+//!
+//! Losses ([`Loss`]: cross-entropy, soft Dice, Dice+CE) are differentiable
+//! candle expressions on logits `[B, C, H, W]` and targets `[B, H, W]`, on any
+//! device. Metrics ([`MetricsAccumulator`]: Dice, IoU, HD95, noise number) are
+//! computed on label masks, per image and class, over a whole split. No I/O.
+
+mod components;
+mod error;
+mod loss;
+mod metrics;
+
+pub use components::{extra_components, keep_largest_components, label_components};
+pub use error::{LossError, Result};
+pub use loss::{Loss, cross_entropy, one_hot, soft_dice_loss, soft_dice_per_class};
+pub use metrics::{
+    CLASS_NAMES, ClassMetrics, ImageMetrics, LabelMap, MetricsAccumulator, MetricsReport, dice, hd95, iou, percentile,
+};

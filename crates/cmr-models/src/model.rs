@@ -1,0 +1,45 @@
+//! One entry point for the three networks: [`build`] and [`Model`].
+
+use candle_core::{ModuleT, Result as CandleResult, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::config::ModelConfig;
+use crate::error::Result;
+use crate::segnet::SegNet;
+use crate::unet::UNet;
+use crate::unet3plus::UNet3Plus;
+
+/// Any of the three networks.
+#[derive(Clone, Debug)]
+pub enum Model {
+    SegNet(SegNet),
+    UNet(UNet),
+    UNet3Plus(UNet3Plus),
+}
+
+/// Build the network `cfg` describes, taking its weights from `vb` (a
+/// `VarMap` for training, a checkpoint for inference).
+///
+/// An invalid configuration is rejected before any tensor is made; a
+/// checkpoint of another architecture or width fails on the first tensor
+/// whose name or shape does not match.
+pub fn build(cfg: &ModelConfig, vb: VarBuilder) -> Result<Model> {
+    cfg.validate()?;
+    Ok(match cfg {
+        ModelConfig::SegNet(c) => Model::SegNet(SegNet::new(c, vb)?),
+        ModelConfig::UNet(c) => Model::UNet(UNet::new(c, vb)?),
+        ModelConfig::UNet3Plus(c) => Model::UNet3Plus(UNet3Plus::new(c, vb)?),
+    })
+}
+
+impl ModuleT for Model {
+    /// `[B, in, H, W] -> [B, classes, H, W]` logits. `train` selects batch
+    /// statistics (and updates the running ones) in every BatchNorm.
+    fn forward_t(&self, xs: &Tensor, train: bool) -> CandleResult<Tensor> {
+        match self {
+            Self::SegNet(m) => m.forward_t(xs, train),
+            Self::UNet(m) => m.forward_t(xs, train),
+            Self::UNet3Plus(m) => m.forward_t(xs, train),
+        }
+    }
+}

@@ -1,0 +1,188 @@
+//! 2×2 max-pooling with indices and max-unpooling at those indices (SegNet).
+//!
+//! Each 2×2 window's elements are brought to a last axis of length 4 in
+//! row-major window order, so that "first maximum wins" is PyTorch's rule
+//! (it scans the window row by row and keeps the first strict maximum). The
+//! chosen position is kept as a one-hot mask `[B, C, H/2, W/2, 4]`: pooling is
+//! the sum of mask × values (its gradient reaches the chosen element only, as
+//! in PyTorch, even under ties), and unpooling is mask × broadcast values.
+//! Only comparisons, cumulative sums and products are used, so every device
+//! runs it and the tie rule does not depend on a device's argmax.
+
+use candle_core::{D, DType, Result, Tensor};
+
+/// Where each 2×2 window's maximum was: a one-hot `[B, C, H/2, W/2, 4]` mask
+/// (values 0 or 1 in the input's dtype), as returned by
+/// [`max_pool2x2_with_indices`].
+#[derive(Clone, Debug)]
+pub struct PoolIndices {
+    mask: Tensor,
+}
+
+impl PoolIndices {
+    /// The one-hot mask `[B, C, H/2, W/2, 4]`.
+    pub fn mask(&self) -> &Tensor {
+        &self.mask
+    }
+
+    /// The flat `y·W + x` index of each window's maximum, as PyTorch's
+    /// `MaxPool2d(2, return_indices=True)` reports it: `[B, C, H/2, W/2]` u32.
+    pub fn flat_indices(&self) -> Result<Tensor> {
+        let (_, _, h2, w2, _) = self.mask.dims5()?;
+        let dev = self.mask.device();
+        // position in the window, 0..4 row-major
+        let pos = self.mask.argmax(D::Minus1)?.to_dtype(DType::F64)?;
+        let dy = (&pos / 2.0)?.floor()?;
+        let dx = (&pos - (&dy * 2.0)?)?;
+        let rows = (Tensor::arange(0f64, h2 as f64, dev)? * 2.0)?.reshape((1, 1, h2, 1))?;
+        let cols = (Tensor::arange(0f64, w2 as f64, dev)? * 2.0)?.reshape((1, 1, 1, w2))?;
+        let y = dy.broadcast_add(&rows)?;
+        let x = dx.broadcast_add(&cols)?;
+        ((y * (2 * w2) as f64)? + x)?.to_dtype(DType::U32)
+    }
+}
+
+/// `[B, C, H, W] -> [B, C, H/2, 2, W/2, 2] -> [B, C, H/2, W/2, 4]`
+fn windows(xs: &Tensor) -> Result<Tensor> {
+    let (b, c, h, w) = xs.dims4()?;
+    if h % 2 != 0 || w % 2 != 0 {
+        candle_core::bail!("2×2 max-pool needs an even height and width, got {h}×{w}");
+    }
+    xs.reshape((b, c, h / 2, 2, w / 2, 2))?
+        .permute((0, 1, 2, 4, 3, 5))?
+        .reshape((b, c, h / 2, w / 2, 4))
+}
+
+/// 2×2 max-pooling, stride 2, returning the pooled values `[B, C, H/2, W/2]`
+/// and where each maximum was. Ties go to the first position in row-major
+/// window order.
+pub fn max_pool2x2_with_indices(xs: &Tensor) -> Result<(Tensor, PoolIndices)> {
+    let win = windows(xs)?;
+    let detached = win.detach();
+    let max = detached.max_keepdim(D::Minus1)?;
+    let is_max = detached.broadcast_eq(&max)?.to_dtype(xs.dtype())?;
+    // The first maximum is the one where the running count of maxima is 1.
+    let first = is_max.cumsum(D::Minus1)?.eq(1.0)?.to_dtype(xs.dtype())?;
+    let mask = (is_max * first)?;
+    let pooled = (win * &mask)?.sum(D::Minus1)?;
+    Ok((pooled, PoolIndices { mask }))
+}
+
+/// Max-unpooling: put each value of `[B, C, H/2, W/2]` at its window's stored
+/// position in a zero `[B, C, H, W]`. Differentiable w.r.t. `xs`.
+pub fn max_unpool2x2(xs: &Tensor, indices: &PoolIndices) -> Result<Tensor> {
+    let (b, c, h2, w2) = xs.dims4()?;
+    let mask = &indices.mask;
+    if mask.dims() != [b, c, h2, w2, 4] {
+        candle_core::bail!(
+            "max-unpool: values {:?} do not match pool indices {:?}",
+            xs.dims(),
+            mask.dims()
+        );
+    }
+    xs.unsqueeze(4)?
+        .broadcast_mul(mask)?
+        .reshape((b, c, h2, w2, 2, 2))?
+        .permute((0, 1, 2, 4, 3, 5))?
+        .reshape((b, c, 2 * h2, 2 * w2))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn t(v: &[f32], h: usize, w: usize) -> Tensor {
+        Tensor::from_vec(v.to_vec(), (1, 1, h, w), &Device::Cpu).unwrap()
+    }
+
+    fn flat(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    #[test]
+    fn pool_and_unpool_by_hand() {
+        #[rustfmt::skip]
+        let x = t(&[
+            1., 5., 0., 0.,
+            3., 2., 0., 7.,
+            4., 4., 9., 1.,
+            4., 4., 9., 9.,
+        ], 4, 4);
+        let (p, idx) = max_pool2x2_with_indices(&x).unwrap();
+        assert_eq!(flat(&p), vec![5., 7., 4., 9.]);
+        // PyTorch: indices [[1, 7], [8, 10]] (ties pick the first in row-major order)
+        assert_eq!(idx.flat_indices().unwrap().flatten_all().unwrap().to_vec1::<u32>().unwrap(), vec![1, 7, 8, 10]);
+        let u = max_unpool2x2(&p, &idx).unwrap();
+        #[rustfmt::skip]
+        let expected = vec![
+            0., 5., 0., 0.,
+            0., 0., 0., 7.,
+            4., 0., 9., 0.,
+            0., 0., 0., 0.,
+        ];
+        assert_eq!(flat(&u), expected);
+    }
+
+    #[test]
+    fn all_zero_windows_pick_exactly_one() {
+        let x = t(&[0.; 16], 4, 4);
+        let (_, idx) = max_pool2x2_with_indices(&x).unwrap();
+        let m = flat(idx.mask());
+        for w in m.chunks(4) {
+            assert_eq!(w, [1., 0., 0., 0.]);
+        }
+        // and a tie that is not at the first position
+        let x = t(&[0., 3., 3., 3.], 2, 2);
+        let (_, idx) = max_pool2x2_with_indices(&x).unwrap();
+        assert_eq!(flat(idx.mask()), vec![0., 1., 0., 0.]);
+    }
+
+    #[test]
+    fn odd_sizes_are_rejected() {
+        assert!(max_pool2x2_with_indices(&t(&[0.; 6], 2, 3)).is_err());
+    }
+
+    /// Finite differences in f64 of `sum(w · unpool(pool(x) · a))` w.r.t. `x`
+    /// (through the pooled values) and w.r.t. the unpooled values.
+    #[test]
+    fn gradients_match_finite_differences() {
+        let dev = Device::Cpu;
+        let shape = (2, 3, 4, 6);
+        // Distinct values so that a small step never changes which is the maximum.
+        let base: Vec<f64> = (0..144).map(|i| ((i * 37) % 144) as f64 * 0.1).collect();
+        let x = Var::from_tensor(&Tensor::from_vec(base.clone(), shape, &dev).unwrap()).unwrap();
+        let w = Tensor::randn(0f64, 1.0, shape, &dev).unwrap();
+        let f = |t: &Tensor| -> Tensor {
+            let (p, idx) = max_pool2x2_with_indices(t).unwrap();
+            let v = (p.sqr().unwrap() * 0.5).unwrap();
+            (max_unpool2x2(&v, &idx).unwrap() * &w).unwrap().sum_all().unwrap()
+        };
+        let grads = f(x.as_tensor()).backward().unwrap();
+        let g = grads.get(x.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let eps = 1e-5;
+        let mut nonzero = 0;
+        for i in 0..base.len() {
+            let mut plus = base.clone();
+            plus[i] += eps;
+            let mut minus = base.clone();
+            minus[i] -= eps;
+            let fp = f(&Tensor::from_vec(plus, shape, &dev).unwrap()).to_scalar::<f64>().unwrap();
+            let fm = f(&Tensor::from_vec(minus, shape, &dev).unwrap()).to_scalar::<f64>().unwrap();
+            let numeric = (fp - fm) / (2.0 * eps);
+            let err = (numeric - g[i]).abs() / numeric.abs().max(1.0);
+            assert!(err < 1e-6, "element {i}: analytic {} numeric {numeric}", g[i]);
+            nonzero += usize::from(g[i] != 0.0);
+        }
+        assert_eq!(nonzero, 36, "one element per window carries the gradient");
+    }
+
+    #[test]
+    fn tied_gradient_goes_to_the_first_position_only() {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::from_vec(vec![2f32, 2., 2., 1.], (1, 1, 2, 2), &dev).unwrap()).unwrap();
+        let (p, _) = max_pool2x2_with_indices(x.as_tensor()).unwrap();
+        let g = p.sum_all().unwrap().backward().unwrap();
+        assert_eq!(flat(g.get(x.as_tensor()).unwrap()), vec![1., 0., 0., 0.]);
+    }
+}

@@ -1,0 +1,114 @@
+//! U-Net 3+ (Huang et al., 2020, "UNet 3+: A Full-Scale Connected UNet for
+//! Medical Image Segmentation"), without deep supervision or the
+//! classification-guided module, as in the report.
+//!
+//! Input `[B, in, H, W]`, output logits `[B, classes, H, W]`; `H` and `W` must
+//! be multiples of 2^(depth−1). The encoder is the U-Net's. The deepest
+//! decoder output is the deepest encoder output; every other decoder stage `i`
+//! takes all levels `j`: encoder outputs `j < i` max-pooled by 2^(i−j)
+//! (kernel = stride), the encoder output `j = i` as it is, and decoder outputs
+//! `j > i` bilinearly up-sampled by 2^(j−i) (`align_corners = false`), each
+//! through a conv(→`branch_channels`)-BN-ReLU; the branches are concatenated
+//! in level order and fused by a conv-BN-ReLU. Head: 3×3 conv to the classes.
+//!
+//! Weight names: `enc.{level}.{0,1}.{conv,bn}.*`,
+//! `dec.{level}.branch.{source level}.{conv,bn}.*`, `dec.{level}.fuse.{conv,bn}.*`,
+//! `head.*`.
+
+use candle_core::{Module, ModuleT, Result, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::blocks::{Conv, ConvBnRelu, ConvStack};
+use crate::config::UNet3PlusConfig;
+use crate::ops::upsample_bilinear;
+
+#[derive(Clone, Debug)]
+struct DecoderStage {
+    /// One branch per source level, in level order.
+    branches: Vec<ConvBnRelu>,
+    fuse: ConvBnRelu,
+}
+
+/// The U-Net 3+.
+#[derive(Clone, Debug)]
+pub struct UNet3Plus {
+    encoder: Vec<ConvStack>,
+    /// `decoder[i]` produces level `i`, for every level but the deepest.
+    decoder: Vec<DecoderStage>,
+    head: Conv,
+}
+
+impl UNet3Plus {
+    pub fn new(cfg: &UNet3PlusConfig, vb: VarBuilder) -> Result<Self> {
+        let f = &cfg.filters;
+        let depth = f.len();
+        let stage = cfg.stage_channels();
+        let mut encoder = Vec::with_capacity(depth);
+        let mut c = cfg.in_channels;
+        for (level, &width) in f.iter().enumerate() {
+            encoder.push(ConvStack::new(c, &[width, width], vb.pp("enc").pp(level))?);
+            c = width;
+        }
+        let mut decoder = Vec::with_capacity(depth - 1);
+        for level in 0..depth - 1 {
+            let vb = vb.pp("dec").pp(level);
+            let branches = (0..depth)
+                .map(|source| {
+                    // encoder outputs up to this level and the deepest level,
+                    // decoder stages in between
+                    let channels = if source <= level || source == depth - 1 { f[source] } else { stage };
+                    ConvBnRelu::new(channels, cfg.branch_channels, vb.pp("branch").pp(source))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let fuse = ConvBnRelu::new(stage, stage, vb.pp("fuse"))?;
+            decoder.push(DecoderStage { branches, fuse });
+        }
+        let head = Conv::new(stage, cfg.num_classes, 3, vb.pp("head"))?;
+        Ok(Self {
+            encoder,
+            decoder,
+            head,
+        })
+    }
+}
+
+impl ModuleT for UNet3Plus {
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        let depth = self.encoder.len();
+        let mut enc = Vec::with_capacity(depth);
+        let mut x = xs.clone();
+        for (level, stage) in self.encoder.iter().enumerate() {
+            if level > 0 {
+                // [B, C, H, W] -> [B, C, H/2, W/2]
+                x = x.max_pool2d(2)?;
+            }
+            x = stage.forward_t(&x, train)?;
+            enc.push(x.clone());
+        }
+        // dec[j] for j > level: the deepest is the encoder's output.
+        let mut dec: Vec<Option<Tensor>> = vec![None; depth];
+        dec[depth - 1] = enc.last().cloned();
+        for level in (0..depth - 1).rev() {
+            let stage = &self.decoder[level];
+            let mut parts = Vec::with_capacity(depth);
+            for (source, branch) in stage.branches.iter().enumerate() {
+                let input = if source < level {
+                    // [B, C, H·2^k, W·2^k] -> [B, C, H, W]
+                    enc[source].max_pool2d(1 << (level - source))?
+                } else if source == level {
+                    enc[source].clone()
+                } else {
+                    let deeper = dec[source].as_ref().expect("deeper stages are computed first");
+                    // [B, C, H/2^k, W/2^k] -> [B, C, H, W]
+                    upsample_bilinear(deeper, 1 << (source - level))?
+                };
+                parts.push(branch.forward_t(&input, train)?);
+            }
+            // depth × [B, branch, H, W] -> [B, depth·branch, H, W]
+            let fused = stage.fuse.forward_t(&Tensor::cat(&parts, 1)?, train)?;
+            dec[level] = Some(fused);
+        }
+        let top = dec[0].take().expect("level 0 is decoded last");
+        self.head.forward(&top)
+    }
+}

@@ -1,0 +1,1 @@
+//! cmr-train: placeholder, filled by its issue.
