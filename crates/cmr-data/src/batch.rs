@@ -224,6 +224,10 @@ mod tests {
         let b = p.batches(&s, 0, &Device::Cpu).unwrap().next().unwrap().unwrap();
         assert!(b.masks.is_none());
         assert!(b.masks().is_err());
-        assert!(BatchPlan::eval(0, Normalization::UnitRange).batches(&s, 0, &Device::Cpu).is_err());
+        assert!(
+            BatchPlan::eval(0, Normalization::UnitRange)
+                .batches(&s, 0, &Device::Cpu)
+                .is_err()
+        );
     }
 }

@@ -92,9 +92,7 @@ fn png_files(dir: &Path) -> Result<BTreeMap<NaturalKey, PathBuf>> {
     let mut out = BTreeMap::new();
     for entry in entries {
         let path = entry.map_err(|e| DataError::io(dir, e))?.path();
-        let is_png = path
-            .extension()
-            .is_some_and(|e| e.eq_ignore_ascii_case("png"));
+        let is_png = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("png"));
         if !is_png || !path.is_file() {
             continue;
         }
@@ -292,9 +290,6 @@ mod tests {
     fn natural_order() {
         let mut ids = vec!["cmr10", "cmr2", "cmr1", "cmr100", "cmr02", "a", "cmr", "b3"];
         ids.sort_by(|a, b| natural_cmp(a, b));
-        assert_eq!(
-            ids,
-            vec!["a", "b3", "cmr", "cmr1", "cmr2", "cmr02", "cmr10", "cmr100"]
-        );
+        assert_eq!(ids, vec!["a", "b3", "cmr", "cmr1", "cmr2", "cmr02", "cmr10", "cmr100"]);
     }
 }

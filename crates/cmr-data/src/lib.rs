@@ -17,7 +17,9 @@ mod rng;
 mod split;
 
 pub use atomic::{write_atomic, write_atomic_with};
-pub use augment::{Affine, AffineParams, AugmentConfig, Ranged, affine_bilinear, affine_nearest, flip_h, flip_v, rot90};
+pub use augment::{
+    Affine, AffineParams, AugmentConfig, Ranged, affine_bilinear, affine_nearest, flip_h, flip_v, rot90,
+};
 pub use batch::{Batch, BatchPlan};
 pub use dataset::{Dataset, Labels, LoadOptions, Sample, load_split, mask_file_name, natural_cmp};
 pub use error::{DataError, Result};

@@ -36,11 +36,7 @@ impl Normalization {
                 let data = plane.data_mut();
                 let n = data.len().max(1) as f64;
                 let mean = data.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
-                let var = data
-                    .iter()
-                    .map(|&v| (f64::from(v) - mean).powi(2))
-                    .sum::<f64>()
-                    / n;
+                let var = data.iter().map(|&v| (f64::from(v) - mean).powi(2)).sum::<f64>() / n;
                 let std = var.sqrt().max(1e-6);
                 for v in data {
                     *v = ((f64::from(*v) - mean) / std) as f32;

@@ -37,11 +37,7 @@ impl<T: Copy + Default> Plane<T> {
 impl<T: Copy> Plane<T> {
     /// Wrap row-major `data`; `None` when its length is not `height * width`.
     pub fn from_vec(height: usize, width: usize, data: Vec<T>) -> Option<Self> {
-        (data.len() == height * width).then_some(Self {
-            width,
-            height,
-            data,
-        })
+        (data.len() == height * width).then_some(Self { width, height, data })
     }
 
     /// Build a plane from a function of `(y, x)`.
@@ -52,11 +48,7 @@ impl<T: Copy> Plane<T> {
                 data.push(f(y, x));
             }
         }
-        Self {
-            width,
-            height,
-            data,
-        }
+        Self { width, height, data }
     }
 
     pub fn width(&self) -> usize {
@@ -113,10 +105,7 @@ impl<T: Copy + Default> Plane<T> {
     /// offset `(m - n) / 2`; when `n > m` the window starting at `(n - m) / 2` is
     /// kept. [`Plane::unfit`] is the inverse where pixels were kept.
     pub fn fit(&self, size: Size) -> Self {
-        let (oy, ox) = (
-            offset(self.height, size.height),
-            offset(self.width, size.width),
-        );
+        let (oy, ox) = (offset(self.height, size.height), offset(self.width, size.width));
         Self::from_fn(size.height, size.width, |y, x| {
             let sy = y as isize + oy;
             let sx = x as isize + ox;
@@ -132,10 +121,7 @@ impl<T: Copy + Default> Plane<T> {
     /// back to that original size: the inverse of [`Plane::fit`]. Pixels that the
     /// fit cropped away come back as `T::default()` (background for masks).
     pub fn unfit(&self, original: Size) -> Self {
-        let (oy, ox) = (
-            offset(original.height, self.height),
-            offset(original.width, self.width),
-        );
+        let (oy, ox) = (offset(original.height, self.height), offset(original.width, self.width));
         Self::from_fn(original.height, original.width, |y, x| {
             let sy = y as isize - oy;
             let sx = x as isize - ox;
@@ -168,10 +154,7 @@ mod tests {
 
     #[test]
     fn fit_pads_in_the_centre() {
-        let p = ramp(2, 2).fit(Size {
-            height: 4,
-            width: 4,
-        });
+        let p = ramp(2, 2).fit(Size { height: 4, width: 4 });
         #[rustfmt::skip]
         let expected = vec![
             0, 0, 0, 0,
@@ -184,10 +167,7 @@ mod tests {
 
     #[test]
     fn fit_crops_the_centre() {
-        let p = ramp(4, 5).fit(Size {
-            height: 2,
-            width: 3,
-        });
+        let p = ramp(4, 5).fit(Size { height: 2, width: 3 });
         // rows 1..3, columns 1..4 of the 4×5 ramp
         assert_eq!(p.data(), &[7, 8, 9, 12, 13, 14]);
     }
@@ -196,10 +176,7 @@ mod tests {
     fn unfit_restores_what_was_kept() {
         for (h, w) in [(96, 96), (90, 101), (120, 80), (7, 3), (1, 200)] {
             let original = ramp(h, w);
-            let size = Size {
-                height: 96,
-                width: 96,
-            };
+            let size = Size { height: 96, width: 96 };
             let back = original.fit(size).unfit(original.size());
             assert_eq!(back.size(), original.size());
             let (oy, ox) = (offset(h, 96), offset(w, 96));

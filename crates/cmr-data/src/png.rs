@@ -33,10 +33,7 @@ pub fn read_image(path: &Path) -> Result<Image> {
     let data = match decoded {
         DynamicImage::ImageLuma8(img) => img.into_raw(),
         DynamicImage::ImageLuma16(img) => {
-            tracing::warn!(
-                "{}: 16-bit grayscale image scaled to 8 bits",
-                path.display()
-            );
+            tracing::warn!("{}: 16-bit grayscale image scaled to 8 bits", path.display());
             img.into_raw()
                 .into_iter()
                 .map(|v| ((u32::from(v) + 128) / 257) as u8)
@@ -78,17 +75,13 @@ pub fn read_mask(path: &Path) -> Result<Mask> {
 
 fn encode_gray(path: &Path, plane: &Plane<u8>) -> Result<Vec<u8>> {
     let mut bytes = Vec::new();
-    image::GrayImage::from_raw(
-        plane.width() as u32,
-        plane.height() as u32,
-        plane.data().to_vec(),
-    )
-    .expect("plane holds width × height pixels")
-    .write_to(&mut Cursor::new(&mut bytes), ImageFormat::Png)
-    .map_err(|source| DataError::Encode {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    image::GrayImage::from_raw(plane.width() as u32, plane.height() as u32, plane.data().to_vec())
+        .expect("plane holds width × height pixels")
+        .write_to(&mut Cursor::new(&mut bytes), ImageFormat::Png)
+        .map_err(|source| DataError::Encode {
+            path: path.to_path_buf(),
+            source,
+        })?;
     Ok(bytes)
 }
 

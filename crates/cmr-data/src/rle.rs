@@ -72,11 +72,15 @@ pub fn rle_decode(encoding: &str, size: Size) -> Result<Plane<bool>> {
     for pair in numbers.chunks(2) {
         let (start, len) = (pair[0], pair[1]);
         if start == 0 || len == 0 {
-            return Err(DataError::Rle(format!("run {start} {len}: start and length must be at least 1")));
+            return Err(DataError::Rle(format!(
+                "run {start} {len}: start and length must be at least 1"
+            )));
         }
         let s = start - 1;
         if s < end {
-            return Err(DataError::Rle(format!("run {start} {len} overlaps or precedes the previous run")));
+            return Err(DataError::Rle(format!(
+                "run {start} {len} overlaps or precedes the previous run"
+            )));
         }
         if s + len > h * w {
             return Err(DataError::Rle(format!(
@@ -146,7 +150,12 @@ pub fn read_submission(path: &Path, size: Size) -> Result<Vec<(String, Mask)>> {
         };
         let id = id.trim().trim_matches('"');
         let enc = enc.trim().trim_matches('"');
-        let Some(class) = id.chars().last().and_then(|c| c.to_digit(10)).filter(|c| (1..=3).contains(c)) else {
+        let Some(class) = id
+            .chars()
+            .last()
+            .and_then(|c| c.to_digit(10))
+            .filter(|c| (1..=3).contains(c))
+        else {
             return Err(csv_err(n, format!("id {id:?} does not end in a class 1, 2 or 3")));
         };
         let name = &id[..id.len() - 1];
@@ -172,7 +181,10 @@ pub fn read_submission(path: &Path, size: Size) -> Result<Vec<(String, Mask)>> {
     Ok(order
         .into_iter()
         .map(|name| {
-            let mask = masks.remove(&name).map(|(m, _)| m).unwrap_or_else(|| Plane::zeros(size.height, size.width));
+            let mask = masks
+                .remove(&name)
+                .map(|(m, _)| m)
+                .unwrap_or_else(|| Plane::zeros(size.height, size.width));
             (name, mask)
         })
         .collect())

@@ -22,11 +22,9 @@ impl std::fmt::Display for ValSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Folder => write!(f, "the val/ folder"),
-            Self::HeldOut { fraction, seed } => write!(
-                f,
-                "a {:.0} % hold-out of train/ (seed {seed})",
-                fraction * 100.0
-            ),
+            Self::HeldOut { fraction, seed } => {
+                write!(f, "a {:.0} % hold-out of train/ (seed {seed})", fraction * 100.0)
+            }
         }
     }
 }

@@ -1,6 +1,8 @@
 //! Dataset loading: every validation error on fixtures written to a temp dir,
 //! and the real dataset under `../shared/data/cmr-2021`.
 
+#![allow(clippy::unwrap_used)]
+
 use std::path::{Path, PathBuf};
 
 use cmr_data::{
@@ -10,15 +12,21 @@ use cmr_data::{
 
 fn gray(path: &Path, w: u32, h: u32, f: impl Fn(u32, u32) -> u8) {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-    image::GrayImage::from_fn(w, h, |x, y| image::Luma([f(x, y)])).save(path).unwrap();
+    image::GrayImage::from_fn(w, h, |x, y| image::Luma([f(x, y)]))
+        .save(path)
+        .unwrap();
 }
 
 /// A labelled split of `n` 8×8 pairs: `cmr1 … cmrn`.
 fn split(n: usize) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     for i in 1..=n {
-        gray(&dir.path().join(format!("image/cmr{i}.png")), 8, 8, |x, y| (x * 10 + y) as u8);
-        gray(&dir.path().join(format!("mask/cmr{i}_mask.png")), 8, 8, |x, y| ((x + y) % 4) as u8);
+        gray(&dir.path().join(format!("image/cmr{i}.png")), 8, 8, |x, y| {
+            (x * 10 + y) as u8
+        });
+        gray(&dir.path().join(format!("mask/cmr{i}_mask.png")), 8, 8, |x, y| {
+            ((x + y) % 4) as u8
+        });
     }
     dir
 }
@@ -66,10 +74,15 @@ fn a_truncated_png_is_named() {
 #[test]
 fn a_mask_value_above_three_is_named_with_its_position() {
     let dir = split(2);
-    gray(&dir.path().join("mask/cmr2_mask.png"), 8, 8, |x, y| if (x, y) == (5, 6) { 4 } else { 0 });
+    gray(&dir.path().join("mask/cmr2_mask.png"), 8, 8, |x, y| {
+        if (x, y) == (5, 6) { 4 } else { 0 }
+    });
     let e = load(dir.path()).unwrap_err();
     let m = message(e);
-    assert!(m.contains("cmr2_mask.png") && m.contains("value 4") && m.contains("x 5, y 6"), "{m}");
+    assert!(
+        m.contains("cmr2_mask.png") && m.contains("value 4") && m.contains("x 5, y 6"),
+        "{m}"
+    );
 }
 
 #[test]
@@ -77,7 +90,10 @@ fn an_image_without_its_mask() {
     let dir = split(3);
     std::fs::remove_file(dir.path().join("mask/cmr2_mask.png")).unwrap();
     let m = message(load(dir.path()).unwrap_err());
-    assert!(m.contains("cmr2.png") && m.contains("has no mask") && m.contains("cmr2_mask.png"), "{m}");
+    assert!(
+        m.contains("cmr2.png") && m.contains("has no mask") && m.contains("cmr2_mask.png"),
+        "{m}"
+    );
 }
 
 #[test]
@@ -95,7 +111,10 @@ fn image_and_mask_of_different_sizes() {
     let e = load(dir.path()).unwrap_err();
     assert!(matches!(e, DataError::SizeMismatch { .. }), "{e}");
     let m = message(e);
-    assert!(m.contains("cmr1_mask.png") && m.contains("8x7") && m.contains("8x8"), "{m}");
+    assert!(
+        m.contains("cmr1_mask.png") && m.contains("8x7") && m.contains("8x8"),
+        "{m}"
+    );
 }
 
 #[test]
@@ -156,7 +175,11 @@ fn shared_data() -> Option<PathBuf> {
     if root.join("train").is_dir() {
         return Some(root);
     }
-    assert!(std::env::var("CMR_REQUIRE_DATA").is_err(), "dataset not found at {}", root.display());
+    assert!(
+        std::env::var("CMR_REQUIRE_DATA").is_err(),
+        "dataset not found at {}",
+        root.display()
+    );
     eprintln!("skipped: dataset not found at {}", root.display());
     None
 }
@@ -166,8 +189,16 @@ fn the_shared_dataset_loads() {
     let Some(root) = shared_data() else { return };
     let ds = Dataset::open(&root, LoadOptions::default()).unwrap();
     assert_eq!(ds.train.len(), 100);
-    assert!(ds.train.iter().all(|s| s.mask.is_some() && s.image.size() == Size { height: 96, width: 96 }));
-    assert!(ds.train.iter().all(|s| s.mask.as_ref().unwrap().data().iter().all(|&v| v <= 3)));
+    assert!(
+        ds.train
+            .iter()
+            .all(|s| s.mask.is_some() && s.image.size() == Size { height: 96, width: 96 })
+    );
+    assert!(
+        ds.train
+            .iter()
+            .all(|s| s.mask.as_ref().unwrap().data().iter().all(|&v| v <= 3))
+    );
     assert_eq!(ds.train[0].id, "cmr1");
     assert_eq!(ds.train[99].id, "cmr100");
     let test = ds.test.as_ref().unwrap();
@@ -182,7 +213,12 @@ fn the_shared_dataset_loads() {
     assert_eq!((splits.train.len(), splits.val.len()), (80, 20));
     assert!(matches!(splits.source, ValSource::HeldOut { .. }));
     let plan = BatchPlan::eval(8, Normalization::UnitRange);
-    let b = plan.batches(&splits.val, 0, &candle_core::Device::Cpu).unwrap().next().unwrap().unwrap();
+    let b = plan
+        .batches(&splits.val, 0, &candle_core::Device::Cpu)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap();
     assert_eq!(b.images.dims(), &[8, 1, 96, 96]);
 }
 

@@ -92,9 +92,11 @@ impl Loss {
                 "class_weights has {} entries for {num_classes} classes",
                 w.len()
             ))),
-            Some(w) if w.iter().any(|v| !v.is_finite() || *v < 0.0) || w.iter().all(|v| *v == 0.0) => Err(
-                LossError::Config(format!("class_weights {w:?} must be finite, non-negative and not all zero")),
-            ),
+            Some(w) if w.iter().any(|v| !v.is_finite() || *v < 0.0) || w.iter().all(|v| *v == 0.0) => {
+                Err(LossError::Config(format!(
+                    "class_weights {w:?} must be finite, non-negative and not all zero"
+                )))
+            }
             _ => Ok(()),
         };
         match self {
@@ -127,7 +129,10 @@ impl Loss {
     pub fn compute(&self, logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
         match self {
             Self::CrossEntropy { class_weights } => cross_entropy(logits, targets, class_weights.as_deref()),
-            Self::SoftDice { include_background, eps } => soft_dice_loss(logits, targets, *include_background, *eps),
+            Self::SoftDice {
+                include_background,
+                eps,
+            } => soft_dice_loss(logits, targets, *include_background, *eps),
             Self::DiceCe {
                 dice_weight,
                 ce_weight,
@@ -198,7 +203,11 @@ pub fn soft_dice_per_class(logits: &Tensor, targets: &Tensor, eps: f64) -> Resul
 pub fn soft_dice_loss(logits: &Tensor, targets: &Tensor, include_background: bool, eps: f64) -> Result<Tensor> {
     let dice = soft_dice_per_class(logits, targets, eps)?;
     let c = dice.dim(1)?;
-    let dice = if include_background { dice } else { dice.narrow(1, 1, c - 1)? };
+    let dice = if include_background {
+        dice
+    } else {
+        dice.narrow(1, 1, c - 1)?
+    };
     Ok(dice.mean_all()?.affine(-1.0, 1.0)?)
 }
 
@@ -211,7 +220,9 @@ mod tests {
         let dev = Device::Cpu;
         let n = 2 * 4 * 3 * 5;
         // a fixed pseudo-random pattern, no RNG needed
-        let logits: Vec<f64> = (0..n).map(|i| (((i as u64 * 7919 + seed * 104729) % 1000) as f64 / 250.0) - 2.0).collect();
+        let logits: Vec<f64> = (0..n)
+            .map(|i| (((i as u64 * 7919 + seed * 104729) % 1000) as f64 / 250.0) - 2.0)
+            .collect();
         let targets: Vec<u32> = (0..30).map(|i| ((i as u64 * 31 + seed) % 4) as u32).collect();
         (
             Tensor::from_vec(logits, (2, 4, 3, 5), &dev).unwrap(),
@@ -266,7 +277,10 @@ mod tests {
         }
         let logits = Tensor::from_vec(logits, (1, 4, 2, 4), &dev).unwrap();
         let targets = Tensor::from_vec(gt, (1, 2, 4), &dev).unwrap();
-        let d = soft_dice_per_class(&logits, &targets, 0.0).unwrap().to_vec2::<f64>().unwrap();
+        let d = soft_dice_per_class(&logits, &targets, 0.0)
+            .unwrap()
+            .to_vec2::<f64>()
+            .unwrap();
         // class 1: pred {1,2}, gt {1,7}: 2·1/4; class 2: pred {3}, gt {2,3}: 2/3; class 3: pred {4,5}, gt {4}: 2/3
         let hard = [0.5, 2.0 / 3.0, 2.0 / 3.0];
         for c in 0..3 {
@@ -282,7 +296,13 @@ mod tests {
         let x = Var::from_tensor(&logits).unwrap();
         let f = |t: &Tensor| soft_dice_loss(t, &targets, false, 1e-6).unwrap();
         let g = f(x.as_tensor()).backward().unwrap();
-        let g = g.get(x.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let g = g
+            .get(x.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
         let base = logits.flatten_all().unwrap().to_vec1::<f64>().unwrap();
         let eps = 1e-6;
         for i in 0..base.len() {
@@ -293,7 +313,11 @@ mod tests {
             let fp = scalar(&f(&Tensor::from_vec(p, logits.dims(), &Device::Cpu).unwrap()));
             let fm = scalar(&f(&Tensor::from_vec(m, logits.dims(), &Device::Cpu).unwrap()));
             let numeric = (fp - fm) / (2.0 * eps);
-            assert!((numeric - g[i]).abs() <= 1e-6 * numeric.abs().max(1e-2), "{i}: {numeric} vs {}", g[i]);
+            assert!(
+                (numeric - g[i]).abs() <= 1e-6 * numeric.abs().max(1e-2),
+                "{i}: {numeric} vs {}",
+                g[i]
+            );
         }
     }
 
@@ -302,17 +326,25 @@ mod tests {
         let (logits, targets) = data(5);
         let x = Var::from_tensor(&logits).unwrap();
         let w = [0.5f32, 1.0, 2.0, 1.5];
-        let f = |t: &Tensor| Loss::DiceCe {
-            dice_weight: 0.7,
-            ce_weight: 1.3,
-            class_weights: Some(w.to_vec()),
-            include_background: true,
-            eps: 1e-6,
-        }
-        .compute(t, &targets)
-        .unwrap();
+        let f = |t: &Tensor| {
+            Loss::DiceCe {
+                dice_weight: 0.7,
+                ce_weight: 1.3,
+                class_weights: Some(w.to_vec()),
+                include_background: true,
+                eps: 1e-6,
+            }
+            .compute(t, &targets)
+            .unwrap()
+        };
         let g = f(x.as_tensor()).backward().unwrap();
-        let g = g.get(x.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let g = g
+            .get(x.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
         let base = logits.flatten_all().unwrap().to_vec1::<f64>().unwrap();
         let eps = 1e-6;
         for i in (0..base.len()).step_by(7) {
@@ -323,7 +355,11 @@ mod tests {
             let fp = scalar(&f(&Tensor::from_vec(p, logits.dims(), &Device::Cpu).unwrap()));
             let fm = scalar(&f(&Tensor::from_vec(m, logits.dims(), &Device::Cpu).unwrap()));
             let numeric = (fp - fm) / (2.0 * eps);
-            assert!((numeric - g[i]).abs() <= 1e-5 * numeric.abs().max(1e-2), "{i}: {numeric} vs {}", g[i]);
+            assert!(
+                (numeric - g[i]).abs() <= 1e-5 * numeric.abs().max(1e-2),
+                "{i}: {numeric} vs {}",
+                g[i]
+            );
         }
     }
 
@@ -340,8 +376,13 @@ mod tests {
     fn shapes_and_configs_are_checked() {
         let (logits, _) = data(1);
         let wrong = Tensor::zeros((2, 3, 4), DType::U32, &Device::Cpu).unwrap();
-        assert!(matches!(Loss::soft_dice().compute(&logits, &wrong), Err(LossError::Shape(_))));
-        let bad = Loss::CrossEntropy { class_weights: Some(vec![1.0, 2.0]) };
+        assert!(matches!(
+            Loss::soft_dice().compute(&logits, &wrong),
+            Err(LossError::Shape(_))
+        ));
+        let bad = Loss::CrossEntropy {
+            class_weights: Some(vec![1.0, 2.0]),
+        };
         assert!(bad.validate(4).is_err());
         assert!(Loss::dice_ce(-1.0, 1.0).validate(4).is_err());
         assert!(Loss::default().validate(4).is_ok());

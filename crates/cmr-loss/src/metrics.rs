@@ -61,7 +61,11 @@ fn counts(pred: LabelMap, gt: LabelMap, class: u8) -> (usize, usize, usize) {
 /// Dice of `class`; 1 when the class is absent from both.
 pub fn dice(pred: LabelMap, gt: LabelMap, class: u8) -> f64 {
     let (p, g, both) = counts(pred, gt, class);
-    if p + g == 0 { 1.0 } else { 2.0 * both as f64 / (p + g) as f64 }
+    if p + g == 0 {
+        1.0
+    } else {
+        2.0 * both as f64 / (p + g) as f64
+    }
 }
 
 /// Intersection over union of `class`; 1 when the class is absent from both.
@@ -73,7 +77,9 @@ pub fn iou(pred: LabelMap, gt: LabelMap, class: u8) -> f64 {
 
 fn boundary(map: LabelMap, class: u8) -> Vec<(i64, i64)> {
     let (h, w) = (map.height, map.width);
-    let at = |y: isize, x: isize| y >= 0 && x >= 0 && (y as usize) < h && (x as usize) < w && map.data[y as usize * w + x as usize] == class;
+    let at = |y: isize, x: isize| {
+        y >= 0 && x >= 0 && (y as usize) < h && (x as usize) < w && map.data[y as usize * w + x as usize] == class
+    };
     let mut out = Vec::new();
     for y in 0..h as isize {
         for x in 0..w as isize {
@@ -88,7 +94,11 @@ fn boundary(map: LabelMap, class: u8) -> Vec<(i64, i64)> {
 fn nearest(from: &[(i64, i64)], to: &[(i64, i64)]) -> Vec<f64> {
     from.iter()
         .map(|&(y, x)| {
-            let d2 = to.iter().map(|&(v, u)| (y - v).pow(2) + (x - u).pow(2)).min().unwrap_or(0);
+            let d2 = to
+                .iter()
+                .map(|&(v, u)| (y - v).pow(2) + (x - u).pow(2))
+                .min()
+                .unwrap_or(0);
             (d2 as f64).sqrt()
         })
         .collect()
@@ -242,9 +252,17 @@ impl MetricsReport {
 
 impl std::fmt::Display for MetricsReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(f, "{:<6} {:>8} {:>8} {:>8} {:>8}", "class", "Dice", "IoU", "HD95", "noise")?;
+        writeln!(
+            f,
+            "{:<6} {:>8} {:>8} {:>8} {:>8}",
+            "class", "Dice", "IoU", "HD95", "noise"
+        )?;
         for c in &self.classes {
-            writeln!(f, "{:<6} {:>8.4} {:>8.4} {:>8.2} {:>8.2}", c.class, c.dice, c.iou, c.hd95, c.noise)?;
+            writeln!(
+                f,
+                "{:<6} {:>8.4} {:>8.4} {:>8.2} {:>8.2}",
+                c.class, c.dice, c.iou, c.hd95, c.noise
+            )?;
         }
         write!(
             f,

@@ -15,10 +15,7 @@ pub const BN_MOMENTUM: f64 = 0.1;
 
 fn uniform(fan_in: usize) -> Init {
     let bound = 1.0 / (fan_in as f64).sqrt();
-    Init::Uniform {
-        lo: -bound,
-        up: bound,
-    }
+    Init::Uniform { lo: -bound, up: bound }
 }
 
 /// A 2-D convolution with bias, stride 1, "same" padding (`k / 2`).
@@ -163,8 +160,12 @@ impl Module for UpConv2x2 {
         // [in, out, 2, 2] -> [in, out·4]
         let k = self.weight.reshape((cin, cout * 4))?;
         // [B·H·W, out·4] -> [B, H, W, out, 2, 2] -> [B, out, H, 2, W, 2]
-        let y = x.matmul(&k)?.reshape((b, h, w, cout, 2, 2))?.permute((0, 3, 1, 4, 2, 5))?;
-        y.reshape((b, cout, 2 * h, 2 * w))?.broadcast_add(&self.bias.reshape((1, cout, 1, 1))?)
+        let y = x
+            .matmul(&k)?
+            .reshape((b, h, w, cout, 2, 2))?
+            .permute((0, 3, 1, 4, 2, 5))?;
+        y.reshape((b, cout, 2 * h, 2 * w))?
+            .broadcast_add(&self.bias.reshape((1, cout, 1, 1))?)
     }
 }
 
@@ -188,7 +189,14 @@ mod tests {
             .broadcast_add(&up.bias.reshape((1, 5, 1, 1)).unwrap())
             .unwrap();
         assert_eq!(ours.dims(), &[2, 5, 8, 12]);
-        let diff = (ours - reference).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let diff = (ours - reference)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(diff < 1e-5, "{diff}");
     }
 

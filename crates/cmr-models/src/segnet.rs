@@ -45,11 +45,7 @@ impl SegNet {
             c = width;
         }
         let head = Conv::new(f[0], cfg.num_classes, 3, vb.pp("head"))?;
-        Ok(Self {
-            encoder,
-            decoder,
-            head,
-        })
+        Ok(Self { encoder, decoder, head })
     }
 }
 

@@ -93,8 +93,8 @@ pub fn forward_flops(cfg: &ModelConfig, height: usize, width: usize) -> u64 {
                 cin = w;
             }
             for l in 0..d - 1 {
-                for s in 0..d {
-                    let ch = if s <= l || s == d - 1 { f[s] } else { stage };
+                for (s, &width) in f.iter().enumerate() {
+                    let ch = if s <= l || s == d - 1 { width } else { stage };
                     total += conv(ch, c.branch_channels, 3, px(l));
                 }
                 total += conv(stage, stage, 3, px(l));

@@ -48,11 +48,7 @@ impl UNet {
             });
         }
         let head = Conv::new(f[0], cfg.num_classes, 1, vb.pp("head"))?;
-        Ok(Self {
-            encoder,
-            decoder,
-            head,
-        })
+        Ok(Self { encoder, decoder, head })
     }
 }
 

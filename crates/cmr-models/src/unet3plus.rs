@@ -56,7 +56,11 @@ impl UNet3Plus {
                 .map(|source| {
                     // encoder outputs up to this level and the deepest level,
                     // decoder stages in between
-                    let channels = if source <= level || source == depth - 1 { f[source] } else { stage };
+                    let channels = if source <= level || source == depth - 1 {
+                        f[source]
+                    } else {
+                        stage
+                    };
                     ConvBnRelu::new(channels, cfg.branch_channels, vb.pp("branch").pp(source))
                 })
                 .collect::<Result<Vec<_>>>()?;
@@ -64,11 +68,7 @@ impl UNet3Plus {
             decoder.push(DecoderStage { branches, fuse });
         }
         let head = Conv::new(stage, cfg.num_classes, 3, vb.pp("head"))?;
-        Ok(Self {
-            encoder,
-            decoder,
-            head,
-        })
+        Ok(Self { encoder, decoder, head })
     }
 }
 

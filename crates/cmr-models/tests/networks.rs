@@ -1,6 +1,8 @@
 //! The three networks against the PyTorch reference: parameter counts, output
 //! shapes, sizes, FLOPs and weight names.
 
+#![allow(clippy::unwrap_used)]
+
 use candle_core::{DType, Device, ModuleT, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use cmr_models::{Architecture, ModelConfig, Preset, build, forward_flops, parameter_count};
@@ -22,9 +24,21 @@ fn parameter_counts_equal_the_pytorch_references() {
 fn forward_flops_match_the_hand_count() {
     // U-Net at 96×96: 10.32 GFLOPs (encoder 3.75, decoder 6.57), U-Net 3+ 32.9, SegNet 11.3
     let g = |a| forward_flops(&ModelConfig::preset(a, Preset::Seed), 96, 96) as f64 / 1e9;
-    assert!((g(Architecture::UNet) - 10.32).abs() < 0.01, "{}", g(Architecture::UNet));
-    assert!((g(Architecture::UNet3Plus) - 32.9).abs() < 0.1, "{}", g(Architecture::UNet3Plus));
-    assert!((g(Architecture::SegNet) - 11.3).abs() < 0.1, "{}", g(Architecture::SegNet));
+    assert!(
+        (g(Architecture::UNet) - 10.32).abs() < 0.01,
+        "{}",
+        g(Architecture::UNet)
+    );
+    assert!(
+        (g(Architecture::UNet3Plus) - 32.9).abs() < 0.1,
+        "{}",
+        g(Architecture::UNet3Plus)
+    );
+    assert!(
+        (g(Architecture::SegNet) - 11.3).abs() < 0.1,
+        "{}",
+        g(Architecture::SegNet)
+    );
 }
 
 fn run(cfg: &ModelConfig, b: usize, h: usize, w: usize, train: bool) -> Vec<usize> {
@@ -70,7 +84,8 @@ fn depth_five_unets_work() {
 /// The checkpoint format: a few key names and shapes per network.
 #[test]
 fn weight_names_are_stable() {
-    let cases: [(Architecture, &[(&str, &[usize])]); 3] = [
+    type Names = &'static [(&'static str, &'static [usize])];
+    let cases: [(Architecture, Names); 3] = [
         (
             Architecture::UNet,
             &[
@@ -102,8 +117,11 @@ fn weight_names_are_stable() {
     ];
     for (arch, names) in cases {
         let varmap = VarMap::new();
-        build(&ModelConfig::preset(arch, Preset::Seed), VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu))
-            .unwrap();
+        build(
+            &ModelConfig::preset(arch, Preset::Seed),
+            VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
+        )
+        .unwrap();
         let data = varmap.data().lock().unwrap();
         for (name, shape) in names {
             let v = data.get(*name).unwrap_or_else(|| panic!("{arch}: no {name}"));
@@ -116,8 +134,11 @@ fn weight_names_are_stable() {
 fn a_checkpoint_of_another_architecture_is_rejected() {
     let dev = Device::Cpu;
     let varmap = VarMap::new();
-    build(&ModelConfig::preset(Architecture::UNet, Preset::Small), VarBuilder::from_varmap(&varmap, DType::F32, &dev))
-        .unwrap();
+    build(
+        &ModelConfig::preset(Architecture::UNet, Preset::Small),
+        VarBuilder::from_varmap(&varmap, DType::F32, &dev),
+    )
+    .unwrap();
     let tensors = varmap
         .data()
         .lock()

@@ -112,7 +112,15 @@ mod tests {
         let (p, idx) = max_pool2x2_with_indices(&x).unwrap();
         assert_eq!(flat(&p), vec![5., 7., 4., 9.]);
         // PyTorch: indices [[1, 7], [8, 10]] (ties pick the first in row-major order)
-        assert_eq!(idx.flat_indices().unwrap().flatten_all().unwrap().to_vec1::<u32>().unwrap(), vec![1, 7, 8, 10]);
+        assert_eq!(
+            idx.flat_indices()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<u32>()
+                .unwrap(),
+            vec![1, 7, 8, 10]
+        );
         let u = max_unpool2x2(&p, &idx).unwrap();
         #[rustfmt::skip]
         let expected = vec![
@@ -159,7 +167,13 @@ mod tests {
             (max_unpool2x2(&v, &idx).unwrap() * &w).unwrap().sum_all().unwrap()
         };
         let grads = f(x.as_tensor()).backward().unwrap();
-        let g = grads.get(x.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let g = grads
+            .get(x.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
         let eps = 1e-5;
         let mut nonzero = 0;
         for i in 0..base.len() {
@@ -167,8 +181,12 @@ mod tests {
             plus[i] += eps;
             let mut minus = base.clone();
             minus[i] -= eps;
-            let fp = f(&Tensor::from_vec(plus, shape, &dev).unwrap()).to_scalar::<f64>().unwrap();
-            let fm = f(&Tensor::from_vec(minus, shape, &dev).unwrap()).to_scalar::<f64>().unwrap();
+            let fp = f(&Tensor::from_vec(plus, shape, &dev).unwrap())
+                .to_scalar::<f64>()
+                .unwrap();
+            let fm = f(&Tensor::from_vec(minus, shape, &dev).unwrap())
+                .to_scalar::<f64>()
+                .unwrap();
             let numeric = (fp - fm) / (2.0 * eps);
             let err = (numeric - g[i]).abs() / numeric.abs().max(1.0);
             assert!(err < 1e-6, "element {i}: analytic {} numeric {numeric}", g[i]);

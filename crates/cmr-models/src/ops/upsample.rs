@@ -54,8 +54,14 @@ mod tests {
     #[test]
     fn matrix_by_hand() {
         // n = 2, factor 2: src = -0.25 -> 0, 0.25, 0.75, 1.25 -> clamp
-        let a = bilinear_matrix(2, 2, DType::F64, &Device::Cpu).unwrap().to_vec2::<f64>().unwrap();
-        assert_eq!(a, vec![vec![1.0, 0.0], vec![0.75, 0.25], vec![0.25, 0.75], vec![0.0, 1.0]]);
+        let a = bilinear_matrix(2, 2, DType::F64, &Device::Cpu)
+            .unwrap()
+            .to_vec2::<f64>()
+            .unwrap();
+        assert_eq!(
+            a,
+            vec![vec![1.0, 0.0], vec![0.75, 0.25], vec![0.25, 0.75], vec![0.0, 1.0]]
+        );
     }
 
     #[test]
@@ -63,7 +69,14 @@ mod tests {
         // torch.nn.functional.interpolate(torch.tensor([[[[1.,2.],[3.,4.]]]]),
         //     scale_factor=2, mode="bilinear", align_corners=False)
         let x = Tensor::new(&[[[[1f32, 2.], [3., 4.]]]], &Device::Cpu).unwrap();
-        let y = upsample_bilinear(&x, 2).unwrap().squeeze(0).unwrap().squeeze(0).unwrap().to_vec2::<f32>().unwrap();
+        let y = upsample_bilinear(&x, 2)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
         let expected = vec![
             vec![1.0, 1.25, 1.75, 2.0],
             vec![1.5, 1.75, 2.25, 2.5],
@@ -80,7 +93,14 @@ mod tests {
         for factor in [2usize, 4, 8] {
             let ours = upsample_bilinear(&x, factor).unwrap();
             let theirs = x.upsample_bilinear2d(5 * factor, 6 * factor, false).unwrap();
-            let d = (ours - theirs).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let d = (ours - theirs)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
             assert!(d < 1e-5, "factor {factor}: {d}");
         }
     }
@@ -90,9 +110,20 @@ mod tests {
         let dev = Device::Cpu;
         let x = Var::from_tensor(&Tensor::randn(0f64, 1.0, (1, 2, 3, 4), &dev).unwrap()).unwrap();
         let weights = Tensor::randn(0f64, 1.0, (1, 2, 12, 16), &dev).unwrap();
-        let f = |t: &Tensor| -> Tensor { (upsample_bilinear(t, 4).unwrap() * &weights).unwrap().sum_all().unwrap() };
+        let f = |t: &Tensor| -> Tensor {
+            (upsample_bilinear(t, 4).unwrap() * &weights)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+        };
         let grads = f(x.as_tensor()).backward().unwrap();
-        let g = grads.get(x.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let g = grads
+            .get(x.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
         let base = x.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
         let eps = 1e-6;
         for i in 0..base.len() {
@@ -100,8 +131,12 @@ mod tests {
             plus[i] += eps;
             let mut minus = base.clone();
             minus[i] -= eps;
-            let fp = f(&Tensor::from_vec(plus, (1, 2, 3, 4), &dev).unwrap()).to_scalar::<f64>().unwrap();
-            let fm = f(&Tensor::from_vec(minus, (1, 2, 3, 4), &dev).unwrap()).to_scalar::<f64>().unwrap();
+            let fp = f(&Tensor::from_vec(plus, (1, 2, 3, 4), &dev).unwrap())
+                .to_scalar::<f64>()
+                .unwrap();
+            let fm = f(&Tensor::from_vec(minus, (1, 2, 3, 4), &dev).unwrap())
+                .to_scalar::<f64>()
+                .unwrap();
             let numeric = (fp - fm) / (2.0 * eps);
             let rel = (numeric - g[i]).abs() / numeric.abs().max(1e-3);
             assert!(rel < 1e-6, "element {i}: analytic {} numeric {numeric}", g[i]);
