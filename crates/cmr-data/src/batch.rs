@@ -81,11 +81,27 @@ impl BatchPlan {
         epoch: u64,
         device: &'a Device,
     ) -> Result<impl Iterator<Item = Result<Batch>> + 'a> {
+        self.batches_from(samples, epoch, 0, device)
+    }
+
+    /// The batches of `epoch` from batch index `first` on (the earlier ones
+    /// are not built): how an interrupted epoch continues.
+    pub fn batches_from<'a>(
+        &'a self,
+        samples: &'a [Sample],
+        epoch: u64,
+        first: usize,
+        device: &'a Device,
+    ) -> Result<impl Iterator<Item = Result<Batch>> + 'a> {
         if self.batch_size == 0 {
             return Err(DataError::Config("batch size must be at least 1".into()));
         }
         let order = self.order(samples.len(), epoch);
-        let chunks: Vec<Vec<usize>> = order.chunks(self.batch_size).map(<[usize]>::to_vec).collect();
+        let chunks: Vec<Vec<usize>> = order
+            .chunks(self.batch_size)
+            .skip(first)
+            .map(<[usize]>::to_vec)
+            .collect();
         Ok(chunks.into_iter().map(move |idx| {
             let chosen: Vec<&Sample> = idx.iter().map(|&i| &samples[i]).collect();
             self.make_batch(&chosen, epoch, device)
@@ -202,6 +218,19 @@ mod tests {
         assert_eq!(a, collect(&plan(7), &s, 3));
         assert_ne!(a, collect(&plan(8), &s, 3));
         assert_ne!(a, collect(&plan(7), &s, 4));
+    }
+
+    #[test]
+    fn batches_from_skips_without_changing_the_rest() {
+        let s = samples(10);
+        let all = collect(&plan(3), &s, 2);
+        let p = plan(3);
+        let tail: Vec<Vec<String>> = p
+            .batches_from(&s, 2, 1, &Device::Cpu)
+            .unwrap()
+            .map(|b| b.unwrap().ids)
+            .collect();
+        assert_eq!(tail, all[1..].iter().map(|b| b.0.clone()).collect::<Vec<_>>());
     }
 
     #[test]

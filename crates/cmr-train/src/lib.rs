@@ -1,1 +1,37 @@
-//! cmr-train: placeholder, filled by its issue.
+//! Training, checkpoints and inference for the `cmr` networks.
+//!
+//! [`TrainConfig`] is the whole recipe (model, data, augmentation, loss,
+//! optimiser, schedule, epochs, seed, device), written next to every model.
+//! [`Trainer`] runs the loop in a run folder ([`RunDir`]) and can resume it
+//! exactly; [`Predictor`] runs a trained model (with optional flip TTA and
+//! largest-component clean-up) and evaluates it. The optimisers are our own
+//! ([`Optimizer`]) so that their state is checkpointed. This crate chooses no
+//! paths: callers give it the run folder and the data root.
+
+mod checkpoint;
+mod config;
+mod device;
+mod error;
+mod init;
+mod log;
+mod optim;
+mod plot;
+mod predict;
+mod run;
+mod schedule;
+mod strategy;
+mod trainer;
+
+pub use checkpoint::{load_tensors, load_varmap, save_tensors, save_varmap, varmap_tensors};
+pub use config::{DataConfig, EarlyStopping, TrainConfig, TrainPreset};
+pub use device::{DeviceSpec, HAS_CUDA, HAS_METAL, device_name};
+pub use error::{Result, TrainError};
+pub use init::seeded_var_builder;
+pub use log::{CSV_HEADER, EpochRecord, MetricsLog};
+pub use optim::{OptimConfig, Optimizer};
+pub use plot::draw_curves;
+pub use predict::{Evaluation, PredictOptions, Predictor, resolve_model};
+pub use run::{Best, RunDir, TrainState};
+pub use schedule::Schedule;
+pub use strategy::{is_improvement, should_stop_early, validates_at};
+pub use trainer::{Observer, Outcome, Quiet, Trainer, load_splits};

@@ -1,0 +1,327 @@
+//! `TrainConfig`: everything a run needs, written as `config.json` next to
+//! every model, and its presets.
+
+use std::path::Path;
+
+use cmr_data::{AugmentConfig, Normalization};
+use cmr_loss::Loss;
+use cmr_models::{Architecture, ModelConfig, Preset};
+use serde::{Deserialize, Serialize};
+
+use crate::device::DeviceSpec;
+use crate::error::{Result, TrainError};
+use crate::optim::OptimConfig;
+use crate::schedule::Schedule;
+
+fn default_size() -> usize {
+    96
+}
+fn default_val_fraction() -> f64 {
+    0.2
+}
+fn one() -> usize {
+    1
+}
+
+/// Inputs: size, validation split, normalisation, augmentation.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// Images are centre padded/cropped to `size × size`.
+    #[serde(default = "default_size")]
+    pub size: usize,
+    /// Fraction of `train/` held out for validation when there is no `val/`.
+    #[serde(default = "default_val_fraction")]
+    pub val_fraction: f64,
+    #[serde(default)]
+    pub normalization: Normalization,
+    #[serde(default)]
+    pub augment: AugmentConfig,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            size: default_size(),
+            val_fraction: default_val_fraction(),
+            normalization: Normalization::default(),
+            augment: AugmentConfig::none(),
+        }
+    }
+}
+
+/// Stop when the validation score has not improved by `min_delta` for
+/// `patience` validations.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EarlyStopping {
+    pub patience: usize,
+    #[serde(default)]
+    pub min_delta: f64,
+}
+
+/// A training recipe. Written to `config.json` before the first step and
+/// read back by `resume`, `eval` and `predict`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    pub model: ModelConfig,
+    #[serde(default)]
+    pub data: DataConfig,
+    #[serde(default)]
+    pub loss: Loss,
+    #[serde(default)]
+    pub optim: OptimConfig,
+    #[serde(default)]
+    pub schedule: Schedule,
+    pub epochs: usize,
+    pub batch_size: usize,
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(default)]
+    pub device: DeviceSpec,
+    /// Validate every this many epochs (and always after the last).
+    #[serde(default = "one")]
+    pub val_every: usize,
+    #[serde(default)]
+    pub early_stopping: Option<EarlyStopping>,
+}
+
+/// Named recipes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TrainPreset {
+    /// The report's recipe: widths of the paper, Adam 1e-3, StepLR ×0.5 every
+    /// 20 epochs, 200 epochs, batch 8, soft Dice, the five augmentations.
+    Seed,
+    /// Narrow networks that train in minutes on two CPU cores.
+    #[default]
+    Cpu,
+}
+
+impl TrainPreset {
+    pub const ALL: [Self; 2] = [Self::Seed, Self::Cpu];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Seed => "seed",
+            Self::Cpu => "cpu",
+        }
+    }
+}
+
+impl std::fmt::Display for TrainPreset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for TrainPreset {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|p| p.name().eq_ignore_ascii_case(s))
+            .ok_or_else(|| format!("unknown training preset {s:?} (expected seed or cpu)"))
+    }
+}
+
+impl TrainConfig {
+    /// The recipe `preset` for `arch`.
+    pub fn preset(preset: TrainPreset, arch: Architecture) -> Self {
+        match preset {
+            TrainPreset::Seed => Self {
+                model: ModelConfig::preset(arch, Preset::Seed),
+                data: DataConfig {
+                    augment: AugmentConfig::report(),
+                    ..DataConfig::default()
+                },
+                loss: Loss::soft_dice(),
+                optim: OptimConfig::adam(1e-3),
+                schedule: Schedule::Step {
+                    step_size: 20,
+                    gamma: 0.5,
+                },
+                epochs: 200,
+                batch_size: 8,
+                seed: 42,
+                device: DeviceSpec::Auto,
+                val_every: 1,
+                early_stopping: None,
+            },
+            TrainPreset::Cpu => Self {
+                model: ModelConfig::preset(arch, Preset::Small),
+                data: DataConfig {
+                    augment: AugmentConfig::report(),
+                    ..DataConfig::default()
+                },
+                loss: Loss::dice_ce(1.0, 1.0),
+                optim: OptimConfig::adam(2e-3),
+                schedule: Schedule::Cosine {
+                    warmup_epochs: 2,
+                    min_lr: 1e-5,
+                },
+                epochs: 40,
+                batch_size: 8,
+                seed: 42,
+                device: DeviceSpec::Auto,
+                val_every: 1,
+                early_stopping: None,
+            },
+        }
+    }
+
+    /// Reject inconsistent settings, saying which.
+    pub fn validate(&self) -> Result<()> {
+        self.model.validate()?;
+        self.loss.validate(self.model.num_classes())?;
+        self.optim.validate()?;
+        self.schedule.validate()?;
+        self.data.augment.validate()?;
+        self.model
+            .check_input_size(self.data.size, self.data.size)
+            .map_err(|e| TrainError::Config(format!("data.size: {e}")))?;
+        if self.epochs == 0 || self.batch_size == 0 || self.val_every == 0 {
+            return Err(TrainError::Config(format!(
+                "epochs, batch_size and val_every must be at least 1, got {}, {} and {}",
+                self.epochs, self.batch_size, self.val_every
+            )));
+        }
+        if !(self.data.val_fraction > 0.0 && self.data.val_fraction < 1.0) {
+            return Err(TrainError::Config(format!(
+                "data.val_fraction must be in (0, 1), got {}",
+                self.data.val_fraction
+            )));
+        }
+        Ok(())
+    }
+
+    /// `self` with the keys of the TOML file at `path` laid over it. Tables
+    /// merge key by key; a table naming another variant (`arch` of the model,
+    /// `kind` of the loss, optimiser or schedule) replaces the old one
+    /// entirely. Unknown keys are an error naming the file.
+    pub fn overlay_toml(&self, path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| TrainError::io(path, e))?;
+        let file_err = |message: String| TrainError::ConfigFile {
+            path: path.to_path_buf(),
+            message,
+        };
+        let overlay: toml::Table = toml::from_str(&text).map_err(|e| file_err(e.to_string()))?;
+        let overlay = serde_json::to_value(overlay).map_err(|e| file_err(e.to_string()))?;
+        let mut base = serde_json::to_value(self).map_err(|e| file_err(e.to_string()))?;
+        merge(&mut base, overlay);
+        serde_json::from_value(base).map_err(|e| file_err(e.to_string()))
+    }
+
+    /// Read a `config.json`.
+    pub fn read_json(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| TrainError::io(path, e))?;
+        serde_json::from_str(&text).map_err(|e| TrainError::ConfigFile {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("a TrainConfig always serialises")
+    }
+}
+
+/// The keys that name an enum variant in our configs.
+const TAGS: [&str; 2] = ["arch", "kind"];
+
+/// Lay `overlay` over `base`: objects merge recursively (unless they name
+/// different variants), anything else replaces.
+fn merge(base: &mut serde_json::Value, overlay: serde_json::Value) {
+    match (base, overlay) {
+        (serde_json::Value::Object(b), serde_json::Value::Object(o))
+            if TAGS.iter().all(|t| match (b.get(*t), o.get(*t)) {
+                (Some(x), Some(y)) => x == y,
+                _ => true,
+            }) =>
+        {
+            for (k, v) in o {
+                merge(b.entry(k).or_insert(serde_json::Value::Null), v);
+            }
+        }
+        (slot, v) => *slot = v,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_are_valid_and_the_seed_one_is_the_report() {
+        for p in TrainPreset::ALL {
+            for a in Architecture::ALL {
+                TrainConfig::preset(p, a).validate().unwrap();
+            }
+        }
+        let s = TrainConfig::preset(TrainPreset::Seed, Architecture::UNet3Plus);
+        assert_eq!(s.optim.lr(), 1e-3);
+        assert_eq!(s.epochs, 200);
+        assert_eq!(s.batch_size, 8);
+        assert_eq!(s.loss, Loss::soft_dice());
+        assert_eq!(
+            s.schedule,
+            Schedule::Step {
+                step_size: 20,
+                gamma: 0.5
+            }
+        );
+        assert_eq!(s.data.augment, AugmentConfig::report());
+    }
+
+    #[test]
+    fn json_round_trip() {
+        let c = TrainConfig::preset(TrainPreset::Cpu, Architecture::SegNet);
+        let back: TrainConfig = serde_json::from_str(&c.to_json()).unwrap();
+        assert_eq!(back, c);
+    }
+
+    #[test]
+    fn toml_overlays_merge_and_unknown_keys_fail() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "epochs = 3\nseed = 7\n[optim]\nlr = 0.01\n[data.augment]\nhflip = 0.25\n[schedule]\nkind = \"poly\"\npower = 0.9\n",
+        )
+        .unwrap();
+        let base = TrainConfig::preset(TrainPreset::Seed, Architecture::UNet);
+        let c = base.overlay_toml(&path).unwrap();
+        assert_eq!(c.epochs, 3);
+        assert_eq!(c.seed, 7);
+        assert_eq!(c.optim, OptimConfig::adam(0.01));
+        assert_eq!(c.data.augment.hflip, 0.25);
+        assert_eq!(c.data.augment.vflip, 0.5);
+        assert_eq!(c.schedule, Schedule::Poly { power: 0.9 });
+
+        std::fs::write(
+            &path,
+            "[model]\narch = \"unet3plus\"\nfilters = [8, 16, 32, 64]\nbranch_channels = 8\n",
+        )
+        .unwrap();
+        let c = base.overlay_toml(&path).unwrap();
+        assert_eq!(c.model.architecture(), Architecture::UNet3Plus);
+
+        std::fs::write(&path, "epoch = 3\n").unwrap();
+        let err = base.overlay_toml(&path).unwrap_err().to_string();
+        assert!(err.contains("c.toml") && err.contains("epoch"), "{err}");
+        std::fs::write(&path, "[optim]\nkind = \"adam\"\nlr = 0.1\nmomentum = 0.9\n").unwrap();
+        assert!(base.overlay_toml(&path).is_err());
+    }
+
+    #[test]
+    fn invalid_settings_are_named() {
+        let mut c = TrainConfig::preset(TrainPreset::Cpu, Architecture::UNet);
+        c.data.size = 90;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("data.size"), "{err}");
+        let mut c = TrainConfig::preset(TrainPreset::Cpu, Architecture::UNet);
+        c.batch_size = 0;
+        assert!(c.validate().is_err());
+    }
+}

@@ -1,0 +1,322 @@
+//! The training loop: shuffled, augmented batches, an optimiser step per
+//! batch, validation, the best model kept, checkpoints for an exact resume.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use candle_core::{DType, Device, ModuleT};
+use candle_nn::VarMap;
+use cmr_data::{BatchPlan, Dataset, LoadOptions, Splits};
+use cmr_models::{Model, build, is_running_stat};
+
+use crate::checkpoint::{load_tensors, load_varmap, save_tensors, save_varmap, varmap_tensors};
+use crate::config::TrainConfig;
+use crate::error::{Result, TrainError};
+use crate::init::seeded_var_builder;
+use crate::log::{EpochRecord, MetricsLog};
+use crate::optim::Optimizer;
+use crate::plot::draw_curves;
+use crate::predict::{PredictOptions, Predictor};
+use crate::run::{Best, RunDir, TrainState};
+use crate::strategy::{is_improvement, should_stop_early, validates_at};
+
+/// Progress callbacks (the CLI draws bars with them). All default to nothing.
+pub trait Observer {
+    /// An epoch (1-based) of `epochs` starts with `batches` batches, of which
+    /// `done` are already done (after a resume).
+    fn epoch_start(&mut self, _epoch: usize, _epochs: usize, _batches: usize, _done: usize) {}
+    /// A batch finished with this loss.
+    fn batch_end(&mut self, _batch: usize, _loss: f64) {}
+    /// An epoch finished; `improved` when it is the new best model.
+    fn epoch_end(&mut self, _record: &EpochRecord, _improved: bool) {}
+}
+
+/// An observer that ignores everything.
+#[derive(Debug, Default)]
+pub struct Quiet;
+
+impl Observer for Quiet {}
+
+/// How `fit` ended.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    /// All epochs ran.
+    Finished { best: Option<Best> },
+    /// Early stopping ended the run after `epochs` epochs.
+    StoppedEarly { epochs: usize, best: Option<Best> },
+    /// The stop flag was raised; the run is saved and can be resumed.
+    Interrupted { epoch: usize, batches_done: usize },
+}
+
+/// Load a dataset root for `config`: its images fitted to `data.size`, the
+/// validation split from `val/` or held out of `train/` by the seed.
+pub fn load_splits(root: &Path, config: &TrainConfig) -> Result<Splits> {
+    let dataset = Dataset::open(root, LoadOptions { size: config.data.size })?;
+    Ok(Splits::from_dataset(&dataset, config.data.val_fraction, config.seed)?)
+}
+
+/// A training run in progress.
+#[allow(missing_debug_implementations)] // candle's VarMap has no Debug
+pub struct Trainer {
+    config: TrainConfig,
+    run: RunDir,
+    device: Device,
+    varmap: VarMap,
+    model: Model,
+    optim: Optimizer,
+    state: TrainState,
+    log: MetricsLog,
+}
+
+fn trainable(varmap: &VarMap) -> BTreeMap<String, candle_core::Var> {
+    let data = varmap.data().lock().expect("var map lock");
+    data.iter()
+        .filter(|(name, _)| !is_running_stat(name))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+impl Trainer {
+    /// Start a run in the new folder `out`: validate the configuration, write
+    /// `config.json`, initialise the network from the seed.
+    pub fn create(config: TrainConfig, out: &Path, device: Device) -> Result<Self> {
+        config.validate()?;
+        let varmap = VarMap::new();
+        let model = build(
+            &config.model,
+            seeded_var_builder(&varmap, config.seed, DType::F32, &device),
+        )?;
+        let optim = Optimizer::new(config.optim.clone(), trainable(&varmap))?;
+        let run = RunDir::create(out, &config)?;
+        Ok(Self {
+            config,
+            run,
+            device,
+            varmap,
+            model,
+            optim,
+            state: TrainState::default(),
+            log: MetricsLog::default(),
+        })
+    }
+
+    /// Continue the run in `dir` from its last checkpoint. `epochs` raises
+    /// (or lowers) the total number of epochs.
+    pub fn resume(dir: &Path, device: Device, epochs: Option<usize>) -> Result<Self> {
+        let (run, mut config) = RunDir::open(dir)?;
+        if let Some(e) = epochs {
+            config.epochs = e;
+        }
+        config.validate()?;
+        let state = run.read_state()?.ok_or_else(|| TrainError::Run {
+            path: dir.to_path_buf(),
+            message: format!("no {} yet: nothing to resume (start it again)", RunDir::STATE),
+        })?;
+        let varmap = VarMap::new();
+        let model = build(
+            &config.model,
+            seeded_var_builder(&varmap, config.seed, DType::F32, &device),
+        )?;
+        let last = run.file(RunDir::LAST);
+        let last_steps = load_varmap(&last, &varmap)?;
+        let mut optim = Optimizer::new(config.optim.clone(), trainable(&varmap))?;
+        let opt_path = run.file(RunDir::OPTIMIZER);
+        let (tensors, opt_steps) = load_tensors(&opt_path, &device)?;
+        for (path, steps) in [(&last, last_steps), (&opt_path, opt_steps)] {
+            if steps != Some(state.optimizer_steps) {
+                return Err(TrainError::checkpoint(
+                    path,
+                    format!(
+                        "saved after step {steps:?} but {} says step {} (interrupted while saving?)",
+                        RunDir::STATE,
+                        state.optimizer_steps
+                    ),
+                ));
+            }
+        }
+        optim
+            .load_state(tensors, state.optimizer_steps)
+            .map_err(|e| TrainError::checkpoint(&opt_path, e))?;
+        let log = MetricsLog::read(&run.file(RunDir::METRICS))?;
+        let mut trainer = Self {
+            config,
+            run,
+            device,
+            varmap,
+            model,
+            optim,
+            state,
+            log,
+        };
+        trainer.log.records.truncate(trainer.state.epochs_done);
+        if trainer.state.finished && trainer.state.epochs_done < trainer.config.epochs && epochs.is_some() {
+            trainer.state.finished = false;
+        }
+        // the config may have changed (more epochs): keep the file true
+        cmr_data::write_atomic(&trainer.run.file(RunDir::CONFIG), trainer.config.to_json().as_bytes())?;
+        Ok(trainer)
+    }
+
+    pub fn config(&self) -> &TrainConfig {
+        &self.config
+    }
+
+    pub fn run(&self) -> &RunDir {
+        &self.run
+    }
+
+    pub fn state(&self) -> &TrainState {
+        &self.state
+    }
+
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    pub fn varmap(&self) -> &VarMap {
+        &self.varmap
+    }
+
+    pub fn records(&self) -> &[EpochRecord] {
+        &self.log.records
+    }
+
+    /// Save `last.safetensors`, the optimiser and `state.json`, in that order.
+    fn save_checkpoint(&self) -> Result<()> {
+        let steps = Some(self.state.optimizer_steps);
+        save_tensors(&self.run.file(RunDir::LAST), &varmap_tensors(&self.varmap), steps)?;
+        let (tensors, _) = self.optim.state();
+        save_tensors(&self.run.file(RunDir::OPTIMIZER), &tensors, steps)?;
+        self.run.write_state(&self.state)
+    }
+
+    /// Train until the configured number of epochs, early stopping, or
+    /// `stop` being raised (checked after every step).
+    pub fn fit(&mut self, splits: &Splits, observer: &mut dyn Observer, stop: &AtomicBool) -> Result<Outcome> {
+        let cfg = self.config.clone();
+        let plan = BatchPlan {
+            batch_size: cfg.batch_size,
+            shuffle: true,
+            augment: cfg.data.augment.is_active().then_some(cfg.data.augment),
+            normalization: cfg.data.normalization,
+            seed: cfg.seed,
+        };
+        let n_batches = plan.num_batches(splits.train.len());
+        while self.state.epochs_done < cfg.epochs && !self.state.finished {
+            let epoch = self.state.epochs_done;
+            let lr = cfg.schedule.lr(cfg.optim.lr(), epoch, cfg.epochs);
+            let first = self.state.batches_done;
+            observer.epoch_start(epoch + 1, cfg.epochs, n_batches, first);
+            let started = Instant::now();
+            for (i, batch) in plan
+                .batches_from(&splits.train, epoch as u64, first, &self.device)?
+                .enumerate()
+            {
+                let index = first + i;
+                let batch = batch?;
+                let logits = self.model.forward_t(&batch.images, true)?;
+                let loss = cfg.loss.compute(&logits, batch.masks()?)?;
+                let value = f64::from(loss.to_dtype(DType::F32)?.to_scalar::<f32>()?);
+                if !value.is_finite() {
+                    return Err(TrainError::NonFinite {
+                        value,
+                        epoch: epoch + 1,
+                        batch: index + 1,
+                    });
+                }
+                let grads = loss.backward()?;
+                // A data-parallel run would all-reduce `grads` here.
+                self.optim.step(&grads, lr)?;
+                self.state.batches_done = index + 1;
+                self.state.partial_loss_sum += value;
+                self.state.optimizer_steps = self.optim.steps();
+                observer.batch_end(index + 1, value);
+                if stop.load(Ordering::SeqCst) && index + 1 < n_batches {
+                    self.state.partial_seconds += started.elapsed().as_secs_f64();
+                    self.save_checkpoint()?;
+                    return Ok(Outcome::Interrupted {
+                        epoch: epoch + 1,
+                        batches_done: index + 1,
+                    });
+                }
+            }
+            let train_loss = self.state.partial_loss_sum / n_batches as f64;
+            let mut record = EpochRecord {
+                epoch: epoch + 1,
+                lr,
+                train_loss,
+                val_loss: None,
+                val_dice: None,
+                val_mean_dice: None,
+                seconds: 0.0,
+            };
+            let mut improved = false;
+            if validates_at(epoch + 1, cfg.val_every, cfg.epochs) {
+                let predictor = Predictor::new(
+                    self.model.clone(),
+                    cfg.clone(),
+                    self.device.clone(),
+                    PredictOptions {
+                        batch_size: cfg.batch_size.max(8),
+                        ..PredictOptions::default()
+                    },
+                );
+                let eval = predictor.evaluate(&splits.val, Some(&cfg.loss))?;
+                let report = eval.metrics.report();
+                record.val_loss = eval.loss;
+                record.val_dice = Some([report.classes[0].dice, report.classes[1].dice, report.classes[2].dice]);
+                record.val_mean_dice = Some(report.mean_dice);
+                let min_delta = cfg.early_stopping.as_ref().map_or(0.0, |e| e.min_delta);
+                if is_improvement(
+                    self.state.best.as_ref().map(|b| b.mean_dice),
+                    report.mean_dice,
+                    min_delta,
+                ) {
+                    improved = true;
+                    save_varmap(&self.run.file(RunDir::BEST), &self.varmap)?;
+                    self.state.best = Some(Best {
+                        epoch: epoch + 1,
+                        mean_dice: report.mean_dice,
+                    });
+                    self.state.validations_since_best = 0;
+                } else {
+                    self.state.validations_since_best += 1;
+                }
+            }
+            record.seconds = self.state.partial_seconds + started.elapsed().as_secs_f64();
+            self.state.epochs_done = epoch + 1;
+            self.state.batches_done = 0;
+            self.state.partial_loss_sum = 0.0;
+            self.state.partial_seconds = 0.0;
+            let stop_early = cfg
+                .early_stopping
+                .as_ref()
+                .is_some_and(|e| should_stop_early(self.state.validations_since_best, e.patience));
+            self.state.finished = self.state.epochs_done >= cfg.epochs || stop_early;
+            self.log.records.push(record.clone());
+            self.log.write(&self.run.file(RunDir::METRICS))?;
+            if let Err(e) = draw_curves(&self.run.file(RunDir::CURVES), &self.log.records) {
+                tracing::warn!("{e}");
+            }
+            self.save_checkpoint()?;
+            observer.epoch_end(&record, improved);
+            if stop_early {
+                return Ok(Outcome::StoppedEarly {
+                    epochs: self.state.epochs_done,
+                    best: self.state.best.clone(),
+                });
+            }
+            if stop.load(Ordering::SeqCst) && !self.state.finished {
+                return Ok(Outcome::Interrupted {
+                    epoch: epoch + 1,
+                    batches_done: n_batches,
+                });
+            }
+        }
+        Ok(Outcome::Finished {
+            best: self.state.best.clone(),
+        })
+    }
+}

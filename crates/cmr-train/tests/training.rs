@@ -1,0 +1,213 @@
+//! The training loop on a tiny network and synthetic slices: determinism,
+//! exact resume (after whole epochs and after an interruption), the run
+//! folder's files, a non-finite loss.
+
+#![allow(clippy::unwrap_used)]
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use candle_core::Device;
+use cmr_data::{AugmentConfig, Plane, Sample, Size, Splits, ValSource};
+use cmr_models::{ModelConfig, UNetConfig};
+use cmr_train::{
+    EpochRecord, Observer, OptimConfig, Outcome, Quiet, RunDir, Schedule, TrainConfig, Trainer, varmap_tensors,
+};
+
+/// A disc of class 3 in a ring of class 2 with a box of class 1, moved per id.
+fn sample(i: usize) -> Sample {
+    let n = 32;
+    let (cy, cx) = (12.0 + (i % 5) as f64, 14.0 + (i % 3) as f64);
+    let mask = Plane::from_fn(n, n, |y, x| {
+        let r2 = (y as f64 - cy).powi(2) + (x as f64 - cx).powi(2);
+        if r2 < 16.0 {
+            3
+        } else if r2 < 36.0 {
+            2
+        } else if (20..26).contains(&y) && (4..10).contains(&x) {
+            1
+        } else {
+            0
+        }
+    });
+    let image = mask.map(|c| 30 + 50 * c + (i as u8 % 7));
+    Sample {
+        id: format!("s{i}"),
+        image,
+        mask: Some(mask),
+        original: Size { height: n, width: n },
+        path: format!("s{i}.png").into(),
+    }
+}
+
+fn splits() -> Splits {
+    Splits {
+        train: (0..10).map(sample).collect(),
+        val: (10..13).map(sample).collect(),
+        source: ValSource::Folder,
+    }
+}
+
+fn config(epochs: usize) -> TrainConfig {
+    TrainConfig {
+        model: ModelConfig::UNet(UNetConfig {
+            in_channels: 1,
+            num_classes: 4,
+            filters: vec![4, 8, 8, 8],
+        }),
+        data: cmr_train::DataConfig {
+            size: 32,
+            augment: AugmentConfig::strong(),
+            ..Default::default()
+        },
+        loss: cmr_loss::Loss::dice_ce(1.0, 1.0),
+        optim: OptimConfig::adam(5e-3),
+        schedule: Schedule::Cosine {
+            warmup_epochs: 1,
+            min_lr: 1e-4,
+        },
+        epochs,
+        batch_size: 4,
+        seed: 11,
+        device: cmr_train::DeviceSpec::Cpu,
+        val_every: 1,
+        early_stopping: None,
+    }
+}
+
+fn weights(t: &Trainer) -> Vec<(String, Vec<f32>)> {
+    let mut w: Vec<(String, Vec<f32>)> = varmap_tensors(t.varmap())
+        .into_iter()
+        .map(|(k, v)| (k, v.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+        .collect();
+    w.sort_by(|a, b| a.0.cmp(&b.0));
+    w
+}
+
+fn train(dir: &std::path::Path, epochs: usize) -> Trainer {
+    let mut t = Trainer::create(config(epochs), dir, Device::Cpu).unwrap();
+    let out = t.fit(&splits(), &mut Quiet, &AtomicBool::new(false)).unwrap();
+    assert!(matches!(out, Outcome::Finished { .. }), "{out:?}");
+    t
+}
+
+#[test]
+fn same_seed_same_weights_and_the_run_folder_is_complete() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = train(&dir.path().join("a"), 2);
+    let b = train(&dir.path().join("b"), 2);
+    assert_eq!(weights(&a), weights(&b));
+    let run = a.run();
+    for f in [
+        RunDir::CONFIG,
+        RunDir::BEST,
+        RunDir::LAST,
+        RunDir::OPTIMIZER,
+        RunDir::STATE,
+        RunDir::METRICS,
+        RunDir::CURVES,
+    ] {
+        assert!(run.file(f).is_file(), "{f}");
+    }
+    let csv = std::fs::read_to_string(run.file(RunDir::METRICS)).unwrap();
+    assert_eq!(csv.lines().count(), 3, "{csv}");
+    assert!(a.state().finished && a.state().epochs_done == 2);
+    assert!(a.state().best.is_some());
+    // a different seed trains differently
+    let mut c = config(2);
+    c.seed = 12;
+    let mut t = Trainer::create(c, &dir.path().join("c"), Device::Cpu).unwrap();
+    t.fit(&splits(), &mut Quiet, &AtomicBool::new(false)).unwrap();
+    assert_ne!(weights(&t), weights(&a));
+}
+
+#[test]
+fn learning_happens() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(8);
+    c.data.augment = AugmentConfig::none();
+    let mut t = Trainer::create(c, dir.path(), Device::Cpu).unwrap();
+    t.fit(&splits(), &mut Quiet, &AtomicBool::new(false)).unwrap();
+    let r = t.records();
+    assert!(
+        r[7].train_loss < r[0].train_loss * 0.85,
+        "{:?}",
+        r.iter().map(|r| r.train_loss).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn resume_after_an_epoch_is_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let straight = train(&dir.path().join("straight"), 2);
+    let path = dir.path().join("resumed");
+    let first = train(&path, 1);
+    drop(first);
+    let mut t = Trainer::resume(&path, Device::Cpu, Some(2)).unwrap();
+    t.fit(&splits(), &mut Quiet, &AtomicBool::new(false)).unwrap();
+    assert_eq!(weights(&t), weights(&straight));
+    let a: Vec<f64> = straight.records().iter().map(|r| r.train_loss).collect();
+    let b: Vec<f64> = t.records().iter().map(|r| r.train_loss).collect();
+    assert_eq!(a, b);
+}
+
+/// Raises the stop flag after the first batch, like Ctrl-C.
+struct StopAfterOne<'a>(&'a AtomicBool);
+
+impl Observer for StopAfterOne<'_> {
+    fn batch_end(&mut self, _batch: usize, _loss: f64) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+    fn epoch_end(&mut self, _r: &EpochRecord, _i: bool) {}
+}
+
+#[test]
+fn an_interrupted_epoch_resumes_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let straight = train(&dir.path().join("straight"), 2);
+    let path = dir.path().join("interrupted");
+    let mut t = Trainer::create(config(2), &path, Device::Cpu).unwrap();
+    let stop = AtomicBool::new(false);
+    let out = t.fit(&splits(), &mut StopAfterOne(&stop), &stop).unwrap();
+    assert_eq!(
+        out,
+        Outcome::Interrupted {
+            epoch: 1,
+            batches_done: 1
+        }
+    );
+    drop(t);
+    let mut t = Trainer::resume(&path, Device::Cpu, None).unwrap();
+    assert_eq!(t.state().batches_done, 1);
+    t.fit(&splits(), &mut Quiet, &AtomicBool::new(false)).unwrap();
+    assert_eq!(weights(&t), weights(&straight));
+}
+
+#[test]
+fn an_existing_run_is_not_overwritten_and_resume_needs_a_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let _ = train(dir.path(), 1);
+    assert!(Trainer::create(config(1), dir.path(), Device::Cpu).is_err());
+    let empty = tempfile::tempdir().unwrap();
+    let err = Trainer::resume(empty.path(), Device::Cpu, None)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("not a run folder"), "{err}");
+}
+
+#[test]
+fn a_non_finite_loss_stops_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(2);
+    c.optim = OptimConfig::Sgd {
+        lr: 1e38,
+        momentum: 0.0,
+        nesterov: false,
+        weight_decay: 0.0,
+    };
+    c.schedule = Schedule::Constant;
+    let mut t = Trainer::create(c, dir.path(), Device::Cpu).unwrap();
+    let err = t.fit(&splits(), &mut Quiet, &AtomicBool::new(false)).err().unwrap();
+    assert!(matches!(err, cmr_train::TrainError::NonFinite { .. }), "{err}");
+    assert!(err.to_string().contains("last good checkpoint"));
+}
