@@ -1,2 +1,37 @@
-//! The `cmr` binary.
-fn main() {}
+//! The `cmr` binary: parse the command line, set up logging, dispatch.
+
+mod args;
+mod commands;
+mod logging;
+mod models;
+mod progress;
+mod staged;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use crate::args::{Cli, Command};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    logging::init(cli.verbose, cli.quiet);
+    match run(cli) {
+        Ok(code) => code,
+        Err(err) => {
+            // anyhow's alternate form prints the whole chain on one line
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Train(args) => commands::train::run(args),
+        Command::Eval(args) => commands::eval::run(args),
+        Command::Predict(args) => commands::predict::run(args),
+        Command::Submit(args) => commands::submit::run(args),
+        Command::Info(args) => commands::info::run(args),
+    }
+}

@@ -241,6 +241,47 @@ pub fn load_split(dir: &Path, labels: Labels, opts: LoadOptions) -> Result<Vec<S
     Ok(samples)
 }
 
+/// The PNG files directly in `dir`, in natural order of their stems.
+pub fn list_pngs(dir: &Path) -> Result<Vec<PathBuf>> {
+    if !dir.is_dir() {
+        return Err(DataError::MissingFolder {
+            path: dir.to_path_buf(),
+            what: "folder of PNG images",
+        });
+    }
+    Ok(png_files(dir)?.into_values().collect())
+}
+
+/// Load images (no masks) from a list of PNG files, fitted to `opts.size`.
+/// Ids are the file stems; two files with the same stem are an error.
+pub fn load_images(paths: &[PathBuf], opts: LoadOptions) -> Result<Vec<Sample>> {
+    let target = Size {
+        height: opts.size,
+        width: opts.size,
+    };
+    let mut seen = std::collections::BTreeSet::new();
+    let mut samples = Vec::with_capacity(paths.len());
+    for path in paths {
+        let id = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .ok_or_else(|| DataError::Config(format!("{}: not a file name", path.display())))?
+            .to_string();
+        if !seen.insert(id.clone()) {
+            return Err(DataError::DuplicateId { path: path.clone(), id });
+        }
+        let image = read_image(path)?;
+        samples.push(Sample {
+            id,
+            original: image.size(),
+            image: image.fit(target),
+            mask: None,
+            path: path.clone(),
+        });
+    }
+    Ok(samples)
+}
+
 /// A dataset root: `train/` (labelled), optional `val/` (labelled) and `test/`
 /// (images; any masks there are not labels and are ignored).
 #[derive(Clone, Debug)]

@@ -21,7 +21,9 @@ pub use augment::{
     Affine, AffineParams, AugmentConfig, Ranged, affine_bilinear, affine_nearest, flip_h, flip_v, rot90,
 };
 pub use batch::{Batch, BatchPlan};
-pub use dataset::{Dataset, Labels, LoadOptions, Sample, load_split, mask_file_name, natural_cmp};
+pub use dataset::{
+    Dataset, Labels, LoadOptions, Sample, list_pngs, load_images, load_split, mask_file_name, natural_cmp,
+};
 pub use error::{DataError, Result};
 pub use normalize::{Normalization, to_unit};
 pub use plane::{Image, Mask, Plane, Size};

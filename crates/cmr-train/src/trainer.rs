@@ -163,6 +163,10 @@ impl Trainer {
         &self.config
     }
 
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
     pub fn run(&self) -> &RunDir {
         &self.run
     }

@@ -1,0 +1,215 @@
+//! Command-line arguments: every clap type of the `cmr` binary.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use cmr_models::{Architecture, Preset};
+use cmr_train::{DeviceSpec, TrainPreset};
+
+/// Cardiac MR segmentation: train, evaluate and run SegNet, U-Net and U-Net 3+
+/// on short-axis slices (background, right ventricle, myocardium, left
+/// ventricle).
+#[derive(Debug, Parser)]
+#[command(name = "cmr", version, about, long_about = None, propagate_version = true)]
+pub struct Cli {
+    /// More log output (-v: debug, -vv: trace). RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    /// Less log output (-q: warnings and errors only, -qq: errors only).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true, conflicts_with = "verbose")]
+    pub quiet: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Train a network on a dataset and keep the best model on validation.
+    Train(TrainArgs),
+    /// Evaluate a model: Dice, IoU, HD95 and noise number per class.
+    Eval(EvalArgs),
+    /// Predict masks (PNG, optional overlays and run-length CSV).
+    Predict(PredictArgs),
+    /// Write the competition's run-length CSV from a folder of masks.
+    Submit(SubmitArgs),
+    /// Parameters, size and forward FLOPs of a network.
+    Info(InfoArgs),
+}
+
+/// Where to run.
+#[derive(Debug, Args)]
+pub struct DeviceArg {
+    /// Device: auto (CUDA, then Metal, then CPU), cpu, cuda, cuda:N or metal.
+    #[arg(long, value_parser = parse_device)]
+    pub device: Option<DeviceSpec>,
+}
+
+fn parse_device(s: &str) -> Result<DeviceSpec, String> {
+    s.parse()
+}
+
+fn parse_arch(s: &str) -> Result<Architecture, String> {
+    s.parse()
+}
+
+/// Augmentation recipes for `--augment`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum AugmentChoice {
+    /// No augmentation.
+    None,
+    /// The report's five: flips, rotation by 90°, brightness, contrast.
+    Report,
+    /// The report's five plus random affine, gamma and noise.
+    Strong,
+}
+
+/// Losses for `--loss`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LossChoice {
+    /// The report's soft Dice over the foreground classes.
+    SoftDice,
+    /// Cross-entropy over pixels.
+    Ce,
+    /// Soft Dice + cross-entropy, equal weights.
+    DiceCe,
+}
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// Network: segnet, unet or unet3plus. Taken from --config or the run when
+    /// omitted there.
+    #[arg(long, value_parser = parse_arch, required_unless_present_any = ["resume", "config"])]
+    pub arch: Option<Architecture>,
+    /// Dataset root holding train/ (and optionally val/; without it a seeded
+    /// 20 % of train/ is held out for validation).
+    #[arg(long, value_name = "DIR")]
+    pub data: PathBuf,
+    /// Recipe to start from: `cpu` (narrow networks, minutes on a laptop) or
+    /// `seed` (the report: full widths, 200 epochs).
+    #[arg(long, default_value = "cpu", value_parser = parse_train_preset)]
+    pub preset: TrainPreset,
+    /// TOML file laid over the preset (any TrainConfig key); flags win over it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// New run folder [default: runs/<arch>-<preset>, numbered if taken].
+    #[arg(long, value_name = "RUN", conflicts_with = "resume")]
+    pub out: Option<PathBuf>,
+    /// Continue the run in this folder from its last checkpoint.
+    #[arg(long, value_name = "RUN")]
+    pub resume: Option<PathBuf>,
+    /// Number of epochs (with --resume: the new total).
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Base learning rate.
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Seed of weights, split, shuffling and augmentation.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    #[arg(long, value_enum)]
+    pub loss: Option<LossChoice>,
+    #[arg(long, value_enum)]
+    pub augment: Option<AugmentChoice>,
+    /// Validate every N epochs (and after the last).
+    #[arg(long, value_name = "N")]
+    pub val_every: Option<usize>,
+    /// Stop after N validations without improvement.
+    #[arg(long, value_name = "N")]
+    pub patience: Option<usize>,
+    #[command(flatten)]
+    pub device: DeviceArg,
+}
+
+fn parse_train_preset(s: &str) -> Result<TrainPreset, String> {
+    s.parse()
+}
+
+/// How predictions are made.
+#[derive(Debug, Args)]
+pub struct InferenceArgs {
+    /// Average the softmax over flips (test-time augmentation).
+    #[arg(long)]
+    pub tta: bool,
+    /// Keep only the largest connected component of each class.
+    #[arg(long)]
+    pub clean: bool,
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    #[command(flatten)]
+    pub device: DeviceArg,
+}
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// A run folder, a .safetensors with config.json beside it, or a shipped
+    /// model's name (segnet, unet, unet3plus).
+    #[arg(long, value_name = "M")]
+    pub model: String,
+    /// A labelled split folder (image/, mask/), or a dataset root: then its
+    /// val/ split, or the model's own held-out part of train/.
+    #[arg(long, value_name = "DIR")]
+    pub data: PathBuf,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
+    /// Also list every image's scores (table) or include them (JSON).
+    #[arg(long)]
+    pub per_image: bool,
+    #[command(flatten)]
+    pub inference: InferenceArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct PredictArgs {
+    /// A run folder, a .safetensors with config.json beside it, or a shipped
+    /// model's name (segnet, unet, unet3plus).
+    #[arg(long, value_name = "M")]
+    pub model: String,
+    /// A PNG, a folder of PNGs, or a split folder (its image/).
+    #[arg(long, value_name = "DIR|PNG")]
+    pub input: PathBuf,
+    /// Output folder for <id>_mask.png (values 0..3), created if needed.
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Also write <id>_overlay.png: the image with RV, Myo and LV tinted.
+    #[arg(long)]
+    pub overlay: bool,
+    /// Also write the competition's run-length CSV here.
+    #[arg(long, value_name = "FILE")]
+    pub csv: Option<PathBuf>,
+    #[command(flatten)]
+    pub inference: InferenceArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct SubmitArgs {
+    /// Folder of <id>_mask.png files (values 0..3).
+    #[arg(long, value_name = "DIR")]
+    pub masks: PathBuf,
+    /// The CSV to write (header id,encoding; three rows per mask).
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct InfoArgs {
+    #[arg(long, value_parser = parse_arch)]
+    pub arch: Architecture,
+    /// Widths: seed (the report's) or small.
+    #[arg(long, default_value = "seed", value_parser = parse_preset)]
+    pub preset: Preset,
+    /// Input side for the FLOP count.
+    #[arg(long, default_value_t = 96)]
+    pub size: usize,
+    /// Print one JSON object (keys parameters, size_mb, gflops).
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub device: DeviceArg,
+}
+
+fn parse_preset(s: &str) -> Result<Preset, String> {
+    s.parse()
+}

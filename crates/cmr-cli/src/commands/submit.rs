@@ -1,0 +1,41 @@
+//! `cmr submit`: the competition's run-length CSV from a folder of masks.
+
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use cmr_data::{list_pngs, read_mask, write_submission};
+
+use crate::args::SubmitArgs;
+
+/// The CSV name of a mask file stem: `cmr121_mask` as it is, `cmr121` →
+/// `cmr121_mask`.
+pub fn row_name(stem: &str) -> String {
+    if stem.ends_with("_mask") {
+        stem.to_string()
+    } else {
+        format!("{stem}_mask")
+    }
+}
+
+pub fn run(args: SubmitArgs) -> anyhow::Result<ExitCode> {
+    let files = list_pngs(&args.masks)?;
+    if files.is_empty() {
+        bail!("{}: no mask PNGs", args.masks.display());
+    }
+    let mut masks = Vec::with_capacity(files.len());
+    for path in &files {
+        let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
+        masks.push((row_name(stem), read_mask(path)?));
+    }
+    if let Some(parent) = args.out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    }
+    write_submission(&args.out, &masks)?;
+    tracing::info!(
+        "{}: {} masks, {} rows",
+        args.out.display(),
+        masks.len(),
+        3 * masks.len()
+    );
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,183 @@
+//! `cmr train`: build the recipe from preset, file and flags; train or resume.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::{Context, bail};
+use cmr_data::AugmentConfig;
+use cmr_loss::Loss;
+use cmr_models::Architecture;
+use cmr_train::{EarlyStopping, Outcome, TrainConfig, Trainer, device_name, load_splits};
+
+use crate::args::{AugmentChoice, LossChoice, TrainArgs};
+use crate::commands::open_device;
+use crate::progress::TrainProgress;
+
+/// The architecture named by `[model] arch` in a TOML file, if any.
+fn arch_in_toml(path: &Path) -> anyhow::Result<Option<Architecture>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let table: toml::Table = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    let Some(arch) = table.get("model").and_then(|m| m.get("arch")).and_then(|a| a.as_str()) else {
+        return Ok(None);
+    };
+    arch.parse()
+        .map(Some)
+        .map_err(|e: String| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
+/// Preset, then the TOML file, then the flags.
+fn build_config(args: &TrainArgs) -> anyhow::Result<TrainConfig> {
+    let arch = match (args.arch, &args.config) {
+        (Some(a), _) => a,
+        (None, Some(path)) => {
+            arch_in_toml(path)?.with_context(|| format!("{}: no [model] arch; give --arch", path.display()))?
+        }
+        (None, None) => bail!("give --arch (segnet, unet or unet3plus)"),
+    };
+    let mut cfg = TrainConfig::preset(args.preset, arch);
+    if let Some(path) = &args.config {
+        cfg = cfg.overlay_toml(path)?;
+        if args.arch.is_some_and(|a| a != cfg.model.architecture()) {
+            bail!(
+                "--arch {arch} disagrees with {} (model.arch = {})",
+                path.display(),
+                cfg.model.architecture()
+            );
+        }
+    }
+    apply_flags(&mut cfg, args);
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+fn apply_flags(cfg: &mut TrainConfig, args: &TrainArgs) {
+    if let Some(e) = args.epochs {
+        cfg.epochs = e;
+    }
+    if let Some(b) = args.batch_size {
+        cfg.batch_size = b;
+    }
+    if let Some(lr) = args.lr {
+        cfg.optim.set_lr(lr);
+    }
+    if let Some(s) = args.seed {
+        cfg.seed = s;
+    }
+    if let Some(v) = args.val_every {
+        cfg.val_every = v;
+    }
+    if let Some(p) = args.patience {
+        cfg.early_stopping = Some(EarlyStopping {
+            patience: p,
+            min_delta: 0.0,
+        });
+    }
+    if let Some(d) = args.device.device {
+        cfg.device = d;
+    }
+    match args.loss {
+        Some(LossChoice::SoftDice) => cfg.loss = Loss::soft_dice(),
+        Some(LossChoice::Ce) => cfg.loss = Loss::cross_entropy(),
+        Some(LossChoice::DiceCe) => cfg.loss = Loss::dice_ce(1.0, 1.0),
+        None => {}
+    }
+    match args.augment {
+        Some(AugmentChoice::None) => cfg.data.augment = AugmentConfig::none(),
+        Some(AugmentChoice::Report) => cfg.data.augment = AugmentConfig::report(),
+        Some(AugmentChoice::Strong) => cfg.data.augment = AugmentConfig::strong(),
+        None => {}
+    }
+}
+
+/// `runs/<arch>-<preset>`, or the first free `-2`, `-3` … after it.
+fn default_out(cfg: &TrainConfig, args: &TrainArgs) -> PathBuf {
+    let base = format!("{}-{}", cfg.model.architecture(), args.preset);
+    let runs = PathBuf::from("runs");
+    let mut candidate = runs.join(&base);
+    let mut n = 2;
+    while candidate.exists() {
+        candidate = runs.join(format!("{base}-{n}"));
+        n += 1;
+    }
+    candidate
+}
+
+/// Ctrl-C once: finish the step, save, stop. Twice: exit at once.
+fn stop_flag() -> anyhow::Result<Arc<AtomicBool>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let handler = stop.clone();
+    ctrlc::set_handler(move || {
+        if handler.swap(true, Ordering::SeqCst) {
+            eprintln!("\ninterrupted twice: exiting without saving the current step");
+            std::process::exit(130);
+        }
+        eprintln!("\ninterrupt: finishing the current step and saving (Ctrl-C again to exit now)");
+    })
+    .context("installing the Ctrl-C handler")?;
+    Ok(stop)
+}
+
+pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
+    let mut trainer = match &args.resume {
+        Some(run) => {
+            let (_, cfg) = cmr_train::RunDir::open(run)?;
+            let device = open_device(&args.device, cfg.device)?;
+            let t = Trainer::resume(run, device, args.epochs).with_context(|| format!("resuming {}", run.display()))?;
+            tracing::info!(
+                "resuming {} after epoch {} (batch {})",
+                run.display(),
+                t.state().epochs_done,
+                t.state().batches_done
+            );
+            t
+        }
+        None => {
+            let cfg = build_config(&args)?;
+            let out = args.out.clone().unwrap_or_else(|| default_out(&cfg, &args));
+            let device = open_device(&args.device, cfg.device)?;
+            Trainer::create(cfg, &out, device).with_context(|| format!("starting the run in {}", out.display()))?
+        }
+    };
+    let cfg = trainer.config().clone();
+    let run_dir = trainer.run().root().to_path_buf();
+    let splits = load_splits(&args.data, &cfg).with_context(|| format!("loading {}", args.data.display()))?;
+    tracing::info!(
+        "{} ({} parameters) on {}: {} training and {} validation images (validation: {}), {} epochs, run {}",
+        cfg.model.architecture().display_name(),
+        cmr_models::count_parameters(trainer.varmap()),
+        device_name(trainer.device()),
+        splits.train.len(),
+        splits.val.len(),
+        splits.source,
+        cfg.epochs,
+        run_dir.display()
+    );
+    let stop = stop_flag()?;
+    let mut progress = TrainProgress::new(cfg.epochs, trainer.state().epochs_done);
+    let outcome = trainer.fit(&splits, &mut progress, &stop);
+    progress.finish();
+    match outcome? {
+        Outcome::Finished { best } | Outcome::StoppedEarly { best, .. } => {
+            match best {
+                Some(b) => tracing::info!(
+                    "best validation Dice {:.4} at epoch {}: {}",
+                    b.mean_dice,
+                    b.epoch,
+                    run_dir.join(cmr_train::RunDir::BEST).display()
+                ),
+                None => tracing::warn!("no validation ran: no best model saved"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Outcome::Interrupted { epoch, batches_done } => {
+            tracing::warn!(
+                "interrupted in epoch {epoch} after {batches_done} batches; saved. Continue with: cmr train --resume {} --data {}",
+                run_dir.display(),
+                args.data.display()
+            );
+            Ok(ExitCode::from(130))
+        }
+    }
+}
