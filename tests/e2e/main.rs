@@ -1,1 +1,6 @@
-//! End-to-end tests of the cmr binary.
+//! End-to-end tests of the `cmr` binary on real slices from the shared set.
+
+#![allow(clippy::unwrap_used)]
+
+mod errors;
+mod pipeline;

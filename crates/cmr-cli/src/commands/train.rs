@@ -120,9 +120,11 @@ fn stop_flag() -> anyhow::Result<Arc<AtomicBool>> {
 }
 
 pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
-    let mut trainer = match &args.resume {
+    // Read and validate the data before anything is written.
+    let (mut trainer, splits) = match &args.resume {
         Some(run) => {
             let (_, cfg) = cmr_train::RunDir::open(run)?;
+            let splits = load_splits(&args.data, &cfg).with_context(|| format!("loading {}", args.data.display()))?;
             let device = open_device(&args.device, cfg.device)?;
             let t = Trainer::resume(run, device, args.epochs).with_context(|| format!("resuming {}", run.display()))?;
             tracing::info!(
@@ -131,18 +133,20 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
                 t.state().epochs_done,
                 t.state().batches_done
             );
-            t
+            (t, splits)
         }
         None => {
             let cfg = build_config(&args)?;
+            let splits = load_splits(&args.data, &cfg).with_context(|| format!("loading {}", args.data.display()))?;
             let out = args.out.clone().unwrap_or_else(|| default_out(&cfg, &args));
             let device = open_device(&args.device, cfg.device)?;
-            Trainer::create(cfg, &out, device).with_context(|| format!("starting the run in {}", out.display()))?
+            let t =
+                Trainer::create(cfg, &out, device).with_context(|| format!("starting the run in {}", out.display()))?;
+            (t, splits)
         }
     };
     let cfg = trainer.config().clone();
     let run_dir = trainer.run().root().to_path_buf();
-    let splits = load_splits(&args.data, &cfg).with_context(|| format!("loading {}", args.data.display()))?;
     tracing::info!(
         "{} ({} parameters) on {}: {} training and {} validation images (validation: {}), {} epochs, run {}",
         cfg.model.architecture().display_name(),

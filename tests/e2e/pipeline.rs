@@ -1,0 +1,122 @@
+//! Train, evaluate, predict and submit on 16 real slices; the CSV decodes back
+//! to exactly the predicted masks.
+
+use cmr_data::{Size, read_mask, read_submission};
+use cmr_tests::{cmr, ok, shared_data, subset};
+
+#[test]
+fn train_eval_predict_submit() {
+    let Some(data) = shared_data() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let root = subset(&data, dir.path(), 16, 4);
+    let run = dir.path().join("run");
+
+    ok(cmr()
+        .args([
+            "train",
+            "--arch",
+            "unet",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "4",
+            "--device",
+            "cpu",
+        ])
+        .arg("--data")
+        .arg(&root)
+        .arg("--out")
+        .arg(&run));
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "last.safetensors",
+        "optimizer.safetensors",
+        "state.json",
+        "metrics.csv",
+        "curves.png",
+    ] {
+        assert!(run.join(f).is_file(), "{f} missing");
+    }
+    let metrics = std::fs::read_to_string(run.join("metrics.csv")).unwrap();
+    assert_eq!(metrics.lines().count(), 3, "{metrics}");
+
+    // eval on the dataset root: the run's own held-out split, as JSON
+    let json = ok(cmr()
+        .args(["eval", "--json", "--per-image", "--model"])
+        .arg(&run)
+        .arg("--data")
+        .arg(&root));
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let mean = v["mean_dice"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&mean), "{mean}");
+    assert_eq!(v["classes"].as_array().unwrap().len(), 3);
+    assert_eq!(v["per_image"].as_array().unwrap().len(), 3, "20 % of 16 held out");
+    assert!(v["dice_lv"].as_f64().is_some());
+    // the table form
+    let table = ok(cmr()
+        .args(["eval", "--model"])
+        .arg(&run)
+        .arg("--data")
+        .arg(root.join("train")));
+    assert!(table.contains("Myo") && table.contains("(16 images)"), "{table}");
+
+    // predict the test images, with overlays, TTA, clean-up and a CSV
+    let masks = dir.path().join("masks");
+    let csv = dir.path().join("pred.csv");
+    ok(cmr()
+        .args(["predict", "--overlay", "--tta", "--clean", "--model"])
+        .arg(&run)
+        .arg("--input")
+        .arg(root.join("test"))
+        .arg("--out")
+        .arg(&masks)
+        .arg("--csv")
+        .arg(&csv));
+    let mut predicted = Vec::new();
+    for i in 121..125 {
+        let m = read_mask(&masks.join(format!("cmr{i}_mask.png"))).unwrap();
+        assert_eq!(m.size(), Size { height: 96, width: 96 });
+        assert!(masks.join(format!("cmr{i}_overlay.png")).is_file());
+        predicted.push((format!("cmr{i}_mask"), m));
+    }
+    assert_eq!(std::fs::read_dir(&masks).unwrap().count(), 8, "only masks and overlays");
+
+    // submit from the masks only (move the overlays away first)
+    let only_masks = dir.path().join("only-masks");
+    std::fs::create_dir_all(&only_masks).unwrap();
+    for (name, _) in &predicted {
+        std::fs::copy(
+            masks.join(format!("{name}.png")),
+            only_masks.join(format!("{name}.png")),
+        )
+        .unwrap();
+    }
+    let submission = dir.path().join("sub/submission.csv");
+    ok(cmr()
+        .args(["submit", "--masks"])
+        .arg(&only_masks)
+        .arg("--out")
+        .arg(&submission));
+    let text = std::fs::read_to_string(&submission).unwrap();
+    assert_eq!(text.lines().count(), 1 + 3 * 4);
+    assert!(text.starts_with("id,encoding\ncmr121_mask1,"), "{text}");
+    let decoded = read_submission(&submission, Size { height: 96, width: 96 }).unwrap();
+    assert_eq!(decoded, predicted);
+    assert_eq!(
+        text,
+        std::fs::read_to_string(&csv).unwrap(),
+        "predict --csv and submit agree"
+    );
+
+    // a single PNG gives the same mask as in the folder run
+    let one = dir.path().join("one");
+    ok(cmr()
+        .args(["predict", "--tta", "--clean", "--model"])
+        .arg(&run)
+        .arg("--input")
+        .arg(root.join("test/image/cmr122.png"))
+        .arg("--out")
+        .arg(&one));
+    assert_eq!(read_mask(&one.join("cmr122_mask.png")).unwrap(), predicted[1].1);
+}

@@ -1,0 +1,7 @@
+//! Developer tasks behind `cargo xtask`: dataset download, the end-to-end
+//! reproduction of the report, the test suite crate by crate, benchmarks.
+//! Only this crate touches the network.
+
+pub mod download;
+pub mod manifest;
+pub mod testall;
