@@ -79,7 +79,11 @@ pub fn verify_installed(dest: &Path) -> anyhow::Result<usize> {
 /// Split an archive or folder path into (prefix, path relative to the data
 /// root) when its last three components name a manifest file.
 fn match_manifest<'m>(path: &str, m: &BTreeMap<&'m str, &'m str>) -> Option<(String, &'m str)> {
-    let parts: Vec<&str> = path.trim_start_matches("./").split('/').filter(|s| !s.is_empty()).collect();
+    let parts: Vec<&str> = path
+        .trim_start_matches("./")
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .collect();
     if parts.len() < 3 {
         return None;
     }
@@ -88,10 +92,13 @@ fn match_manifest<'m>(path: &str, m: &BTreeMap<&'m str, &'m str>) -> Option<(Str
     Some((parts[..parts.len() - 3].join("/"), *key))
 }
 
+/// A manifest path and the file's bytes.
+type Entry<'m> = (&'m str, Vec<u8>);
+
 /// Files found in a source, grouped by the data root they sit under.
 #[derive(Default)]
 struct Found<'m> {
-    by_prefix: BTreeMap<String, Vec<(&'m str, Vec<u8>)>>,
+    by_prefix: BTreeMap<String, Vec<Entry<'m>>>,
 }
 
 impl<'m> Found<'m> {
@@ -100,8 +107,8 @@ impl<'m> Found<'m> {
     }
 
     /// The files under the data root with the most manifest files.
-    fn best(self, source: &str) -> anyhow::Result<Vec<(&'m str, Vec<u8>)>> {
-        let mut groups: Vec<(String, Vec<(&str, Vec<u8>)>)> = self.by_prefix.into_iter().collect();
+    fn best(self, source: &str) -> anyhow::Result<Vec<Entry<'m>>> {
+        let mut groups: Vec<(String, Vec<Entry<'m>>)> = self.by_prefix.into_iter().collect();
         groups.sort_by_key(|g| std::cmp::Reverse(g.1.len()));
         match groups.as_slice() {
             [] => bail!("{source}: holds none of the dataset's files (expected train/image/cmrN.png …)"),
@@ -137,7 +144,8 @@ fn read_tar_gz<'m>(path: &Path, m: &BTreeMap<&'m str, &'m str>) -> anyhow::Resul
 
 fn read_zip<'m>(path: &Path, m: &BTreeMap<&'m str, &'m str>) -> anyhow::Result<Found<'m>> {
     let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let corrupt = |e: &dyn std::fmt::Display| anyhow::anyhow!("{}: archive is truncated or corrupt ({e})", path.display());
+    let corrupt =
+        |e: &dyn std::fmt::Display| anyhow::anyhow!("{}: archive is truncated or corrupt ({e})", path.display());
     let mut archive = zip::ZipArchive::new(file).map_err(|e| corrupt(&e))?;
     let mut found = Found::default();
     for i in 0..archive.len() {
@@ -165,7 +173,11 @@ fn read_folder<'m>(root: &Path, m: &BTreeMap<&'m str, &'m str>) -> anyhow::Resul
                 stack.push(path);
                 continue;
             }
-            let rel_path = path.strip_prefix(root).unwrap_or(&path).to_string_lossy().replace('\\', "/");
+            let rel_path = path
+                .strip_prefix(root)
+                .unwrap_or(&path)
+                .to_string_lossy()
+                .replace('\\', "/");
             if let Some((prefix, rel)) = match_manifest(&rel_path, m) {
                 let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
                 found.add(prefix, rel, bytes);
@@ -178,7 +190,9 @@ fn read_folder<'m>(root: &Path, m: &BTreeMap<&'m str, &'m str>) -> anyhow::Resul
 fn is_zip(path: &Path) -> anyhow::Result<bool> {
     let mut magic = [0u8; 4];
     let mut f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let n = f.read(&mut magic).with_context(|| format!("reading {}", path.display()))?;
+    let n = f
+        .read(&mut magic)
+        .with_context(|| format!("reading {}", path.display()))?;
     Ok(n == 4 && &magic == b"PK\x03\x04")
 }
 
@@ -200,11 +214,14 @@ pub fn fetch(url: &str, to: &Path) -> anyhow::Result<()> {
     let (mut got, mut shown) = (0u64, 0u64);
     let terminal = std::io::stderr().is_terminal();
     loop {
-        let n = reader.read(&mut buf).with_context(|| format!("{url}: download broke off after {got} bytes"))?;
+        let n = reader
+            .read(&mut buf)
+            .with_context(|| format!("{url}: download broke off after {got} bytes"))?;
         if n == 0 {
             break;
         }
-        out.write_all(&buf[..n]).with_context(|| format!("writing {}", to.display()))?;
+        out.write_all(&buf[..n])
+            .with_context(|| format!("writing {}", to.display()))?;
         got += n as u64;
         if got - shown >= 1 << 20 {
             shown = got;
@@ -235,7 +252,11 @@ struct Cleanup(Option<PathBuf>);
 impl Drop for Cleanup {
     fn drop(&mut self) {
         if let Some(p) = self.0.take() {
-            let _ = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+            let _ = if p.is_dir() {
+                std::fs::remove_dir_all(&p)
+            } else {
+                std::fs::remove_file(&p)
+            };
         }
     }
 }
@@ -249,8 +270,14 @@ pub fn install(source: &Source, dest: &Path, force: bool) -> anyhow::Result<Inst
             Err(e) => tracing::info!("reinstalling: {e:#}"),
         }
     }
-    let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "data".into());
-    let parent = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "data".into());
+    let parent = dest
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
     let pid = std::process::id();
 
@@ -261,11 +288,19 @@ pub fn install(source: &Source, dest: &Path, force: bool) -> anyhow::Result<Inst
             let tmp = parent.join(format!(".{name}.download-{pid}"));
             _download = Cleanup(Some(tmp.clone()));
             fetch(url, &tmp)?;
-            let found = if is_zip(&tmp)? { read_zip(&tmp, &m)? } else { read_tar_gz(&tmp, &m)? };
+            let found = if is_zip(&tmp)? {
+                read_zip(&tmp, &m)?
+            } else {
+                read_tar_gz(&tmp, &m)?
+            };
             (found, url.clone())
         }
         Source::Archive(path) => {
-            let found = if is_zip(path)? { read_zip(path, &m)? } else { read_tar_gz(path, &m)? };
+            let found = if is_zip(path)? {
+                read_zip(path, &m)?
+            } else {
+                read_tar_gz(path, &m)?
+            };
             (found, path.display().to_string())
         }
         Source::Folder(path) => (read_folder(path, &m)?, path.display().to_string()),
@@ -292,7 +327,11 @@ pub fn install(source: &Source, dest: &Path, force: bool) -> anyhow::Result<Inst
             bail!("{label}: has no {split}/ files; nothing installed");
         }
         if present < expected.len() {
-            let first = expected.iter().find(|p| !have.contains(*p)).copied().unwrap_or_default();
+            let first = expected
+                .iter()
+                .find(|p| !have.contains(*p))
+                .copied()
+                .unwrap_or_default();
             bail!(
                 "{label}: {split}/ is incomplete ({present} of {} files; {first} is missing); nothing installed",
                 expected.len()
@@ -344,7 +383,10 @@ mod tests {
     fn manifest_paths_are_found_under_any_prefix() {
         let m = manifest();
         let (prefix, rel) = match_manifest("Repo-abc/cwk2/CW2/data/train/image/cmr1.png", &m).unwrap();
-        assert_eq!((prefix.as_str(), rel), ("Repo-abc/cwk2/CW2/data", "train/image/cmr1.png"));
+        assert_eq!(
+            (prefix.as_str(), rel),
+            ("Repo-abc/cwk2/CW2/data", "train/image/cmr1.png")
+        );
         assert_eq!(match_manifest("train/mask/cmr100_mask.png", &m).unwrap().0, "");
         assert!(match_manifest("x/test/mask/cmr121_mask.png", &m).is_none());
         assert!(match_manifest("x/train/image/cmr999.png", &m).is_none());

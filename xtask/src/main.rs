@@ -60,9 +60,14 @@ fn download(args: DownloadArgs) -> anyhow::Result<()> {
         (None, Some(url)) => Source::Url(url.clone()),
         (None, None) => Source::Url(DEFAULT_URL.to_string()),
     };
-    let dest = args.dest.clone().unwrap_or_else(|| workspace_root().join("data/cmr-2021"));
+    let dest = args
+        .dest
+        .clone()
+        .unwrap_or_else(|| workspace_root().join("data/cmr-2021"));
     match install(&source, &dest, args.force).with_context(|| format!("installing into {}", dest.display()))? {
-        Installed::AlreadyThere { files } => tracing::info!("{}: already installed and verified ({files} files)", dest.display()),
+        Installed::AlreadyThere { files } => {
+            tracing::info!("{}: already installed and verified ({files} files)", dest.display())
+        }
         Installed::Fresh { files, .. } => tracing::info!("{}: installed {files} verified files", dest.display()),
     }
     Ok(())

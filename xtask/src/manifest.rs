@@ -66,6 +66,9 @@ mod tests {
         assert_eq!(m.keys().filter(|p| p.starts_with("test/image/")).count(), 80);
         assert!(!m.keys().any(|p| p.starts_with("test/mask/")));
         assert!(m.values().all(|h| h.len() == 64));
-        assert_eq!(sha256_hex(b"abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        assert_eq!(
+            sha256_hex(b"abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
     }
 }

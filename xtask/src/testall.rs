@@ -6,7 +6,15 @@ use std::time::Instant;
 use anyhow::bail;
 
 /// Every package, lowest layer first.
-pub const PACKAGES: [&str; 7] = ["cmr-data", "cmr-models", "cmr-loss", "cmr-train", "cmr-cli", "xtask", "cmr-tests"];
+pub const PACKAGES: [&str; 7] = [
+    "cmr-data",
+    "cmr-models",
+    "cmr-loss",
+    "cmr-train",
+    "cmr-cli",
+    "xtask",
+    "cmr-tests",
+];
 
 /// Run `cargo test -p <package>` for each of `packages` (all when empty),
 /// stopping at the first failure.
@@ -21,8 +29,15 @@ pub fn run(packages: &[String], extra: &[String]) -> anyhow::Result<()> {
     for package in &chosen {
         tracing::info!("cargo test -p {package}");
         let started = Instant::now();
-        let status = Command::new(&cargo).args(["test", "-p", package]).args(extra).status()?;
-        summary.push(format!("{package}: {} in {:.0} s", if status.success() { "ok" } else { "FAILED" }, started.elapsed().as_secs_f64()));
+        let status = Command::new(&cargo)
+            .args(["test", "-p", package])
+            .args(extra)
+            .status()?;
+        summary.push(format!(
+            "{package}: {} in {:.0} s",
+            if status.success() { "ok" } else { "FAILED" },
+            started.elapsed().as_secs_f64()
+        ));
         if !status.success() {
             for line in &summary {
                 tracing::info!("{line}");

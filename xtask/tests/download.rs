@@ -15,7 +15,11 @@ fn shared() -> Option<PathBuf> {
     if root.join("cmr-2021-upstream-sample.tar.gz").is_file() {
         return Some(root);
     }
-    assert!(std::env::var("CMR_REQUIRE_DATA").is_err(), "shared data not found at {}", root.display());
+    assert!(
+        std::env::var("CMR_REQUIRE_DATA").is_err(),
+        "shared data not found at {}",
+        root.display()
+    );
     eprintln!("skipped: shared data not found at {}", root.display());
     None
 }
@@ -38,14 +42,21 @@ fn serve(routes: Vec<(&'static str, Vec<u8>)>) -> String {
             let path = request.split_whitespace().nth(1).unwrap_or("/").to_string();
             match routes.iter().find(|(p, _)| *p == path) {
                 Some((p, body)) => {
-                    let head =
-                        format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+                    let head = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                        body.len()
+                    );
                     let _ = stream.write_all(head.as_bytes());
-                    let n = if p.starts_with("/truncated") { body.len() / 2 } else { body.len() };
+                    let n = if p.starts_with("/truncated") {
+                        body.len() / 2
+                    } else {
+                        body.len()
+                    };
                     let _ = stream.write_all(&body[..n]);
                 }
                 None => {
-                    let _ = stream.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+                    let _ =
+                        stream.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
                 }
             }
         }
@@ -90,32 +101,61 @@ fn install_from_http_and_reject_bad_downloads() {
     let msg = format!("{err:#}");
     assert!(msg.contains("train/image/cmr7.png") && msg.contains("SHA-256"), "{msg}");
     assert!(!dest.exists());
-    assert_eq!(std::fs::read_dir(dir.path().join("data")).unwrap().count(), 0, "no leftovers");
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("data")).unwrap().count(),
+        0,
+        "no leftovers"
+    );
 
     // HTTP errors and a truncated download
-    let msg = format!("{:#}", install(&Source::Url(format!("{base}/missing.tar.gz")), &dest, false).unwrap_err());
+    let msg = format!(
+        "{:#}",
+        install(&Source::Url(format!("{base}/missing.tar.gz")), &dest, false).unwrap_err()
+    );
     assert!(msg.contains("404"), "{msg}");
-    let msg = format!("{:#}", install(&Source::Url(format!("{base}/truncated.tar.gz")), &dest, false).unwrap_err());
+    let msg = format!(
+        "{:#}",
+        install(&Source::Url(format!("{base}/truncated.tar.gz")), &dest, false).unwrap_err()
+    );
     assert!(msg.contains("truncated") || msg.contains("broke off"), "{msg}");
     assert!(!dest.exists());
 
     // the real thing
     let got = install(&Source::Url(format!("{base}/archive.tar.gz")), &dest, false).unwrap();
-    assert_eq!(got, Installed::Fresh { files: 280, missing_splits: vec!["val".into()] });
+    assert_eq!(
+        got,
+        Installed::Fresh {
+            files: 280,
+            missing_splits: vec!["val".into()]
+        }
+    );
     assert_eq!(verify_installed(&dest).unwrap(), 280);
     assert!(!dest.join("test/mask").exists(), "predicted masks are not labels");
     assert_eq!(std::fs::read_dir(dest.join("train/image")).unwrap().count(), 100);
-    assert_eq!(std::fs::read_dir(dir.path().join("data")).unwrap().count(), 1, "no leftovers");
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("data")).unwrap().count(),
+        1,
+        "no leftovers"
+    );
 
     // a second run does nothing; a failed forced reinstall keeps the old copy
-    let stamp = std::fs::metadata(dest.join("train/image/cmr1.png")).unwrap().modified().unwrap();
+    let stamp = std::fs::metadata(dest.join("train/image/cmr1.png"))
+        .unwrap()
+        .modified()
+        .unwrap();
     assert_eq!(
         install(&Source::Url(format!("{base}/archive.tar.gz")), &dest, false).unwrap(),
         Installed::AlreadyThere { files: 280 }
     );
     assert!(install(&Source::Url(format!("{base}/tampered.tar.gz")), &dest, true).is_err());
     assert_eq!(verify_installed(&dest).unwrap(), 280);
-    assert_eq!(std::fs::metadata(dest.join("train/image/cmr1.png")).unwrap().modified().unwrap(), stamp);
+    assert_eq!(
+        std::fs::metadata(dest.join("train/image/cmr1.png"))
+            .unwrap()
+            .modified()
+            .unwrap(),
+        stamp
+    );
 }
 
 #[test]
@@ -137,6 +177,9 @@ fn install_from_a_folder_and_an_archive_file() {
     assert_eq!(verify_installed(&dest).unwrap(), 280);
     // a folder without the data
     let empty = tempfile::tempdir().unwrap();
-    let msg = format!("{:#}", install(&Source::Folder(empty.path().into()), &dir.path().join("x"), false).unwrap_err());
+    let msg = format!(
+        "{:#}",
+        install(&Source::Folder(empty.path().into()), &dir.path().join("x"), false).unwrap_err()
+    );
     assert!(msg.contains("none of the dataset's files"), "{msg}");
 }

@@ -6,8 +6,10 @@
 //! BatchNorm weight 1 and bias 0), so that a seeded backend reproduces the
 //! reference networks' initial distribution.
 
-use candle_core::{Module, ModuleT, Result, Tensor};
+use candle_core::{Module, ModuleT, Result, Tensor, Var};
 use candle_nn::{BatchNorm, Init, VarBuilder};
+
+use crate::fast;
 
 /// BatchNorm epsilon and momentum of the reference networks (PyTorch's).
 pub const BN_EPS: f64 = 1e-5;
@@ -52,6 +54,9 @@ impl Conv {
 impl Module for Conv {
     /// `[B, in, H, W] -> [B, out, H, W]`
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if fast::applies(xs) {
+            return fast::conv2d(xs, &self.weight, &self.bias);
+        }
         let ys = xs.conv2d(&self.weight, self.padding, 1, 1, 1)?;
         ys.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)
     }
@@ -60,12 +65,75 @@ impl Module for Conv {
 /// BatchNorm over channels (eps 1e-5, momentum 0.1, affine). Weights:
 /// `weight`, `bias`, and the running statistics `running_mean`,
 /// `running_var`, which are state, not parameters.
-pub fn batch_norm(channels: usize, vb: VarBuilder) -> Result<BatchNorm> {
-    let running_mean = vb.get_with_hints(channels, "running_mean", Init::Const(0.0))?;
-    let running_var = vb.get_with_hints(channels, "running_var", Init::Const(1.0))?;
-    let weight = vb.get_with_hints(channels, "weight", Init::Const(1.0))?;
-    let bias = vb.get_with_hints(channels, "bias", Init::Const(0.0))?;
-    BatchNorm::new_with_momentum(channels, running_mean, running_var, weight, bias, BN_EPS, BN_MOMENTUM)
+///
+/// Wraps candle-nn's `BatchNorm` (the reference path) and keeps handles on
+/// the same tensors for the fused fast path.
+#[derive(Clone, Debug)]
+pub struct BatchNorm2d {
+    reference: BatchNorm,
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: Var,
+    running_var: Var,
+}
+
+impl BatchNorm2d {
+    pub fn new(channels: usize, vb: VarBuilder) -> Result<Self> {
+        let running_mean = vb.get_with_hints(channels, "running_mean", Init::Const(0.0))?;
+        let running_var = vb.get_with_hints(channels, "running_var", Init::Const(1.0))?;
+        let weight = vb.get_with_hints(channels, "weight", Init::Const(1.0))?;
+        let bias = vb.get_with_hints(channels, "bias", Init::Const(0.0))?;
+        let reference = BatchNorm::new_with_momentum(
+            channels,
+            running_mean.clone(),
+            running_var.clone(),
+            weight.clone(),
+            bias.clone(),
+            BN_EPS,
+            BN_MOMENTUM,
+        )?;
+        // `reference` made these variables (or found them to be ones): share them.
+        let running_mean = Var::from_tensor(reference.running_mean())?;
+        let running_var = Var::from_tensor(reference.running_var())?;
+        Ok(Self {
+            reference,
+            weight,
+            bias,
+            running_mean,
+            running_var,
+        })
+    }
+
+    /// BatchNorm then ReLU: `[B, C, H, W] -> [B, C, H, W]`. In training mode
+    /// the batch statistics normalise and update the running ones.
+    pub fn forward_relu(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        if !fast::applies(xs) {
+            return self.reference.forward_t(xs, train)?.relu();
+        }
+        if !train {
+            return fast::bn_relu_eval(
+                xs,
+                &self.weight,
+                &self.bias,
+                self.running_mean.as_tensor(),
+                self.running_var.as_tensor(),
+                BN_EPS,
+            );
+        }
+        let (ys, stats) = fast::bn_relu_train(xs, &self.weight, &self.bias, BN_EPS)?;
+        let update = |var: &Var, batch: &[f32]| -> Result<()> {
+            let old = var.as_tensor().to_vec1::<f32>()?;
+            let new: Vec<f32> = old
+                .iter()
+                .zip(batch)
+                .map(|(o, b)| ((1.0 - BN_MOMENTUM) * f64::from(*o) + BN_MOMENTUM * f64::from(*b)) as f32)
+                .collect();
+            var.set(&Tensor::from_vec(new, old.len(), var.device())?)
+        };
+        update(&self.running_mean, &stats.mean)?;
+        update(&self.running_var, &stats.var_unbiased)?;
+        Ok(ys)
+    }
 }
 
 /// Whether a weight name is a BatchNorm running statistic (state that the
@@ -78,14 +146,14 @@ pub fn is_running_stat(name: &str) -> bool {
 #[derive(Clone, Debug)]
 pub struct ConvBnRelu {
     conv: Conv,
-    bn: BatchNorm,
+    bn: BatchNorm2d,
 }
 
 impl ConvBnRelu {
     pub fn new(in_channels: usize, out_channels: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
             conv: Conv::new(in_channels, out_channels, 3, vb.pp("conv"))?,
-            bn: batch_norm(out_channels, vb.pp("bn"))?,
+            bn: BatchNorm2d::new(out_channels, vb.pp("bn"))?,
         })
     }
 }
@@ -93,7 +161,7 @@ impl ConvBnRelu {
 impl ModuleT for ConvBnRelu {
     /// `[B, in, H, W] -> [B, out, H, W]`
     fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        self.bn.forward_t(&self.conv.forward(xs)?, train)?.relu()
+        self.bn.forward_relu(&self.conv.forward(xs)?, train)
     }
 }
 

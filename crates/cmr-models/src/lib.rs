@@ -14,6 +14,7 @@
 mod blocks;
 mod config;
 mod error;
+pub mod fast;
 mod model;
 pub mod ops;
 mod segnet;
@@ -21,7 +22,7 @@ mod stats;
 mod unet;
 mod unet3plus;
 
-pub use blocks::{BN_EPS, BN_MOMENTUM, Conv, ConvBnRelu, ConvStack, UpConv2x2, batch_norm, is_running_stat};
+pub use blocks::{BN_EPS, BN_MOMENTUM, BatchNorm2d, Conv, ConvBnRelu, ConvStack, UpConv2x2, is_running_stat};
 pub use config::{Architecture, ModelConfig, Preset, SegNetConfig, UNet3PlusConfig, UNetConfig};
 pub use error::{ModelError, Result};
 pub use model::{Model, build};

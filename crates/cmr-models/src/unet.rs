@@ -14,6 +14,7 @@ use candle_nn::VarBuilder;
 
 use crate::blocks::{Conv, ConvStack, UpConv2x2};
 use crate::config::UNetConfig;
+use crate::ops::max_pool;
 
 #[derive(Clone, Debug)]
 struct DecoderStage {
@@ -59,7 +60,7 @@ impl ModuleT for UNet {
         for (level, stage) in self.encoder.iter().enumerate() {
             if level > 0 {
                 // [B, C, H, W] -> [B, C, H/2, W/2]
-                x = x.max_pool2d(2)?;
+                x = max_pool(&x, 2)?;
             }
             x = stage.forward_t(&x, train)?;
             skips.push(x.clone());

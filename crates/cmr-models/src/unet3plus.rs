@@ -20,7 +20,7 @@ use candle_nn::VarBuilder;
 
 use crate::blocks::{Conv, ConvBnRelu, ConvStack};
 use crate::config::UNet3PlusConfig;
-use crate::ops::upsample_bilinear;
+use crate::ops::{max_pool, upsample_bilinear};
 
 #[derive(Clone, Debug)]
 struct DecoderStage {
@@ -80,7 +80,7 @@ impl ModuleT for UNet3Plus {
         for (level, stage) in self.encoder.iter().enumerate() {
             if level > 0 {
                 // [B, C, H, W] -> [B, C, H/2, W/2]
-                x = x.max_pool2d(2)?;
+                x = max_pool(&x, 2)?;
             }
             x = stage.forward_t(&x, train)?;
             enc.push(x.clone());
@@ -94,7 +94,7 @@ impl ModuleT for UNet3Plus {
             for (source, branch) in stage.branches.iter().enumerate() {
                 let input = if source < level {
                     // [B, C, H·2^k, W·2^k] -> [B, C, H, W]
-                    enc[source].max_pool2d(1 << (level - source))?
+                    max_pool(&enc[source], 1 << (level - source))?
                 } else if source == level {
                     enc[source].clone()
                 } else {

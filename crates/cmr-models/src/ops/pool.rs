@@ -42,30 +42,54 @@ impl PoolIndices {
     }
 }
 
-/// `[B, C, H, W] -> [B, C, H/2, 2, W/2, 2] -> [B, C, H/2, W/2, 4]`
-fn windows(xs: &Tensor) -> Result<Tensor> {
+/// `[B, C, H, W] -> [B, C, H/k, k, W/k, k] -> [B, C, H/k, W/k, k·k]`
+fn windows(xs: &Tensor, k: usize) -> Result<Tensor> {
     let (b, c, h, w) = xs.dims4()?;
-    if h % 2 != 0 || w % 2 != 0 {
-        candle_core::bail!("2×2 max-pool needs an even height and width, got {h}×{w}");
+    if k == 0 || h % k != 0 || w % k != 0 {
+        candle_core::bail!("{k}×{k} max-pool needs a height and width divisible by {k}, got {h}×{w}");
     }
-    xs.reshape((b, c, h / 2, 2, w / 2, 2))?
+    xs.reshape((b, c, h / k, k, w / k, k))?
         .permute((0, 1, 2, 4, 3, 5))?
-        .reshape((b, c, h / 2, w / 2, 4))
+        .reshape((b, c, h / k, w / k, k * k))
+}
+
+/// Windows `[…, k·k]` → (pooled values, one-hot mask of the first maximum).
+fn first_max(win: &Tensor) -> Result<(Tensor, Tensor)> {
+    let detached = win.detach();
+    let max = detached.max_keepdim(D::Minus1)?;
+    let is_max = detached.broadcast_eq(&max)?.to_dtype(win.dtype())?;
+    // The first maximum is the one where the running count of maxima is 1.
+    let first = is_max.cumsum(D::Minus1)?.eq(1.0)?.to_dtype(win.dtype())?;
+    let mask = (is_max * first)?;
+    let pooled = (win * &mask)?.sum(D::Minus1)?;
+    Ok((pooled, mask))
 }
 
 /// 2×2 max-pooling, stride 2, returning the pooled values `[B, C, H/2, W/2]`
 /// and where each maximum was. Ties go to the first position in row-major
 /// window order.
 pub fn max_pool2x2_with_indices(xs: &Tensor) -> Result<(Tensor, PoolIndices)> {
-    let win = windows(xs)?;
-    let detached = win.detach();
-    let max = detached.max_keepdim(D::Minus1)?;
-    let is_max = detached.broadcast_eq(&max)?.to_dtype(xs.dtype())?;
-    // The first maximum is the one where the running count of maxima is 1.
-    let first = is_max.cumsum(D::Minus1)?.eq(1.0)?.to_dtype(xs.dtype())?;
-    let mask = (is_max * first)?;
-    let pooled = (win * &mask)?.sum(D::Minus1)?;
+    let (pooled, mask) = first_max(&windows(xs, 2)?)?;
     Ok((pooled, PoolIndices { mask }))
+}
+
+/// `k×k` max-pooling with stride `k`, as PyTorch's `MaxPool2d(k)`: the
+/// gradient of each window goes to its first maximum only (candle's own
+/// `max_pool2d` splits it among ties). Uses the fast CPU kernel when it
+/// applies.
+pub fn max_pool(xs: &Tensor, k: usize) -> Result<Tensor> {
+    if k == 1 {
+        return Ok(xs.clone());
+    }
+    if crate::fast::applies(xs) {
+        return crate::fast::max_pool(xs, k);
+    }
+    max_pool_reference(xs, k)
+}
+
+/// [`max_pool`] from candle's ops alone (every device).
+pub(crate) fn max_pool_reference(xs: &Tensor, k: usize) -> Result<Tensor> {
+    Ok(first_max(&windows(xs, k)?)?.0)
 }
 
 /// Max-unpooling: put each value of `[B, C, H/2, W/2]` at its window's stored
@@ -144,6 +168,32 @@ mod tests {
         let x = t(&[0., 3., 3., 3.], 2, 2);
         let (_, idx) = max_pool2x2_with_indices(&x).unwrap();
         assert_eq!(flat(idx.mask()), vec![0., 1., 0., 0.]);
+    }
+
+    #[test]
+    fn larger_windows_and_first_max_gradient() {
+        #[rustfmt::skip]
+        let x = t(&[
+            1., 2., 0., 0.,
+            3., 9., 0., 5.,
+            9., 0., 1., 1.,
+            0., 0., 5., 0.,
+        ], 4, 4);
+        let p = first_max(&windows(&x, 4).unwrap()).unwrap().0;
+        assert_eq!(flat(&p), vec![9.]);
+        let v = Var::from_tensor(&x).unwrap();
+        let g = first_max(&windows(v.as_tensor(), 4).unwrap())
+            .unwrap()
+            .0
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g = flat(g.get(v.as_tensor()).unwrap());
+        // two nines: the first in row-major order takes the whole gradient
+        assert_eq!(g.iter().sum::<f32>(), 1.0);
+        assert_eq!(g[5], 1.0);
+        assert!(windows(&x, 3).is_err());
     }
 
     #[test]

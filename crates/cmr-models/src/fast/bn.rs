@@ -1,0 +1,355 @@
+//! BatchNorm over channels fused with ReLU.
+//!
+//! Training: per channel, the batch mean and (biased) variance normalise, the
+//! affine weight and bias apply, then ReLU; one pass for the statistics (f64
+//! accumulators) and one for the output. Backward, with `g = dY · [Y > 0]`,
+//! `x̂ = (x − μ)·σ⁻¹` and `N` values per channel:
+//! `dβ = Σ g`, `dγ = Σ g·x̂`, `dX = γ·σ⁻¹·(g − dβ/N − x̂·dγ/N)`.
+//! Inference: `relu(x·scale + shift)` with the running statistics folded in.
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::{slice, with_data};
+
+/// Batch statistics of one forward pass, per channel.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BnStats {
+    pub mean: Vec<f32>,
+    /// `1 / sqrt(var + eps)` with the biased variance.
+    pub inv_std: Vec<f32>,
+    /// The unbiased variance (`N / (N − 1)` times the biased one), for the
+    /// running estimate, as PyTorch keeps it.
+    pub var_unbiased: Vec<f32>,
+}
+
+struct BnReluTrain {
+    eps: f64,
+    stats: Arc<Mutex<Option<BnStats>>>,
+}
+
+/// Per-channel statistics of `x [b, c, hw]`: two passes (mean, then squared
+/// deviations), accumulated in f64.
+fn statistics(x: &[f32], b: usize, c: usize, hw: usize, eps: f64) -> BnStats {
+    let n = (b * hw) as f64;
+    let planes = |ch: usize| (0..b).map(move |bi| &x[(bi * c + ch) * hw..][..hw]);
+    let per: Vec<(f32, f32, f32)> = (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let mean = planes(ch)
+                .map(|p| p.iter().map(|&v| f64::from(v)).sum::<f64>())
+                .sum::<f64>()
+                / n;
+            let ss: f64 = planes(ch)
+                .map(|p| p.iter().map(|&v| (f64::from(v) - mean).powi(2)).sum::<f64>())
+                .sum();
+            let var = ss / n;
+            let unbiased = if n > 1.0 { ss / (n - 1.0) } else { var };
+            (mean as f32, (1.0 / (var + eps).sqrt()) as f32, unbiased as f32)
+        })
+        .collect();
+    BnStats {
+        mean: per.iter().map(|p| p.0).collect(),
+        inv_std: per.iter().map(|p| p.1).collect(),
+        var_unbiased: per.iter().map(|p| p.2).collect(),
+    }
+}
+
+/// `out = relu(x·scale[c] + shift[c])` plane by plane.
+fn affine_relu(x: &[f32], out: &mut [f32], c: usize, hw: usize, scale: &[f32], shift: &[f32]) {
+    out.par_chunks_mut(hw)
+        .zip(x.par_chunks(hw))
+        .enumerate()
+        .for_each(|(p, (o, xi))| {
+            let (a, s) = (scale[p % c], shift[p % c]);
+            for (o, &v) in o.iter_mut().zip(xi) {
+                *o = (v * a + s).max(0.0);
+            }
+        });
+}
+
+impl CustomOp3 for BnReluTrain {
+    fn name(&self) -> &'static str {
+        "cmr-bn-relu-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (b, c, h, w) = l1.shape().dims4()?;
+        let (x, gamma, beta) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        let stats = statistics(x, b, c, h * w, self.eps);
+        // y = relu(γ·(x − μ)·σ⁻¹ + β), in candle's order of operations: the
+        // subtraction first keeps values near the ReLU threshold accurate.
+        let hw = h * w;
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(hw)
+            .zip(x.par_chunks(hw))
+            .enumerate()
+            .for_each(|(p, (o, xi))| {
+                let ch = p % c;
+                let (m, is, g, bt) = (stats.mean[ch], stats.inv_std[ch], gamma[ch], beta[ch]);
+                for (o, &v) in o.iter_mut().zip(xi) {
+                    *o = ((v - m) * is * g + bt).max(0.0);
+                }
+            });
+        *self.stats.lock().expect("stats lock") = Some(stats);
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        _beta: &Tensor,
+        y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (b, c, h, w) = x.dims4()?;
+        let hw = h * w;
+        let n = (b * hw) as f32;
+        let stats = self.stats.lock().expect("stats lock").clone();
+        let Some(stats) = stats else {
+            candle_core::bail!("bn-relu backward before its forward")
+        };
+        let gamma = gamma.to_vec1::<f32>()?;
+        let grads = with_data(x, |xs| {
+            with_data(y, |ys| {
+                with_data(dy, |gs| {
+                    // per channel: Σg and Σg·x̂, accumulated in f64
+                    let sums: Vec<(f32, f32)> = (0..c)
+                        .into_par_iter()
+                        .map(|ch| {
+                            let (m, is) = (f64::from(stats.mean[ch]), f64::from(stats.inv_std[ch]));
+                            let (mut sg, mut sgx) = (0f64, 0f64);
+                            for bi in 0..b {
+                                let o = (bi * c + ch) * hw;
+                                for i in o..o + hw {
+                                    let g = if ys[i] > 0.0 { f64::from(gs[i]) } else { 0.0 };
+                                    sg += g;
+                                    sgx += g * (f64::from(xs[i]) - m) * is;
+                                }
+                            }
+                            (sg as f32, sgx as f32)
+                        })
+                        .collect();
+                    let mut dx = vec![0f32; xs.len()];
+                    dx.par_chunks_mut(hw).enumerate().for_each(|(p, d)| {
+                        let ch = p % c;
+                        let (m, is) = (stats.mean[ch], stats.inv_std[ch]);
+                        let (sg, sgx) = (sums[ch].0 / n, sums[ch].1 / n);
+                        let k = gamma[ch] * is;
+                        let o = p * hw;
+                        for (j, d) in d.iter_mut().enumerate() {
+                            let i = o + j;
+                            let g = if ys[i] > 0.0 { gs[i] } else { 0.0 };
+                            let xhat = (xs[i] - m) * is;
+                            *d = k * (g - sg - xhat * sgx);
+                        }
+                    });
+                    let dgamma: Vec<f32> = sums.iter().map(|s| s.1).collect();
+                    let dbeta: Vec<f32> = sums.iter().map(|s| s.0).collect();
+                    (dx, dgamma, dbeta)
+                })
+            })
+        })???;
+        let (dx, dgamma, dbeta) = grads;
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, (b, c, h, w), dev)?),
+            Some(Tensor::from_vec(dgamma, c, dev)?),
+            Some(Tensor::from_vec(dbeta, c, dev)?),
+        ))
+    }
+}
+
+/// Training-mode BatchNorm + ReLU of `x [B, C, H, W]` with affine `gamma`,
+/// `beta` `[C]`. Returns the output and the batch statistics (for the running
+/// estimates). CPU and f32 only; see [`super::applies`].
+pub fn bn_relu_train(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<(Tensor, BnStats)> {
+    let stats = Arc::new(Mutex::new(None));
+    let op = BnReluTrain {
+        eps,
+        stats: stats.clone(),
+    };
+    let y = x
+        .contiguous()?
+        .apply_op3(&gamma.contiguous()?, &beta.contiguous()?, op)?;
+    let s = stats.lock().expect("stats lock").clone();
+    match s {
+        Some(s) => Ok((y, s)),
+        None => candle_core::bail!("bn-relu forward did not record its statistics"),
+    }
+}
+
+struct AffineRelu {
+    scale: Vec<f32>,
+    shift: Vec<f32>,
+}
+
+impl CustomOp1 for AffineRelu {
+    fn name(&self) -> &'static str {
+        "cmr-bn-relu-eval"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (_, c, h, w) = l.shape().dims4()?;
+        let x = slice(s, l)?;
+        let mut out = vec![0f32; x.len()];
+        affine_relu(x, &mut out, c, h * w, &self.scale, &self.shift);
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+}
+
+/// Inference-mode BatchNorm + ReLU with the running statistics:
+/// `relu((x − mean)·γ / sqrt(var + eps) + β)`. No gradient.
+pub fn bn_relu_eval(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
+    let (g, bt) = (gamma.to_vec1::<f32>()?, beta.to_vec1::<f32>()?);
+    let (m, v) = (running_mean.to_vec1::<f32>()?, running_var.to_vec1::<f32>()?);
+    let scale: Vec<f32> = (0..g.len())
+        .map(|c| g[c] / ((f64::from(v[c]) + eps).sqrt() as f32))
+        .collect();
+    let shift: Vec<f32> = (0..g.len()).map(|c| bt[c] - m[c] * scale[c]).collect();
+    x.contiguous()?.apply_op1_no_bwd(&AffineRelu { scale, shift })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, ModuleT, Var};
+
+    fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
+        let d = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let s = b
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            .max(1e-6);
+        d / s
+    }
+
+    fn reference_bn(c: usize, gamma: &Tensor, beta: &Tensor) -> candle_nn::BatchNorm {
+        let dev = Device::Cpu;
+        candle_nn::BatchNorm::new_with_momentum(
+            c,
+            Tensor::zeros(c, candle_core::DType::F32, &dev).unwrap(),
+            Tensor::ones(c, candle_core::DType::F32, &dev).unwrap(),
+            gamma.clone(),
+            beta.clone(),
+            1e-5,
+            0.1,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn training_matches_candle_values_gradients_and_statistics() {
+        let dev = Device::Cpu;
+        for &(b, c, h, w) in &[(2, 3, 5, 7), (8, 16, 24, 24), (1, 4, 3, 3), (3, 64, 6, 6)] {
+            let x = Var::from_tensor(&(Tensor::randn(0f32, 2.0, (b, c, h, w), &dev).unwrap() + 0.7).unwrap()).unwrap();
+            let gamma = Var::from_tensor(&Tensor::randn(1f32, 0.3, c, &dev).unwrap()).unwrap();
+            let beta = Var::from_tensor(&Tensor::randn(0f32, 0.3, c, &dev).unwrap()).unwrap();
+            let probe = Tensor::randn(0f32, 1.0, (b, c, h, w), &dev).unwrap();
+            let (fast, stats) = bn_relu_train(&x, &gamma, &beta, 1e-5).unwrap();
+            let bn = reference_bn(c, &gamma, &beta);
+            let slow = bn.forward_t(&x, true).unwrap().relu().unwrap();
+            assert!(max_rel(&fast, &slow) < 1e-5, "{:?}", (b, c, h, w));
+            // the running statistics candle computes, from the ones we return
+            let rm: Vec<f32> = stats.mean.iter().map(|m| 0.1 * m).collect();
+            let rv: Vec<f32> = stats.var_unbiased.iter().map(|v| 0.9 + 0.1 * v).collect();
+            let crm = bn.running_mean().to_vec1::<f32>().unwrap();
+            let crv = bn.running_var().to_vec1::<f32>().unwrap();
+            for i in 0..c {
+                assert!(
+                    (rm[i] - crm[i]).abs() < 1e-5 && (rv[i] - crv[i]).abs() < 1e-4,
+                    "channel {i}"
+                );
+            }
+            let gf = (&fast * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            let gs = (&slow * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            for (name, v) in [
+                ("x", x.as_tensor()),
+                ("gamma", gamma.as_tensor()),
+                ("beta", beta.as_tensor()),
+            ] {
+                let e = max_rel(gf.get(v).unwrap(), gs.get(v).unwrap());
+                assert!(e < 1e-4, "{:?} d{name}: {e}", (b, c, h, w));
+            }
+        }
+    }
+
+    #[test]
+    fn gradient_matches_finite_differences() {
+        let dev = Device::Cpu;
+        let (b, c, h, w) = (2, 2, 3, 4);
+        let x0: Vec<f32> = (0..b * c * h * w)
+            .map(|i| ((i * 29 % 31) as f32 - 12.0) / 5.0)
+            .collect();
+        let gamma = Tensor::new(&[1.3f32, 0.7], &dev).unwrap();
+        let beta = Tensor::new(&[0.2f32, -0.1], &dev).unwrap();
+        let probe = Tensor::randn(0f32, 1.0, (b, c, h, w), &dev).unwrap();
+        let f = |xv: &[f32]| -> f64 {
+            let x = Tensor::from_slice(xv, (b, c, h, w), &dev).unwrap();
+            let (y, _) = bn_relu_train(&x, &gamma, &beta, 1e-5).unwrap();
+            f64::from((y * &probe).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap())
+        };
+        let xv = Var::from_tensor(&Tensor::from_slice(&x0, (b, c, h, w), &dev).unwrap()).unwrap();
+        let (y, _) = bn_relu_train(&xv, &gamma, &beta, 1e-5).unwrap();
+        let g = (y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let gx = g.get(&xv).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let eps = 1e-3f32;
+        for i in 0..x0.len() {
+            let (mut p, mut m) = (x0.clone(), x0.clone());
+            p[i] += eps;
+            m[i] -= eps;
+            let num = (f(&p) - f(&m)) / (2.0 * f64::from(eps));
+            assert!(
+                (num - f64::from(gx[i])).abs() <= 2e-3 * num.abs().max(1.0),
+                "dx[{i}]: {num} vs {}",
+                gx[i]
+            );
+        }
+    }
+
+    #[test]
+    fn inference_matches_candle() {
+        let dev = Device::Cpu;
+        let c = 5;
+        let x = Tensor::randn(0f32, 1.0, (3, c, 4, 6), &dev).unwrap();
+        let gamma = Tensor::randn(1f32, 0.3, c, &dev).unwrap();
+        let beta = Tensor::randn(0f32, 0.3, c, &dev).unwrap();
+        let rm = Tensor::randn(0f32, 0.5, c, &dev).unwrap();
+        let rv = (Tensor::rand(0.5f32, 2.0, c, &dev).unwrap()).contiguous().unwrap();
+        let bn =
+            candle_nn::BatchNorm::new_with_momentum(c, rm.clone(), rv.clone(), gamma.clone(), beta.clone(), 1e-5, 0.1)
+                .unwrap();
+        let slow = bn.forward_t(&x, false).unwrap().relu().unwrap();
+        let fast = bn_relu_eval(&x, &gamma, &beta, &rm, &rv, 1e-5).unwrap();
+        assert!(max_rel(&fast, &slow) < 1e-5);
+    }
+}

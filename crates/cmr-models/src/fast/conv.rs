@@ -1,0 +1,425 @@
+//! 2-D convolution, stride 1, odd kernel `k`, padding `k / 2`, with bias:
+//! im2col + GEMM per image, images in parallel.
+//!
+//! Backward: the input gradient is the same convolution of the output
+//! gradient with the kernel flipped and its channel axes swapped; the weight
+//! gradient is `Σ_b dY_b · colsᵀ(X_b)`; the bias gradient the sum of `dY`.
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use super::{slice, threads, with_data};
+
+/// Unfold one image `[cin, h, w]` into `[cin·k·k, h·w]` (zero padding).
+fn im2col(x: &[f32], cin: usize, h: usize, w: usize, k: usize, cols: &mut [f32]) {
+    let pad = (k / 2) as isize;
+    let hw = h * w;
+    for ci in 0..cin {
+        let plane = &x[ci * hw..(ci + 1) * hw];
+        for ky in 0..k {
+            for kx in 0..k {
+                let row = &mut cols[((ci * k + ky) * k + kx) * hw..][..hw];
+                let dy = ky as isize - pad;
+                let dx = kx as isize - pad;
+                for y in 0..h {
+                    let out = &mut row[y * w..(y + 1) * w];
+                    let sy = y as isize + dy;
+                    if sy < 0 || sy >= h as isize {
+                        out.fill(0.0);
+                        continue;
+                    }
+                    let src = &plane[sy as usize * w..(sy as usize + 1) * w];
+                    // out[x] = src[x + dx] where in range
+                    let (lo, hi) = ((-dx).max(0) as usize, (w as isize - dx).min(w as isize).max(0) as usize);
+                    out[..lo.min(w)].fill(0.0);
+                    if lo < hi {
+                        let s0 = (lo as isize + dx) as usize;
+                        out[lo..hi].copy_from_slice(&src[s0..s0 + (hi - lo)]);
+                    }
+                    if hi < w {
+                        out[hi..].fill(0.0);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `dst [m, n] (row-major) (+)= lhs [m, kk] · rhs [kk, n]`, with explicit
+/// strides for the right-hand side (to read a transpose).
+#[allow(clippy::too_many_arguments)]
+fn matmul(
+    dst: &mut [f32],
+    accumulate: bool,
+    lhs: &[f32],
+    lhs_rs: usize,
+    rhs: &[f32],
+    rhs_cs: isize,
+    rhs_rs: isize,
+    m: usize,
+    n: usize,
+    kk: usize,
+    par: Parallelism,
+) {
+    debug_assert!(dst.len() >= m * n);
+    // SAFETY: the slices hold the m×n, m×kk and kk×n elements the strides
+    // address (checked by the callers' shapes), and `dst` does not alias them.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            kk,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.as_ptr(),
+            1,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs,
+            rhs_rs,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
+/// Convolve `b` images `x [b, cin, h, w]` with `weight [cout, cin·k·k]`
+/// (row-major), adding `bias` when given, into `out [b, cout, h, w]`.
+#[allow(clippy::too_many_arguments)]
+fn conv_forward(
+    x: &[f32],
+    b: usize,
+    cin: usize,
+    h: usize,
+    w: usize,
+    weight: &[f32],
+    cout: usize,
+    k: usize,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) {
+    let hw = h * w;
+    let kk = cin * k * k;
+    // Few images: parallelise inside the GEMM; many: across images.
+    let inner = if b < threads() {
+        Parallelism::Rayon(threads())
+    } else {
+        Parallelism::None
+    };
+    let run = |xi: &[f32], oi: &mut [f32], cols: &mut Vec<f32>| {
+        if let Some(bias) = bias {
+            for (co, plane) in oi.chunks_mut(hw).enumerate() {
+                plane.fill(bias[co]);
+            }
+        }
+        if k == 1 {
+            matmul(oi, bias.is_some(), weight, kk, xi, 1, hw as isize, cout, hw, kk, inner);
+        } else {
+            cols.resize(kk * hw, 0.0);
+            im2col(xi, cin, h, w, k, cols);
+            matmul(
+                oi,
+                bias.is_some(),
+                weight,
+                kk,
+                cols,
+                1,
+                hw as isize,
+                cout,
+                hw,
+                kk,
+                inner,
+            );
+        }
+    };
+    if b < threads() {
+        let mut cols = Vec::new();
+        for (xi, oi) in x.chunks(cin * hw).zip(out.chunks_mut(cout * hw)) {
+            run(xi, oi, &mut cols);
+        }
+    } else {
+        out.par_chunks_mut(cout * hw)
+            .zip(x.par_chunks(cin * hw))
+            .for_each_init(Vec::new, |cols, (oi, xi)| run(xi, oi, cols));
+    }
+}
+
+/// `Σ_b dY_b [cout, hw] · cols(X_b)ᵀ [hw, cin·k·k]` and `Σ dY` per channel.
+#[allow(clippy::too_many_arguments)]
+fn conv_weight_grad(
+    x: &[f32],
+    dy: &[f32],
+    b: usize,
+    cin: usize,
+    h: usize,
+    w: usize,
+    cout: usize,
+    k: usize,
+) -> (Vec<f32>, Vec<f32>) {
+    let hw = h * w;
+    let kk = cin * k * k;
+    let one = |xi: &[f32], gi: &[f32], dw: &mut Vec<f32>, db: &mut Vec<f64>, cols: &mut Vec<f32>, par| {
+        let cols_ref: &[f32] = if k == 1 {
+            xi
+        } else {
+            cols.resize(kk * hw, 0.0);
+            im2col(xi, cin, h, w, k, cols);
+            cols
+        };
+        // colsᵀ: element (p, j) is cols[j·hw + p]
+        matmul(dw, true, gi, hw, cols_ref, hw as isize, 1, cout, kk, hw, par);
+        for (co, plane) in gi.chunks(hw).enumerate() {
+            db[co] += plane.iter().map(|&v| f64::from(v)).sum::<f64>();
+        }
+    };
+    if b < threads() {
+        let (mut dw, mut db, mut cols) = (vec![0f32; cout * kk], vec![0f64; cout], Vec::new());
+        for (xi, gi) in x.chunks(cin * hw).zip(dy.chunks(cout * hw)) {
+            one(xi, gi, &mut dw, &mut db, &mut cols, Parallelism::Rayon(threads()));
+        }
+        return (dw, db.into_iter().map(|v| v as f32).collect());
+    }
+    // Images split into one contiguous run per thread, partial sums added in
+    // a fixed order so the result does not depend on scheduling.
+    let per = b.div_ceil(threads());
+    let partials: Vec<(Vec<f32>, Vec<f64>)> = (0..b.div_ceil(per))
+        .into_par_iter()
+        .map(|t| {
+            let (mut dw, mut db, mut cols) = (vec![0f32; cout * kk], vec![0f64; cout], Vec::new());
+            for i in t * per..((t + 1) * per).min(b) {
+                let xi = &x[i * cin * hw..(i + 1) * cin * hw];
+                let gi = &dy[i * cout * hw..(i + 1) * cout * hw];
+                one(xi, gi, &mut dw, &mut db, &mut cols, Parallelism::None);
+            }
+            (dw, db)
+        })
+        .collect();
+    let mut it = partials.into_iter();
+    let (mut dw, mut db) = it.next().unwrap_or_else(|| (vec![0f32; cout * kk], vec![0f64; cout]));
+    for (pw, pb) in it {
+        dw.iter_mut().zip(pw).for_each(|(a, v)| *a += v);
+        db.iter_mut().zip(pb).for_each(|(a, v)| *a += v);
+    }
+    (dw, db.into_iter().map(|v| v as f32).collect())
+}
+
+/// `weight [cout, cin, k, k]` → `[cin, cout·k·k]` with the kernel flipped:
+/// the weights of the input-gradient convolution.
+fn flip_transpose(weight: &[f32], cout: usize, cin: usize, k: usize) -> Vec<f32> {
+    let kk = k * k;
+    let mut out = vec![0f32; cin * cout * kk];
+    for co in 0..cout {
+        for ci in 0..cin {
+            for t in 0..kk {
+                out[(ci * cout + co) * kk + (kk - 1 - t)] = weight[(co * cin + ci) * kk + t];
+            }
+        }
+    }
+    out
+}
+
+/// The custom op: `(x [B, Cin, H, W], weight [Cout, Cin, k, k], bias [Cout])`.
+struct Conv2dOp;
+
+fn dims4(l: &Layout) -> Result<(usize, usize, usize, usize)> {
+    l.shape().dims4()
+}
+
+impl CustomOp3 for Conv2dOp {
+    fn name(&self) -> &'static str {
+        "cmr-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (b, cin, h, w) = dims4(l1)?;
+        let (cout, _, k, _) = dims4(l2)?;
+        let mut out = vec![0f32; b * cout * h * w];
+        conv_forward(
+            slice(s1, l1)?,
+            b,
+            cin,
+            h,
+            w,
+            slice(s2, l2)?,
+            cout,
+            k,
+            Some(slice(s3, l3)?),
+            &mut out,
+        );
+        Ok((CpuStorage::F32(out), Shape::from((b, cout, h, w))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        _bias: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (b, cin, h, w) = x.dims4()?;
+        let (cout, _, k, _) = weight.dims4()?;
+        let flipped = with_data(weight, |wt| flip_transpose(wt, cout, cin, k))?;
+        let (dx, (dw, db)) = with_data(dy, |g| {
+            let mut dx = vec![0f32; b * cin * h * w];
+            conv_forward(g, b, cout, h, w, &flipped, cin, k, None, &mut dx);
+            let grads = with_data(x, |xs| conv_weight_grad(xs, g, b, cin, h, w, cout, k));
+            grads.map(|g| (dx, g))
+        })??;
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, (b, cin, h, w), dev)?),
+            Some(Tensor::from_vec(dw, (cout, cin, k, k), dev)?),
+            Some(Tensor::from_vec(db, cout, dev)?),
+        ))
+    }
+}
+
+/// Convolution with bias, stride 1, padding `k / 2`: `x [B, Cin, H, W]`,
+/// `weight [Cout, Cin, k, k]` (k odd), `bias [Cout]` → `[B, Cout, H, W]`.
+/// CPU and f32 only; see [`super::applies`].
+pub fn conv2d(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let (_, cin, _, _) = x.dims4()?;
+    let (_, wcin, k, k2) = weight.dims4()?;
+    if wcin != cin || k != k2 || k % 2 == 0 {
+        candle_core::bail!(
+            "fast conv2d: input {:?} and weight {:?} do not fit",
+            x.dims(),
+            weight.dims()
+        );
+    }
+    x.contiguous()?
+        .apply_op3(&weight.contiguous()?, &bias.contiguous()?, Conv2dOp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
+        let d = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let s = b
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            .max(1e-6);
+        d / s
+    }
+
+    fn reference(x: &Tensor, w: &Tensor, b: &Tensor) -> Tensor {
+        let k = w.dim(2).unwrap();
+        x.conv2d(w, k / 2, 1, 1, 1)
+            .unwrap()
+            .broadcast_add(&b.reshape((1, (), 1, 1)).unwrap())
+            .unwrap()
+    }
+
+    /// Values and all three gradients against candle's ops, on network-like
+    /// and odd shapes, both parallel paths (batch below and above the thread
+    /// count).
+    #[test]
+    fn matches_candle_values_and_gradients() {
+        let dev = Device::Cpu;
+        for &(b, cin, cout, h, w, k) in &[
+            (1, 1, 4, 9, 7, 3),
+            (3, 5, 6, 8, 11, 3),
+            (8, 16, 16, 24, 24, 3),
+            (2, 7, 4, 5, 5, 1),
+            (4, 3, 2, 6, 4, 5),
+        ] {
+            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, cin, h, w), &dev).unwrap()).unwrap();
+            let wt = Var::from_tensor(&Tensor::randn(0f32, 0.3, (cout, cin, k, k), &dev).unwrap()).unwrap();
+            let bias = Var::from_tensor(&Tensor::randn(0f32, 0.3, cout, &dev).unwrap()).unwrap();
+            let probe = Tensor::randn(0f32, 1.0, (b, cout, h, w), &dev).unwrap();
+            let fast = conv2d(&x, &wt, &bias).unwrap();
+            let slow = reference(&x, &wt, &bias);
+            assert!(max_rel(&fast, &slow) < 1e-5, "{:?} forward", (b, cin, cout, h, w, k));
+            let gf = (&fast * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            let gs = (&slow * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            for (name, v) in [("x", x.as_tensor()), ("w", wt.as_tensor()), ("b", bias.as_tensor())] {
+                let e = max_rel(gf.get(v).unwrap(), gs.get(v).unwrap());
+                assert!(e < 1e-4, "{:?} d{name}: {e}", (b, cin, cout, h, w, k));
+            }
+        }
+    }
+
+    /// Finite differences in f32 of the custom op's own backward.
+    #[test]
+    fn gradient_matches_finite_differences() {
+        let dev = Device::Cpu;
+        let (b, cin, cout, h, w) = (2, 2, 3, 5, 4);
+        let x0: Vec<f32> = (0..b * cin * h * w)
+            .map(|i| ((i * 37 % 23) as f32 - 11.0) / 7.0)
+            .collect();
+        let w0: Vec<f32> = (0..cout * cin * 9)
+            .map(|i| ((i * 17 % 13) as f32 - 6.0) / 9.0)
+            .collect();
+        let bias = Tensor::new(&[0.1f32, -0.2, 0.3], &dev).unwrap();
+        let probe = Tensor::randn(0f32, 1.0, (b, cout, h, w), &dev).unwrap();
+        let f = |xv: &[f32], wv: &[f32]| -> f64 {
+            let x = Tensor::from_slice(xv, (b, cin, h, w), &dev).unwrap();
+            let wt = Tensor::from_slice(wv, (cout, cin, 3, 3), &dev).unwrap();
+            let y = conv2d(&x, &wt, &bias).unwrap();
+            f64::from((y * &probe).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap())
+        };
+        let xv = Var::from_tensor(&Tensor::from_slice(&x0, (b, cin, h, w), &dev).unwrap()).unwrap();
+        let wv = Var::from_tensor(&Tensor::from_slice(&w0, (cout, cin, 3, 3), &dev).unwrap()).unwrap();
+        let g = (conv2d(&xv, &wv, &bias).unwrap() * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gx = g.get(&xv).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let gw = g.get(&wv).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let eps = 1e-2f32;
+        for i in (0..x0.len()).step_by(3) {
+            let (mut p, mut m) = (x0.clone(), x0.clone());
+            p[i] += eps;
+            m[i] -= eps;
+            let num = (f(&p, &w0) - f(&m, &w0)) / (2.0 * f64::from(eps));
+            assert!(
+                (num - f64::from(gx[i])).abs() <= 1e-3 * num.abs().max(1.0),
+                "dx[{i}]: {num} vs {}",
+                gx[i]
+            );
+        }
+        for i in 0..w0.len() {
+            let (mut p, mut m) = (w0.clone(), w0.clone());
+            p[i] += eps;
+            m[i] -= eps;
+            let num = (f(&x0, &p) - f(&x0, &m)) / (2.0 * f64::from(eps));
+            assert!(
+                (num - f64::from(gw[i])).abs() <= 1e-3 * num.abs().max(1.0),
+                "dw[{i}]: {num} vs {}",
+                gw[i]
+            );
+        }
+    }
+}

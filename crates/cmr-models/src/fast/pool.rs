@@ -1,0 +1,113 @@
+//! `k×k` max-pooling with stride `k`; the backward pass sends each window's
+//! gradient to its first maximum (row-major), as PyTorch does.
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::{slice, with_data};
+
+struct MaxPoolOp {
+    k: usize,
+    /// For every output, the flat index of its maximum in the input plane.
+    argmax: Arc<Mutex<Vec<u32>>>,
+}
+
+impl CustomOp1 for MaxPoolOp {
+    fn name(&self) -> &'static str {
+        "cmr-max-pool"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (b, c, h, w) = l.shape().dims4()?;
+        let k = self.k;
+        if h % k != 0 || w % k != 0 {
+            candle_core::bail!("{k}×{k} max-pool needs a height and width divisible by {k}, got {h}×{w}");
+        }
+        let (ho, wo) = (h / k, w / k);
+        let x = slice(s, l)?;
+        let mut out = vec![0f32; b * c * ho * wo];
+        let mut arg = vec![0u32; out.len()];
+        out.par_chunks_mut(ho * wo)
+            .zip(arg.par_chunks_mut(ho * wo))
+            .zip(x.par_chunks(h * w))
+            .for_each(|((o, a), plane)| {
+                for oy in 0..ho {
+                    for ox in 0..wo {
+                        let (mut best, mut at) = (f32::NEG_INFINITY, oy * k * w + ox * k);
+                        for dy in 0..k {
+                            let row = (oy * k + dy) * w + ox * k;
+                            for (dx, &v) in plane[row..row + k].iter().enumerate() {
+                                if v > best || v.is_nan() {
+                                    best = v;
+                                    at = row + dx;
+                                }
+                            }
+                        }
+                        o[oy * wo + ox] = best;
+                        a[oy * wo + ox] = at as u32;
+                    }
+                }
+            });
+        *self.argmax.lock().expect("argmax lock") = arg;
+        Ok((CpuStorage::F32(out), Shape::from((b, c, ho, wo))))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        let (b, c, h, w) = arg.dims4()?;
+        let (ho, wo) = (h / self.k, w / self.k);
+        let argmax = self.argmax.lock().expect("argmax lock");
+        let dx = with_data(dy, |g| {
+            let mut dx = vec![0f32; b * c * h * w];
+            dx.par_chunks_mut(h * w)
+                .zip(g.par_chunks(ho * wo))
+                .zip(argmax.par_chunks(ho * wo))
+                .for_each(|((d, gp), ap)| {
+                    for (&gv, &i) in gp.iter().zip(ap) {
+                        d[i as usize] += gv;
+                    }
+                });
+            dx
+        })?;
+        Ok(Some(Tensor::from_vec(dx, (b, c, h, w), arg.device())?))
+    }
+}
+
+/// `k×k` max-pooling, stride `k`, of `x [B, C, H, W]`. CPU and f32 only; see
+/// [`super::applies`].
+pub fn max_pool(x: &Tensor, k: usize) -> Result<Tensor> {
+    let op = MaxPoolOp {
+        k,
+        argmax: Arc::new(Mutex::new(Vec::new())),
+    };
+    x.contiguous()?.apply_op1(op)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn matches_the_composite_reference_with_ties() {
+        let dev = Device::Cpu;
+        for k in [2usize, 4, 8] {
+            // small integers: many ties
+            let x = Tensor::rand(0f32, 4.0, (2, 3, 16, 8), &dev).unwrap().floor().unwrap();
+            let v = Var::from_tensor(&x).unwrap();
+            let probe = Tensor::randn(0f32, 1.0, (2, 3, 16 / k, 8 / k), &dev).unwrap();
+            let slow = crate::ops::pool::max_pool_reference(v.as_tensor(), k).unwrap();
+            let gs = (&slow * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            let fast = max_pool(v.as_tensor(), k).unwrap();
+            let gf = (&fast * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            let f = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(f(&fast), f(&slow), "k {k}");
+            assert_eq!(
+                f(gf.get(v.as_tensor()).unwrap()),
+                f(gs.get(v.as_tensor()).unwrap()),
+                "k {k}"
+            );
+        }
+    }
+}
