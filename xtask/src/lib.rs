@@ -2,6 +2,8 @@
 //! reproduction of the report, the test suite crate by crate, benchmarks.
 //! Only this crate touches the network.
 
+pub mod bench;
 pub mod download;
 pub mod manifest;
+pub mod reproduce;
 pub mod testall;

@@ -5,7 +5,10 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use xtask::download::{DEFAULT_URL, Installed, Source, install};
+use cmr_models::Architecture;
+use cmr_train::{DeviceSpec, TrainPreset};
+use xtask::download::{DEFAULT_URL, Installed, Source, install, verify_installed};
+use xtask::reproduce::ReproduceOptions;
 
 /// Developer tasks of the cmr workspace.
 #[derive(Debug, Parser)]
@@ -19,8 +22,66 @@ struct Cli {
 enum Command {
     /// Fetch the CMR dataset, verify every file, install it into data/.
     Download(DownloadArgs),
+    /// The whole pipeline: data, training, validation, test predictions,
+    /// submission.csv and REPORT.md.
+    Reproduce(ReproduceArgs),
     /// Run the tests crate by crate (cargo test -p …), as CI does.
     Test(TestArgs),
+    /// Time the training step and inference of the three networks, next to
+    /// the PyTorch reference when a Python with torch is available.
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct BenchArgs {
+    /// Timed runs per figure (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Threads for both sides.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    #[arg(long, value_delimiter = ',', default_value = "unet,unet3plus,segnet")]
+    archs: Vec<String>,
+    /// seed (the report's widths) and/or small.
+    #[arg(long, value_delimiter = ',', default_value = "seed,small")]
+    widths: Vec<String>,
+    /// Python with torch [default: $CMR_TORCH_PYTHON, else python3].
+    #[arg(long)]
+    python: Option<String>,
+    /// Skip the PyTorch side.
+    #[arg(long)]
+    no_torch: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct ReproduceArgs {
+    /// Recipe: cpu (narrow networks, under an hour on two cores) or seed (the report's).
+    #[arg(long, default_value = "cpu", value_parser = |s: &str| s.parse::<TrainPreset>())]
+    preset: TrainPreset,
+    /// Networks to train, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "segnet,unet,unet3plus", value_parser = |s: &str| s.parse::<Architecture>())]
+    archs: Vec<Architecture>,
+    /// Install the data from a local folder or archive if it is not installed yet.
+    #[arg(long, value_name = "DIR|ARCHIVE")]
+    from: Option<PathBuf>,
+    /// Output folder [default: target/reproduce/<preset>].
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Epochs per network instead of the preset's (short runs).
+    #[arg(long)]
+    epochs: Option<usize>,
+    /// Train on the first N training slices only (short runs).
+    #[arg(long, value_name = "N")]
+    train_limit: Option<usize>,
+    /// Predict the first N test images only (short runs).
+    #[arg(long, value_name = "N")]
+    test_limit: Option<usize>,
+    /// Device: auto, cpu, cuda[:N] or metal.
+    #[arg(long, default_value = "auto", value_parser = |s: &str| s.parse::<DeviceSpec>())]
+    device: DeviceSpec,
+    /// Copy the trained models into models/ (with a README of their scores).
+    #[arg(long)]
+    ship: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -73,6 +134,43 @@ fn download(args: DownloadArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn reproduce(args: ReproduceArgs) -> anyhow::Result<()> {
+    let data = workspace_root().join("data/cmr-2021");
+    let source = match &args.from {
+        Some(path) => Source::from_path(path)?,
+        None => Source::Url(DEFAULT_URL.to_string()),
+    };
+    if args.from.is_some() || verify_installed(&data).is_err() {
+        install(&source, &data, false).with_context(|| format!("installing the data into {}", data.display()))?;
+    }
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| workspace_root().join("target/reproduce").join(args.preset.name()));
+    let opts = ReproduceOptions {
+        preset: args.preset,
+        archs: args.archs.clone(),
+        data,
+        out,
+        epochs: args.epochs,
+        train_limit: args.train_limit,
+        test_limit: args.test_limit,
+        device: args.device,
+    };
+    let results = xtask::reproduce::run(&opts)?;
+    if args.ship {
+        let command: Vec<String> = std::env::args().skip(1).filter(|a| a != "--ship").collect();
+        xtask::reproduce::ship(
+            &opts,
+            &results,
+            &workspace_root().join("models"),
+            &format!("cargo xtask {}", command.join(" ")),
+        )?;
+        tracing::info!("models/: {} models shipped", results.len());
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -86,7 +184,22 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Download(args) => download(args),
+        Command::Reproduce(args) => reproduce(args),
         Command::Test(args) => xtask::testall::run(&args.packages, &args.extra),
+        Command::Bench(args) => xtask::bench::run(&xtask::bench::BenchOptions {
+            runs: args.runs,
+            threads: args.threads,
+            archs: args.archs,
+            widths: args.widths,
+            python: args.python,
+            torch: !args.no_torch,
+        })
+        .map(|table| {
+            #[allow(clippy::print_stdout)]
+            {
+                println!("{table}");
+            }
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -7,7 +7,8 @@
 //! and inference (eval-mode forward) at batch 1 and 20, all at 96×96. Each
 //! figure is the median of `--runs` timed runs (default 5) after one warm-up,
 //! with the achieved GFLOP/s (training counted as 3× the forward FLOPs).
-//! A filter keeps the rows whose label contains it, e.g. `unet3plus/small`.
+//! A filter keeps the rows whose label contains it, e.g. `unet3plus/small`;
+//! `--json` prints one JSON object per row instead of the table.
 
 #![allow(clippy::print_stdout, clippy::unwrap_used)]
 
@@ -39,19 +40,35 @@ fn time(runs: usize, mut f: impl FnMut()) -> f64 {
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
     let mut runs = 5;
+    let mut json = false;
     let mut filters = Vec::new();
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--quick" => runs = 1,
+            "--json" => json = true,
             "--runs" => runs = it.next().and_then(|v| v.parse().ok()).expect("--runs N"),
             f => filters.push(f.to_string()),
         }
     }
     let dev = Device::Cpu;
     let threads = candle_core::utils::get_num_threads();
-    println!("# cmr-models step benchmark: CPU, {threads} threads, 96×96, median of {runs}");
-    println!("{:<22} {:>12} {:>10} {:>9}", "case", "what", "ms", "GFLOP/s");
+    if !json {
+        println!(
+            "# cmr-models step benchmark: CPU, {threads} threads, 96×96, median of {runs}, fast kernels {}",
+            if cmr_models::fast::enabled() { "on" } else { "off" }
+        );
+        println!("{:<22} {:>12} {:>10} {:>9}", "case", "what", "ms", "GFLOP/s");
+    }
+    let row = |arch: Architecture, preset: Preset, what: String, ms: f64, rate: f64| {
+        if json {
+            println!(
+                "{{\"arch\":\"{arch}\",\"widths\":\"{preset}\",\"what\":\"{what}\",\"ms\":{ms:.3},\"gflops\":{rate:.2},\"threads\":{threads}}}"
+            );
+        } else {
+            println!("{:<22} {what:>12} {ms:>10.1} {rate:>9.1}", format!("{arch}/{preset}"));
+        }
+    };
     for preset in [Preset::Seed, Preset::Small] {
         for arch in [Architecture::UNet, Architecture::UNet3Plus, Architecture::SegNet] {
             let label = format!("{arch}/{preset}");
@@ -77,7 +94,7 @@ fn main() {
                     let _grads = l.backward().unwrap();
                 });
                 let rate = 3.0 * gflop * b as f64 / (ms / 1e3);
-                println!("{label:<22} {:>12} {ms:>10.1} {rate:>9.1}", format!("train b{b}"));
+                row(arch, preset, format!("train b{b}"), ms, rate);
             }
             for b in [1usize, 20] {
                 let x = Tensor::randn(0f32, 1.0, (b, 1, 96, 96), &dev).unwrap();
@@ -85,7 +102,7 @@ fn main() {
                     let _ = model.forward_t(&x, false).unwrap().argmax(1).unwrap();
                 });
                 let rate = gflop * b as f64 / (ms / 1e3);
-                println!("{label:<22} {:>12} {ms:>10.1} {rate:>9.1}", format!("infer b{b}"));
+                row(arch, preset, format!("infer b{b}"), ms, rate);
             }
         }
     }

@@ -5,11 +5,24 @@
 //! gradient with the kernel flipped and its channel axes swapped; the weight
 //! gradient is `Σ_b dY_b · colsᵀ(X_b)`; the bias gradient the sum of `dY`.
 
+use std::cell::RefCell;
+
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::{slice, threads, with_data};
+
+thread_local! {
+    /// Each thread's im2col buffer, kept between calls: a fresh buffer of
+    /// tens of MB per image would cost page faults on every call.
+    static COLS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Run `f` with this thread's im2col buffer.
+fn with_cols<R>(f: impl FnOnce(&mut Vec<f32>) -> R) -> R {
+    COLS.with(|c| f(&mut c.borrow_mut()))
+}
 
 /// Unfold one image `[cin, h, w]` into `[cin·k·k, h·w]` (zero padding).
 fn im2col(x: &[f32], cin: usize, h: usize, w: usize, k: usize, cols: &mut [f32]) {
@@ -140,14 +153,15 @@ fn conv_forward(
         }
     };
     if b < threads() {
-        let mut cols = Vec::new();
-        for (xi, oi) in x.chunks(cin * hw).zip(out.chunks_mut(cout * hw)) {
-            run(xi, oi, &mut cols);
-        }
+        with_cols(|cols| {
+            for (xi, oi) in x.chunks(cin * hw).zip(out.chunks_mut(cout * hw)) {
+                run(xi, oi, cols);
+            }
+        });
     } else {
         out.par_chunks_mut(cout * hw)
             .zip(x.par_chunks(cin * hw))
-            .for_each_init(Vec::new, |cols, (oi, xi)| run(xi, oi, cols));
+            .for_each(|(oi, xi)| with_cols(|cols| run(xi, oi, cols)));
     }
 }
 
@@ -180,10 +194,12 @@ fn conv_weight_grad(
         }
     };
     if b < threads() {
-        let (mut dw, mut db, mut cols) = (vec![0f32; cout * kk], vec![0f64; cout], Vec::new());
-        for (xi, gi) in x.chunks(cin * hw).zip(dy.chunks(cout * hw)) {
-            one(xi, gi, &mut dw, &mut db, &mut cols, Parallelism::Rayon(threads()));
-        }
+        let (mut dw, mut db) = (vec![0f32; cout * kk], vec![0f64; cout]);
+        with_cols(|cols| {
+            for (xi, gi) in x.chunks(cin * hw).zip(dy.chunks(cout * hw)) {
+                one(xi, gi, &mut dw, &mut db, cols, Parallelism::Rayon(threads()));
+            }
+        });
         return (dw, db.into_iter().map(|v| v as f32).collect());
     }
     // Images split into one contiguous run per thread, partial sums added in
@@ -192,12 +208,14 @@ fn conv_weight_grad(
     let partials: Vec<(Vec<f32>, Vec<f64>)> = (0..b.div_ceil(per))
         .into_par_iter()
         .map(|t| {
-            let (mut dw, mut db, mut cols) = (vec![0f32; cout * kk], vec![0f64; cout], Vec::new());
-            for i in t * per..((t + 1) * per).min(b) {
-                let xi = &x[i * cin * hw..(i + 1) * cin * hw];
-                let gi = &dy[i * cout * hw..(i + 1) * cout * hw];
-                one(xi, gi, &mut dw, &mut db, &mut cols, Parallelism::None);
-            }
+            let (mut dw, mut db) = (vec![0f32; cout * kk], vec![0f64; cout]);
+            with_cols(|cols| {
+                for i in t * per..((t + 1) * per).min(b) {
+                    let xi = &x[i * cin * hw..(i + 1) * cin * hw];
+                    let gi = &dy[i * cout * hw..(i + 1) * cout * hw];
+                    one(xi, gi, &mut dw, &mut db, cols, Parallelism::None);
+                }
+            });
             (dw, db)
         })
         .collect();
