@@ -8,7 +8,9 @@
 //! figure is the median of `--runs` timed runs (default 5) after one warm-up,
 //! with the achieved GFLOP/s (training counted as 3× the forward FLOPs).
 //! A filter keeps the rows whose label contains it, e.g. `unet3plus/small`;
-//! `--json` prints one JSON object per row instead of the table.
+//! `--json` prints one JSON object per row instead of the table; `--what
+//! "train b8"` keeps only the rows of that kind (to measure one case's peak
+//! memory with `/usr/bin/time -v`).
 
 #![allow(clippy::print_stdout, clippy::unwrap_used)]
 
@@ -41,12 +43,14 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
     let mut runs = 5;
     let mut json = false;
+    let mut what: Option<String> = None;
     let mut filters = Vec::new();
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--quick" => runs = 1,
             "--json" => json = true,
+            "--what" => what = it.next().cloned(),
             "--runs" => runs = it.next().and_then(|v| v.parse().ok()).expect("--runs N"),
             f => filters.push(f.to_string()),
         }
@@ -80,7 +84,11 @@ fn main() {
             let model = build(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &dev)).unwrap();
             let gflop = forward_flops(&cfg, 96, 96) as f64 / 1e9;
             let loss = Loss::soft_dice();
+            let wanted = |w: &str| what.as_deref().is_none_or(|x| x == w);
             for b in [4usize, 8] {
+                if !wanted(&format!("train b{b}")) {
+                    continue;
+                }
                 let x = Tensor::randn(0f32, 1.0, (b, 1, 96, 96), &dev).unwrap();
                 let y = Tensor::rand(0f32, 4.0, (b, 96, 96), &dev)
                     .unwrap()
@@ -97,6 +105,9 @@ fn main() {
                 row(arch, preset, format!("train b{b}"), ms, rate);
             }
             for b in [1usize, 20] {
+                if !wanted(&format!("infer b{b}")) {
+                    continue;
+                }
                 let x = Tensor::randn(0f32, 1.0, (b, 1, 96, 96), &dev).unwrap();
                 let ms = time(runs, || {
                     let _ = model.forward_t(&x, false).unwrap().argmax(1).unwrap();
