@@ -19,6 +19,8 @@ mod model;
 pub mod ops;
 mod segnet;
 mod stats;
+#[cfg(test)]
+mod testing;
 mod unet;
 mod unet3plus;
 

@@ -231,27 +231,8 @@ pub fn bn_relu_eval(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::{FiniteDiff, assert_gradient, max_rel, narrow, widen};
     use candle_core::{Device, ModuleT, Var};
-
-    fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
-        let d = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        let s = b
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-            .max(1e-6);
-        d / s
-    }
 
     fn reference_bn(c: usize, gamma: &Tensor, beta: &Tensor) -> candle_nn::BatchNorm {
         let dev = Device::Cpu;
@@ -322,18 +303,19 @@ mod tests {
         let (y, _) = bn_relu_train(&xv, &gamma, &beta, 1e-5).unwrap();
         let g = (y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
         let gx = g.get(&xv).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let eps = 1e-3f32;
-        for i in 0..x0.len() {
-            let (mut p, mut m) = (x0.clone(), x0.clone());
-            p[i] += eps;
-            m[i] -= eps;
-            let num = (f(&p) - f(&m)) / (2.0 * f64::from(eps));
-            assert!(
-                (num - f64::from(gx[i])).abs() <= 2e-3 * num.abs().max(1.0),
-                "dx[{i}]: {num} vs {}",
-                gx[i]
-            );
-        }
+        let fx = |v: &[f64]| f(&narrow(v));
+        assert_gradient(
+            "dx",
+            fx,
+            &widen(&x0),
+            &widen(&gx),
+            FiniteDiff {
+                eps: 1e-3,
+                tol: 2e-3,
+                floor: 1.0,
+            },
+            0..x0.len(),
+        );
     }
 
     #[test]

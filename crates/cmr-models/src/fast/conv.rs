@@ -328,27 +328,8 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::{FiniteDiff, assert_gradient, max_rel, narrow, widen};
     use candle_core::{Device, Var};
-
-    fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
-        let d = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        let s = b
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-            .max(1e-6);
-        d / s
-    }
 
     fn reference(x: &Tensor, w: &Tensor, b: &Tensor) -> Tensor {
         let k = w.dim(2).unwrap();
@@ -416,28 +397,32 @@ mod tests {
             .unwrap();
         let gx = g.get(&xv).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let gw = g.get(&wv).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let eps = 1e-2f32;
-        for i in (0..x0.len()).step_by(3) {
-            let (mut p, mut m) = (x0.clone(), x0.clone());
-            p[i] += eps;
-            m[i] -= eps;
-            let num = (f(&p, &w0) - f(&m, &w0)) / (2.0 * f64::from(eps));
-            assert!(
-                (num - f64::from(gx[i])).abs() <= 1e-3 * num.abs().max(1.0),
-                "dx[{i}]: {num} vs {}",
-                gx[i]
-            );
-        }
-        for i in 0..w0.len() {
-            let (mut p, mut m) = (w0.clone(), w0.clone());
-            p[i] += eps;
-            m[i] -= eps;
-            let num = (f(&x0, &p) - f(&x0, &m)) / (2.0 * f64::from(eps));
-            assert!(
-                (num - f64::from(gw[i])).abs() <= 1e-3 * num.abs().max(1.0),
-                "dw[{i}]: {num} vs {}",
-                gw[i]
-            );
-        }
+        let (x64, w64) = (widen(&x0), widen(&w0));
+        let fx = |v: &[f64]| f(&narrow(v), &w0);
+        assert_gradient(
+            "dx",
+            fx,
+            &x64,
+            &widen(&gx),
+            FiniteDiff {
+                eps: 1e-2,
+                tol: 1e-3,
+                floor: 1.0,
+            },
+            (0..x0.len()).step_by(3),
+        );
+        let fw = |v: &[f64]| f(&x0, &narrow(v));
+        assert_gradient(
+            "dw",
+            fw,
+            &w64,
+            &widen(&gw),
+            FiniteDiff {
+                eps: 1e-2,
+                tol: 1e-3,
+                floor: 1.0,
+            },
+            0..w0.len(),
+        );
     }
 }

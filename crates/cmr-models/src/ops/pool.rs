@@ -114,6 +114,7 @@ pub fn max_unpool2x2(xs: &Tensor, indices: &PoolIndices) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::{FiniteDiff, assert_gradient};
     use candle_core::{Device, Var};
 
     fn t(v: &[f32], h: usize, w: usize) -> Tensor {
@@ -224,24 +225,24 @@ mod tests {
             .unwrap()
             .to_vec1::<f64>()
             .unwrap();
-        let eps = 1e-5;
-        let mut nonzero = 0;
-        for i in 0..base.len() {
-            let mut plus = base.clone();
-            plus[i] += eps;
-            let mut minus = base.clone();
-            minus[i] -= eps;
-            let fp = f(&Tensor::from_vec(plus, shape, &dev).unwrap())
+        let fv = |v: &[f64]| {
+            f(&Tensor::from_slice(v, shape, &dev).unwrap())
                 .to_scalar::<f64>()
-                .unwrap();
-            let fm = f(&Tensor::from_vec(minus, shape, &dev).unwrap())
-                .to_scalar::<f64>()
-                .unwrap();
-            let numeric = (fp - fm) / (2.0 * eps);
-            let err = (numeric - g[i]).abs() / numeric.abs().max(1.0);
-            assert!(err < 1e-6, "element {i}: analytic {} numeric {numeric}", g[i]);
-            nonzero += usize::from(g[i] != 0.0);
-        }
+                .unwrap()
+        };
+        assert_gradient(
+            "dx",
+            fv,
+            &base,
+            &g,
+            FiniteDiff {
+                eps: 1e-5,
+                tol: 1e-6,
+                floor: 1.0,
+            },
+            0..base.len(),
+        );
+        let nonzero = g.iter().filter(|v| **v != 0.0).count();
         assert_eq!(nonzero, 36, "one element per window carries the gradient");
     }
 

@@ -49,6 +49,7 @@ pub fn upsample_bilinear(xs: &Tensor, factor: usize) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::{FiniteDiff, assert_gradient};
     use candle_core::Var;
 
     #[test]
@@ -125,21 +126,22 @@ mod tests {
             .to_vec1::<f64>()
             .unwrap();
         let base = x.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
-        let eps = 1e-6;
-        for i in 0..base.len() {
-            let mut plus = base.clone();
-            plus[i] += eps;
-            let mut minus = base.clone();
-            minus[i] -= eps;
-            let fp = f(&Tensor::from_vec(plus, (1, 2, 3, 4), &dev).unwrap())
+        let fv = |v: &[f64]| {
+            f(&Tensor::from_slice(v, (1, 2, 3, 4), &dev).unwrap())
                 .to_scalar::<f64>()
-                .unwrap();
-            let fm = f(&Tensor::from_vec(minus, (1, 2, 3, 4), &dev).unwrap())
-                .to_scalar::<f64>()
-                .unwrap();
-            let numeric = (fp - fm) / (2.0 * eps);
-            let rel = (numeric - g[i]).abs() / numeric.abs().max(1e-3);
-            assert!(rel < 1e-6, "element {i}: analytic {} numeric {numeric}", g[i]);
-        }
+                .unwrap()
+        };
+        assert_gradient(
+            "dx",
+            fv,
+            &base,
+            &g,
+            FiniteDiff {
+                eps: 1e-6,
+                tol: 1e-6,
+                floor: 1e-3,
+            },
+            0..base.len(),
+        );
     }
 }

@@ -1,0 +1,59 @@
+//! Test helpers shared by the op and kernel tests: relative error and
+//! central-difference gradient checks.
+
+use candle_core::Tensor;
+
+/// `max |a − b| / max |b|` (the denominator at least 1e-6).
+pub fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
+    let max_abs = |t: &Tensor| {
+        t.abs()
+            .and_then(|t| t.max_all())
+            .and_then(|t| t.to_scalar::<f32>())
+            .expect("f32 tensor")
+    };
+    let diff = (a - b).expect("same shapes");
+    max_abs(&diff) / max_abs(b).max(1e-6)
+}
+
+/// A central-difference check: step `eps`, and the bound
+/// `|numeric − analytic| ≤ tol · max(|numeric|, floor)`.
+#[derive(Clone, Copy, Debug)]
+pub struct FiniteDiff {
+    pub eps: f64,
+    pub tol: f64,
+    pub floor: f64,
+}
+
+/// Check `analytic` (the gradient of `f` at `x0`) by central differences at
+/// the coordinates `indices`.
+pub fn assert_gradient(
+    what: &str,
+    f: impl Fn(&[f64]) -> f64,
+    x0: &[f64],
+    analytic: &[f64],
+    check: FiniteDiff,
+    indices: impl IntoIterator<Item = usize>,
+) {
+    let FiniteDiff { eps, tol, floor } = check;
+    for i in indices {
+        let (mut plus, mut minus) = (x0.to_vec(), x0.to_vec());
+        plus[i] += eps;
+        minus[i] -= eps;
+        let numeric = (f(&plus) - f(&minus)) / (2.0 * eps);
+        assert!(
+            (numeric - analytic[i]).abs() <= tol * numeric.abs().max(floor),
+            "{what}[{i}]: analytic {} numeric {numeric}",
+            analytic[i]
+        );
+    }
+}
+
+/// f32 values as f64.
+pub fn widen(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| f64::from(x)).collect()
+}
+
+/// f64 values as f32.
+pub fn narrow(v: &[f64]) -> Vec<f32> {
+    v.iter().map(|&x| x as f32).collect()
+}
