@@ -104,6 +104,14 @@ impl BatchNorm2d {
         })
     }
 
+    /// Inference-mode BatchNorm as a per-channel affine map `x·scale + shift`
+    /// (running statistics folded in), as differentiable tensors `[C]`.
+    pub fn folded(&self) -> Result<(Tensor, Tensor)> {
+        let scale = self.weight.div(&(self.running_var.as_tensor() + BN_EPS)?.sqrt()?)?;
+        let shift = (&self.bias - self.running_mean.as_tensor().mul(&scale)?)?;
+        Ok((scale, shift))
+    }
+
     /// BatchNorm then ReLU: `[B, C, H, W] -> [B, C, H, W]`. In training mode
     /// the batch statistics normalise and update the running ones.
     pub fn forward_relu(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
@@ -161,6 +169,14 @@ impl ConvBnRelu {
 impl ModuleT for ConvBnRelu {
     /// `[B, in, H, W] -> [B, out, H, W]`
     fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        if !train && fast::applies(xs) {
+            // Inference: BatchNorm folded into the convolution, ReLU applied
+            // to each image's output while it is in cache.
+            let (scale, shift) = self.bn.folded()?;
+            let weight = self.conv.weight.broadcast_mul(&scale.reshape(((), 1, 1, 1))?)?;
+            let bias = (self.conv.bias.mul(&scale)? + shift)?;
+            return fast::conv2d_relu(xs, &weight, &bias);
+        }
         self.bn.forward_relu(&self.conv.forward(xs)?, train)
     }
 }

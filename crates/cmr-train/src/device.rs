@@ -75,7 +75,8 @@ impl DeviceSpec {
                         "this build has no CUDA support: rebuild with `--features cuda`".into(),
                     ));
                 }
-                Device::new_cuda(n).map_err(|e| TrainError::Device(format!("no CUDA device {n} available: {e}")))
+                Device::new_cuda(n)
+                    .map_err(|e| TrainError::Device(format!("no CUDA device {n} available: {}", plain(&e))))
             }
             Self::Metal => {
                 if !HAS_METAL {
@@ -83,7 +84,8 @@ impl DeviceSpec {
                         "this build has no Metal support: rebuild with `--features metal`".into(),
                     ));
                 }
-                Device::new_metal(0).map_err(|e| TrainError::Device(format!("no Metal device available: {e}")))
+                Device::new_metal(0)
+                    .map_err(|e| TrainError::Device(format!("no Metal device available: {}", plain(&e))))
             }
             Self::Auto => {
                 if HAS_CUDA {
@@ -92,7 +94,7 @@ impl DeviceSpec {
                             tracing::info!("device: cuda:0");
                             return Ok(d);
                         }
-                        Err(e) => tracing::info!("no CUDA device ({e}); trying the next"),
+                        Err(e) => tracing::info!("no CUDA device ({}); trying the next", plain(&e)),
                     }
                 }
                 if HAS_METAL {
@@ -101,13 +103,22 @@ impl DeviceSpec {
                             tracing::info!("device: metal");
                             return Ok(d);
                         }
-                        Err(e) => tracing::info!("no Metal device ({e}); using the CPU"),
+                        Err(e) => tracing::info!("no Metal device ({}); using the CPU", plain(&e)),
                     }
                 }
                 tracing::info!("device: cpu ({} threads)", candle_core::utils::get_num_threads());
                 Ok(Device::Cpu)
             }
         }
+    }
+}
+
+/// A candle error's message without the backtrace candle attaches when
+/// `RUST_BACKTRACE` is set (a user reading "no CUDA device" needs no stack).
+fn plain(e: &candle_core::Error) -> String {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => plain(inner),
+        other => other.to_string(),
     }
 }
 
@@ -123,6 +134,16 @@ pub fn device_name(device: &Device) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn device_errors_drop_the_backtrace() {
+        let e = candle_core::Error::WithBacktrace {
+            inner: Box::new(candle_core::Error::Msg("no device".into())),
+            backtrace: Box::new(std::backtrace::Backtrace::force_capture()),
+        };
+        assert_eq!(plain(&e), "no device");
+        assert_eq!(plain(&candle_core::Error::Msg("other".into())), "other");
+    }
 
     #[test]
     fn parse_and_print() {

@@ -24,36 +24,47 @@ fn with_cols<R>(f: impl FnOnce(&mut Vec<f32>) -> R) -> R {
     COLS.with(|c| f(&mut c.borrow_mut()))
 }
 
-/// Unfold one image `[cin, h, w]` into `[cin·k·k, h·w]` (zero padding).
-fn im2col(x: &[f32], cin: usize, h: usize, w: usize, k: usize, cols: &mut [f32]) {
+/// Unfold one image `[cin, h, w]` into `[cin·k·k, h·w]` (zero padding),
+/// channels split among the threads when `parallel`.
+fn im2col(x: &[f32], cin: usize, h: usize, w: usize, k: usize, cols: &mut [f32], parallel: bool) {
+    let hw = h * w;
+    let block = k * k * hw;
+    let cols = &mut cols[..cin * block];
+    if parallel {
+        cols.par_chunks_mut(block)
+            .zip(x.par_chunks(hw))
+            .for_each(|(rows, plane)| unfold_plane(plane, h, w, k, rows));
+    } else {
+        for (rows, plane) in cols.chunks_mut(block).zip(x.chunks(hw)) {
+            unfold_plane(plane, h, w, k, rows);
+        }
+    }
+}
+
+/// The `k·k` shifted copies of one plane `[h, w]`, as rows of `rows`.
+fn unfold_plane(plane: &[f32], h: usize, w: usize, k: usize, rows: &mut [f32]) {
     let pad = (k / 2) as isize;
     let hw = h * w;
-    for ci in 0..cin {
-        let plane = &x[ci * hw..(ci + 1) * hw];
-        for ky in 0..k {
-            for kx in 0..k {
-                let row = &mut cols[((ci * k + ky) * k + kx) * hw..][..hw];
-                let dy = ky as isize - pad;
-                let dx = kx as isize - pad;
-                for y in 0..h {
-                    let out = &mut row[y * w..(y + 1) * w];
-                    let sy = y as isize + dy;
-                    if sy < 0 || sy >= h as isize {
-                        out.fill(0.0);
-                        continue;
-                    }
-                    let src = &plane[sy as usize * w..(sy as usize + 1) * w];
-                    // out[x] = src[x + dx] where in range
-                    let (lo, hi) = ((-dx).max(0) as usize, (w as isize - dx).min(w as isize).max(0) as usize);
-                    out[..lo.min(w)].fill(0.0);
-                    if lo < hi {
-                        let s0 = (lo as isize + dx) as usize;
-                        out[lo..hi].copy_from_slice(&src[s0..s0 + (hi - lo)]);
-                    }
-                    if hi < w {
-                        out[hi..].fill(0.0);
-                    }
-                }
+    for (tap, row) in rows.chunks_mut(hw).enumerate() {
+        let dy = (tap / k) as isize - pad;
+        let dx = (tap % k) as isize - pad;
+        for y in 0..h {
+            let out = &mut row[y * w..(y + 1) * w];
+            let sy = y as isize + dy;
+            if sy < 0 || sy >= h as isize {
+                out.fill(0.0);
+                continue;
+            }
+            let src = &plane[sy as usize * w..(sy as usize + 1) * w];
+            // out[x] = src[x + dx] where in range
+            let (lo, hi) = ((-dx).max(0) as usize, (w as isize - dx).min(w as isize).max(0) as usize);
+            out[..lo.min(w)].fill(0.0);
+            if lo < hi {
+                let s0 = (lo as isize + dx) as usize;
+                out[lo..hi].copy_from_slice(&src[s0..s0 + (hi - lo)]);
+            }
+            if hi < w {
+                out[hi..].fill(0.0);
             }
         }
     }
@@ -104,7 +115,8 @@ fn matmul(
 }
 
 /// Convolve `b` images `x [b, cin, h, w]` with `weight [cout, cin·k·k]`
-/// (row-major), adding `bias` when given, into `out [b, cout, h, w]`.
+/// (row-major), adding `bias` when given, into `out [b, cout, h, w]`; with
+/// `relu`, each image's output is clamped at zero while it is still in cache.
 #[allow(clippy::too_many_arguments)]
 fn conv_forward(
     x: &[f32],
@@ -116,12 +128,15 @@ fn conv_forward(
     cout: usize,
     k: usize,
     bias: Option<&[f32]>,
+    relu: bool,
     out: &mut [f32],
 ) {
     let hw = h * w;
     let kk = cin * k * k;
-    // Few images: parallelise inside the GEMM; many: across images.
-    let inner = if b < threads() {
+    // Few images: parallelise inside each image (im2col and GEMM); many:
+    // across images.
+    let few = b < threads();
+    let inner = if few {
         Parallelism::Rayon(threads())
     } else {
         Parallelism::None
@@ -132,27 +147,19 @@ fn conv_forward(
                 plane.fill(bias[co]);
             }
         }
-        if k == 1 {
-            matmul(oi, bias.is_some(), weight, kk, xi, 1, hw as isize, cout, hw, kk, inner);
+        let rhs: &[f32] = if k == 1 {
+            xi
         } else {
             cols.resize(kk * hw, 0.0);
-            im2col(xi, cin, h, w, k, cols);
-            matmul(
-                oi,
-                bias.is_some(),
-                weight,
-                kk,
-                cols,
-                1,
-                hw as isize,
-                cout,
-                hw,
-                kk,
-                inner,
-            );
+            im2col(xi, cin, h, w, k, cols, few);
+            cols
+        };
+        matmul(oi, bias.is_some(), weight, kk, rhs, 1, hw as isize, cout, hw, kk, inner);
+        if relu {
+            oi.iter_mut().for_each(|v| *v = v.max(0.0));
         }
     };
-    if b < threads() {
+    if few {
         with_cols(|cols| {
             for (xi, oi) in x.chunks(cin * hw).zip(out.chunks_mut(cout * hw)) {
                 run(xi, oi, cols);
@@ -184,7 +191,7 @@ fn conv_weight_grad(
             xi
         } else {
             cols.resize(kk * hw, 0.0);
-            im2col(xi, cin, h, w, k, cols);
+            im2col(xi, cin, h, w, k, cols, matches!(par, Parallelism::Rayon(_)));
             cols
         };
         // colsᵀ: element (p, j) is cols[j·hw + p]
@@ -243,8 +250,11 @@ fn flip_transpose(weight: &[f32], cout: usize, cin: usize, k: usize) -> Vec<f32>
     out
 }
 
-/// The custom op: `(x [B, Cin, H, W], weight [Cout, Cin, k, k], bias [Cout])`.
-struct Conv2dOp;
+/// The custom op: `(x [B, Cin, H, W], weight [Cout, Cin, k, k], bias [Cout])`,
+/// followed by a ReLU when `relu`.
+struct Conv2dOp {
+    relu: bool,
+}
 
 fn dims4(l: &Layout) -> Result<(usize, usize, usize, usize)> {
     l.shape().dims4()
@@ -277,6 +287,7 @@ impl CustomOp3 for Conv2dOp {
             cout,
             k,
             Some(slice(s3, l3)?),
+            self.relu,
             &mut out,
         );
         Ok((CpuStorage::F32(out), Shape::from((b, cout, h, w))))
@@ -287,15 +298,29 @@ impl CustomOp3 for Conv2dOp {
         x: &Tensor,
         weight: &Tensor,
         _bias: &Tensor,
-        _res: &Tensor,
+        res: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (b, cin, h, w) = x.dims4()?;
         let (cout, _, k, _) = weight.dims4()?;
         let flipped = with_data(weight, |wt| flip_transpose(wt, cout, cin, k))?;
-        let (dx, (dw, db)) = with_data(dy, |g| {
+        // Through the ReLU: the gradient where the output is positive.
+        let dy = if self.relu {
+            let masked = with_data(res, |ys| {
+                with_data(dy, |gs| {
+                    ys.iter()
+                        .zip(gs)
+                        .map(|(&y, &g)| if y > 0.0 { g } else { 0.0 })
+                        .collect::<Vec<f32>>()
+                })
+            })??;
+            Tensor::from_vec(masked, res.shape(), res.device())?
+        } else {
+            dy.clone()
+        };
+        let (dx, (dw, db)) = with_data(&dy, |g| {
             let mut dx = vec![0f32; b * cin * h * w];
-            conv_forward(g, b, cout, h, w, &flipped, cin, k, None, &mut dx);
+            conv_forward(g, b, cout, h, w, &flipped, cin, k, None, false, &mut dx);
             let grads = with_data(x, |xs| conv_weight_grad(xs, g, b, cin, h, w, cout, k));
             grads.map(|g| (dx, g))
         })??;
@@ -312,6 +337,16 @@ impl CustomOp3 for Conv2dOp {
 /// `weight [Cout, Cin, k, k]` (k odd), `bias [Cout]` → `[B, Cout, H, W]`.
 /// CPU and f32 only; see [`super::applies`].
 pub fn conv2d(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    conv2d_op(x, weight, bias, false)
+}
+
+/// [`conv2d`] followed by a ReLU, in one pass over the output (inference
+/// with BatchNorm folded into `weight` and `bias`).
+pub fn conv2d_relu(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    conv2d_op(x, weight, bias, true)
+}
+
+fn conv2d_op(x: &Tensor, weight: &Tensor, bias: &Tensor, relu: bool) -> Result<Tensor> {
     let (_, cin, _, _) = x.dims4()?;
     let (_, wcin, k, k2) = weight.dims4()?;
     if wcin != cin || k != k2 || k % 2 == 0 {
@@ -322,7 +357,7 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
         );
     }
     x.contiguous()?
-        .apply_op3(&weight.contiguous()?, &bias.contiguous()?, Conv2dOp)
+        .apply_op3(&weight.contiguous()?, &bias.contiguous()?, Conv2dOp { relu })
 }
 
 #[cfg(test)]
@@ -364,6 +399,31 @@ mod tests {
             for (name, v) in [("x", x.as_tensor()), ("w", wt.as_tensor()), ("b", bias.as_tensor())] {
                 let e = max_rel(gf.get(v).unwrap(), gs.get(v).unwrap());
                 assert!(e < 1e-4, "{:?} d{name}: {e}", (b, cin, cout, h, w, k));
+            }
+        }
+    }
+
+    /// The ReLU variant: values and gradients against candle's conv + relu
+    /// (inputs shifted so that about half the outputs are clipped).
+    #[test]
+    fn relu_variant_matches_candle() {
+        let dev = Device::Cpu;
+        for &(b, cin, cout, h, w) in &[(1, 3, 5, 7, 9), (4, 8, 6, 12, 10)] {
+            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, cin, h, w), &dev).unwrap()).unwrap();
+            let wt = Var::from_tensor(&Tensor::randn(0f32, 0.3, (cout, cin, 3, 3), &dev).unwrap()).unwrap();
+            let bias = Var::from_tensor(&Tensor::randn(0f32, 0.3, cout, &dev).unwrap()).unwrap();
+            let probe = Tensor::randn(0f32, 1.0, (b, cout, h, w), &dev).unwrap();
+            let fast = conv2d_relu(&x, &wt, &bias).unwrap();
+            let slow = reference(&x, &wt, &bias).relu().unwrap();
+            assert!(max_rel(&fast, &slow) < 1e-5, "{:?} forward", (b, cin, cout, h, w));
+            let zeros = fast.eq(0f32).unwrap().to_dtype(candle_core::DType::F32).unwrap();
+            let frac = zeros.mean_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!((0.2..0.8).contains(&frac), "clipped fraction {frac}");
+            let gf = (&fast * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            let gs = (&slow * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            for (name, v) in [("x", x.as_tensor()), ("w", wt.as_tensor()), ("b", bias.as_tensor())] {
+                let e = max_rel(gf.get(v).unwrap(), gs.get(v).unwrap());
+                assert!(e < 1e-4, "{:?} d{name}: {e}", (b, cin, cout, h, w));
             }
         }
     }

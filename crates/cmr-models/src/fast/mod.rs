@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use candle_core::{CpuStorage, DType, Layout, Result, Storage, Tensor};
 
 pub use bn::{BnStats, bn_relu_eval, bn_relu_train};
-pub use conv::conv2d;
+pub use conv::{conv2d, conv2d_relu};
 pub use pool::max_pool;
 
 /// 0: not yet read from the environment, 1: on, 2: off.
