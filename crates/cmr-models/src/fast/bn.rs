@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{slice, with_data};
+use super::{LANES, lane_sum, slice, with_data};
 
 /// Batch statistics of one forward pass, per channel.
 #[derive(Clone, Debug, PartialEq)]
@@ -30,6 +30,30 @@ struct BnReluTrain {
     stats: Arc<Mutex<Option<BnStats>>>,
 }
 
+/// `(Σ g, Σ g·(x − mean))` with `g = dy · [y > 0]`, in f64, lane by lane.
+fn gradient_sums(x: &[f32], y: &[f32], dy: &[f32], mean: f64) -> (f64, f64) {
+    let (mut sg, mut sgx) = ([0f64; LANES], [0f64; LANES]);
+    let n = x.len() / LANES * LANES;
+    let term = |i: usize| {
+        let g = if y[i] > 0.0 { f64::from(dy[i]) } else { 0.0 };
+        (g, g * (f64::from(x[i]) - mean))
+    };
+    for i in (0..n).step_by(LANES) {
+        for j in 0..LANES {
+            let (a, b) = term(i + j);
+            sg[j] += a;
+            sgx[j] += b;
+        }
+    }
+    let (mut a, mut b) = (sg.iter().sum::<f64>(), sgx.iter().sum::<f64>());
+    for i in n..x.len() {
+        let (ta, tb) = term(i);
+        a += ta;
+        b += tb;
+    }
+    (a, b)
+}
+
 /// Per-channel statistics of `x [b, c, hw]`: two passes (mean, then squared
 /// deviations), accumulated in f64.
 fn statistics(x: &[f32], b: usize, c: usize, hw: usize, eps: f64) -> BnStats {
@@ -38,13 +62,8 @@ fn statistics(x: &[f32], b: usize, c: usize, hw: usize, eps: f64) -> BnStats {
     let per: Vec<(f32, f32, f32)> = (0..c)
         .into_par_iter()
         .map(|ch| {
-            let mean = planes(ch)
-                .map(|p| p.iter().map(|&v| f64::from(v)).sum::<f64>())
-                .sum::<f64>()
-                / n;
-            let ss: f64 = planes(ch)
-                .map(|p| p.iter().map(|&v| (f64::from(v) - mean).powi(2)).sum::<f64>())
-                .sum();
+            let mean = planes(ch).map(|p| lane_sum(p, |v| v)).sum::<f64>() / n;
+            let ss: f64 = planes(ch).map(|p| lane_sum(p, |v| (v - mean) * (v - mean))).sum();
             let var = ss / n;
             let unbiased = if n > 1.0 { ss / (n - 1.0) } else { var };
             (mean as f32, (1.0 / (var + eps).sqrt()) as f32, unbiased as f32)
@@ -131,14 +150,12 @@ impl CustomOp3 for BnReluTrain {
                             let (m, is) = (f64::from(stats.mean[ch]), f64::from(stats.inv_std[ch]));
                             let (mut sg, mut sgx) = (0f64, 0f64);
                             for bi in 0..b {
-                                let o = (bi * c + ch) * hw;
-                                for i in o..o + hw {
-                                    let g = if ys[i] > 0.0 { f64::from(gs[i]) } else { 0.0 };
-                                    sg += g;
-                                    sgx += g * (f64::from(xs[i]) - m) * is;
-                                }
+                                let r = (bi * c + ch) * hw..(bi * c + ch + 1) * hw;
+                                let (a, g) = gradient_sums(&xs[r.clone()], &ys[r.clone()], &gs[r], m);
+                                sg += a;
+                                sgx += g;
                             }
-                            (sg as f32, sgx as f32)
+                            (sg as f32, (sgx * is) as f32)
                         })
                         .collect();
                     let mut dx = vec![0f32; xs.len()];
@@ -147,11 +164,11 @@ impl CustomOp3 for BnReluTrain {
                         let (m, is) = (stats.mean[ch], stats.inv_std[ch]);
                         let (sg, sgx) = (sums[ch].0 / n, sums[ch].1 / n);
                         let k = gamma[ch] * is;
-                        let o = p * hw;
-                        for (j, d) in d.iter_mut().enumerate() {
-                            let i = o + j;
-                            let g = if ys[i] > 0.0 { gs[i] } else { 0.0 };
-                            let xhat = (xs[i] - m) * is;
+                        let r = p * hw..(p + 1) * hw;
+                        let planes = xs[r.clone()].iter().zip(&ys[r.clone()]).zip(&gs[r]);
+                        for (d, ((&x, &y), &g)) in d.iter_mut().zip(planes) {
+                            let g = if y > 0.0 { g } else { 0.0 };
+                            let xhat = (x - m) * is;
                             *d = k * (g - sg - xhat * sgx);
                         }
                     });

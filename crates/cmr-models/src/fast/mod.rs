@@ -66,6 +66,23 @@ fn with_data<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     }
 }
 
+/// Accumulators per lane: independent f64 sums that the compiler keeps in
+/// vector registers (one running sum would be a serial chain of additions).
+pub(crate) const LANES: usize = 8;
+
+/// `Σ f(x)` over `x` in f64, lane by lane.
+pub(crate) fn lane_sum(x: &[f32], f: impl Fn(f64) -> f64) -> f64 {
+    let mut acc = [0f64; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail: f64 = chunks.remainder().iter().map(|&v| f(f64::from(v))).sum();
+    for c in chunks {
+        for j in 0..LANES {
+            acc[j] += f(f64::from(c[j]));
+        }
+    }
+    acc.iter().sum::<f64>() + tail
+}
+
 /// Threads the kernels may use.
 fn threads() -> usize {
     rayon::current_num_threads().max(1)
