@@ -211,7 +211,12 @@ impl Optimizer {
         let params: Vec<(String, Var)> = self.params.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         for (name, var) in params {
             let Some(g) = grads.get(var.as_tensor()) else { continue };
-            let p = var.as_tensor();
+            // Detached: a gradient candle's own backward computed may still
+            // carry its graph (ops on variables are tracked); kept in the
+            // optimiser state, it would chain every step's activations to the
+            // next (memory growing by gigabytes per epoch).
+            let g = &g.detach();
+            let p = &var.as_tensor().detach();
             match self.config.clone() {
                 OptimConfig::Adam {
                     beta1,
@@ -244,8 +249,8 @@ impl Optimizer {
                         p.clone()
                     };
                     var.set(&(base - (update * lr)?)?)?;
-                    self.state.insert(format!("m.{name}"), m);
-                    self.state.insert(format!("v.{name}"), v);
+                    self.state.insert(format!("m.{name}"), m.detach());
+                    self.state.insert(format!("v.{name}"), v.detach());
                 }
                 OptimConfig::Sgd {
                     momentum,
@@ -269,7 +274,7 @@ impl Optimizer {
                         } else {
                             buf.clone()
                         };
-                        self.state.insert(key, buf);
+                        self.state.insert(key, buf.detach());
                         d
                     } else {
                         g
@@ -360,6 +365,36 @@ mod tests {
             weight_decay: 0.0,
         };
         assert!((run(nesterov, 200) - 3.0).abs() < 1e-3);
+    }
+
+    /// A gradient computed from a variable carries candle's graph; the
+    /// optimiser state must not keep it (it would chain every step's graph to
+    /// the next: memory growing without bound).
+    #[test]
+    fn optimiser_state_holds_no_graph() {
+        let sgd = OptimConfig::Sgd {
+            lr: 0.05,
+            momentum: 0.9,
+            nesterov: false,
+            weight_decay: 0.1,
+        };
+        for cfg in [OptimConfig::adam(0.1), sgd] {
+            let x = Var::ones(3, DType::F64, &Device::Cpu).unwrap();
+            let mut opt = Optimizer::new(cfg.clone(), BTreeMap::from([("x".to_string(), x.clone())])).unwrap();
+            for _ in 0..3 {
+                // d/dx Σ x³ = 3x², computed by candle from x: a tracked tensor
+                let loss = x.as_tensor().powf(3.0).unwrap().sum_all().unwrap();
+                let grads = loss.backward().unwrap();
+                assert!(grads.get(x.as_tensor()).unwrap().track_op(), "the premise: a tracked gradient");
+                opt.step(&grads, cfg.lr()).unwrap();
+            }
+            let (state, steps) = opt.state();
+            assert_eq!(steps, 3);
+            assert!(!state.is_empty());
+            for (name, t) in state {
+                assert!(!t.track_op(), "{name} keeps a graph");
+            }
+        }
     }
 
     #[test]
