@@ -385,7 +385,10 @@ mod tests {
                 // d/dx Σ x³ = 3x², computed by candle from x: a tracked tensor
                 let loss = x.as_tensor().powf(3.0).unwrap().sum_all().unwrap();
                 let grads = loss.backward().unwrap();
-                assert!(grads.get(x.as_tensor()).unwrap().track_op(), "the premise: a tracked gradient");
+                assert!(
+                    grads.get(x.as_tensor()).unwrap().track_op(),
+                    "the premise: a tracked gradient"
+                );
                 opt.step(&grads, cfg.lr()).unwrap();
             }
             let (state, steps) = opt.state();
