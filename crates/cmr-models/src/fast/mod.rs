@@ -1,7 +1,8 @@
 //! Fast CPU kernels for the training step, as candle custom ops with their
 //! own backward passes: convolution (stride 1, "same" padding) as packed GEMMs
 //! for the forward, input-gradient and weight-gradient passes, and BatchNorm
-//! fused with ReLU (training and inference), and max-pooling.
+//! fused with ReLU (training and inference), max-pooling and bilinear
+//! up-sampling.
 //!
 //! They apply to f32 tensors on the CPU only; on any other device (or with the
 //! switch off) the networks use candle's own ops, which compute the same
@@ -11,6 +12,7 @@
 mod bn;
 mod conv;
 mod pool;
+mod upsample;
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
@@ -19,6 +21,7 @@ use candle_core::{CpuStorage, DType, Layout, Result, Storage, Tensor};
 pub use bn::{BnStats, bn_relu_eval, bn_relu_train};
 pub use conv::{conv2d, conv2d_relu};
 pub use pool::max_pool;
+pub use upsample::upsample_bilinear;
 
 /// 0: not yet read from the environment, 1: on, 2: off.
 static STATE: AtomicU8 = AtomicU8::new(0);

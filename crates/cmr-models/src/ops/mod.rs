@@ -2,7 +2,7 @@
 //! gradient on every device.
 
 pub(crate) mod pool;
-mod upsample;
+pub(crate) mod upsample;
 
 pub use pool::{PoolIndices, max_pool, max_pool2x2_with_indices, max_unpool2x2};
 pub use upsample::{bilinear_matrix, upsample_bilinear};
