@@ -20,7 +20,7 @@ use candle_core::{CpuStorage, DType, Layout, Result, Storage, Tensor};
 
 pub use bn::{BnStats, bn_relu_eval, bn_relu_train};
 pub use conv::{conv2d, conv2d_relu};
-pub use pool::max_pool;
+pub use pool::{Argmax, max_pool, max_pool_with_argmax, max_unpool};
 pub use upsample::upsample_bilinear;
 
 /// 0: not yet read from the environment, 1: on, 2: off.

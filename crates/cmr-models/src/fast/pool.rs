@@ -77,11 +77,117 @@ impl CustomOp1 for MaxPoolOp {
 /// `k×k` max-pooling, stride `k`, of `x [B, C, H, W]`. CPU and f32 only; see
 /// [`super::applies`].
 pub fn max_pool(x: &Tensor, k: usize) -> Result<Tensor> {
+    Ok(max_pool_with_argmax(x, k)?.0)
+}
+
+/// Where each window's maximum was, from [`max_pool_with_argmax`]: for every
+/// pooled value, the flat `y·W + x` index in its input plane.
+#[derive(Clone)]
+pub struct Argmax {
+    positions: Arc<Mutex<Vec<u32>>>,
+    /// The pooled input's `[B, C, H, W]`.
+    input: (usize, usize, usize, usize),
+}
+
+impl std::fmt::Debug for Argmax {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Argmax {{ input: {:?} }}", self.input)
+    }
+}
+
+impl Argmax {
+    /// The pooled input's `[B, C, H, W]`.
+    pub fn input_dims(&self) -> (usize, usize, usize, usize) {
+        self.input
+    }
+
+    /// Run `f` on the flat positions, one per pooled value.
+    pub fn with_positions<R>(&self, f: impl FnOnce(&[u32]) -> R) -> R {
+        f(&self.positions.lock().expect("argmax lock"))
+    }
+}
+
+/// [`max_pool`], also returning where each maximum was (for un-pooling).
+pub fn max_pool_with_argmax(x: &Tensor, k: usize) -> Result<(Tensor, Argmax)> {
+    let positions = Arc::new(Mutex::new(Vec::new()));
     let op = MaxPoolOp {
         k,
-        argmax: Arc::new(Mutex::new(Vec::new())),
+        argmax: positions.clone(),
     };
-    x.contiguous()?.apply_op1(op)
+    let y = x.contiguous()?.apply_op1(op)?;
+    Ok((
+        y,
+        Argmax {
+            positions,
+            input: x.dims4()?,
+        },
+    ))
+}
+
+/// Max-unpooling: each value of `x [B, C, H/k, W/k]` goes to its stored
+/// position in a zero `[B, C, H, W]`; the gradient is read back from there.
+struct UnpoolOp {
+    argmax: Argmax,
+}
+
+impl CustomOp1 for UnpoolOp {
+    fn name(&self) -> &'static str {
+        "cmr-max-unpool"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (b, c, h, w) = self.argmax.input;
+        let x = slice(s, l)?;
+        let per = x.len() / (b * c).max(1);
+        let mut out = vec![0f32; b * c * h * w];
+        self.argmax.with_positions(|pos| {
+            out.par_chunks_mut(h * w)
+                .zip(x.par_chunks(per))
+                .zip(pos.par_chunks(per))
+                .for_each(|((o, xp), pp)| {
+                    for (&v, &i) in xp.iter().zip(pp) {
+                        o[i as usize] = v;
+                    }
+                });
+        });
+        Ok((CpuStorage::F32(out), Shape::from((b, c, h, w))))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        let (b, c, h, w) = self.argmax.input;
+        let per = arg.elem_count() / (b * c).max(1);
+        let dx = with_data(dy, |g| {
+            let mut dx = vec![0f32; arg.elem_count()];
+            self.argmax.with_positions(|pos| {
+                dx.par_chunks_mut(per)
+                    .zip(g.par_chunks(h * w))
+                    .zip(pos.par_chunks(per))
+                    .for_each(|((d, gp), pp)| {
+                        for (d, &i) in d.iter_mut().zip(pp) {
+                            *d = gp[i as usize];
+                        }
+                    });
+            });
+            dx
+        })?;
+        Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
+    }
+}
+
+/// Max-unpooling of `x` (the shape [`max_pool_with_argmax`] returned) at
+/// `argmax`. CPU and f32 only; see [`super::applies`].
+pub fn max_unpool(x: &Tensor, argmax: &Argmax) -> Result<Tensor> {
+    let (b, c, _, _) = argmax.input;
+    let pooled = argmax.with_positions(|p| p.len());
+    let (xb, xc, _, _) = x.dims4()?;
+    if (xb, xc) != (b, c) || x.elem_count() != pooled {
+        candle_core::bail!(
+            "max-unpool: values {:?} do not match pool indices of {:?}",
+            x.dims(),
+            argmax.input
+        );
+    }
+    x.contiguous()?.apply_op1(UnpoolOp { argmax: argmax.clone() })
 }
 
 #[cfg(test)]

@@ -7,31 +7,63 @@
 //! the sum of mask × values (its gradient reaches the chosen element only, as
 //! in PyTorch, even under ties), and unpooling is mask × broadcast values.
 //! Only comparisons, cumulative sums and products are used, so every device
-//! runs it and the tie rule does not depend on a device's argmax.
+//! runs it and the tie rule does not depend on a device's argmax. On the CPU
+//! the fast kernels (`fast::max_pool_with_argmax`, `fast::max_unpool`) do the
+//! same with the recorded positions instead of masks.
 
-use candle_core::{D, DType, Result, Tensor};
+use candle_core::{D, DType, Device, Result, Tensor};
 
-/// Where each 2×2 window's maximum was: a one-hot `[B, C, H/2, W/2, 4]` mask
-/// (values 0 or 1 in the input's dtype), as returned by
-/// [`max_pool2x2_with_indices`].
+/// Where each 2×2 window's maximum was, as returned by
+/// [`max_pool2x2_with_indices`]: a one-hot mask from candle's ops, or the
+/// positions the fast CPU kernel recorded.
 #[derive(Clone, Debug)]
 pub struct PoolIndices {
-    mask: Tensor,
+    repr: Repr,
+}
+
+#[derive(Clone, Debug)]
+enum Repr {
+    /// One-hot `[B, C, H/2, W/2, 4]` (values 0 or 1 in the input's dtype).
+    Mask(Tensor),
+    /// Flat `y·W + x` positions in the input plane (CPU).
+    Argmax(crate::fast::Argmax, Device),
 }
 
 impl PoolIndices {
-    /// The one-hot mask `[B, C, H/2, W/2, 4]`.
-    pub fn mask(&self) -> &Tensor {
-        &self.mask
+    /// The one-hot mask `[B, C, H/2, W/2, 4]` of each window's maximum
+    /// (row-major window order).
+    pub fn mask(&self) -> Result<Tensor> {
+        match &self.repr {
+            Repr::Mask(m) => Ok(m.clone()),
+            Repr::Argmax(a, dev) => {
+                let (b, c, h, w) = a.input_dims();
+                let (h2, w2) = (h / 2, w / 2);
+                let mut m = vec![0f32; b * c * h2 * w2 * 4];
+                a.with_positions(|pos| {
+                    for (o, &p) in pos.iter().enumerate() {
+                        let (oy, ox) = ((o / w2) % h2, o % w2);
+                        let (y, x) = (p as usize / w, p as usize % w);
+                        m[o * 4 + (y - 2 * oy) * 2 + (x - 2 * ox)] = 1.0;
+                    }
+                });
+                Tensor::from_vec(m, (b, c, h2, w2, 4), dev)
+            }
+        }
     }
 
     /// The flat `y·W + x` index of each window's maximum, as PyTorch's
     /// `MaxPool2d(2, return_indices=True)` reports it: `[B, C, H/2, W/2]` u32.
     pub fn flat_indices(&self) -> Result<Tensor> {
-        let (_, _, h2, w2, _) = self.mask.dims5()?;
-        let dev = self.mask.device();
+        if let Repr::Argmax(a, dev) = &self.repr {
+            let (b, c, h, w) = a.input_dims();
+            let pos = a.with_positions(|p| p.to_vec());
+            return Tensor::from_vec(pos, (b, c, h / 2, w / 2), dev);
+        }
+        let mask = self.mask()?;
+        let (_, _, h2, w2, _) = mask.dims5()?;
+        let dev = mask.device();
         // position in the window, 0..4 row-major
-        let pos = self.mask.argmax(D::Minus1)?.to_dtype(DType::F64)?;
+        let pos = mask.argmax(D::Minus1)?.to_dtype(DType::F64)?;
         let dy = (&pos / 2.0)?.floor()?;
         let dx = (&pos - (&dy * 2.0)?)?;
         let rows = (Tensor::arange(0f64, h2 as f64, dev)? * 2.0)?.reshape((1, 1, h2, 1))?;
@@ -69,8 +101,18 @@ fn first_max(win: &Tensor) -> Result<(Tensor, Tensor)> {
 /// and where each maximum was. Ties go to the first position in row-major
 /// window order.
 pub fn max_pool2x2_with_indices(xs: &Tensor) -> Result<(Tensor, PoolIndices)> {
+    if crate::fast::applies(xs) {
+        let (pooled, argmax) = crate::fast::max_pool_with_argmax(xs, 2)?;
+        let repr = Repr::Argmax(argmax, xs.device().clone());
+        return Ok((pooled, PoolIndices { repr }));
+    }
+    max_pool2x2_with_indices_reference(xs)
+}
+
+/// [`max_pool2x2_with_indices`] from candle's ops alone (every device).
+pub(crate) fn max_pool2x2_with_indices_reference(xs: &Tensor) -> Result<(Tensor, PoolIndices)> {
     let (pooled, mask) = first_max(&windows(xs, 2)?)?;
-    Ok((pooled, PoolIndices { mask }))
+    Ok((pooled, PoolIndices { repr: Repr::Mask(mask) }))
 }
 
 /// `k×k` max-pooling with stride `k`, as PyTorch's `MaxPool2d(k)`: the
@@ -95,8 +137,13 @@ pub(crate) fn max_pool_reference(xs: &Tensor, k: usize) -> Result<Tensor> {
 /// Max-unpooling: put each value of `[B, C, H/2, W/2]` at its window's stored
 /// position in a zero `[B, C, H, W]`. Differentiable w.r.t. `xs`.
 pub fn max_unpool2x2(xs: &Tensor, indices: &PoolIndices) -> Result<Tensor> {
+    if let Repr::Argmax(a, _) = &indices.repr {
+        if crate::fast::applies(xs) {
+            return crate::fast::max_unpool(xs, a);
+        }
+    }
     let (b, c, h2, w2) = xs.dims4()?;
-    let mask = &indices.mask;
+    let mask = &indices.mask()?.to_device(xs.device())?.to_dtype(xs.dtype())?;
     if mask.dims() != [b, c, h2, w2, 4] {
         candle_core::bail!(
             "max-unpool: values {:?} do not match pool indices {:?}",
@@ -161,14 +208,14 @@ mod tests {
     fn all_zero_windows_pick_exactly_one() {
         let x = t(&[0.; 16], 4, 4);
         let (_, idx) = max_pool2x2_with_indices(&x).unwrap();
-        let m = flat(idx.mask());
+        let m = flat(&idx.mask().unwrap());
         for w in m.chunks(4) {
             assert_eq!(w, [1., 0., 0., 0.]);
         }
         // and a tie that is not at the first position
         let x = t(&[0., 3., 3., 3.], 2, 2);
         let (_, idx) = max_pool2x2_with_indices(&x).unwrap();
-        assert_eq!(flat(idx.mask()), vec![0., 1., 0., 0.]);
+        assert_eq!(flat(&idx.mask().unwrap()), vec![0., 1., 0., 0.]);
     }
 
     #[test]
@@ -253,5 +300,43 @@ mod tests {
         let (p, _) = max_pool2x2_with_indices(x.as_tensor()).unwrap();
         let g = p.sum_all().unwrap().backward().unwrap();
         assert_eq!(flat(g.get(x.as_tensor()).unwrap()), vec![1., 0., 0., 0.]);
+    }
+
+    /// The fast kernels against the composite path, on data with many ties:
+    /// pooled values, masks, flat indices, the un-pooled result, and the
+    /// gradient through pool → scale → un-pool, all exactly equal.
+    #[test]
+    fn fast_pool_and_unpool_equal_the_reference() {
+        let dev = Device::Cpu;
+        let x = Tensor::rand(0f32, 3.0, (2, 3, 8, 6), &dev).unwrap().floor().unwrap();
+        let v = Var::from_tensor(&x).unwrap();
+        let probe = Tensor::randn(0f32, 1.0, (2, 3, 8, 6), &dev).unwrap();
+        let scale = Tensor::randn(0f32, 1.0, (2, 3, 4, 3), &dev).unwrap();
+        let f = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let run = |fast: bool| {
+            let (p, idx) = if fast {
+                max_pool2x2_with_indices(v.as_tensor()).unwrap()
+            } else {
+                max_pool2x2_with_indices_reference(v.as_tensor()).unwrap()
+            };
+            assert_eq!(matches!(idx.repr, Repr::Argmax(..)), fast);
+            let u = max_unpool2x2(&(&p * &scale).unwrap(), &idx).unwrap();
+            let g = (&u * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            let flat_idx = idx
+                .flat_indices()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<u32>()
+                .unwrap();
+            (
+                f(&p),
+                f(&idx.mask().unwrap()),
+                flat_idx,
+                f(&u),
+                f(g.get(v.as_tensor()).unwrap()),
+            )
+        };
+        assert_eq!(run(true), run(false));
     }
 }
