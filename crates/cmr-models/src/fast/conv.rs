@@ -390,11 +390,13 @@ fn weight_grad_shifted(
     let padded = &scratch.cols;
     let n = h * wp;
     let wide = &mut scratch.wide;
-    wide.clear();
+    // Every element is written: each row's values, then zeros in its extra
+    // columns.
     wide.resize(cout * n, 0.0);
     for (dst, src) in wide.chunks_mut(n).zip(gi.chunks(h * w)) {
         for (d, s) in dst.chunks_mut(wp).zip(src.chunks(w)) {
             d[..w].copy_from_slice(s);
+            d[w..].fill(0.0);
         }
     }
     let kk2 = k * k;
@@ -488,8 +490,8 @@ impl CustomOp3 for Conv2dOp {
         let (cout, _, k, _) = weight.dims4()?;
         let flipped = with_data(weight, |wt| flip_transpose(wt, cout, cin, k))?;
         // Through the ReLU: the gradient where the output is positive.
-        let dy = if self.relu {
-            let masked = with_data(res, |ys| {
+        let masked = if self.relu {
+            let m = with_data(res, |ys| {
                 with_data(dy, |gs| {
                     ys.iter()
                         .zip(gs)
@@ -497,11 +499,12 @@ impl CustomOp3 for Conv2dOp {
                         .collect::<Vec<f32>>()
                 })
             })??;
-            Tensor::from_vec(masked, res.shape(), res.device())?
+            Some(m)
         } else {
-            dy.clone()
+            None
         };
-        let (dx, (dw, db)) = with_data(&dy, |g| {
+        let (dx, (dw, db)) = with_data(dy, |g| {
+            let g = masked.as_deref().unwrap_or(g);
             let mut dx = vec![0f32; b * cin * h * w];
             conv_forward(g, b, cout, h, w, &flipped, cin, k, None, false, &mut dx);
             let grads = with_data(x, |xs| conv_weight_grad(xs, g, b, cin, h, w, cout, k));
