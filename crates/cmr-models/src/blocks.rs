@@ -129,6 +129,13 @@ impl BatchNorm2d {
             );
         }
         let (ys, stats) = fast::bn_relu_train(xs, &self.weight, &self.bias, BN_EPS)?;
+        self.update_running(&stats)?;
+        Ok(ys)
+    }
+
+    /// Move the running statistics towards a training batch's (PyTorch's
+    /// rule: `(1 − momentum)·old + momentum·batch`, unbiased variance).
+    fn update_running(&self, stats: &fast::BnStats) -> Result<()> {
         let update = |var: &Var, batch: &[f32]| -> Result<()> {
             let old = var.as_tensor().to_vec1::<f32>()?;
             let new: Vec<f32> = old
@@ -139,8 +146,7 @@ impl BatchNorm2d {
             var.set(&Tensor::from_vec(new, old.len(), var.device())?)
         };
         update(&self.running_mean, &stats.mean)?;
-        update(&self.running_var, &stats.var_unbiased)?;
-        Ok(ys)
+        update(&self.running_var, &stats.var_unbiased)
     }
 }
 
@@ -176,6 +182,19 @@ impl ModuleT for ConvBnRelu {
             let weight = self.conv.weight.broadcast_mul(&scale.reshape(((), 1, 1, 1))?)?;
             let bias = (self.conv.bias.mul(&scale)? + shift)?;
             return fast::conv2d_relu(xs, &weight, &bias);
+        }
+        if train && fast::applies(xs) {
+            // Training: the whole layer as one op (see `fast::conv_bn_relu_train`).
+            let (ys, stats) = fast::conv_bn_relu_train(
+                xs,
+                &self.conv.weight,
+                &self.conv.bias,
+                &self.bn.weight,
+                &self.bn.bias,
+                BN_EPS,
+            )?;
+            self.bn.update_running(&stats)?;
+            return Ok(ys);
         }
         self.bn.forward_relu(&self.conv.forward(xs)?, train)
     }

@@ -30,44 +30,74 @@ struct BnReluTrain {
     stats: Arc<Mutex<Option<BnStats>>>,
 }
 
-/// `(Σ g, Σ g·(x − mean))` with `g = dy · [y > 0]`, in f64, lane by lane.
-fn gradient_sums(x: &[f32], y: &[f32], dy: &[f32], mean: f64) -> (f64, f64) {
-    let (mut sg, mut sgx) = ([0f64; LANES], [0f64; LANES]);
-    let n = x.len() / LANES * LANES;
-    let term = |i: usize| {
-        let g = if y[i] > 0.0 { f64::from(dy[i]) } else { 0.0 };
-        (g, g * (f64::from(x[i]) - mean))
-    };
-    for i in (0..n).step_by(LANES) {
-        for j in 0..LANES {
-            let (a, b) = term(i + j);
-            sg[j] += a;
-            sgx[j] += b;
+simd_fn! {
+    /// `(Σ g, Σ g·(x − mean))` with `g = dy · [y > 0]`, in f64, lane by lane
+    /// (fixed-size chunks, so that the loop has no bounds checks and vectorises).
+    fn gradient_sums(x: &[f32], y: &[f32], dy: &[f32], mean: f64) -> (f64, f64) {
+        let (mut sg, mut sgx) = ([0f64; LANES], [0f64; LANES]);
+        let term = |x: f32, y: f32, dy: f32| {
+            let g = f64::from(if y > 0.0 { dy } else { 0.0 });
+            (g, g * (f64::from(x) - mean))
+        };
+        let (xc, yc, gc) = (x.chunks_exact(LANES), y.chunks_exact(LANES), dy.chunks_exact(LANES));
+        let (mut a, mut b) = (0f64, 0f64);
+        for ((&xv, &yv), &gv) in xc.remainder().iter().zip(yc.remainder()).zip(gc.remainder()) {
+            let (ta, tb) = term(xv, yv, gv);
+            a += ta;
+            b += tb;
+        }
+        for ((xs, ys), gs) in xc.zip(yc).zip(gc) {
+            for j in 0..LANES {
+                let (ta, tb) = term(xs[j], ys[j], gs[j]);
+                sg[j] += ta;
+                sgx[j] += tb;
+            }
+        }
+        (sg.iter().sum::<f64>() + a, sgx.iter().sum::<f64>() + b)
+    }
+
+    /// Mean, `1/sqrt(var + eps)` and unbiased variance of channel `ch` of
+    /// `x [b, c, hw]`: two passes (mean, then squared deviations), in f64.
+    fn channel_statistics(x: &[f32], b: usize, c: usize, hw: usize, ch: usize, eps: f64) -> (f32, f32, f32) {
+        let n = (b * hw) as f64;
+        let planes = || (0..b).map(move |bi| &x[(bi * c + ch) * hw..][..hw]);
+        let mean = planes().map(|p| lane_sum(p, |v| v)).sum::<f64>() / n;
+        let ss: f64 = planes().map(|p| lane_sum(p, |v| (v - mean) * (v - mean))).sum();
+        let var = ss / n;
+        let unbiased = if n > 1.0 { ss / (n - 1.0) } else { var };
+        (mean as f32, (1.0 / (var + eps).sqrt()) as f32, unbiased as f32)
+    }
+
+    /// `o = relu(x·a + s)`.
+    fn affine_relu_plane(o: &mut [f32], x: &[f32], a: f32, s: f32) {
+        for (o, &v) in o.iter_mut().zip(x) {
+            *o = (v * a + s).max(0.0);
         }
     }
-    let (mut a, mut b) = (sg.iter().sum::<f64>(), sgx.iter().sum::<f64>());
-    for i in n..x.len() {
-        let (ta, tb) = term(i);
-        a += ta;
-        b += tb;
+
+    /// `o = relu((x − m)·is·g + bt)`.
+    fn normalise_plane(o: &mut [f32], x: &[f32], m: f32, is: f32, g: f32, bt: f32) {
+        for (o, &v) in o.iter_mut().zip(x) {
+            *o = ((v - m) * is * g + bt).max(0.0);
+        }
     }
-    (a, b)
+
+    /// `d = k·(g − sg − x̂·sgx)` with `g = dy·[y > 0]`, `x̂ = (x − m)·is`.
+    fn backward_plane(d: &mut [f32], x: &[f32], y: &[f32], dy: &[f32], m: f32, is: f32, k: f32, sg: f32, sgx: f32) {
+        for (d, ((&x, &y), &g)) in d.iter_mut().zip(x.iter().zip(y).zip(dy)) {
+            let g = if y > 0.0 { g } else { 0.0 };
+            let xhat = (x - m) * is;
+            *d = k * (g - sg - xhat * sgx);
+        }
+    }
 }
 
 /// Per-channel statistics of `x [b, c, hw]`: two passes (mean, then squared
 /// deviations), accumulated in f64.
-fn statistics(x: &[f32], b: usize, c: usize, hw: usize, eps: f64) -> BnStats {
-    let n = (b * hw) as f64;
-    let planes = |ch: usize| (0..b).map(move |bi| &x[(bi * c + ch) * hw..][..hw]);
+pub(super) fn statistics(x: &[f32], b: usize, c: usize, hw: usize, eps: f64) -> BnStats {
     let per: Vec<(f32, f32, f32)> = (0..c)
         .into_par_iter()
-        .map(|ch| {
-            let mean = planes(ch).map(|p| lane_sum(p, |v| v)).sum::<f64>() / n;
-            let ss: f64 = planes(ch).map(|p| lane_sum(p, |v| (v - mean) * (v - mean))).sum();
-            let var = ss / n;
-            let unbiased = if n > 1.0 { ss / (n - 1.0) } else { var };
-            (mean as f32, (1.0 / (var + eps).sqrt()) as f32, unbiased as f32)
-        })
+        .map(|ch| channel_statistics(x, b, c, hw, ch, eps))
         .collect();
     BnStats {
         mean: per.iter().map(|p| p.0).collect(),
@@ -82,11 +112,70 @@ fn affine_relu(x: &[f32], out: &mut [f32], c: usize, hw: usize, scale: &[f32], s
         .zip(x.par_chunks(hw))
         .enumerate()
         .for_each(|(p, (o, xi))| {
-            let (a, s) = (scale[p % c], shift[p % c]);
-            for (o, &v) in o.iter_mut().zip(xi) {
-                *o = (v * a + s).max(0.0);
-            }
+            affine_relu_plane(o, xi, scale[p % c], shift[p % c]);
         });
+}
+
+/// `out = relu(γ·(x − μ)·σ⁻¹ + β)` plane by plane, in candle's order of
+/// operations (the subtraction first keeps values near the ReLU threshold
+/// accurate).
+pub(super) fn normalise_relu(
+    x: &[f32],
+    out: &mut [f32],
+    c: usize,
+    hw: usize,
+    stats: &BnStats,
+    gamma: &[f32],
+    beta: &[f32],
+) {
+    out.par_chunks_mut(hw)
+        .zip(x.par_chunks(hw))
+        .enumerate()
+        .for_each(|(p, (o, xi))| {
+            let ch = p % c;
+            normalise_plane(o, xi, stats.mean[ch], stats.inv_std[ch], gamma[ch], beta[ch]);
+        });
+}
+
+/// The backward pass of BatchNorm + ReLU over `x [b, c, hw]` (its input),
+/// `y` (its output) and `dy`: `(dX, dγ, dβ)`.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn relu_backward(
+    xs: &[f32],
+    ys: &[f32],
+    gs: &[f32],
+    (b, c, hw): (usize, usize, usize),
+    stats: &BnStats,
+    gamma: &[f32],
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let n = (b * hw) as f32;
+    // per channel: Σg and Σg·x̂, accumulated in f64
+    let sums: Vec<(f32, f32)> = (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let (m, is) = (f64::from(stats.mean[ch]), f64::from(stats.inv_std[ch]));
+            let (mut sg, mut sgx) = (0f64, 0f64);
+            for bi in 0..b {
+                let r = (bi * c + ch) * hw..(bi * c + ch + 1) * hw;
+                let (a, g) = gradient_sums(&xs[r.clone()], &ys[r.clone()], &gs[r], m);
+                sg += a;
+                sgx += g;
+            }
+            (sg as f32, (sgx * is) as f32)
+        })
+        .collect();
+    let mut dx = vec![0f32; xs.len()];
+    dx.par_chunks_mut(hw).enumerate().for_each(|(p, d)| {
+        let ch = p % c;
+        let (m, is) = (stats.mean[ch], stats.inv_std[ch]);
+        let (sg, sgx) = (sums[ch].0 / n, sums[ch].1 / n);
+        let k = gamma[ch] * is;
+        let r = p * hw..(p + 1) * hw;
+        backward_plane(d, &xs[r.clone()], &ys[r.clone()], &gs[r], m, is, k, sg, sgx);
+    });
+    let dgamma: Vec<f32> = sums.iter().map(|s| s.1).collect();
+    let dbeta: Vec<f32> = sums.iter().map(|s| s.0).collect();
+    (dx, dgamma, dbeta)
 }
 
 impl CustomOp3 for BnReluTrain {
@@ -106,20 +195,8 @@ impl CustomOp3 for BnReluTrain {
         let (b, c, h, w) = l1.shape().dims4()?;
         let (x, gamma, beta) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
         let stats = statistics(x, b, c, h * w, self.eps);
-        // y = relu(γ·(x − μ)·σ⁻¹ + β), in candle's order of operations: the
-        // subtraction first keeps values near the ReLU threshold accurate.
-        let hw = h * w;
         let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(hw)
-            .zip(x.par_chunks(hw))
-            .enumerate()
-            .for_each(|(p, (o, xi))| {
-                let ch = p % c;
-                let (m, is, g, bt) = (stats.mean[ch], stats.inv_std[ch], gamma[ch], beta[ch]);
-                for (o, &v) in o.iter_mut().zip(xi) {
-                    *o = ((v - m) * is * g + bt).max(0.0);
-                }
-            });
+        normalise_relu(x, &mut out, c, h * w, &stats, gamma, beta);
         *self.stats.lock().expect("stats lock") = Some(stats);
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
@@ -134,7 +211,6 @@ impl CustomOp3 for BnReluTrain {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (b, c, h, w) = x.dims4()?;
         let hw = h * w;
-        let n = (b * hw) as f32;
         let stats = self.stats.lock().expect("stats lock").clone();
         let Some(stats) = stats else {
             candle_core::bail!("bn-relu backward before its forward")
@@ -142,40 +218,7 @@ impl CustomOp3 for BnReluTrain {
         let gamma = gamma.to_vec1::<f32>()?;
         let grads = with_data(x, |xs| {
             with_data(y, |ys| {
-                with_data(dy, |gs| {
-                    // per channel: Σg and Σg·x̂, accumulated in f64
-                    let sums: Vec<(f32, f32)> = (0..c)
-                        .into_par_iter()
-                        .map(|ch| {
-                            let (m, is) = (f64::from(stats.mean[ch]), f64::from(stats.inv_std[ch]));
-                            let (mut sg, mut sgx) = (0f64, 0f64);
-                            for bi in 0..b {
-                                let r = (bi * c + ch) * hw..(bi * c + ch + 1) * hw;
-                                let (a, g) = gradient_sums(&xs[r.clone()], &ys[r.clone()], &gs[r], m);
-                                sg += a;
-                                sgx += g;
-                            }
-                            (sg as f32, (sgx * is) as f32)
-                        })
-                        .collect();
-                    let mut dx = vec![0f32; xs.len()];
-                    dx.par_chunks_mut(hw).enumerate().for_each(|(p, d)| {
-                        let ch = p % c;
-                        let (m, is) = (stats.mean[ch], stats.inv_std[ch]);
-                        let (sg, sgx) = (sums[ch].0 / n, sums[ch].1 / n);
-                        let k = gamma[ch] * is;
-                        let r = p * hw..(p + 1) * hw;
-                        let planes = xs[r.clone()].iter().zip(&ys[r.clone()]).zip(&gs[r]);
-                        for (d, ((&x, &y), &g)) in d.iter_mut().zip(planes) {
-                            let g = if y > 0.0 { g } else { 0.0 };
-                            let xhat = (x - m) * is;
-                            *d = k * (g - sg - xhat * sgx);
-                        }
-                    });
-                    let dgamma: Vec<f32> = sums.iter().map(|s| s.1).collect();
-                    let dbeta: Vec<f32> = sums.iter().map(|s| s.0).collect();
-                    (dx, dgamma, dbeta)
-                })
+                with_data(dy, |gs| relu_backward(xs, ys, gs, (b, c, hw), &stats, &gamma))
             })
         })???;
         let (dx, dgamma, dbeta) = grads;

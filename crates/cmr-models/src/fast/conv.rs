@@ -155,7 +155,7 @@ fn matmul(
 /// (row-major), adding `bias` when given, into `out [b, cout, h, w]`; with
 /// `relu`, each image's output is clamped at zero while it is still in cache.
 #[allow(clippy::too_many_arguments)]
-fn conv_forward(
+pub(super) fn conv_forward(
     x: &[f32],
     b: usize,
     cin: usize,
@@ -208,7 +208,7 @@ fn conv_forward(
             inner,
         );
         if relu {
-            oi.iter_mut().for_each(|v| *v = v.max(0.0));
+            relu_in_place(oi);
         }
     };
     if few {
@@ -286,14 +286,41 @@ fn conv_shifted(
         };
         matmul(wide, n, 1, tap > 0, lhs, rhs, (cout, n, cin), par);
     }
-    for (co, (dst, src)) in out.chunks_mut(hw).zip(wide.chunks(n)).enumerate() {
-        let b = bias.map_or(0.0, |b| b[co]);
-        for (d, s) in dst.chunks_mut(w).zip(src.chunks(wp)) {
-            for (d, &v) in d.iter_mut().zip(&s[..w]) {
-                let v = v + b;
-                *d = if relu { v.max(0.0) } else { v };
+    copy_out(out, wide, [hw, n, w, wp], bias, relu);
+}
+
+simd_fn! {
+    /// `out [cout, h·w]` from the padded-width result `wide [cout, h·wp]`
+    /// (`sizes`: `h·w`, `h·wp`, `w`, `wp`), plus the bias, clamped at zero
+    /// with `relu`.
+    fn copy_out(out: &mut [f32], wide: &[f32], sizes: [usize; 4], bias: Option<&[f32]>, relu: bool) {
+        let [hw, n, w, wp] = sizes;
+        for (co, (dst, src)) in out.chunks_mut(hw).zip(wide.chunks(n)).enumerate() {
+            let b = bias.map_or(0.0, |b| b[co]);
+            for (d, s) in dst.chunks_mut(w).zip(src.chunks(wp)) {
+                for (d, &v) in d.iter_mut().zip(&s[..w]) {
+                    let v = v + b;
+                    *d = if relu { v.max(0.0) } else { v };
+                }
             }
         }
+    }
+
+    /// `v = max(v, 0)`.
+    fn relu_in_place(v: &mut [f32]) {
+        v.iter_mut().for_each(|v| *v = v.max(0.0));
+    }
+
+    /// `db[c] += Σ plane c of g [c, hw]`, in f64.
+    fn add_plane_sums(db: &mut [f64], g: &[f32], hw: usize) {
+        for (co, plane) in g.chunks(hw).enumerate() {
+            db[co] += lane_sum(plane, |v| v);
+        }
+    }
+
+    /// `dy` where `y > 0`, else 0.
+    fn relu_mask(y: &[f32], dy: &[f32]) -> Vec<f32> {
+        y.iter().zip(dy).map(|(&y, &g)| if y > 0.0 { g } else { 0.0 }).collect()
     }
 }
 
@@ -312,9 +339,7 @@ fn conv_weight_grad(
     let hw = h * w;
     let kk = cin * k * k;
     let one = |xi: &[f32], gi: &[f32], dw: &mut Vec<f32>, db: &mut Vec<f64>, scratch: &mut Scratch, par| {
-        for (co, plane) in gi.chunks(hw).enumerate() {
-            db[co] += lane_sum(plane, |v| v);
-        }
+        add_plane_sums(db, gi, hw);
         if k > 1 && hw >= SHIFTED_MIN_PIXELS {
             weight_grad_shifted(xi, gi, (cin, h, w, cout, k), dw, scratch, par);
             return;
@@ -486,37 +511,45 @@ impl CustomOp3 for Conv2dOp {
         res: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (b, cin, h, w) = x.dims4()?;
-        let (cout, _, k, _) = weight.dims4()?;
-        let flipped = with_data(weight, |wt| flip_transpose(wt, cout, cin, k))?;
         // Through the ReLU: the gradient where the output is positive.
         let masked = if self.relu {
-            let m = with_data(res, |ys| {
-                with_data(dy, |gs| {
-                    ys.iter()
-                        .zip(gs)
-                        .map(|(&y, &g)| if y > 0.0 { g } else { 0.0 })
-                        .collect::<Vec<f32>>()
-                })
-            })??;
+            let m = with_data(res, |ys| with_data(dy, |gs| relu_mask(ys, gs)))??;
             Some(m)
         } else {
             None
         };
-        let (dx, (dw, db)) = with_data(dy, |g| {
-            let g = masked.as_deref().unwrap_or(g);
-            let mut dx = vec![0f32; b * cin * h * w];
-            conv_forward(g, b, cout, h, w, &flipped, cin, k, None, false, &mut dx);
-            let grads = with_data(x, |xs| conv_weight_grad(xs, g, b, cin, h, w, cout, k));
-            grads.map(|g| (dx, g))
-        })??;
-        let dev = x.device();
-        Ok((
-            Some(Tensor::from_vec(dx, (b, cin, h, w), dev)?),
-            Some(Tensor::from_vec(dw, (cout, cin, k, k), dev)?),
-            Some(Tensor::from_vec(db, cout, dev)?),
-        ))
+        match masked {
+            Some(g) => backward(x, weight, &g),
+            None => with_data(dy, |g| backward(x, weight, g))?,
+        }
     }
+}
+
+/// The three gradients of the convolution (input, weight, bias) given the
+/// gradient `g` of its output, as tensors. The input gradient is skipped
+/// (`None`) when `x` does not lead to a variable (the network's input image).
+pub(super) fn backward(
+    x: &Tensor,
+    weight: &Tensor,
+    g: &[f32],
+) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    let (b, cin, h, w) = x.dims4()?;
+    let (cout, _, k, _) = weight.dims4()?;
+    let dx = if x.track_op() {
+        let flipped = with_data(weight, |wt| flip_transpose(wt, cout, cin, k))?;
+        let mut dx = vec![0f32; b * cin * h * w];
+        conv_forward(g, b, cout, h, w, &flipped, cin, k, None, false, &mut dx);
+        Some(Tensor::from_vec(dx, (b, cin, h, w), x.device())?)
+    } else {
+        None
+    };
+    let (dw, db) = with_data(x, |xs| conv_weight_grad(xs, g, b, cin, h, w, cout, k))?;
+    let dev = x.device();
+    Ok((
+        dx,
+        Some(Tensor::from_vec(dw, (cout, cin, k, k), dev)?),
+        Some(Tensor::from_vec(db, cout, dev)?),
+    ))
 }
 
 /// Convolution with bias, stride 1, padding `k / 2`: `x [B, Cin, H, W]`,

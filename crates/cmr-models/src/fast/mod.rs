@@ -1,16 +1,61 @@
 //! Fast CPU kernels for the training step, as candle custom ops with their
 //! own backward passes: convolution (stride 1, "same" padding) as packed GEMMs
-//! for the forward, input-gradient and weight-gradient passes, and BatchNorm
-//! fused with ReLU (training and inference), max-pooling and bilinear
-//! up-sampling.
+//! for the forward, input-gradient and weight-gradient passes, BatchNorm
+//! fused with ReLU (training and inference), the whole conv-BN-ReLU layer in
+//! training as one op, max-pooling and bilinear up-sampling.
 //!
 //! They apply to f32 tensors on the CPU only; on any other device (or with the
 //! switch off) the networks use candle's own ops, which compute the same
 //! function. [`set_enabled`] (or `CMR_FAST=0` in the environment) turns the
 //! fast path off, so the two can be compared.
 
+/// Define kernel functions that run compiled for the widest vector
+/// instructions this CPU has.
+///
+/// A release build targets the architecture's baseline (SSE2 on x86-64), so
+/// plain loops use 128-bit vectors and convert f32 to f64 one value at a
+/// time. For each function this defines its body once (always inlined), a
+/// copy compiled with AVX2+FMA and one with AVX-512 enabled, and the function
+/// itself, which calls the copy for this CPU (decided once, at run time) so
+/// that the binary still runs on any x86-64. Only loops inside the body gain:
+/// closures handed to rayon are separate functions, so the functions defined
+/// here are the per-task work.
+macro_rules! simd_fn {
+    ($(
+        $(#[$meta:meta])*
+        $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block
+    )*) => {$(
+        $(#[$meta])*
+        #[allow(clippy::too_many_arguments)]
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn imp($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+            unsafe fn avx512($($arg: $ty),*) $(-> $ret)? {
+                imp($($arg),*)
+            }
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
+                imp($($arg),*)
+            }
+            match $crate::fast::simd_level() {
+                // SAFETY: `simd_level` found AVX-512 on this CPU.
+                #[cfg(target_arch = "x86_64")]
+                3 => unsafe { avx512($($arg),*) },
+                // SAFETY: `simd_level` found AVX2 and FMA on this CPU.
+                #[cfg(target_arch = "x86_64")]
+                2 => unsafe { avx2($($arg),*) },
+                _ => imp($($arg),*),
+            }
+        }
+    )*};
+}
+
 mod bn;
 mod conv;
+mod fused;
 mod pool;
 mod upsample;
 
@@ -20,6 +65,7 @@ use candle_core::{CpuStorage, DType, Layout, Result, Storage, Tensor};
 
 pub use bn::{BnStats, bn_relu_eval, bn_relu_train};
 pub use conv::{conv2d, conv2d_relu};
+pub use fused::conv_bn_relu_train;
 pub use pool::{Argmax, max_pool, max_pool_with_argmax, max_unpool};
 pub use upsample::upsample_bilinear;
 
@@ -74,6 +120,7 @@ fn with_data<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
 pub(crate) const LANES: usize = 8;
 
 /// `Σ f(x)` over `x` in f64, lane by lane.
+#[inline(always)]
 pub(crate) fn lane_sum(x: &[f32], f: impl Fn(f64) -> f64) -> f64 {
     let mut acc = [0f64; LANES];
     let chunks = x.chunks_exact(LANES);
@@ -86,7 +133,126 @@ pub(crate) fn lane_sum(x: &[f32], f: impl Fn(f64) -> f64) -> f64 {
     acc.iter().sum::<f64>() + tail
 }
 
+/// 0: not yet detected, 1: baseline only, 2: AVX2+FMA, 3: AVX-512.
+static SIMD: AtomicU8 = AtomicU8::new(0);
+
+/// The vector instructions [`simd_fn!`] kernels run with: the widest this CPU
+/// has, unless `CMR_SIMD=0` (or [`set_simd`]) asks for the baseline.
+pub(crate) fn simd_level() -> u8 {
+    match SIMD.load(Ordering::Relaxed) {
+        0 => {
+            let off = std::env::var("CMR_SIMD").is_ok_and(|v| v == "0");
+            let level = if off { 1 } else { detect_simd() };
+            SIMD.store(level, Ordering::Relaxed);
+            level
+        }
+        level => level,
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn detect_simd() -> u8 {
+    if std::is_x86_feature_detected!("avx512f")
+        && std::is_x86_feature_detected!("avx512bw")
+        && std::is_x86_feature_detected!("avx512dq")
+        && std::is_x86_feature_detected!("avx512vl")
+    {
+        3
+    } else if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        2
+    } else {
+        1
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn detect_simd() -> u8 {
+    1
+}
+
+/// Use the widest vector instructions the CPU has (`true`, the default) or
+/// the build's baseline (`false`) in the kernels' loops. Both give the same
+/// bits: Rust neither fuses multiply-adds nor reorders float arithmetic on
+/// its own, so only the width of the instructions changes.
+pub fn set_simd(widest: bool) {
+    SIMD.store(if widest { detect_simd() } else { 1 }, Ordering::Relaxed);
+}
+
 /// Threads the kernels may use.
 fn threads() -> usize {
     rayon::current_num_threads().max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// Deterministic pseudo-random values in [-1, 1) (candle's CPU generator
+    /// cannot be seeded).
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 23) as f32) - 1.0
+            })
+            .collect()
+    }
+
+    fn var(shape: &[usize], seed: u64, scale: f32, offset: f32) -> Var {
+        let n = shape.iter().product();
+        let v: Vec<f32> = values(n, seed).iter().map(|x| x * scale + offset).collect();
+        Var::from_tensor(&Tensor::from_vec(v, shape, &Device::Cpu).unwrap()).unwrap()
+    }
+
+    /// Every kernel in one small network (both convolution methods, the
+    /// fused layer, BatchNorm+ReLU, pooling, un-pooling, up-sampling):
+    /// output and gradients as flat vectors.
+    fn run_all() -> Vec<Vec<f32>> {
+        let x = var(&[3, 4, 36, 40], 1, 1.0, 0.0);
+        let w1 = var(&[6, 4, 3, 3], 2, 0.3, 0.0);
+        let b1 = var(&[6], 3, 0.3, 0.0);
+        let gamma = var(&[6], 4, 0.3, 1.0);
+        let beta = var(&[6], 5, 0.3, 0.0);
+        let w2 = var(&[6, 6, 3, 3], 6, 0.3, 0.0);
+        let w3 = var(&[5, 6, 3, 3], 7, 0.3, 0.0);
+        let b3 = var(&[5], 8, 0.3, 0.0);
+        let (y, _) = conv_bn_relu_train(&x, &w1, &b1, &gamma, &beta, 1e-5).unwrap();
+        let (y, _) = bn_relu_train(&conv2d(&y, &w2, &b1).unwrap(), &gamma, &beta, 1e-5).unwrap();
+        let (p, arg) = max_pool_with_argmax(&y, 2).unwrap();
+        let z = conv2d_relu(&p, &w3, &b3).unwrap();
+        let (z, arg2) = max_pool_with_argmax(&z, 2).unwrap();
+        let out = (max_unpool(&z, &arg2).unwrap() + upsample_bilinear(&z, 2).unwrap()).unwrap();
+        let _ = arg;
+        let n = out.elem_count();
+        let probe = Tensor::from_vec(values(n, 9), out.dims(), &Device::Cpu).unwrap();
+        let grads = (&out * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let mut all = vec![flat(&out)];
+        for v in [&x, &w1, &b1, &gamma, &beta, &w2, &w3, &b3] {
+            all.push(flat(grads.get(v.as_tensor()).unwrap()));
+        }
+        all
+    }
+
+    /// The kernels compiled for the widest vectors give the same bits as
+    /// the baseline build, values and gradients.
+    #[test]
+    fn vector_width_does_not_change_results() {
+        set_simd(true);
+        let wide = run_all();
+        set_simd(false);
+        let base = run_all();
+        set_simd(true);
+        assert_eq!(wide.len(), 9);
+        for (i, (a, b)) in wide.iter().zip(&base).enumerate() {
+            assert!(
+                !a.is_empty() && a.iter().any(|v| *v != 0.0),
+                "output {i} is empty or zero"
+            );
+            let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(same, "output {i} differs between vector widths");
+        }
+    }
 }

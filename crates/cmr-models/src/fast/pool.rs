@@ -8,6 +8,29 @@ use rayon::prelude::*;
 
 use super::{slice, with_data};
 
+simd_fn! {
+    /// One plane `[ho·k, wo·k]` (rows `w` apart): each window's maximum into
+    /// `o`, its flat position into `a` (the first maximum, NaN winning).
+    fn pool_plane(o: &mut [f32], a: &mut [u32], plane: &[f32], k: usize, w: usize, ho: usize, wo: usize) {
+        for oy in 0..ho {
+            for ox in 0..wo {
+                let (mut best, mut at) = (f32::NEG_INFINITY, oy * k * w + ox * k);
+                for dy in 0..k {
+                    let row = (oy * k + dy) * w + ox * k;
+                    for (dx, &v) in plane[row..row + k].iter().enumerate() {
+                        if v > best || v.is_nan() {
+                            best = v;
+                            at = row + dx;
+                        }
+                    }
+                }
+                o[oy * wo + ox] = best;
+                a[oy * wo + ox] = at as u32;
+            }
+        }
+    }
+}
+
 struct MaxPoolOp {
     k: usize,
     /// For every output, the flat index of its maximum in the input plane.
@@ -32,24 +55,7 @@ impl CustomOp1 for MaxPoolOp {
         out.par_chunks_mut(ho * wo)
             .zip(arg.par_chunks_mut(ho * wo))
             .zip(x.par_chunks(h * w))
-            .for_each(|((o, a), plane)| {
-                for oy in 0..ho {
-                    for ox in 0..wo {
-                        let (mut best, mut at) = (f32::NEG_INFINITY, oy * k * w + ox * k);
-                        for dy in 0..k {
-                            let row = (oy * k + dy) * w + ox * k;
-                            for (dx, &v) in plane[row..row + k].iter().enumerate() {
-                                if v > best || v.is_nan() {
-                                    best = v;
-                                    at = row + dx;
-                                }
-                            }
-                        }
-                        o[oy * wo + ox] = best;
-                        a[oy * wo + ox] = at as u32;
-                    }
-                }
-            });
+            .for_each(|((o, a), plane)| pool_plane(o, a, plane, k, w, ho, wo));
         *self.argmax.lock().expect("argmax lock") = arg;
         Ok((CpuStorage::F32(out), Shape::from((b, c, ho, wo))))
     }

@@ -36,43 +36,45 @@ fn taps(n: usize, factor: usize) -> Taps {
     t
 }
 
-/// One plane `[h, w]` → `[h·f, w·f]`.
-fn up_plane(x: &[f32], w: usize, th: &Taps, tw: &Taps, rows: &mut Vec<f32>, y: &mut [f32]) {
-    let wo = tw.lo.len();
-    let h = x.len() / w;
-    rows.resize(h * wo, 0.0);
-    for (xr, tr) in x.chunks(w).zip(rows.chunks_mut(wo)) {
-        for (o, ((&a, &b), &l)) in tr.iter_mut().zip(tw.lo.iter().zip(&tw.hi).zip(&tw.lambda)) {
-            *o = xr[a] * (1.0 - l) + xr[b] * l;
+simd_fn! {
+    /// One plane `[h, w]` → `[h·f, w·f]`.
+    fn up_plane(x: &[f32], w: usize, th: &Taps, tw: &Taps, rows: &mut Vec<f32>, y: &mut [f32]) {
+        let wo = tw.lo.len();
+        let h = x.len() / w;
+        rows.resize(h * wo, 0.0);
+        for (xr, tr) in x.chunks(w).zip(rows.chunks_mut(wo)) {
+            for (o, ((&a, &b), &l)) in tr.iter_mut().zip(tw.lo.iter().zip(&tw.hi).zip(&tw.lambda)) {
+                *o = xr[a] * (1.0 - l) + xr[b] * l;
+            }
+        }
+        for (yr, ((&a, &b), &l)) in y.chunks_mut(wo).zip(th.lo.iter().zip(&th.hi).zip(&th.lambda)) {
+            let (ra, rb) = (&rows[a * wo..][..wo], &rows[b * wo..][..wo]);
+            for ((o, &va), &vb) in yr.iter_mut().zip(ra).zip(rb) {
+                *o = va * (1.0 - l) + vb * l;
+            }
         }
     }
-    for (yr, ((&a, &b), &l)) in y.chunks_mut(wo).zip(th.lo.iter().zip(&th.hi).zip(&th.lambda)) {
-        let (ra, rb) = (&rows[a * wo..][..wo], &rows[b * wo..][..wo]);
-        for ((o, &va), &vb) in yr.iter_mut().zip(ra).zip(rb) {
-            *o = va * (1.0 - l) + vb * l;
-        }
-    }
-}
 
-/// The adjoint of [`up_plane`]: `dy [h·f, w·f]` → `dx [h, w]`.
-fn up_plane_adjoint(dy: &[f32], w: usize, th: &Taps, tw: &Taps, rows: &mut Vec<f32>, dx: &mut [f32]) {
-    let wo = tw.lo.len();
-    let h = dx.len() / w;
-    rows.clear();
-    rows.resize(h * wo, 0.0);
-    for (gr, ((&a, &b), &l)) in dy.chunks(wo).zip(th.lo.iter().zip(&th.hi).zip(&th.lambda)) {
-        for (o, &g) in rows[a * wo..][..wo].iter_mut().zip(gr) {
-            *o += g * (1.0 - l);
+    /// The adjoint of [`up_plane`]: `dy [h·f, w·f]` → `dx [h, w]`.
+    fn up_plane_adjoint(dy: &[f32], w: usize, th: &Taps, tw: &Taps, rows: &mut Vec<f32>, dx: &mut [f32]) {
+        let wo = tw.lo.len();
+        let h = dx.len() / w;
+        rows.clear();
+        rows.resize(h * wo, 0.0);
+        for (gr, ((&a, &b), &l)) in dy.chunks(wo).zip(th.lo.iter().zip(&th.hi).zip(&th.lambda)) {
+            for (o, &g) in rows[a * wo..][..wo].iter_mut().zip(gr) {
+                *o += g * (1.0 - l);
+            }
+            for (o, &g) in rows[b * wo..][..wo].iter_mut().zip(gr) {
+                *o += g * l;
+            }
         }
-        for (o, &g) in rows[b * wo..][..wo].iter_mut().zip(gr) {
-            *o += g * l;
-        }
-    }
-    dx.fill(0.0);
-    for (dr, tr) in dx.chunks_mut(w).zip(rows.chunks(wo)) {
-        for (&g, ((&a, &b), &l)) in tr.iter().zip(tw.lo.iter().zip(&tw.hi).zip(&tw.lambda)) {
-            dr[a] += g * (1.0 - l);
-            dr[b] += g * l;
+        dx.fill(0.0);
+        for (dr, tr) in dx.chunks_mut(w).zip(rows.chunks(wo)) {
+            for (&g, ((&a, &b), &l)) in tr.iter().zip(tw.lo.iter().zip(&tw.hi).zip(&tw.lambda)) {
+                dr[a] += g * (1.0 - l);
+                dr[b] += g * l;
+            }
         }
     }
 }
