@@ -230,8 +230,9 @@ impl ModuleT for ConvStack {
 /// output block. Weights: `weight` `[in, out, 2, 2]` (PyTorch's layout),
 /// `bias` `[out]`.
 ///
-/// Computed as one matrix product, `[B·H·W, in] × [in, out·4]`, then a
-/// rearrangement of the blocks; both steps are differentiable on every device.
+/// On the CPU fast path, one custom op (`fast::upconv2x2`); otherwise one
+/// matrix product, `[B·H·W, in] × [in, out·4]`, then a rearrangement of the
+/// blocks, both differentiable on every device.
 #[derive(Clone, Debug)]
 pub struct UpConv2x2 {
     weight: Tensor,
@@ -256,6 +257,9 @@ impl UpConv2x2 {
 impl Module for UpConv2x2 {
     /// `[B, in, H, W] -> [B, out, 2H, 2W]`
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if fast::applies(xs) {
+            return fast::upconv2x2(xs, &self.weight, &self.bias);
+        }
         let (b, cin, h, w) = xs.dims4()?;
         let cout = self.out_channels;
         // [B, in, H, W] -> [B·H·W, in]

@@ -86,14 +86,14 @@ fn unfold_plane(plane: &[f32], h: usize, w: usize, k: usize, rows: &mut [f32]) {
 
 /// A matrix view on a slice: element `(i, j)` is `data[i·rs + j·cs]`.
 #[derive(Clone, Copy)]
-struct View<'a> {
-    data: &'a [f32],
-    rs: usize,
-    cs: usize,
+pub(super) struct View<'a> {
+    pub(super) data: &'a [f32],
+    pub(super) rs: usize,
+    pub(super) cs: usize,
 }
 
 /// The row-major view of a `[rows, cols]` slice, and its transpose.
-fn rows(data: &[f32], cols: usize) -> View<'_> {
+pub(super) fn rows(data: &[f32], cols: usize) -> View<'_> {
     View { data, rs: cols, cs: 1 }
 }
 fn transposed(data: &[f32], cols: usize) -> View<'_> {
@@ -108,7 +108,7 @@ fn fits(len: usize, m: usize, n: usize, rs: usize, cs: usize) -> bool {
 /// `dst [m, n] (+)= lhs [m, k] · rhs [k, n]` on strided views (`dst`'s
 /// strides `dst_rs`, `dst_cs`), with `gemm`'s packed kernels.
 #[allow(clippy::too_many_arguments)]
-fn matmul(
+pub(super) fn matmul(
     dst: &mut [f32],
     dst_rs: usize,
     dst_cs: usize,

@@ -2,7 +2,8 @@
 //! own backward passes: convolution (stride 1, "same" padding) as packed GEMMs
 //! for the forward, input-gradient and weight-gradient passes, BatchNorm
 //! fused with ReLU (training and inference), the whole conv-BN-ReLU layer in
-//! training as one op, max-pooling and bilinear up-sampling.
+//! training as one op, max-pooling, the 2×2 transposed convolution and
+//! bilinear up-sampling.
 //!
 //! They apply to f32 tensors on the CPU only; on any other device (or with the
 //! switch off) the networks use candle's own ops, which compute the same
@@ -57,6 +58,7 @@ mod bn;
 mod conv;
 mod fused;
 mod pool;
+mod upconv;
 mod upsample;
 
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -67,6 +69,7 @@ pub use bn::{BnStats, bn_relu_eval, bn_relu_train};
 pub use conv::{conv2d, conv2d_relu};
 pub use fused::conv_bn_relu_train;
 pub use pool::{Argmax, max_pool, max_pool_with_argmax, max_unpool};
+pub use upconv::upconv2x2;
 pub use upsample::upsample_bilinear;
 
 /// 0: not yet read from the environment, 1: on, 2: off.
