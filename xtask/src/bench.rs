@@ -1,5 +1,7 @@
 //! `cargo xtask bench`: our step benchmark next to the PyTorch reference of
-//! the same networks, same shapes, same thread count, in one table.
+//! the same networks, same shapes, same thread count, in one table. With
+//! `--rounds N` the two sides alternate N times and each figure is its best
+//! round.
 //!
 //! The PyTorch side (`xtask/bench/torch_reference.py`) runs when a Python with
 //! `torch` is found: `--python PATH`, else `$CMR_TORCH_PYTHON`, else
@@ -24,6 +26,8 @@ struct Row {
 #[derive(Clone, Debug)]
 pub struct BenchOptions {
     pub runs: usize,
+    /// Alternating rounds of both sides; the best round counts.
+    pub rounds: usize,
     pub threads: usize,
     pub archs: Vec<String>,
     pub widths: Vec<String>,
@@ -105,26 +109,81 @@ fn torch(opts: &BenchOptions) -> anyhow::Result<Option<Vec<Row>>> {
     Ok(Some(parse(&out.stdout)))
 }
 
-/// Run both and print the table (markdown) on stdout.
+/// Each row's best (lowest) figure over the rounds.
+fn best(rounds: &[Vec<Row>]) -> BTreeMap<(String, String, String), f64> {
+    let mut best = BTreeMap::new();
+    for r in rounds.iter().flatten() {
+        let e = best.entry(key(r)).or_insert(f64::INFINITY);
+        *e = r.ms.min(*e);
+    }
+    best
+}
+
+fn key(r: &Row) -> (String, String, String) {
+    (r.widths.clone(), r.arch.clone(), r.what.clone())
+}
+
+/// Run both (alternating, `rounds` times) and return the table (markdown).
 pub fn run(opts: &BenchOptions) -> anyhow::Result<String> {
-    let ours = ours(opts)?;
-    let theirs = if opts.torch { torch(opts)? } else { None };
-    let key = |r: &Row| (r.widths.clone(), r.arch.clone(), r.what.clone());
-    let theirs: BTreeMap<_, f64> = theirs.unwrap_or_default().iter().map(|r| (key(r), r.ms)).collect();
+    let (mut ours_rounds, mut theirs_rounds) = (Vec::new(), Vec::new());
+    let mut torch_ok = opts.torch;
+    for round in 1..=opts.rounds.max(1) {
+        if opts.rounds > 1 {
+            tracing::info!("round {round} of {}", opts.rounds);
+        }
+        ours_rounds.push(ours(opts)?);
+        if torch_ok {
+            match torch(opts)? {
+                Some(rows) => theirs_rounds.push(rows),
+                None => torch_ok = false,
+            }
+        }
+    }
+    // Rows in our benchmark's order, each at its best round.
+    let ours_best = best(&ours_rounds);
+    let theirs = best(&theirs_rounds);
+    let order: Vec<&Row> = ours_rounds.first().map(|r| r.iter().collect()).unwrap_or_default();
     let mut table = String::from(
         "| network | widths | what | cmr (ms) | PyTorch (ms) | cmr / PyTorch |\n|---|---|---|---|---|---|\n",
     );
-    for r in &ours {
+    for r in order {
+        let ms = ours_best.get(&key(r)).copied().unwrap_or(r.ms);
         let t = theirs.get(&key(r));
         table.push_str(&format!(
             "| {} | {} | {} | {:.1} | {} | {} |\n",
             r.arch,
             r.widths,
             r.what,
-            r.ms,
+            ms,
             t.map_or("–".into(), |t| format!("{t:.1}")),
-            t.map_or("–".into(), |t| format!("{:.2}×", r.ms / t)),
+            t.map_or("–".into(), |t| format!("{:.2}×", ms / t)),
         ));
     }
     Ok(table)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(what: &str, ms: f64) -> Row {
+        Row {
+            arch: "unet".into(),
+            widths: "small".into(),
+            what: what.into(),
+            ms,
+        }
+    }
+
+    #[test]
+    fn best_takes_each_rows_lowest_round() {
+        let rounds = vec![
+            vec![row("train b4", 120.0), row("infer b1", 10.0)],
+            vec![row("train b4", 100.0), row("infer b1", 12.0)],
+        ];
+        let b = best(&rounds);
+        assert_eq!(b[&key(&row("train b4", 0.0))], 100.0);
+        assert_eq!(b[&key(&row("infer b1", 0.0))], 10.0);
+        assert_eq!(b.len(), 2);
+    }
 }

@@ -37,6 +37,11 @@ struct BenchArgs {
     /// Timed runs per figure (the median is reported).
     #[arg(long, default_value_t = 5)]
     runs: usize,
+    /// Rounds, alternating our side and PyTorch's; each figure is the best
+    /// round's median (the speed of a shared or virtual machine drifts over
+    /// minutes, and one round of each can compare a fast minute with a slow one).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    rounds: u32,
     /// Threads for both sides.
     #[arg(long, default_value_t = 2)]
     threads: usize,
@@ -188,6 +193,7 @@ fn main() -> ExitCode {
         Command::Test(args) => xtask::testall::run(&args.packages, &args.extra),
         Command::Bench(args) => xtask::bench::run(&xtask::bench::BenchOptions {
             runs: args.runs,
+            rounds: args.rounds as usize,
             threads: args.threads,
             archs: args.archs,
             widths: args.widths,
