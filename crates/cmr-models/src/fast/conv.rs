@@ -237,12 +237,22 @@ fn pad(x: &[f32], c: usize, h: usize, w: usize, k: usize, buf: &mut Vec<f32>) ->
     let p = k / 2;
     let (hp, wp) = (h + 2 * p, w + 2 * p);
     let plane = hp * wp + k - 1;
-    buf.clear();
+    // Every element is written below (the buffer keeps an earlier call's
+    // values): no zero-fill of the whole buffer first.
     buf.resize(c * plane, 0.0);
     for (dst, src) in buf.chunks_mut(plane).zip(x.chunks(h * w)) {
-        for (y, row) in src.chunks(w).enumerate() {
-            dst[(y + p) * wp + p..][..w].copy_from_slice(row);
+        let (rows, spare) = dst.split_at_mut(hp * wp);
+        for (r, out) in rows.chunks_mut(wp).enumerate() {
+            match r.checked_sub(p).filter(|&y| y < h) {
+                Some(y) => {
+                    out[..p].fill(0.0);
+                    out[p..p + w].copy_from_slice(&src[y * w..][..w]);
+                    out[p + w..].fill(0.0);
+                }
+                None => out.fill(0.0),
+            }
         }
+        spare.fill(0.0);
     }
     Padded { wp, plane }
 }
