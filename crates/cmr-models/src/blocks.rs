@@ -176,12 +176,10 @@ impl ModuleT for ConvBnRelu {
     /// `[B, in, H, W] -> [B, out, H, W]`
     fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
         if !train && fast::applies(xs) {
-            // Inference: BatchNorm folded into the convolution, ReLU applied
-            // to each image's output while it is in cache.
+            // Inference: BatchNorm (running statistics) and ReLU applied to
+            // each image's output while it is in cache.
             let (scale, shift) = self.bn.folded()?;
-            let weight = self.conv.weight.broadcast_mul(&scale.reshape(((), 1, 1, 1))?)?;
-            let bias = (self.conv.bias.mul(&scale)? + shift)?;
-            return fast::conv2d_relu(xs, &weight, &bias);
+            return fast::conv2d_affine_relu(xs, &self.conv.weight, &self.conv.bias, &scale, &shift);
         }
         if train && fast::applies(xs) {
             // Training: the whole layer as one op (see `fast::conv_bn_relu_train`).

@@ -57,3 +57,16 @@ pub fn widen(v: &[f32]) -> Vec<f64> {
 pub fn narrow(v: &[f64]) -> Vec<f32> {
     v.iter().map(|&x| x as f32).collect()
 }
+
+/// Deterministic pseudo-random values in [-1, 1) (candle's CPU generator
+/// cannot be seeded): fixed probes keep finite-difference checks near ReLU
+/// kinks reproducible.
+pub fn fixed_values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 23) as f32) - 1.0
+        })
+        .collect()
+}

@@ -151,9 +151,28 @@ pub(super) fn matmul(
     }
 }
 
+/// What happens to each output value `v` of a convolution while it is still
+/// in cache: `((v + bias)·scale + shift)`, each part optional, then a ReLU.
+#[derive(Clone, Copy, Default)]
+pub(super) struct Epilogue<'a> {
+    pub(super) bias: Option<&'a [f32]>,
+    /// Per-channel `(scale, shift)`: inference-mode BatchNorm.
+    pub(super) affine: Option<(&'a [f32], &'a [f32])>,
+    pub(super) relu: bool,
+}
+
+impl<'a> Epilogue<'a> {
+    pub(super) fn bias(bias: &'a [f32]) -> Self {
+        Self {
+            bias: Some(bias),
+            ..Self::default()
+        }
+    }
+}
+
 /// Convolve `b` images `x [b, cin, h, w]` with `weight [cout, cin·k·k]`
-/// (row-major), adding `bias` when given, into `out [b, cout, h, w]`; with
-/// `relu`, each image's output is clamped at zero while it is still in cache.
+/// (row-major) into `out [b, cout, h, w]`, applying `epi` to each image's
+/// output while it is still in cache.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn conv_forward(
     x: &[f32],
@@ -164,12 +183,12 @@ pub(super) fn conv_forward(
     weight: &[f32],
     cout: usize,
     k: usize,
-    bias: Option<&[f32]>,
-    relu: bool,
+    epi: Epilogue,
     out: &mut [f32],
 ) {
     let hw = h * w;
     let kk = cin * k * k;
+    let bias = epi.bias;
     // Few images: parallelise inside each image (im2col and GEMM); many:
     // across images.
     let few = b < threads();
@@ -181,7 +200,7 @@ pub(super) fn conv_forward(
     let run = |xi: &[f32], oi: &mut [f32], scratch: &mut Scratch| {
         if k > 1 && hw >= SHIFTED_MIN_PIXELS {
             let shape = (cin, h, w, cout, k);
-            conv_shifted(xi, shape, weight, bias, relu, oi, scratch, inner);
+            conv_shifted(xi, shape, weight, epi, oi, scratch, inner);
             return;
         }
         if let Some(bias) = bias {
@@ -207,8 +226,10 @@ pub(super) fn conv_forward(
             (cout, hw, kk),
             inner,
         );
-        if relu {
-            relu_in_place(oi);
+        match epi.affine {
+            Some((scale, shift)) => affine_in_place(oi, hw, scale, shift, epi.relu),
+            None if epi.relu => relu_in_place(oi),
+            None => {}
         }
     };
     if few {
@@ -263,14 +284,12 @@ fn pad(x: &[f32], c: usize, h: usize, w: usize, k: usize, buf: &mut Vec<f32>) ->
 /// `Σ_tap W_tap · Xpad[:, q + offset(tap)]`: `k·k` GEMMs of depth `cin`, each
 /// reading the padded input in place through a shifted view, accumulated
 /// into a `[cout, h·wp]` result whose last `2p` columns per row are dropped.
-/// Bias and ReLU are applied while copying the result out.
-#[allow(clippy::too_many_arguments)]
+/// The epilogue is applied while copying the result out.
 fn conv_shifted(
     xi: &[f32],
     (cin, h, w, cout, k): (usize, usize, usize, usize, usize),
     weight: &[f32],
-    bias: Option<&[f32]>,
-    relu: bool,
+    epi: Epilogue,
     out: &mut [f32],
     scratch: &mut Scratch,
     par: Parallelism,
@@ -296,7 +315,10 @@ fn conv_shifted(
         };
         matmul(wide, n, 1, tap > 0, lhs, rhs, (cout, n, cin), par);
     }
-    copy_out(out, wide, [hw, n, w, wp], bias, relu);
+    match epi.affine {
+        Some((scale, shift)) => copy_out_affine(out, wide, [hw, n, w, wp], epi.bias, scale, shift, epi.relu),
+        None => copy_out(out, wide, [hw, n, w, wp], epi.bias, epi.relu),
+    }
 }
 
 simd_fn! {
@@ -312,6 +334,40 @@ simd_fn! {
                     let v = v + b;
                     *d = if relu { v.max(0.0) } else { v };
                 }
+            }
+        }
+    }
+
+    /// As [`copy_out`], with `(v + bias)·scale + shift` per channel.
+    fn copy_out_affine(
+        out: &mut [f32],
+        wide: &[f32],
+        sizes: [usize; 4],
+        bias: Option<&[f32]>,
+        scale: &[f32],
+        shift: &[f32],
+        relu: bool,
+    ) {
+        let [hw, n, w, wp] = sizes;
+        for (co, (dst, src)) in out.chunks_mut(hw).zip(wide.chunks(n)).enumerate() {
+            let (b, a, t) = (bias.map_or(0.0, |b| b[co]), scale[co], shift[co]);
+            for (d, s) in dst.chunks_mut(w).zip(src.chunks(wp)) {
+                for (d, &v) in d.iter_mut().zip(&s[..w]) {
+                    let v = (v + b) * a + t;
+                    *d = if relu { v.max(0.0) } else { v };
+                }
+            }
+        }
+    }
+
+    /// `v = v·scale + shift` per channel of `v [c, hw]` (the bias is already
+    /// in `v`), clamped at zero with `relu`.
+    fn affine_in_place(v: &mut [f32], hw: usize, scale: &[f32], shift: &[f32], relu: bool) {
+        for (co, plane) in v.chunks_mut(hw).enumerate() {
+            let (a, t) = (scale[co], shift[co]);
+            for v in plane.iter_mut() {
+                let u = *v * a + t;
+                *v = if relu { u.max(0.0) } else { u };
             }
         }
     }
@@ -506,8 +562,11 @@ impl CustomOp3 for Conv2dOp {
             slice(s2, l2)?,
             cout,
             k,
-            Some(slice(s3, l3)?),
-            self.relu,
+            Epilogue {
+                bias: Some(slice(s3, l3)?),
+                affine: None,
+                relu: self.relu,
+            },
             &mut out,
         );
         Ok((CpuStorage::F32(out), Shape::from((b, cout, h, w))))
@@ -548,7 +607,7 @@ pub(super) fn backward(
     let dx = if x.track_op() {
         let flipped = with_data(weight, |wt| flip_transpose(wt, cout, cin, k))?;
         let mut dx = vec![0f32; b * cin * h * w];
-        conv_forward(g, b, cout, h, w, &flipped, cin, k, None, false, &mut dx);
+        conv_forward(g, b, cout, h, w, &flipped, cin, k, Epilogue::default(), &mut dx);
         Some(Tensor::from_vec(dx, (b, cin, h, w), x.device())?)
     } else {
         None
@@ -575,7 +634,131 @@ pub fn conv2d_relu(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor>
     conv2d_op(x, weight, bias, true)
 }
 
-fn conv2d_op(x: &Tensor, weight: &Tensor, bias: &Tensor, relu: bool) -> Result<Tensor> {
+/// Inference-mode conv-BN-ReLU, `relu((conv(x, w) + bias)·scale + shift)`,
+/// with `[bias; scale; shift]` packed into one input (`3·Cout`).
+///
+/// BatchNorm is applied to the output while it is in cache instead of being
+/// folded into the weights: folding costs a pass over every weight on every
+/// call, which at SegNet's widths (29 M weights) and one image is more than
+/// the activations it saves. The backward pass (rare: gradients in
+/// inference mode) recomputes the convolution rather than keeping it.
+struct ConvAffineReluOp;
+
+simd_fn! {
+    /// Through `relu(z·a + t)` for one plane: `dz = g·a` where the output is
+    /// positive (else 0); returns `(Σ g·z, Σ g)` over the positive ones, in
+    /// f64.
+    fn affine_relu_backward_plane(dz: &mut [f32], z: &[f32], dy: &[f32], a: f32, t: f32) -> (f64, f64) {
+        let (mut sgz, mut sg) = (0f64, 0f64);
+        for ((d, &zv), &g) in dz.iter_mut().zip(z).zip(dy) {
+            let g = if zv * a + t > 0.0 { g } else { 0.0 };
+            *d = g * a;
+            sgz += f64::from(g) * f64::from(zv);
+            sg += f64::from(g);
+        }
+        (sgz, sg)
+    }
+}
+
+impl CustomOp3 for ConvAffineReluOp {
+    fn name(&self) -> &'static str {
+        "cmr-conv-affine-relu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (b, cin, h, w) = dims4(l1)?;
+        let (cout, _, k, _) = dims4(l2)?;
+        let packed = slice(s3, l3)?;
+        let epi = Epilogue {
+            bias: Some(&packed[..cout]),
+            affine: Some((&packed[cout..2 * cout], &packed[2 * cout..])),
+            relu: true,
+        };
+        let mut out = vec![0f32; b * cout * h * w];
+        conv_forward(slice(s1, l1)?, b, cin, h, w, slice(s2, l2)?, cout, k, epi, &mut out);
+        Ok((CpuStorage::F32(out), Shape::from((b, cout, h, w))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        packed: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (b, cin, h, w) = x.dims4()?;
+        let (cout, _, k, _) = weight.dims4()?;
+        let hw = h * w;
+        let params = packed.to_vec1::<f32>()?;
+        let (bias, scale, shift) = (&params[..cout], &params[cout..2 * cout], &params[2 * cout..]);
+        // The convolution plus bias again, exactly as the forward pass had it.
+        let z = with_data(x, |xs| {
+            with_data(weight, |wt| {
+                let mut z = vec![0f32; b * cout * hw];
+                conv_forward(xs, b, cin, h, w, wt, cout, k, Epilogue::bias(bias), &mut z);
+                z
+            })
+        })??;
+        let mut dz = vec![0f32; z.len()];
+        let per_plane: Vec<(f64, f64)> = with_data(dy, |g| {
+            dz.par_chunks_mut(hw)
+                .zip(z.par_chunks(hw).zip(g.par_chunks(hw)))
+                .enumerate()
+                .map(|(p, (d, (zp, gp)))| affine_relu_backward_plane(d, zp, gp, scale[p % cout], shift[p % cout]))
+                .collect()
+        })?;
+        let (mut dscale, mut dshift) = (vec![0f64; cout], vec![0f64; cout]);
+        for (p, (sgz, sg)) in per_plane.into_iter().enumerate() {
+            dscale[p % cout] += sgz;
+            dshift[p % cout] += sg;
+        }
+        let (dx, dw, dbias) = backward(x, weight, &dz)?;
+        let dbias = match dbias {
+            Some(t) => t.to_vec1::<f32>()?,
+            None => candle_core::bail!("conv backward gave no bias gradient"),
+        };
+        let dpacked: Vec<f32> = dbias
+            .into_iter()
+            .chain(dscale.into_iter().map(|v| v as f32))
+            .chain(dshift.into_iter().map(|v| v as f32))
+            .collect();
+        Ok((dx, dw, Some(Tensor::from_vec(dpacked, 3 * cout, x.device())?)))
+    }
+}
+
+/// Inference-mode conv-BN-ReLU: `relu((conv(x, weight) + bias)·scale +
+/// shift)`, `scale` and `shift` `[Cout]` being BatchNorm with its running
+/// statistics folded in (`BatchNorm2d::folded`). CPU and f32 only; see
+/// [`super::applies`].
+pub fn conv2d_affine_relu(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    scale: &Tensor,
+    shift: &Tensor,
+) -> Result<Tensor> {
+    check_shapes(x, weight)?;
+    let cout = weight.dim(0)?;
+    for (name, t) in [("bias", bias), ("scale", scale), ("shift", shift)] {
+        if t.dims() != [cout] {
+            candle_core::bail!("fast conv2d_affine_relu: {name} {:?} for {cout} channels", t.dims());
+        }
+    }
+    let packed = Tensor::cat(&[bias, scale, shift], 0)?;
+    x.contiguous()?
+        .apply_op3(&weight.contiguous()?, &packed, ConvAffineReluOp)
+}
+
+fn check_shapes(x: &Tensor, weight: &Tensor) -> Result<()> {
     let (_, cin, _, _) = x.dims4()?;
     let (_, wcin, k, k2) = weight.dims4()?;
     if wcin != cin || k != k2 || k % 2 == 0 {
@@ -585,6 +768,11 @@ fn conv2d_op(x: &Tensor, weight: &Tensor, bias: &Tensor, relu: bool) -> Result<T
             weight.dims()
         );
     }
+    Ok(())
+}
+
+fn conv2d_op(x: &Tensor, weight: &Tensor, bias: &Tensor, relu: bool) -> Result<Tensor> {
+    check_shapes(x, weight)?;
     x.contiguous()?
         .apply_op3(&weight.contiguous()?, &bias.contiguous()?, Conv2dOp { relu })
 }
@@ -592,7 +780,7 @@ fn conv2d_op(x: &Tensor, weight: &Tensor, bias: &Tensor, relu: bool) -> Result<T
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{FiniteDiff, assert_gradient, max_rel, narrow, widen};
+    use crate::testing::{FiniteDiff, assert_gradient, fixed_values, max_rel, narrow, widen};
     use candle_core::{Device, Var};
 
     fn reference(x: &Tensor, w: &Tensor, b: &Tensor) -> Tensor {
@@ -658,6 +846,98 @@ mod tests {
                 assert!(e < 1e-4, "{:?} d{name}: {e}", (b, cin, cout, h, w));
             }
         }
+    }
+
+    /// Inference-mode conv-BN-ReLU (BatchNorm as a per-channel affine map):
+    /// values and all five gradients against candle's conv, bias, affine and
+    /// relu, on both convolution methods and both batch regimes, and by
+    /// finite differences through the input, the weight and the scale.
+    #[test]
+    fn affine_relu_variant_matches_candle_and_finite_differences() {
+        let dev = Device::Cpu;
+        for &(b, cin, cout, h, w) in &[(1, 3, 5, 7, 9), (4, 8, 6, 12, 10), (1, 4, 3, 36, 30), (3, 4, 3, 40, 33)] {
+            let shape = (b, cin, cout, h, w);
+            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, cin, h, w), &dev).unwrap()).unwrap();
+            let wt = Var::from_tensor(&Tensor::randn(0f32, 0.3, (cout, cin, 3, 3), &dev).unwrap()).unwrap();
+            let bias = Var::from_tensor(&Tensor::randn(0f32, 0.3, cout, &dev).unwrap()).unwrap();
+            let scale = Var::from_tensor(&Tensor::randn(1f32, 0.3, cout, &dev).unwrap()).unwrap();
+            let shift = Var::from_tensor(&Tensor::randn(0f32, 0.3, cout, &dev).unwrap()).unwrap();
+            let probe = Tensor::randn(0f32, 1.0, (b, cout, h, w), &dev).unwrap();
+            let fast = conv2d_affine_relu(&x, &wt, &bias, &scale, &shift).unwrap();
+            let slow = reference(&x, &wt, &bias)
+                .broadcast_mul(&scale.reshape((1, (), 1, 1)).unwrap())
+                .unwrap()
+                .broadcast_add(&shift.reshape((1, (), 1, 1)).unwrap())
+                .unwrap()
+                .relu()
+                .unwrap();
+            assert!(max_rel(&fast, &slow) < 1e-5, "{shape:?} forward");
+            let gf = (&fast * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            let gs = (&slow * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            for (name, v) in [
+                ("x", &x),
+                ("w", &wt),
+                ("b", &bias),
+                ("scale", &scale),
+                ("shift", &shift),
+            ] {
+                let e = max_rel(gf.get(v.as_tensor()).unwrap(), gs.get(v.as_tensor()).unwrap());
+                assert!(e < 1e-4, "{shape:?} d{name}: {e}");
+            }
+        }
+        let (b, cin, cout, h, w) = (2, 2, 3, 5, 4);
+        let x0: Vec<f32> = (0..b * cin * h * w)
+            .map(|i| ((i * 37 % 23) as f32 - 11.0) / 7.0)
+            .collect();
+        let w0: Vec<f32> = (0..cout * cin * 9)
+            .map(|i| ((i * 17 % 13) as f32 - 6.0) / 9.0)
+            .collect();
+        let s0 = [1.2f32, 0.8, -0.6];
+        let bias = Tensor::new(&[0.1f32, -0.2, 0.3], &dev).unwrap();
+        let shift = Tensor::new(&[0.3f32, 0.1, -0.2], &dev).unwrap();
+        let probe = Tensor::from_vec(fixed_values(b * cout * h * w, 12), (b, cout, h, w), &dev).unwrap();
+        let f = |xv: &[f32], wv: &[f32], sv: &[f32]| -> f64 {
+            let x = Tensor::from_slice(xv, (b, cin, h, w), &dev).unwrap();
+            let wt = Tensor::from_slice(wv, (cout, cin, 3, 3), &dev).unwrap();
+            let sc = Tensor::from_slice(sv, cout, &dev).unwrap();
+            let y = conv2d_affine_relu(&x, &wt, &bias, &sc, &shift).unwrap();
+            f64::from((y * &probe).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap())
+        };
+        let xv = Var::from_tensor(&Tensor::from_slice(&x0, (b, cin, h, w), &dev).unwrap()).unwrap();
+        let wv = Var::from_tensor(&Tensor::from_slice(&w0, (cout, cin, 3, 3), &dev).unwrap()).unwrap();
+        let sv = Var::from_tensor(&Tensor::from_slice(&s0, cout, &dev).unwrap()).unwrap();
+        let y = conv2d_affine_relu(&xv, &wv, &bias, &sv, &shift).unwrap();
+        let g = (y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let grad = |v: &Var| widen(&g.get(v).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        let check = FiniteDiff {
+            eps: 1e-3,
+            tol: 2e-3,
+            floor: 1.0,
+        };
+        assert_gradient(
+            "dx",
+            |v| f(&narrow(v), &w0, &s0),
+            &widen(&x0),
+            &grad(&xv),
+            check,
+            0..x0.len(),
+        );
+        assert_gradient(
+            "dw",
+            |v| f(&x0, &narrow(v), &s0),
+            &widen(&w0),
+            &grad(&wv),
+            check,
+            0..w0.len(),
+        );
+        assert_gradient(
+            "dscale",
+            |v| f(&x0, &w0, &narrow(v)),
+            &widen(&s0),
+            &grad(&sv),
+            check,
+            0..3,
+        );
     }
 
     /// Finite differences in f32 of the custom op's own backward.

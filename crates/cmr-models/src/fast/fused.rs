@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 use super::bn::{BnStats, normalise_relu, relu_backward, statistics};
-use super::conv::{self, conv_forward};
+use super::conv::{self, Epilogue, conv_forward};
 use super::slice;
 
 /// What the forward pass leaves for the backward one.
@@ -52,7 +52,7 @@ impl CustomOp3 for ConvBnReluTrain {
         let hw = h * w;
         let mut z = vec![0f32; b * cout * hw];
         let x = slice(s1, l1)?;
-        conv_forward(x, b, cin, h, w, slice(s2, l2)?, cout, k, Some(bias), false, &mut z);
+        conv_forward(x, b, cin, h, w, slice(s2, l2)?, cout, k, Epilogue::bias(bias), &mut z);
         let stats = statistics(&z, b, cout, hw, self.eps);
         let mut out = vec![0f32; z.len()];
         normalise_relu(&z, &mut out, cout, hw, &stats, gamma, beta);
@@ -137,7 +137,7 @@ pub fn conv_bn_relu_train(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{FiniteDiff, assert_gradient, max_rel, narrow, widen};
+    use crate::testing::{FiniteDiff, assert_gradient, fixed_values, max_rel, narrow, widen};
     use candle_core::{Device, ModuleT, Var};
 
     /// candle's own ops: conv2d + bias, candle-nn's BatchNorm, relu.
@@ -248,7 +248,7 @@ mod tests {
         let g0 = [1.3f32, 0.7, 1.1];
         let bias = Tensor::new(&[0.1f32, -0.2, 0.3], &dev).unwrap();
         let beta = Tensor::new(&[0.2f32, -0.1, 0.05], &dev).unwrap();
-        let probe = Tensor::randn(0f32, 1.0, (b, cout, h, w), &dev).unwrap();
+        let probe = Tensor::from_vec(fixed_values(b * cout * h * w, 11), (b, cout, h, w), &dev).unwrap();
         let f = |xv: &[f32], wv: &[f32], gv: &[f32]| -> f64 {
             let x = Tensor::from_slice(xv, (b, cin, h, w), &dev).unwrap();
             let wt = Tensor::from_slice(wv, (cout, cin, 3, 3), &dev).unwrap();

@@ -66,7 +66,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use candle_core::{CpuStorage, DType, Layout, Result, Storage, Tensor};
 
 pub use bn::{BnStats, bn_relu_eval, bn_relu_train};
-pub use conv::{conv2d, conv2d_relu};
+pub use conv::{conv2d, conv2d_affine_relu, conv2d_relu};
 pub use fused::conv_bn_relu_train;
 pub use pool::{Argmax, max_pool, max_pool_with_argmax, max_unpool};
 pub use upconv::upconv2x2;
@@ -189,23 +189,12 @@ fn threads() -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::fixed_values;
     use candle_core::{Device, Var};
-
-    /// Deterministic pseudo-random values in [-1, 1) (candle's CPU generator
-    /// cannot be seeded).
-    fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        (0..n)
-            .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 23) as f32) - 1.0
-            })
-            .collect()
-    }
 
     fn var(shape: &[usize], seed: u64, scale: f32, offset: f32) -> Var {
         let n = shape.iter().product();
-        let v: Vec<f32> = values(n, seed).iter().map(|x| x * scale + offset).collect();
+        let v: Vec<f32> = fixed_values(n, seed).iter().map(|x| x * scale + offset).collect();
         Var::from_tensor(&Tensor::from_vec(v, shape, &Device::Cpu).unwrap()).unwrap()
     }
 
@@ -229,7 +218,7 @@ mod tests {
         let out = (max_unpool(&z, &arg2).unwrap() + upsample_bilinear(&z, 2).unwrap()).unwrap();
         let _ = arg;
         let n = out.elem_count();
-        let probe = Tensor::from_vec(values(n, 9), out.dims(), &Device::Cpu).unwrap();
+        let probe = Tensor::from_vec(fixed_values(n, 9), out.dims(), &Device::Cpu).unwrap();
         let grads = (&out * &probe).unwrap().sum_all().unwrap().backward().unwrap();
         let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let mut all = vec![flat(&out)];
