@@ -588,8 +588,8 @@ impl CustomOp3 for Conv2dOp {
             None
         };
         match masked {
-            Some(g) => backward(x, weight, &g),
-            None => with_data(dy, |g| backward(x, weight, g))?,
+            Some(g) => backward(x, weight, &g, None),
+            None => with_data(dy, |g| backward(x, weight, g, None))?,
         }
     }
 }
@@ -597,10 +597,13 @@ impl CustomOp3 for Conv2dOp {
 /// The three gradients of the convolution (input, weight, bias) given the
 /// gradient `g` of its output, as tensors. The input gradient is skipped
 /// (`None`) when `x` does not lead to a variable (the network's input image).
+/// With `packed_with`, the bias gradient is followed by those two vectors in
+/// one tensor: the gradient of the ops that take `[bias; a; b]` packed.
 pub(super) fn backward(
     x: &Tensor,
     weight: &Tensor,
     g: &[f32],
+    packed_with: Option<(Vec<f32>, Vec<f32>)>,
 ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
     let (b, cin, h, w) = x.dims4()?;
     let (cout, _, k, _) = weight.dims4()?;
@@ -614,11 +617,11 @@ pub(super) fn backward(
     };
     let (dw, db) = with_data(x, |xs| conv_weight_grad(xs, g, b, cin, h, w, cout, k))?;
     let dev = x.device();
-    Ok((
-        dx,
-        Some(Tensor::from_vec(dw, (cout, cin, k, k), dev)?),
-        Some(Tensor::from_vec(db, cout, dev)?),
-    ))
+    let db = match packed_with {
+        Some((a, b)) => Tensor::from_vec(db.into_iter().chain(a).chain(b).collect(), 3 * cout, dev)?,
+        None => Tensor::from_vec(db, cout, dev)?,
+    };
+    Ok((dx, Some(Tensor::from_vec(dw, (cout, cin, k, k), dev)?), Some(db)))
 }
 
 /// Convolution with bias, stride 1, padding `k / 2`: `x [B, Cin, H, W]`,
@@ -721,17 +724,8 @@ impl CustomOp3 for ConvAffineReluOp {
             dscale[p % cout] += sgz;
             dshift[p % cout] += sg;
         }
-        let (dx, dw, dbias) = backward(x, weight, &dz)?;
-        let dbias = match dbias {
-            Some(t) => t.to_vec1::<f32>()?,
-            None => candle_core::bail!("conv backward gave no bias gradient"),
-        };
-        let dpacked: Vec<f32> = dbias
-            .into_iter()
-            .chain(dscale.into_iter().map(|v| v as f32))
-            .chain(dshift.into_iter().map(|v| v as f32))
-            .collect();
-        Ok((dx, dw, Some(Tensor::from_vec(dpacked, 3 * cout, x.device())?)))
+        let narrow = |v: Vec<f64>| v.into_iter().map(|v| v as f32).collect();
+        backward(x, weight, &dz, Some((narrow(dscale), narrow(dshift))))
     }
 }
 
@@ -747,18 +741,23 @@ pub fn conv2d_affine_relu(
     shift: &Tensor,
 ) -> Result<Tensor> {
     check_shapes(x, weight)?;
-    let cout = weight.dim(0)?;
-    for (name, t) in [("bias", bias), ("scale", scale), ("shift", shift)] {
-        if t.dims() != [cout] {
-            candle_core::bail!("fast conv2d_affine_relu: {name} {:?} for {cout} channels", t.dims());
-        }
-    }
-    let packed = Tensor::cat(&[bias, scale, shift], 0)?;
+    let packed = pack_channels(weight.dim(0)?, [("bias", bias), ("scale", scale), ("shift", shift)])?;
     x.contiguous()?
         .apply_op3(&weight.contiguous()?, &packed, ConvAffineReluOp)
 }
 
-fn check_shapes(x: &Tensor, weight: &Tensor) -> Result<()> {
+/// Three per-channel vectors `[Cout]` as one `[3·Cout]` input (candle's custom
+/// ops take three inputs); the `cat` splits the gradient back.
+pub(super) fn pack_channels(cout: usize, parts: [(&str, &Tensor); 3]) -> Result<Tensor> {
+    for (name, t) in parts {
+        if t.dims() != [cout] {
+            candle_core::bail!("fast kernels: {name} {:?} for {cout} channels", t.dims());
+        }
+    }
+    Tensor::cat(&parts.map(|(_, t)| t), 0)
+}
+
+pub(super) fn check_shapes(x: &Tensor, weight: &Tensor) -> Result<()> {
     let (_, cin, _, _) = x.dims4()?;
     let (_, wcin, k, k2) = weight.dims4()?;
     if wcin != cin || k != k2 || k % 2 == 0 {

@@ -83,13 +83,7 @@ impl CustomOp3 for ConvBnReluTrain {
             })??
         };
         let (dz, dgamma, dbeta) = dz;
-        let (dx, dw, dbias) = conv::backward(x, weight, &dz)?;
-        let dbias = match dbias {
-            Some(t) => t.to_vec1::<f32>()?,
-            None => candle_core::bail!("conv backward gave no bias gradient"),
-        };
-        let dpacked: Vec<f32> = dbias.into_iter().chain(dgamma).chain(dbeta).collect();
-        Ok((dx, dw, Some(Tensor::from_vec(dpacked, 3 * cout, x.device())?)))
+        conv::backward(x, weight, &dz, Some((dgamma, dbeta)))
     }
 }
 
@@ -106,21 +100,8 @@ pub fn conv_bn_relu_train(
     beta: &Tensor,
     eps: f64,
 ) -> Result<(Tensor, BnStats)> {
-    let (_, cin, _, _) = x.dims4()?;
-    let (cout, wcin, k, k2) = weight.dims4()?;
-    if wcin != cin || k != k2 || k % 2 == 0 {
-        candle_core::bail!(
-            "fast conv-bn-relu: input {:?} and weight {:?} do not fit",
-            x.dims(),
-            weight.dims()
-        );
-    }
-    for (name, t) in [("bias", bias), ("gamma", gamma), ("beta", beta)] {
-        if t.dims() != [cout] {
-            candle_core::bail!("fast conv-bn-relu: {name} {:?} for {cout} channels", t.dims());
-        }
-    }
-    let packed = Tensor::cat(&[bias, gamma, beta], 0)?;
+    conv::check_shapes(x, weight)?;
+    let packed = conv::pack_channels(weight.dim(0)?, [("bias", bias), ("gamma", gamma), ("beta", beta)])?;
     let saved = Arc::new(Mutex::new(None));
     let op = ConvBnReluTrain {
         eps,
