@@ -25,7 +25,7 @@ enum Command {
     /// The whole pipeline: data, training, validation, test predictions,
     /// submission.csv and REPORT.md.
     Reproduce(ReproduceArgs),
-    /// Run the tests crate by crate (cargo test -p …), as CI does.
+    /// Run the tests of every crate (one cargo test -p A -p B …: one build), as CI does.
     Test(TestArgs),
     /// Time the training step and inference of the three networks, next to
     /// the PyTorch reference when a Python with torch is available.
@@ -94,7 +94,7 @@ struct TestArgs {
     /// Only these packages (default: all, lowest layer first).
     #[arg(short, long = "package")]
     packages: Vec<String>,
-    /// Passed on to each `cargo test` (after `--`).
+    /// Passed on to `cargo test` (after `--`).
     #[arg(last = true)]
     extra: Vec<String>,
 }
