@@ -21,7 +21,7 @@ use cmr_models::{Architecture, ModelConfig, Preset, build, fast};
 struct Run {
     logits: Vec<f32>,
     /// Inference-mode logits after the training step (running statistics
-    /// updated once, so BatchNorm folding is not the identity).
+    /// updated once, so inference-mode BatchNorm is not the identity).
     eval_logits: Vec<f32>,
     loss: f32,
     /// All parameter gradients, concatenated in name order.

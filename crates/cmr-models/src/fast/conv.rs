@@ -16,11 +16,11 @@ use super::{lane_sum, slice, threads, with_data};
 /// Each thread's work buffers, kept between calls: fresh buffers of tens of
 /// MB per image would cost page faults on every call.
 #[derive(Default)]
-struct Scratch {
+pub(super) struct Scratch {
     /// The im2col matrix, or the zero-padded input of [`conv_shifted`].
-    cols: Vec<f32>,
+    pub(super) cols: Vec<f32>,
     /// The padded-width output of [`conv_shifted`].
-    wide: Vec<f32>,
+    pub(super) wide: Vec<f32>,
 }
 
 thread_local! {
@@ -28,7 +28,7 @@ thread_local! {
 }
 
 /// Run `f` with this thread's work buffers.
-fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
+pub(super) fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
     SCRATCH.with(|c| f(&mut c.borrow_mut()))
 }
 

@@ -14,7 +14,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::conv::{View, matmul, rows};
+use super::conv::{View, matmul, rows, with_scratch};
 use super::{lane_sum, slice, threads, with_data};
 
 simd_fn! {
@@ -86,9 +86,13 @@ impl CustomOp3 for UpConvOp {
         };
         let mut out = vec![0f32; b * c4 * hw];
         let one = |xi: &[f32], yi: &mut [f32], par| {
-            let mut t = vec![0f32; c4 * hw];
-            matmul(&mut t, hw, 1, false, wt, rows(xi, hw), (c4, hw, cin), par);
-            interleave(yi, &t, bias, h, w);
+            with_scratch(|scratch| {
+                // Every element is written by the GEMM (no accumulation).
+                let t = &mut scratch.wide;
+                t.resize(c4 * hw, 0.0);
+                matmul(t, hw, 1, false, wt, rows(xi, hw), (c4, hw, cin), par);
+                interleave(yi, t, bias, h, w);
+            });
         };
         if b < threads() {
             for (xi, yi) in x.chunks(cin * hw).zip(out.chunks_mut(c4 * hw)) {
@@ -119,20 +123,25 @@ impl CustomOp3 for UpConvOp {
                 with_data(dy, |g| {
                     // Per image: dT, then dx = W·dT, dW += x·dTᵀ, db += Σ dY.
                     let one = |xi: &[f32], gi: &[f32], dxi: Option<&mut [f32]>, dw: &mut [f32], db: &mut [f64], par| {
-                        let mut dt = vec![0f32; c4 * hw];
-                        deinterleave(&mut dt, gi, h, w);
-                        if let Some(dxi) = dxi {
-                            matmul(dxi, hw, 1, false, rows(wv, c4), rows(&dt, hw), (cin, hw, c4), par);
-                        }
-                        let dtt = View {
-                            data: &dt,
-                            rs: 1,
-                            cs: hw,
-                        };
-                        matmul(dw, c4, 1, true, rows(xi, hw), dtt, (cin, c4, hw), par);
-                        for (co, plane) in gi.chunks(4 * hw).enumerate() {
-                            db[co] += lane_sum(plane, |v| v);
-                        }
+                        with_scratch(|scratch| {
+                            // Every element is written by the de-interleaving.
+                            let dt = &mut scratch.wide;
+                            dt.resize(c4 * hw, 0.0);
+                            deinterleave(dt, gi, h, w);
+                            let dt = &scratch.wide;
+                            if let Some(dxi) = dxi {
+                                matmul(dxi, hw, 1, false, rows(wv, c4), rows(dt, hw), (cin, hw, c4), par);
+                            }
+                            let dtt = View {
+                                data: dt,
+                                rs: 1,
+                                cs: hw,
+                            };
+                            matmul(dw, c4, 1, true, rows(xi, hw), dtt, (cin, c4, hw), par);
+                            for (co, plane) in gi.chunks(4 * hw).enumerate() {
+                                db[co] += lane_sum(plane, |v| v);
+                            }
+                        });
                     };
                     let mut dx = if need_dx { vec![0f32; b * cin * hw] } else { Vec::new() };
                     let images = x_chunks(xs, g, &mut dx, cin * hw, c4 * hw);
