@@ -465,10 +465,57 @@ fn conv_weight_grad(
     (dw, db.into_iter().map(|v| v as f32).collect())
 }
 
+/// As [`pad`], channels last: `buf [plane][c]` with `plane = (h + 2p)·(w + 2p)
+/// + k − 1` positions, channel `ci` of padded position `q` at `q·c + ci`.
+/// The transposition is done once per image, so that the weight gradient's
+/// `k·k` GEMMs read the input as `gemm` wants it (depth-major, the channels
+/// contiguous) instead of each packing the same `[c, plane]` input again.
+fn pad_channels_last(x: &[f32], c: usize, h: usize, w: usize, k: usize, buf: &mut Vec<f32>) -> Padded {
+    let p = k / 2;
+    let (hp, wp) = (h + 2 * p, w + 2 * p);
+    let plane = hp * wp + k - 1;
+    buf.resize(plane * c, 0.0);
+    let hw = h * w;
+    for (r, row) in buf[..hp * wp * c].chunks_mut(wp * c).enumerate() {
+        let Some(y) = r.checked_sub(p).filter(|&y| y < h) else {
+            row.fill(0.0);
+            continue;
+        };
+        row[..p * c].fill(0.0);
+        row[(p + w) * c..].fill(0.0);
+        transpose_row(&mut row[p * c..(p + w) * c], &x[y * w..], c, hw);
+    }
+    buf[hp * wp * c..].fill(0.0);
+    Padded { wp, plane }
+}
+
+/// Pixels transposed per block by [`transpose_row`]: one cache line of each
+/// channel's row.
+const TRANSPOSE_BLOCK: usize = 16;
+
+simd_fn! {
+    /// `dst [w][c]` from the rows `src[ci·stride..][..w]` of `c` planes.
+    fn transpose_row(dst: &mut [f32], src: &[f32], c: usize, stride: usize) {
+        let w = dst.len() / c;
+        for x0 in (0..w).step_by(TRANSPOSE_BLOCK) {
+            let n = TRANSPOSE_BLOCK.min(w - x0);
+            let block = &mut dst[x0 * c..(x0 + n) * c];
+            for ci in 0..c {
+                let s = &src[ci * stride + x0..][..n];
+                for (j, &v) in s.iter().enumerate() {
+                    block[j * c + ci] = v;
+                }
+            }
+        }
+    }
+}
+
 /// One image's weight gradient by shifted views (see [`conv_shifted`]):
 /// `dW[:, :, tap] += dYwide · Xpad[:, q + offset(tap)]ᵀ`, with `dY` laid out at
 /// the padded row width (zeros in the extra columns), `k·k` GEMMs of depth
-/// `h·wp` writing straight into the strided taps of `dw`.
+/// `h·wp` writing straight into the strided taps of `dw`. The padded input
+/// is channels last ([`pad_channels_last`]), so that each GEMM reads it in
+/// place.
 fn weight_grad_shifted(
     xi: &[f32],
     gi: &[f32],
@@ -477,7 +524,7 @@ fn weight_grad_shifted(
     scratch: &mut Scratch,
     par: Parallelism,
 ) {
-    let Padded { wp, plane } = pad(xi, cin, h, w, k, &mut scratch.cols);
+    let Padded { wp, .. } = pad_channels_last(xi, cin, h, w, k, &mut scratch.cols);
     let padded = &scratch.cols;
     let n = h * wp;
     let wide = &mut scratch.wide;
@@ -493,10 +540,11 @@ fn weight_grad_shifted(
     let kk2 = k * k;
     for tap in 0..kk2 {
         let offset = (tap / k) * wp + tap % k;
+        // Element (q, ci) of the shifted input: padded[(q + offset)·cin + ci].
         let rhs = View {
-            data: &padded[offset..],
-            rs: 1,
-            cs: plane,
+            data: &padded[offset * cin..],
+            rs: cin,
+            cs: 1,
         };
         matmul(
             &mut dw[tap..],
@@ -805,6 +853,10 @@ mod tests {
             // at least SHIFTED_MIN_PIXELS: the shifted-view path
             (3, 4, 6, 33, 40, 3),
             (1, 3, 5, 32, 35, 5),
+            // channel counts `gemm` reads in place from the channels-last input
+            // (multiples of 16), with one and several images per thread
+            (1, 16, 8, 32, 34, 3),
+            (4, 32, 64, 33, 32, 3),
         ] {
             let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, cin, h, w), &dev).unwrap()).unwrap();
             let wt = Var::from_tensor(&Tensor::randn(0f32, 0.3, (cout, cin, k, k), &dev).unwrap()).unwrap();
