@@ -237,10 +237,10 @@ pub fn fetch(url: &str, to: &Path) -> anyhow::Result<()> {
         eprintln!();
     }
     out.flush().with_context(|| format!("writing {}", to.display()))?;
-    if let Some(t) = total {
-        if got != t {
-            bail!("{url}: download truncated ({got} of {t} bytes)");
-        }
+    if let Some(t) = total
+        && got != t
+    {
+        bail!("{url}: download truncated ({got} of {t} bytes)");
     }
     tracing::info!("downloaded {:.1} MB", got as f64 / 1e6);
     Ok(())

@@ -310,7 +310,7 @@ impl ModelConfig {
     /// Check that an input of `height × width` fits the network.
     pub fn check_input_size(&self, height: usize, width: usize) -> Result<()> {
         let m = self.size_multiple();
-        if height == 0 || width == 0 || height % m != 0 || width % m != 0 {
+        if height == 0 || width == 0 || !height.is_multiple_of(m) || !width.is_multiple_of(m) {
             return Err(ModelError::Config {
                 arch: self.architecture().name(),
                 message: format!("input {height}×{width} is not a multiple of {m} on each side"),

@@ -4,7 +4,7 @@
 /// Whether epoch `epoch` (1-based) of `epochs` is validated: every
 /// `val_every` epochs, and always the last.
 pub fn validates_at(epoch: usize, val_every: usize, epochs: usize) -> bool {
-    epoch == epochs || epoch % val_every.max(1) == 0
+    epoch == epochs || epoch.is_multiple_of(val_every.max(1))
 }
 
 /// Whether `score` beats the best so far by more than `min_delta` (the first

@@ -11,7 +11,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::{lane_sum, slice, threads, with_data};
+use super::{direct, lane_sum, slice, threads, with_data};
 
 /// Each thread's work buffers, kept between calls: fresh buffers of tens of
 /// MB per image would cost page faults on every call.
@@ -197,7 +197,14 @@ pub(super) fn conv_forward(
     } else {
         Parallelism::None
     };
+    // The direct kernel's weights, rearranged once for all images.
+    let direct = (k > 1 && hw >= SHIFTED_MIN_PIXELS && direct::enabled())
+        .then(|| direct::pack_weights(weight, cout, cin, k * k));
     let run = |xi: &[f32], oi: &mut [f32], scratch: &mut Scratch| {
+        if let Some(packed) = &direct {
+            conv_direct(xi, (cin, h, w, cout, k), packed, epi, oi, scratch, few);
+            return;
+        }
         if k > 1 && hw >= SHIFTED_MIN_PIXELS {
             let shape = (cin, h, w, cout, k);
             conv_shifted(xi, shape, weight, epi, oi, scratch, inner);
@@ -318,6 +325,41 @@ fn conv_shifted(
     match epi.affine {
         Some((scale, shift)) => copy_out_affine(out, wide, [hw, n, w, wp], epi.bias, scale, shift, epi.relu),
         None => copy_out(out, wide, [hw, n, w, wp], epi.bias, epi.relu),
+    }
+}
+
+/// One image's convolution by the direct kernel ([`direct::convolve`]) on
+/// the padded input, `weight` packed by [`direct::pack_weights`]; the
+/// epilogue applied while copying the result out.
+fn conv_direct(
+    xi: &[f32],
+    (cin, h, w, cout, k): (usize, usize, usize, usize, usize),
+    packed: &[f32],
+    epi: Epilogue,
+    out: &mut [f32],
+    scratch: &mut Scratch,
+    parallel: bool,
+) {
+    let Padded { wp, plane } = pad(xi, cin, h, w, k, &mut scratch.cols);
+    let n = h * wp;
+    let n_r = direct::round_up(n, direct::MR);
+    let cout_r = direct::round_up(cout, direct::NR);
+    let offsets: Vec<usize> = (0..k * k).map(|tap| (tap / k) * wp + tap % k).collect();
+    // The last tile reads up to `n_r − n` values past the last plane: their
+    // results are dropped, but the reads must stay inside the buffer.
+    scratch.cols.resize(cin * plane + (n_r - n), 0.0);
+    scratch.wide.resize(cout_r * n_r, 0.0);
+    let shape = direct::Shape {
+        cin,
+        plane,
+        cout_r,
+        n_r,
+    };
+    direct::convolve(&scratch.cols, packed, &offsets, shape, &mut scratch.wide, parallel);
+    let (wide, hw) = (&scratch.wide, h * w);
+    match epi.affine {
+        Some((scale, shift)) => copy_out_affine(out, wide, [hw, n_r, w, wp], epi.bias, scale, shift, epi.relu),
+        None => copy_out(out, wide, [hw, n_r, w, wp], epi.bias, epi.relu),
     }
 }
 
@@ -843,6 +885,12 @@ mod tests {
     /// count) and both methods (im2col, shifted views).
     #[test]
     fn matches_candle_values_and_gradients() {
+        // with the direct kernel (where the CPU has it) and the GEMMs
+        matches_candle(false);
+        direct::without_direct(|| matches_candle(true));
+    }
+
+    fn matches_candle(gemm_only: bool) {
         let dev = Device::Cpu;
         for &(b, cin, cout, h, w, k) in &[
             (1, 1, 4, 9, 7, 3),
@@ -857,6 +905,8 @@ mod tests {
             // (multiples of 16), with one and several images per thread
             (1, 16, 8, 32, 34, 3),
             (4, 32, 64, 33, 32, 3),
+            // more input channels than one pass of the direct kernel takes
+            (2, 40, 9, 32, 33, 3),
         ] {
             let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, cin, h, w), &dev).unwrap()).unwrap();
             let wt = Var::from_tensor(&Tensor::randn(0f32, 0.3, (cout, cin, k, k), &dev).unwrap()).unwrap();
@@ -864,12 +914,21 @@ mod tests {
             let probe = Tensor::randn(0f32, 1.0, (b, cout, h, w), &dev).unwrap();
             let fast = conv2d(&x, &wt, &bias).unwrap();
             let slow = reference(&x, &wt, &bias);
-            assert!(max_rel(&fast, &slow) < 1e-5, "{:?} forward", (b, cin, cout, h, w, k));
+            let e = max_rel(&fast, &slow);
+            assert!(
+                e < 1e-5,
+                "{:?} forward: {e} (GEMMs only: {gemm_only})",
+                (b, cin, cout, h, w, k)
+            );
             let gf = (&fast * &probe).unwrap().sum_all().unwrap().backward().unwrap();
             let gs = (&slow * &probe).unwrap().sum_all().unwrap().backward().unwrap();
             for (name, v) in [("x", x.as_tensor()), ("w", wt.as_tensor()), ("b", bias.as_tensor())] {
                 let e = max_rel(gf.get(v).unwrap(), gs.get(v).unwrap());
-                assert!(e < 1e-4, "{:?} d{name}: {e}", (b, cin, cout, h, w, k));
+                assert!(
+                    e < 1e-4,
+                    "{:?} d{name}: {e} (GEMMs only: {gemm_only})",
+                    (b, cin, cout, h, w, k)
+                );
             }
         }
     }

@@ -137,10 +137,10 @@ pub(crate) fn max_pool_reference(xs: &Tensor, k: usize) -> Result<Tensor> {
 /// Max-unpooling: put each value of `[B, C, H/2, W/2]` at its window's stored
 /// position in a zero `[B, C, H, W]`. Differentiable w.r.t. `xs`.
 pub fn max_unpool2x2(xs: &Tensor, indices: &PoolIndices) -> Result<Tensor> {
-    if let Repr::Argmax(a, _) = &indices.repr {
-        if crate::fast::applies(xs) {
-            return crate::fast::max_unpool(xs, a);
-        }
+    if let Repr::Argmax(a, _) = &indices.repr
+        && crate::fast::applies(xs)
+    {
+        return crate::fast::max_unpool(xs, a);
     }
     let (b, c, h2, w2) = xs.dims4()?;
     let mask = &indices.mask()?.to_device(xs.device())?.to_dtype(xs.dtype())?;
