@@ -177,6 +177,8 @@ fn reproduce(args: ReproduceArgs) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
+    // as `cmr` does: `reproduce` trains in this process
+    cmr_models::fast::keep_freed_memory();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

@@ -16,6 +16,10 @@ use crate::args::{Cli, Command};
 fn main() -> ExitCode {
     let cli = Cli::parse();
     logging::init(cli.verbose, cli.quiet);
+    // training allocates every activation afresh each step: keep the pages
+    if !cmr_models::fast::keep_freed_memory() {
+        tracing::debug!("the allocator keeps its default settings");
+    }
     match run(cli) {
         Ok(code) => code,
         Err(err) => {

@@ -40,6 +40,8 @@ fn time(runs: usize, mut f: impl FnMut()) -> f64 {
 }
 
 fn main() {
+    // as the `cmr` binary does
+    cmr_models::fast::keep_freed_memory();
     let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
     let mut runs = 5;
     let mut json = false;

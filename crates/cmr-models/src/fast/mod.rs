@@ -183,6 +183,36 @@ pub fn set_simd(widest: bool) {
     SIMD.store(if widest { detect_simd() } else { 1 }, Ordering::Relaxed);
 }
 
+/// Keep freed memory in the process instead of handing it back to the
+/// system, so that the next training step's tensors reuse pages that are
+/// already mapped. Returns whether the allocator took the settings.
+///
+/// Every op's output is a fresh allocation of up to tens of MB. glibc's
+/// `malloc` maps allocations above its threshold (128 KiB, raised as
+/// large blocks are freed) straight from the system and trims free memory
+/// at the top of the heap, so each step's new tensors arrive as untouched
+/// pages: a page fault, a zero-fill and, on free, an unmap for every 4 KiB
+/// of every activation and gradient. With the mapping threshold at its
+/// maximum (32 MiB) and trimming only past 1 GiB of free memory at the top,
+/// the pages stay mapped; the peak resident set does not grow (the process
+/// holds on to memory it has already used). A process-wide setting, so the
+/// binaries call it (`cmr`, `cargo xtask`, the step benchmark); a no-op
+/// outside Linux with glibc.
+pub fn keep_freed_memory() -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallopt only changes the allocator's tuning parameters;
+        // both values are within the documented ranges.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20) == 1 && libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30) == 1
+        }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        false
+    }
+}
+
 /// Threads the kernels may use.
 fn threads() -> usize {
     rayon::current_num_threads().max(1)
@@ -228,6 +258,13 @@ mod tests {
             all.push(flat(grads.get(v.as_tensor()).unwrap()));
         }
         all
+    }
+
+    /// glibc takes both settings (values out of its range would be refused).
+    #[test]
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    fn allocator_keeps_freed_memory() {
+        assert!(keep_freed_memory());
     }
 
     /// The kernels compiled for the widest vectors give the same bits as
