@@ -1,0 +1,78 @@
+//! One 3×3 convolution layer (`fast::conv2d`, forward and backward: input
+//! and weight gradients) at the networks' shapes, with each way the fast
+//! kernels can compute it, alternating between them so that a slow minute
+//! of this machine hits all of them alike; the minimum over the rounds.
+//! This is what chose where the direct kernel runs (forward pass and input
+//! gradient; a direct weight-gradient kernel, tried, was slower than the
+//! GEMMs from 32 channels up and is not kept).
+//!
+//! `cargo bench -p cmr-models --bench conv_layer [-- --rounds N]` (one thread
+//! unless `RAYON_NUM_THREADS` says otherwise).
+
+#![allow(clippy::print_stdout, clippy::unwrap_used)]
+
+use std::time::Instant;
+
+use candle_core::{Device, Tensor, Var};
+use cmr_models::fast;
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
+    let rounds = args
+        .iter()
+        .position(|a| a == "--rounds")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(7);
+    fast::keep_freed_memory();
+    let dev = Device::Cpu;
+    // (batch, cin, cout, side): the narrow widths' layers, then the report's
+    let shapes = [
+        (4, 1, 16, 96),
+        (4, 16, 16, 96),
+        (4, 16, 32, 48),
+        (4, 32, 32, 48),
+        (4, 80, 80, 96),
+        (4, 80, 80, 48),
+        (4, 64, 64, 96),
+        (4, 128, 128, 48),
+        (4, 320, 320, 96),
+    ];
+    let modes = [("GEMMs", false), ("direct", true)];
+    println!(
+        "# conv layer fwd+bwd, {} thread(s), min of {rounds} alternating rounds (ms)",
+        rayon::current_num_threads()
+    );
+    println!(
+        "{:<22} {}",
+        "b, cin, cout, side",
+        modes.map(|m| format!("{:>12}", m.0)).join("")
+    );
+    for &(b, cin, cout, side) in &shapes {
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, cin, side, side), &dev).unwrap()).unwrap();
+        let w = Var::from_tensor(&Tensor::randn(0f32, 0.1, (cout, cin, 3, 3), &dev).unwrap()).unwrap();
+        let bias = Var::from_tensor(&Tensor::zeros(cout, candle_core::DType::F32, &dev).unwrap()).unwrap();
+        let probe = Tensor::randn(0f32, 1.0, (b, cout, side, side), &dev).unwrap();
+        let run = || {
+            let y = fast::conv2d(&x, &w, &bias).unwrap();
+            let g = (&y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            std::hint::black_box(g.get(&w).unwrap());
+        };
+        let mut best = [f64::INFINITY; 2];
+        for _ in 0..rounds {
+            for (i, (_, mode)) in modes.iter().enumerate() {
+                fast::set_direct(*mode);
+                run();
+                let t = Instant::now();
+                run();
+                best[i] = best[i].min(t.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        fast::set_direct(true);
+        println!(
+            "{:<22} {}",
+            format!("{b}, {cin}, {cout}, {side}"),
+            best.map(|v| format!("{v:>12.1}")).join("")
+        );
+    }
+}
