@@ -1,5 +1,8 @@
-//! 2-D convolution, stride 1, odd kernel `k`, padding `k / 2`, with bias:
-//! im2col + GEMM per image, images in parallel.
+//! 2-D convolution, stride 1, odd kernel `k`, padding `k / 2`, with bias,
+//! one image at a time, images in parallel: from 32×32 up by the direct
+//! kernel ([`super::direct`]) where the CPU has AVX-512, else by shifted
+//! views of the padded input (nine GEMMs); smaller images by im2col and one
+//! GEMM.
 //!
 //! Backward: the input gradient is the same convolution of the output
 //! gradient with the kernel flipped and its channel axes swapped; the weight

@@ -1,6 +1,7 @@
 //! Fast CPU kernels for the training step, as candle custom ops with their
-//! own backward passes: convolution (stride 1, "same" padding) as packed GEMMs
-//! for the forward, input-gradient and weight-gradient passes, BatchNorm
+//! own backward passes: convolution (stride 1, "same" padding) by our own
+//! AVX-512 micro-kernel or packed GEMMs for the forward and input-gradient
+//! passes, by GEMMs for the weight gradient, BatchNorm
 //! fused with ReLU (training and inference), the whole conv-BN-ReLU layer in
 //! training as one op, max-pooling, the 2×2 transposed convolution and
 //! bilinear up-sampling.
