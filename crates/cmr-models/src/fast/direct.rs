@@ -126,6 +126,7 @@ pub(super) struct Shape {
 pub(super) fn convolve(padded: &[f32], packed: &[f32], offsets: &[usize], s: Shape, out: &mut [f32], parallel: bool) {
     let kk = offsets.len();
     let max_off = offsets.iter().copied().max().unwrap_or(0);
+    assert!(has_avx512(), "the direct convolution needs AVX-512");
     assert!(
         s.n_r.is_multiple_of(MR)
             && s.cout_r.is_multiple_of(NR)
@@ -145,9 +146,9 @@ pub(super) fn convolve(padded: &[f32], packed: &[f32], offsets: &[usize], s: Sha
             for g in 0..s.cout_r / NR {
                 let w = &packed[(g * s.cin + c0) * kk * NR..][..cn * kk * NR];
                 for q0 in (q_start..q_end).step_by(MR) {
-                    // SAFETY: `enabled()` checked AVX-512 before any caller
-                    // got here; the assertion above keeps every read inside
-                    // `padded` and `w` (the largest input index is `(cin −
+                    // SAFETY: the CPU has AVX-512 (asserted above); the
+                    // other assertion keeps every read inside `padded` and
+                    // `w` (the largest input index is `(cin −
                     // 1)·plane + n_r − 1 + max_off`) and every write inside
                     // `out` (`(g·NR + NR − 1)·n_r + n_r − 1`). Blocks write
                     // disjoint positions, so the threads never write the
