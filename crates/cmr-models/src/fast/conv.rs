@@ -213,7 +213,8 @@ pub(super) fn conv_forward(
         Parallelism::None
     };
     // The direct kernel's weights, rearranged once for all images.
-    let direct = (k > 1 && hw >= SHIFTED_MIN_PIXELS && direct::enabled())
+    // (the kernel's output stores assume rows of at least 16 values)
+    let direct = (k > 1 && hw >= SHIFTED_MIN_PIXELS && w >= 16 && direct::enabled())
         .then(|| direct::pack_weights(weight, cout, cin, k * k));
     let run = |xi: &[f32], oi: &mut [f32], scratch: &mut Scratch| {
         if let Some(packed) = &direct {
@@ -344,8 +345,8 @@ fn conv_shifted(
 }
 
 /// One image's convolution by the direct kernel ([`direct::convolve`]) on
-/// the padded input, `weight` packed by [`direct::pack_weights`]; the
-/// epilogue applied while copying the result out.
+/// the padded input, `weight` packed by [`direct::pack_weights`]; the kernel
+/// applies the epilogue as it writes the output.
 fn conv_direct(
     xi: &[f32],
     (cin, h, w, cout, k): (usize, usize, usize, usize, usize),
@@ -363,19 +364,30 @@ fn conv_direct(
     // The last tile reads up to `n_r − n` values past the last plane: their
     // results are dropped, but the reads must stay inside the buffer.
     scratch.cols.resize(cin * plane + (n_r - n), 0.0);
-    scratch.wide.resize(cout_r * n_r, 0.0);
+    // Partial sums only when the input channels take several passes; the
+    // last pass writes the output planes with the epilogue.
+    if cin > direct::CI_BLOCK {
+        scratch.wide.resize(cout_r * n_r, 0.0);
+    }
     let shape = direct::Shape {
         cin,
         plane,
         cout_r,
         n_r,
     };
-    direct::convolve(&scratch.cols, packed, &offsets, shape, &mut scratch.wide, parallel);
-    let (wide, hw) = (&scratch.wide, h * w);
-    match epi.affine {
-        Some((scale, shift)) => copy_out_affine(out, wide, [hw, n_r, w, wp], epi.bias, scale, shift, epi.relu),
-        None => copy_out(out, wide, [hw, n_r, w, wp], epi.bias, epi.relu),
-    }
+    let planes = direct::Planes {
+        out,
+        shape: direct::PlaneShape { cout, h, w, wp, epi },
+    };
+    direct::convolve(
+        &scratch.cols,
+        packed,
+        &offsets,
+        shape,
+        &mut scratch.wide,
+        Some(planes),
+        parallel,
+    );
 }
 
 simd_fn! {

@@ -22,6 +22,8 @@ use std::sync::atomic::{AtomicU8, Ordering};
 
 use rayon::prelude::*;
 
+use super::conv::Epilogue;
+
 /// Output positions per micro-kernel tile: three 16-float vectors.
 pub(super) const MR: usize = 48;
 /// Output channels per micro-kernel tile.
@@ -32,7 +34,7 @@ const TILES_PER_BLOCK: usize = 4;
 /// Input channels per pass over a block: their rows stay in L1 while every
 /// output-channel group reads them. Wider inputs take several passes, each
 /// adding to the last one's result.
-const CI_BLOCK: usize = 32;
+pub(super) const CI_BLOCK: usize = 32;
 
 /// 0: not yet decided, 1: on, 2: off.
 static DIRECT: AtomicU8 = AtomicU8::new(0);
@@ -117,13 +119,45 @@ pub(super) struct Shape {
     pub(super) n_r: usize,
 }
 
-/// Convolve one padded image into `out [cout_r, n_r]`: every position `q <
-/// n_r` of every row, `out[co, q] = Σ W[co, ci, tap]·padded[ci·plane + q +
-/// offsets[tap]]` (positions that read past the image's meaningful values
-/// are computed all the same and dropped by the caller). `padded` must hold
-/// `(cin − 1)·plane + n_r + max(offsets)` values; threads split the
-/// positions when `parallel`.
-pub(super) fn convolve(padded: &[f32], packed: &[f32], offsets: &[usize], s: Shape, out: &mut [f32], parallel: bool) {
+/// Where the last pass over the input channels writes, instead of the
+/// padded-width result: the output planes `[cout, h·w]` of one image, the
+/// epilogue applied to each value on the way (bias, then scale and shift,
+/// then ReLU, the same operations in the same order as `conv::copy_out`,
+/// so the same bits).
+pub(super) struct Planes<'a> {
+    pub(super) out: &'a mut [f32],
+    pub(super) shape: PlaneShape<'a>,
+}
+
+/// The layout of [`Planes`] and the epilogue.
+#[derive(Clone, Copy)]
+pub(super) struct PlaneShape<'a> {
+    pub(super) cout: usize,
+    pub(super) h: usize,
+    pub(super) w: usize,
+    /// The padded row width: output position `q` is row `q / wp`, column
+    /// `q % wp` (columns from `w` on are padding).
+    pub(super) wp: usize,
+    pub(super) epi: Epilogue<'a>,
+}
+
+/// Convolve one padded image: every position `q < n_r` of every output
+/// channel, `Σ W[co, ci, tap]·padded[ci·plane + q + offsets[tap]]`, into
+/// `out [cout_r, n_r]`, or, with `planes`, straight into its output planes
+/// (`out` then holds only the partial sums of the passes before the last,
+/// when `cin` needs several). Positions past the image's meaningful values
+/// are computed all the same and dropped. `padded` must hold `(cin −
+/// 1)·plane + n_r + max(offsets)` values; threads split the positions when
+/// `parallel`.
+pub(super) fn convolve(
+    padded: &[f32],
+    packed: &[f32],
+    offsets: &[usize],
+    s: Shape,
+    out: &mut [f32],
+    planes: Option<Planes>,
+    parallel: bool,
+) {
     let kk = offsets.len();
     let max_off = offsets.iter().copied().max().unwrap_or(0);
     assert!(has_avx512(), "the direct convolution needs AVX-512");
@@ -133,9 +167,23 @@ pub(super) fn convolve(padded: &[f32], packed: &[f32], offsets: &[usize], s: Sha
             && s.cin > 0
             && padded.len() >= (s.cin - 1) * s.plane + s.n_r + max_off
             && packed.len() >= s.cout_r * s.cin * kk
-            && out.len() >= s.cout_r * s.n_r,
+            && (out.len() >= s.cout_r * s.n_r || (planes.is_some() && s.cin <= CI_BLOCK)),
         "direct convolution: buffers too small"
     );
+    if let Some(Planes { out, shape: p }) = &planes {
+        assert!(
+            p.w >= 16
+                && p.wp >= p.w
+                && p.h * p.wp <= s.n_r
+                && p.cout <= s.cout_r
+                && out.len() >= p.cout * p.h * p.w
+                && p.epi.bias.is_none_or(|b| b.len() >= p.cout)
+                && p.epi.affine.is_none_or(|(a, t)| a.len() >= p.cout && t.len() >= p.cout),
+            "direct convolution: output planes do not match"
+        );
+    }
+    // the threads write disjoint elements of the planes through this pointer
+    let planes_ptr = planes.map(|Planes { out, shape }| (SendPtr(out.as_mut_ptr()), shape));
     let blocks = s.n_r.div_ceil(MR * TILES_PER_BLOCK);
     let out_ptr = SendPtr(out.as_mut_ptr());
     let block = |bi: usize| {
@@ -149,10 +197,23 @@ pub(super) fn convolve(padded: &[f32], packed: &[f32], offsets: &[usize], s: Sha
                     // SAFETY: the CPU has AVX-512 (asserted above); the
                     // other assertion keeps every read inside `padded` and
                     // `w` (the largest input index is `(cin −
-                    // 1)·plane + n_r − 1 + max_off`) and every write inside
-                    // `out` (`(g·NR + NR − 1)·n_r + n_r − 1`). Blocks write
+                    // 1)·plane + n_r − 1 + max_off`) and every access to
+                    // `out` inside it (`(g·NR + NR − 1)·n_r + n_r − 1`;
+                    // `out` is only read or written when it has that many
+                    // values, asserted above); writes to the planes stay
+                    // inside `cout·h·w` ([`store_planes`]). Blocks write
                     // disjoint positions, so the threads never write the
                     // same element.
+                    let last = c0 + cn == s.cin;
+                    let sink = match planes_ptr {
+                        Some((ptr, p)) if last => Sink::Planes {
+                            ptr: ptr.get(),
+                            p,
+                            g,
+                            q0,
+                        },
+                        _ => Sink::Wide(out_ptr.get().wrapping_add(g * NR * s.n_r + q0), s.n_r),
+                    };
                     unsafe {
                         tile(
                             padded.as_ptr().add(c0 * s.plane + q0),
@@ -160,9 +221,9 @@ pub(super) fn convolve(padded: &[f32], packed: &[f32], offsets: &[usize], s: Sha
                             offsets,
                             cn,
                             w.as_ptr(),
-                            out_ptr.get().add(g * NR * s.n_r + q0),
+                            (c0 > 0).then(|| out_ptr.get().wrapping_add(g * NR * s.n_r + q0).cast_const()),
                             s.n_r,
-                            c0 > 0,
+                            sink,
                         )
                     };
                 }
@@ -190,13 +251,16 @@ impl SendPtr {
 }
 
 /// One tile: positions `x[..MR]` (relative to `x`) × channels `w`'s group,
-/// through the depth `cin × offsets`, added to what `out` holds when
-/// `accumulate`.
+/// through the depth `cin × offsets`, added to the partial sums at
+/// `partial` (row stride `partial_rs`) when there are some, put where `sink`
+/// says.
 ///
 /// # Safety
 /// The CPU has AVX-512F; `x + ci·plane + offsets[t] + MR` stays inside one
 /// allocation for every `ci < cin` and tap `t`, `w` holds `cin·kk·NR`
-/// values and `out + j·out_rs + MR` is writable for `j < NR`.
+/// values, `partial + j·partial_rs + MR` is readable and a `Sink::Wide`
+/// pointer `+ j·row stride + MR` writable for `j < NR`; see [`store_planes`]
+/// for `Sink::Planes`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
@@ -209,16 +273,16 @@ unsafe fn tile(
     offsets: &[usize],
     cin: usize,
     w: *const f32,
-    out: *mut f32,
-    out_rs: usize,
-    accumulate: bool,
+    partial: Option<*const f32>,
+    partial_rs: usize,
+    sink: Sink,
 ) {
     use std::arch::x86_64::*;
     let mut acc = [[_mm512_setzero_ps(); NR]; 3];
-    if accumulate {
+    if let Some(from) = partial {
         for j in 0..NR {
             for i in 0..3 {
-                acc[i][j] = unsafe { _mm512_loadu_ps(out.add(j * out_rs + 16 * i)) };
+                acc[i][j] = unsafe { _mm512_loadu_ps(from.add(j * partial_rs + 16 * i)) };
             }
         }
     }
@@ -243,16 +307,115 @@ unsafe fn tile(
             wp = unsafe { wp.add(NR) };
         }
     }
-    for j in 0..NR {
-        for i in 0..3 {
-            unsafe { _mm512_storeu_ps(out.add(j * out_rs + 16 * i), acc[i][j]) };
+    match sink {
+        Sink::Wide(out, out_rs) => {
+            for j in 0..NR {
+                for i in 0..3 {
+                    unsafe { _mm512_storeu_ps(out.add(j * out_rs + 16 * i), acc[i][j]) };
+                }
+            }
+        }
+        Sink::Planes { ptr, p, g, q0 } => {
+            // Written out for each `i`: with a loop here LLVM kept `acc` in
+            // memory for the whole kernel.
+            macro_rules! store {
+                ($i:literal) => {{
+                    let a = &acc[$i];
+                    let v = [a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]];
+                    unsafe { store_planes(ptr, &p, g * NR, q0 + 16 * $i, &v) };
+                }};
+            }
+            store!(0);
+            store!(1);
+            store!(2);
+        }
+    }
+}
+
+/// Where [`tile`] puts its result: the padded-width rows (`out`, row stride)
+/// or, with the epilogue, the output planes (group `g`, first position `q0`).
+#[derive(Clone, Copy)]
+enum Sink<'a> {
+    Wide(*mut f32, usize),
+    Planes {
+        ptr: *mut f32,
+        p: PlaneShape<'a>,
+        g: usize,
+        q0: usize,
+    },
+}
+
+/// Store 16 positions from `q` of channels `co0..co0 + NR` (`v[j]` for channel
+/// `co0 + j`) into the output planes at `ptr` with the epilogue: the lanes
+/// in row `q / wp` up to column `w`, and those that run into the next row.
+///
+/// # Safety
+/// The CPU has AVX-512F; `ptr` is writable for `p.cout·p.h·p.w` values, `w ≥
+/// 16` (16 positions span at most two rows) and the epilogue's vectors hold
+/// `p.cout` values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn store_planes(ptr: *mut f32, p: &PlaneShape, co0: usize, q: usize, v: &[std::arch::x86_64::__m512; NR]) {
+    use std::arch::x86_64::*;
+    let (y, x) = (q / p.wp, q % p.wp);
+    // lanes of row y (columns x.. below w), and of row y + 1 (from wp − x on)
+    let here: u16 = if y < p.h && x < p.w {
+        let n = (p.w - x).min(16);
+        if n == 16 { u16::MAX } else { (1u16 << n) - 1 }
+    } else {
+        0
+    };
+    let next: u16 = if y + 1 < p.h && x + 16 > p.wp {
+        u16::MAX << (p.wp - x)
+    } else {
+        0
+    };
+    let hw = p.h * p.w;
+    for (j, &acc) in v.iter().enumerate() {
+        let co = co0 + j;
+        if co >= p.cout {
+            break;
+        }
+        let mut r = acc;
+        if let Some(b) = p.epi.bias {
+            r = _mm512_add_ps(r, _mm512_set1_ps(b[co]));
+        }
+        if let Some((a, t)) = p.epi.affine {
+            r = _mm512_add_ps(_mm512_mul_ps(r, _mm512_set1_ps(a[co])), _mm512_set1_ps(t[co]));
+        }
+        if p.epi.relu {
+            r = _mm512_max_ps(r, _mm512_setzero_ps());
+        }
+        // Lane l goes to y·w + x + l in row y, to (y + 1)·w + x + l − wp in
+        // row y + 1; masked-off lanes are not touched.
+        let plane = ptr.wrapping_add(co * hw);
+        if here != 0 {
+            unsafe { _mm512_mask_storeu_ps(plane.wrapping_add(y * p.w + x), here, r) };
+        }
+        if next != 0 {
+            let base = plane.wrapping_add((y + 1) * p.w + x).wrapping_sub(p.wp);
+            unsafe { _mm512_mask_storeu_ps(base, next, r) };
         }
     }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
+unsafe fn store_planes(_: *mut f32, _: &PlaneShape, _: usize, _: usize, _: &[f32; NR]) {
+    unreachable!("the direct convolution runs on x86-64 with AVX-512 only")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
 #[allow(clippy::too_many_arguments)]
-unsafe fn tile(_: *const f32, _: usize, _: &[usize], _: usize, _: *const f32, _: *mut f32, _: usize, _: bool) {
+unsafe fn tile(
+    _: *const f32,
+    _: usize,
+    _: &[usize],
+    _: usize,
+    _: *const f32,
+    _: Option<*const f32>,
+    _: usize,
+    _: Sink,
+) {
     unreachable!("the direct convolution runs on x86-64 with AVX-512 only")
 }
 
@@ -312,7 +475,7 @@ mod tests {
                 cout_r,
                 n_r,
             };
-            convolve(&padded, &packed, &offsets, shape, &mut out, parallel);
+            convolve(&padded, &packed, &offsets, shape, &mut out, None, parallel);
             for co in 0..cout {
                 for q in 0..n_r {
                     let mut want = 0f64;
@@ -334,6 +497,80 @@ mod tests {
             // the padding channels of the last group are computed from zero
             // weights
             assert!(out[cout * n_r..].iter().all(|&v| v == 0.0));
+        }
+    }
+
+    /// Written straight into the output planes with the epilogue, the
+    /// values are the bits of the padded-width result with the epilogue
+    /// applied afterwards (one pass and several; rows that end inside a
+    /// 16-position vector; output channels not filling their group), and
+    /// nothing outside the planes is touched.
+    #[test]
+    fn planes_get_the_padded_result_with_the_epilogue() {
+        if !has_avx512() {
+            eprintln!("no AVX-512 on this CPU: the direct kernel is never used here");
+            return;
+        }
+        for &(cin, cout, h, w, relu, affine, parallel) in &[
+            (3, 5, 7, 17, true, false, false),
+            (40, 11, 6, 30, false, true, true),
+            (2, 8, 5, 16, true, true, false),
+        ] {
+            let wp = w + 2;
+            let offsets: Vec<usize> = (0..9).map(|t| (t / 3) * wp + t % 3).collect();
+            let n_r = round_up(h * wp, MR);
+            let plane = n_r + 2 * wp + 2;
+            let padded = fixed_values(cin * plane, 3);
+            let weight = fixed_values(cout * cin * 9, 4);
+            let bias = fixed_values(cout, 5);
+            let (scale, shift) = (fixed_values(cout, 6), fixed_values(cout, 7));
+            let packed = pack_weights(&weight, cout, cin, 9);
+            let cout_r = round_up(cout, NR);
+            let shape = Shape {
+                cin,
+                plane,
+                cout_r,
+                n_r,
+            };
+            let epi = Epilogue {
+                bias: Some(&bias),
+                affine: affine.then_some((&scale[..], &shift[..])),
+                relu,
+            };
+            let mut wide = vec![0f32; cout_r * n_r];
+            convolve(&padded, &packed, &offsets, shape, &mut wide, None, parallel);
+            // a sentinel after the planes: must stay as it is
+            let mut out = vec![f32::NAN; cout * h * w + 37];
+            let mut partial = vec![0f32; cout_r * n_r];
+            let planes = Planes {
+                out: &mut out[..cout * h * w],
+                shape: PlaneShape { cout, h, w, wp, epi },
+            };
+            convolve(&padded, &packed, &offsets, shape, &mut partial, Some(planes), parallel);
+            for co in 0..cout {
+                for y in 0..h {
+                    for x in 0..w {
+                        let mut v = wide[co * n_r + y * wp + x] + bias[co];
+                        if affine {
+                            v = v * scale[co] + shift[co];
+                        }
+                        if relu {
+                            v = v.max(0.0);
+                        }
+                        let got = out[(co * h + y) * w + x];
+                        assert_eq!(
+                            got.to_bits(),
+                            v.to_bits(),
+                            "{:?} channel {co} at ({y}, {x})",
+                            (cin, cout, h, w)
+                        );
+                    }
+                }
+            }
+            assert!(
+                out[cout * h * w..].iter().all(|v| v.is_nan()),
+                "written past the planes"
+            );
         }
     }
 }
