@@ -20,9 +20,11 @@ use super::{direct, lane_sum, slice, threads, with_data};
 /// MB per image would cost page faults on every call.
 #[derive(Default)]
 pub(super) struct Scratch {
-    /// The im2col matrix, or the zero-padded input of [`conv_shifted`].
+    /// The im2col matrix, or the zero-padded input (channels first, or
+    /// channels last for the weight gradient).
     pub(super) cols: Vec<f32>,
-    /// The padded-width output of [`conv_shifted`].
+    /// A padded-width result: the output of [`conv_shifted`], the direct
+    /// kernel's partial sums, the output gradient of the weight gradient.
     pub(super) wide: Vec<f32>,
 }
 
