@@ -37,10 +37,12 @@ pub(super) fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
     SCRATCH.with(|c| f(&mut c.borrow_mut()))
 }
 
-/// Images with at least this many pixels are convolved by shifted views
-/// ([`conv_shifted`]); smaller ones by im2col, whose one deep GEMM is faster
-/// there. Measured on the networks' shapes: shifted views are 1.3–1.8× faster
-/// at 96×96, even at 48×48, slower at 12×12.
+/// Images with at least this many pixels are convolved on the zero-padded
+/// input in place (the direct kernel, or shifted views: [`conv_shifted`]);
+/// smaller ones by im2col, whose one deep GEMM is faster there. Measured on
+/// the networks' shapes: shifted views are 1.3–1.8× faster at 96×96, even at
+/// 48×48, slower at 12×12; the direct kernel under this size was no faster
+/// at the narrow widths and slower at the report's.
 const SHIFTED_MIN_PIXELS: usize = 32 * 32;
 
 /// Unfold one image `[cin, h, w]` into `[cin·k·k, h·w]` (zero padding),
@@ -214,8 +216,8 @@ pub(super) fn conv_forward(
     } else {
         Parallelism::None
     };
-    // The direct kernel's weights, rearranged once for all images.
-    // (the kernel's output stores assume rows of at least 16 values)
+    // The direct kernel's weights, rearranged once for all images (its
+    // output stores assume rows of at least 16 values).
     let direct = (k > 1 && hw >= SHIFTED_MIN_PIXELS && w >= 16 && direct::enabled())
         .then(|| direct::pack_weights(weight, cout, cin, k * k));
     let run = |xi: &[f32], oi: &mut [f32], scratch: &mut Scratch| {
@@ -276,6 +278,14 @@ struct Padded {
     plane: usize,
 }
 
+impl Padded {
+    /// Where tap `tap` of a `k × k` kernel reads, relative to the output
+    /// position, in the padded plane.
+    fn tap_offset(&self, tap: usize, k: usize) -> usize {
+        (tap / k) * self.wp + tap % k
+    }
+}
+
 /// Copy `x [c, h, w]` into `buf` zero-padded by `k / 2` on each side, planes
 /// `(h + 2p)·(w + 2p) + k − 1` apart (the spare zeros keep the last tap's
 /// shifted view inside the plane).
@@ -319,14 +329,15 @@ fn conv_shifted(
     scratch: &mut Scratch,
     par: Parallelism,
 ) {
-    let Padded { wp, plane } = pad(xi, cin, h, w, k, &mut scratch.cols);
+    let layout = pad(xi, cin, h, w, k, &mut scratch.cols);
+    let Padded { wp, plane } = layout;
     let padded = &scratch.cols;
     let n = h * wp;
     let hw = h * w;
     let wide = &mut scratch.wide;
     wide.resize(cout * n, 0.0);
     for tap in 0..k * k {
-        let offset = (tap / k) * wp + tap % k;
+        let offset = layout.tap_offset(tap, k);
         // W_tap [cout, cin]: weight[co, ci, tap], read in place.
         let lhs = View {
             data: &weight[tap..],
@@ -358,11 +369,12 @@ fn conv_direct(
     scratch: &mut Scratch,
     parallel: bool,
 ) {
-    let Padded { wp, plane } = pad(xi, cin, h, w, k, &mut scratch.cols);
+    let layout = pad(xi, cin, h, w, k, &mut scratch.cols);
+    let Padded { wp, plane } = layout;
     let n = h * wp;
     let n_r = direct::round_up(n, direct::MR);
     let cout_r = direct::round_up(cout, direct::NR);
-    let offsets: Vec<usize> = (0..k * k).map(|tap| (tap / k) * wp + tap % k).collect();
+    let offsets: Vec<usize> = (0..k * k).map(|tap| layout.tap_offset(tap, k)).collect();
     // The last tile reads up to `n_r − n` values past the last plane: their
     // results are dropped, but the reads must stay inside the buffer.
     scratch.cols.resize(cin * plane + (n_r - n), 0.0);
@@ -595,7 +607,8 @@ fn weight_grad_shifted(
     scratch: &mut Scratch,
     par: Parallelism,
 ) {
-    let Padded { wp, .. } = pad_channels_last(xi, cin, h, w, k, &mut scratch.cols);
+    let layout = pad_channels_last(xi, cin, h, w, k, &mut scratch.cols);
+    let wp = layout.wp;
     let padded = &scratch.cols;
     let n = h * wp;
     let wide = &mut scratch.wide;
@@ -610,7 +623,7 @@ fn weight_grad_shifted(
     }
     let kk2 = k * k;
     for tap in 0..kk2 {
-        let offset = (tap / k) * wp + tap % k;
+        let offset = layout.tap_offset(tap, k);
         // Element (q, ci) of the shifted input: padded[(q + offset)·cin + ci].
         let rhs = View {
             data: &padded[offset * cin..],
