@@ -12,6 +12,12 @@ pub fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
             .expect("f32 tensor")
     };
     let diff = (a - b).expect("same shapes");
+    // A NaN anywhere (an output value a kernel left unwritten, in tests)
+    // must not vanish in the maximum.
+    let sum = diff.sum_all().and_then(|t| t.to_scalar::<f32>()).expect("f32 tensor");
+    if sum.is_nan() {
+        return f32::NAN;
+    }
     max_abs(&diff) / max_abs(b).max(1e-6)
 }
 

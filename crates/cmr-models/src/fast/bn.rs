@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{LANES, lane_sum, slice, with_data};
+use super::{LANES, lane_sum, output_buffer, slice, with_data};
 
 /// Batch statistics of one forward pass, per channel.
 #[derive(Clone, Debug, PartialEq)]
@@ -164,7 +164,8 @@ pub(super) fn relu_backward(
             (sg as f32, (sgx * is) as f32)
         })
         .collect();
-    let mut dx = vec![0f32; xs.len()];
+    // SAFETY: `backward_plane` writes every plane in full.
+    let mut dx = unsafe { output_buffer(xs.len()) };
     dx.par_chunks_mut(hw).enumerate().for_each(|(p, d)| {
         let ch = p % c;
         let (m, is) = (stats.mean[ch], stats.inv_std[ch]);
@@ -195,7 +196,8 @@ impl CustomOp3 for BnReluTrain {
         let (b, c, h, w) = l1.shape().dims4()?;
         let (x, gamma, beta) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
         let stats = statistics(x, b, c, h * w, self.eps);
-        let mut out = vec![0f32; x.len()];
+        // SAFETY: `normalise_relu` writes every plane in full.
+        let mut out = unsafe { output_buffer(x.len()) };
         normalise_relu(x, &mut out, c, h * w, &stats, gamma, beta);
         *self.stats.lock().expect("stats lock") = Some(stats);
         Ok((CpuStorage::F32(out), l1.shape().clone()))
@@ -263,7 +265,8 @@ impl CustomOp1 for AffineRelu {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (_, c, h, w) = l.shape().dims4()?;
         let x = slice(s, l)?;
-        let mut out = vec![0f32; x.len()];
+        // SAFETY: `affine_relu` writes every plane in full.
+        let mut out = unsafe { output_buffer(x.len()) };
         affine_relu(x, &mut out, c, h * w, &self.scale, &self.shift);
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }

@@ -14,7 +14,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::{direct, lane_sum, slice, threads, with_data};
+use super::{direct, lane_sum, output_buffer, slice, threads, with_data};
 
 /// Each thread's work buffers, kept between calls: fresh buffers of tens of
 /// MB per image would cost page faults on every call.
@@ -684,7 +684,8 @@ impl CustomOp3 for Conv2dOp {
     ) -> Result<(CpuStorage, Shape)> {
         let (b, cin, h, w) = dims4(l1)?;
         let (cout, _, k, _) = dims4(l2)?;
-        let mut out = vec![0f32; b * cout * h * w];
+        // SAFETY: `conv_forward` writes every output value.
+        let mut out = unsafe { output_buffer(b * cout * h * w) };
         conv_forward(
             slice(s1, l1)?,
             b,
@@ -741,7 +742,8 @@ pub(super) fn backward(
     let (cout, _, k, _) = weight.dims4()?;
     let dx = if x.track_op() {
         let flipped = with_data(weight, |wt| flip_transpose(wt, cout, cin, k))?;
-        let mut dx = vec![0f32; b * cin * h * w];
+        // SAFETY: `conv_forward` writes every output value.
+        let mut dx = unsafe { output_buffer(b * cin * h * w) };
         conv_forward(g, b, cout, h, w, &flipped, cin, k, Epilogue::default(), &mut dx);
         Some(Tensor::from_vec(dx, (b, cin, h, w), x.device())?)
     } else {
@@ -817,7 +819,8 @@ impl CustomOp3 for ConvAffineReluOp {
             affine: Some((&packed[cout..2 * cout], &packed[2 * cout..])),
             relu: true,
         };
-        let mut out = vec![0f32; b * cout * h * w];
+        // SAFETY: `conv_forward` writes every output value.
+        let mut out = unsafe { output_buffer(b * cout * h * w) };
         conv_forward(slice(s1, l1)?, b, cin, h, w, slice(s2, l2)?, cout, k, epi, &mut out);
         Ok((CpuStorage::F32(out), Shape::from((b, cout, h, w))))
     }
@@ -838,12 +841,15 @@ impl CustomOp3 for ConvAffineReluOp {
         // The convolution plus bias again, exactly as the forward pass had it.
         let z = with_data(x, |xs| {
             with_data(weight, |wt| {
-                let mut z = vec![0f32; b * cout * hw];
+                // SAFETY: `conv_forward` writes every output value.
+                let mut z = unsafe { output_buffer(b * cout * hw) };
                 conv_forward(xs, b, cin, h, w, wt, cout, k, Epilogue::bias(bias), &mut z);
                 z
             })
         })??;
-        let mut dz = vec![0f32; z.len()];
+        // SAFETY: every plane is written in full by
+        // `affine_relu_backward_plane`.
+        let mut dz = unsafe { output_buffer(z.len()) };
         let per_plane: Vec<(f64, f64)> = with_data(dy, |g| {
             dz.par_chunks_mut(hw)
                 .zip(z.par_chunks(hw).zip(g.par_chunks(hw)))

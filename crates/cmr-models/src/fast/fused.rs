@@ -18,7 +18,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 use super::bn::{BnStats, normalise_relu, relu_backward, statistics};
 use super::conv::{self, Epilogue, conv_forward};
-use super::slice;
+use super::{output_buffer, slice};
 
 /// What the forward pass leaves for the backward one.
 struct Saved {
@@ -50,11 +50,13 @@ impl CustomOp3 for ConvBnReluTrain {
         let packed = slice(s3, l3)?;
         let (bias, gamma, beta) = (&packed[..cout], &packed[cout..2 * cout], &packed[2 * cout..]);
         let hw = h * w;
-        let mut z = vec![0f32; b * cout * hw];
+        // SAFETY: `conv_forward` writes every output value.
+        let mut z = unsafe { output_buffer(b * cout * hw) };
         let x = slice(s1, l1)?;
         conv_forward(x, b, cin, h, w, slice(s2, l2)?, cout, k, Epilogue::bias(bias), &mut z);
         let stats = statistics(&z, b, cout, hw, self.eps);
-        let mut out = vec![0f32; z.len()];
+        // SAFETY: `normalise_relu` writes every plane in full.
+        let mut out = unsafe { output_buffer(z.len()) };
         normalise_relu(&z, &mut out, cout, hw, &stats, gamma, beta);
         *self.saved.lock().expect("saved lock") = Some(Saved { z, stats });
         Ok((CpuStorage::F32(out), Shape::from((b, cout, h, w))))

@@ -111,6 +111,29 @@ fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
     }
 }
 
+/// `n` values for a kernel that writes every one of them before anything
+/// reads them, without filling them first: a zero fill is a pass over
+/// memory, made on one thread before the parallel kernel starts, and on a
+/// training step's activations it was 4–6 % of the step's samples (see
+/// BENCHMARKS.md, fifth round). In this crate's tests the values are NaN
+/// instead, so that a kernel that leaves one unwritten fails its comparison
+/// against candle.
+///
+/// # Safety
+/// The caller writes every element before any is read, and before the
+/// buffer reaches anything that reads it (a tensor, another kernel).
+#[allow(clippy::uninit_vec)]
+unsafe fn output_buffer(n: usize) -> Vec<f32> {
+    let mut v = Vec::with_capacity(n);
+    // SAFETY: the capacity is `n`; every `f32` bit pattern is a valid value,
+    // and the caller's contract is that no element is read before it is
+    // written.
+    unsafe { v.set_len(n) };
+    #[cfg(test)]
+    v.fill(f32::NAN);
+    v
+}
+
 /// Run `f` on the contiguous f32 data of a CPU tensor.
 fn with_data<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     let t = t.contiguous()?;

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{slice, with_data};
+use super::{output_buffer, slice, with_data};
 
 simd_fn! {
     /// One plane `[ho·k, wo·k]` (rows `w` apart): each window's maximum into
@@ -50,7 +50,8 @@ impl CustomOp1 for MaxPoolOp {
         }
         let (ho, wo) = (h / k, w / k);
         let x = slice(s, l)?;
-        let mut out = vec![0f32; b * c * ho * wo];
+        // SAFETY: `pool_plane` writes every output of its plane.
+        let mut out = unsafe { output_buffer(b * c * ho * wo) };
         let mut arg = vec![0u32; out.len()];
         out.par_chunks_mut(ho * wo)
             .zip(arg.par_chunks_mut(ho * wo))
@@ -163,7 +164,8 @@ impl CustomOp1 for UnpoolOp {
         let (b, c, h, w) = self.argmax.input;
         let per = arg.elem_count() / (b * c).max(1);
         let dx = with_data(dy, |g| {
-            let mut dx = vec![0f32; arg.elem_count()];
+            // SAFETY: every element is written below, from its position.
+            let mut dx = unsafe { output_buffer(arg.elem_count()) };
             self.argmax.with_positions(|pos| {
                 dx.par_chunks_mut(per)
                     .zip(g.par_chunks(h * w))

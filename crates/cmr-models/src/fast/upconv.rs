@@ -15,7 +15,7 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::conv::{View, matmul, rows, with_scratch};
-use super::{lane_sum, slice, threads, with_data};
+use super::{lane_sum, output_buffer, slice, threads, with_data};
 
 simd_fn! {
     /// `y [Cout, 2H, 2W]` from `t [Cout·4, H·W]`, plus the bias.
@@ -84,7 +84,8 @@ impl CustomOp3 for UpConvOp {
             rs: 1,
             cs: c4,
         };
-        let mut out = vec![0f32; b * c4 * hw];
+        // SAFETY: `interleave` writes both values of every pair.
+        let mut out = unsafe { output_buffer(b * c4 * hw) };
         let one = |xi: &[f32], yi: &mut [f32], par| {
             with_scratch(|scratch| {
                 // Every element is written by the GEMM (no accumulation).

@@ -7,7 +7,7 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{slice, with_data};
+use super::{output_buffer, slice, with_data};
 
 /// For each output index along one axis: the two input indices it reads and
 /// the weight of the second.
@@ -93,7 +93,8 @@ impl CustomOp1 for UpsampleOp {
         let f = self.factor;
         let (th, tw) = (taps(h, f), taps(w, f));
         let x = slice(s, l)?;
-        let mut out = vec![0f32; b * c * h * f * w * f];
+        // SAFETY: `up_plane` writes every row of its output plane.
+        let mut out = unsafe { output_buffer(b * c * h * f * w * f) };
         out.par_chunks_mut(h * f * w * f)
             .zip(x.par_chunks(h * w))
             .for_each_init(Vec::new, |rows, (y, xp)| up_plane(xp, w, &th, &tw, rows, y));
