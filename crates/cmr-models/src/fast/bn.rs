@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{LANES, lane_sum, output_buffer, slice, with_data};
+use super::{BLOCK, LANES, block_sum, output_buffer, slice, with_data};
 
 /// Batch statistics of one forward pass, per channel.
 #[derive(Clone, Debug, PartialEq)]
@@ -31,38 +31,48 @@ struct BnReluTrain {
 }
 
 simd_fn! {
-    /// `(Σ g, Σ g·(x − mean))` with `g = dy · [y > 0]`, in f64, lane by lane
-    /// (fixed-size chunks, so that the loop has no bounds checks and vectorises).
-    fn gradient_sums(x: &[f32], y: &[f32], dy: &[f32], mean: f64) -> (f64, f64) {
-        let (mut sg, mut sgx) = ([0f64; LANES], [0f64; LANES]);
-        let term = |x: f32, y: f32, dy: f32| {
-            let g = f64::from(if y > 0.0 { dy } else { 0.0 });
-            (g, g * (f64::from(x) - mean))
+    /// `(Σ g, Σ g·(x − m))` over one plane with `g = dy` where the forward
+    /// pass's ReLU passed the value, that is where `(x − m)·is·γ + β > 0`:
+    /// the forward pass's own expression, so the same decision bit for bit,
+    /// without reading its output. f32 lane by lane within blocks of
+    /// [`BLOCK`] values, f64 across blocks.
+    fn gradient_sums(x: &[f32], dy: &[f32], m: f32, is: f32, gamma: f32, beta: f32) -> (f64, f64) {
+        let (mut sg, mut sgx) = (0f64, 0f64);
+        let term = |x: f32, dy: f32| {
+            let c = x - m;
+            let g = if c * is * gamma + beta > 0.0 { dy } else { 0.0 };
+            (g, g * c)
         };
-        let (xc, yc, gc) = (x.chunks_exact(LANES), y.chunks_exact(LANES), dy.chunks_exact(LANES));
-        let (mut a, mut b) = (0f64, 0f64);
-        for ((&xv, &yv), &gv) in xc.remainder().iter().zip(yc.remainder()).zip(gc.remainder()) {
-            let (ta, tb) = term(xv, yv, gv);
-            a += ta;
-            b += tb;
-        }
-        for ((xs, ys), gs) in xc.zip(yc).zip(gc) {
-            for j in 0..LANES {
-                let (ta, tb) = term(xs[j], ys[j], gs[j]);
-                sg[j] += ta;
-                sgx[j] += tb;
+        for (xb, gb) in x.chunks(BLOCK).zip(dy.chunks(BLOCK)) {
+            let (mut a, mut b) = ([0f32; LANES], [0f32; LANES]);
+            let (xc, gc) = (xb.chunks_exact(LANES), gb.chunks_exact(LANES));
+            for (j, (&xv, &gv)) in xc.remainder().iter().zip(gc.remainder()).enumerate() {
+                let (ta, tb) = term(xv, gv);
+                a[j] += ta;
+                b[j] += tb;
             }
+            for (xs, gs) in xc.zip(gc) {
+                for j in 0..LANES {
+                    let (ta, tb) = term(xs[j], gs[j]);
+                    a[j] += ta;
+                    b[j] += tb;
+                }
+            }
+            sg += a.iter().map(|&v| f64::from(v)).sum::<f64>();
+            sgx += b.iter().map(|&v| f64::from(v)).sum::<f64>();
         }
-        (sg.iter().sum::<f64>() + a, sgx.iter().sum::<f64>() + b)
+        (sg, sgx)
     }
 
     /// Mean, `1/sqrt(var + eps)` and unbiased variance of channel `ch` of
-    /// `x [b, c, hw]`: two passes (mean, then squared deviations), in f64.
+    /// `x [b, c, hw]`: two passes (mean, then squared deviations from it),
+    /// each summed by [`block_sum`].
     fn channel_statistics(x: &[f32], b: usize, c: usize, hw: usize, ch: usize, eps: f64) -> (f32, f32, f32) {
         let n = (b * hw) as f64;
         let planes = || (0..b).map(move |bi| &x[(bi * c + ch) * hw..][..hw]);
-        let mean = planes().map(|p| lane_sum(p, |v| v)).sum::<f64>() / n;
-        let ss: f64 = planes().map(|p| lane_sum(p, |v| (v - mean) * (v - mean))).sum();
+        let mean = planes().map(|p| block_sum(p, |v| v)).sum::<f64>() / n;
+        let m = mean as f32;
+        let ss: f64 = planes().map(|p| block_sum(p, |v| (v - m) * (v - m))).sum();
         let var = ss / n;
         let unbiased = if n > 1.0 { ss / (n - 1.0) } else { var };
         (mean as f32, (1.0 / (var + eps).sqrt()) as f32, unbiased as f32)
@@ -82,11 +92,14 @@ simd_fn! {
         }
     }
 
-    /// `d = k·(g − sg − x̂·sgx)` with `g = dy·[y > 0]`, `x̂ = (x − m)·is`.
-    fn backward_plane(d: &mut [f32], x: &[f32], y: &[f32], dy: &[f32], m: f32, is: f32, k: f32, sg: f32, sgx: f32) {
-        for (d, ((&x, &y), &g)) in d.iter_mut().zip(x.iter().zip(y).zip(dy)) {
-            let g = if y > 0.0 { g } else { 0.0 };
-            let xhat = (x - m) * is;
+    /// `d = k·(g − sg − x̂·sgx)` with `x̂ = (x − m)·is` and `g = dy` where
+    /// the forward pass's ReLU passed the value (see [`gradient_sums`]).
+    fn backward_plane(d: &mut [f32], x: &[f32], dy: &[f32], param: (f32, f32, f32, f32), k: f32, sg: f32, sgx: f32) {
+        let (m, is, gamma, beta) = param;
+        for (d, (&x, &g)) in d.iter_mut().zip(x.iter().zip(dy)) {
+            let c = x - m;
+            let g = if c * is * gamma + beta > 0.0 { g } else { 0.0 };
+            let xhat = c * is;
             *d = k * (g - sg - xhat * sgx);
         }
     }
@@ -137,42 +150,42 @@ pub(super) fn normalise_relu(
         });
 }
 
-/// The backward pass of BatchNorm + ReLU over `x [b, c, hw]` (its input),
-/// `y` (its output) and `dy`: `(dX, dγ, dβ)`.
-#[allow(clippy::too_many_arguments)]
+/// The backward pass of BatchNorm + ReLU over `x [b, c, hw]` (its input)
+/// and `dy`, with the forward pass's statistics and affine parameters (which
+/// say where its ReLU passed the value): `(dX, dγ, dβ)`.
 pub(super) fn relu_backward(
     xs: &[f32],
-    ys: &[f32],
     gs: &[f32],
     (b, c, hw): (usize, usize, usize),
     stats: &BnStats,
     gamma: &[f32],
+    beta: &[f32],
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let n = (b * hw) as f32;
-    // per channel: Σg and Σg·x̂, accumulated in f64
+    let param = |ch: usize| (stats.mean[ch], stats.inv_std[ch], gamma[ch], beta[ch]);
+    // per channel: Σg and Σg·x̂
     let sums: Vec<(f32, f32)> = (0..c)
         .into_par_iter()
         .map(|ch| {
-            let (m, is) = (f64::from(stats.mean[ch]), f64::from(stats.inv_std[ch]));
+            let (m, is, g, bt) = param(ch);
             let (mut sg, mut sgx) = (0f64, 0f64);
             for bi in 0..b {
                 let r = (bi * c + ch) * hw..(bi * c + ch + 1) * hw;
-                let (a, g) = gradient_sums(&xs[r.clone()], &ys[r.clone()], &gs[r], m);
+                let (a, s) = gradient_sums(&xs[r.clone()], &gs[r], m, is, g, bt);
                 sg += a;
-                sgx += g;
+                sgx += s;
             }
-            (sg as f32, (sgx * is) as f32)
+            (sg as f32, (sgx * f64::from(is)) as f32)
         })
         .collect();
     // SAFETY: `backward_plane` writes every plane in full.
     let mut dx = unsafe { output_buffer(xs.len()) };
     dx.par_chunks_mut(hw).enumerate().for_each(|(p, d)| {
         let ch = p % c;
-        let (m, is) = (stats.mean[ch], stats.inv_std[ch]);
         let (sg, sgx) = (sums[ch].0 / n, sums[ch].1 / n);
-        let k = gamma[ch] * is;
+        let k = gamma[ch] * stats.inv_std[ch];
         let r = p * hw..(p + 1) * hw;
-        backward_plane(d, &xs[r.clone()], &ys[r.clone()], &gs[r], m, is, k, sg, sgx);
+        backward_plane(d, &xs[r.clone()], &gs[r], param(ch), k, sg, sgx);
     });
     let dgamma: Vec<f32> = sums.iter().map(|s| s.1).collect();
     let dbeta: Vec<f32> = sums.iter().map(|s| s.0).collect();
@@ -207,8 +220,8 @@ impl CustomOp3 for BnReluTrain {
         &self,
         x: &Tensor,
         gamma: &Tensor,
-        _beta: &Tensor,
-        y: &Tensor,
+        beta: &Tensor,
+        _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (b, c, h, w) = x.dims4()?;
@@ -217,12 +230,10 @@ impl CustomOp3 for BnReluTrain {
         let Some(stats) = stats else {
             candle_core::bail!("bn-relu backward before its forward")
         };
-        let gamma = gamma.to_vec1::<f32>()?;
+        let (gamma, beta) = (gamma.to_vec1::<f32>()?, beta.to_vec1::<f32>()?);
         let grads = with_data(x, |xs| {
-            with_data(y, |ys| {
-                with_data(dy, |gs| relu_backward(xs, ys, gs, (b, c, hw), &stats, &gamma))
-            })
-        })???;
+            with_data(dy, |gs| relu_backward(xs, gs, (b, c, hw), &stats, &gamma, &beta))
+        })??;
         let (dx, dgamma, dbeta) = grads;
         let dev = x.device();
         Ok((
@@ -296,6 +307,40 @@ mod tests {
     use super::*;
     use crate::testing::{FiniteDiff, assert_gradient, max_rel, narrow, widen};
     use candle_core::{Device, ModuleT, Var};
+
+    /// The backward pass decides where the ReLU passed a value from the
+    /// input and the statistics, without the output: on values at and
+    /// around the threshold, its count of passed values (`Σ g` with `dy = 1`)
+    /// is exactly the forward output's count of positive values, and the
+    /// input gradient is zero exactly where the output is.
+    #[test]
+    fn backward_relu_decision_is_the_forward_one() {
+        for t in 0..40u32 {
+            let f = |a: u32| ((t * 2654435761u32).wrapping_add(a * 40503) % 1000) as f32 / 1000.0;
+            let (m, is, gamma, beta) = (f(1) - 0.5, 0.3 + 3.0 * f(2), 2.0 * f(3) - 1.0, f(4) - 0.5);
+            // the input at which (x − m)·is·γ + β = 0, and its neighbours
+            let x0 = m - beta / (is * gamma);
+            let mut x: Vec<f32> = (0..500).map(|i| ((i * 7919 % 500) as f32 - 250.0) / 60.0).collect();
+            let mut v = x0;
+            for _ in 0..200 {
+                x.push(v);
+                x.push(-v + 2.0 * x0);
+                v = f32::from_bits(v.to_bits() + 1);
+            }
+            let mut y = vec![0f32; x.len()];
+            normalise_plane(&mut y, &x, m, is, gamma, beta);
+            let passed = y.iter().filter(|&&v| v > 0.0).count();
+            assert!(passed > 0 && passed < x.len(), "{passed} of {}", x.len());
+            let ones = vec![1f32; x.len()];
+            let (count, _) = gradient_sums(&x, &ones, m, is, gamma, beta);
+            assert_eq!(count, passed as f64, "parameters {:?}", (m, is, gamma, beta));
+            let mut d = vec![0f32; x.len()];
+            backward_plane(&mut d, &x, &ones, (m, is, gamma, beta), 1.0, 0.0, 0.0);
+            for (i, (&dv, &yv)) in d.iter().zip(&y).enumerate() {
+                assert_eq!(dv != 0.0, yv > 0.0, "value {i}: x = {}", x[i]);
+            }
+        }
+    }
 
     fn reference_bn(c: usize, gamma: &Tensor, beta: &Tensor) -> candle_nn::BatchNorm {
         let dev = Device::Cpu;

@@ -14,7 +14,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::{direct, lane_sum, output_buffer, slice, threads, with_data};
+use super::{block_sum, direct, output_buffer, slice, threads, with_data};
 
 /// Each thread's work buffers, kept between calls: fresh buffers of tens of
 /// MB per image would cost page faults on every call.
@@ -463,7 +463,7 @@ simd_fn! {
     /// `db[c] += Σ plane c of g [c, hw]`, in f64.
     fn add_plane_sums(db: &mut [f64], g: &[f32], hw: usize) {
         for (co, plane) in g.chunks(hw).enumerate() {
-            db[co] += lane_sum(plane, |v| v);
+            db[co] += block_sum(plane, |v| v);
         }
     }
 

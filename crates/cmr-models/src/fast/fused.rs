@@ -72,17 +72,15 @@ impl CustomOp3 for ConvBnReluTrain {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (b, cout, h, w) = y.dims4()?;
         let params = packed.to_vec1::<f32>()?;
-        let gamma = &params[cout..2 * cout];
+        let (gamma, beta) = (&params[cout..2 * cout], &params[2 * cout..]);
         let dz = {
             let saved = self.saved.lock().expect("saved lock");
             let Some(saved) = saved.as_ref() else {
                 candle_core::bail!("conv-bn-relu backward before its forward")
             };
-            super::with_data(y, |ys| {
-                super::with_data(dy, |gs| {
-                    relu_backward(&saved.z, ys, gs, (b, cout, h * w), &saved.stats, gamma)
-                })
-            })??
+            super::with_data(dy, |gs| {
+                relu_backward(&saved.z, gs, (b, cout, h * w), &saved.stats, gamma, beta)
+            })?
         };
         let (dz, dgamma, dbeta) = dz;
         conv::backward(x, weight, &dz, Some((dgamma, dbeta)))

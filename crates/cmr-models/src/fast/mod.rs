@@ -144,22 +144,35 @@ fn with_data<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     }
 }
 
-/// Accumulators per lane: independent f64 sums that the compiler keeps in
-/// vector registers (one running sum would be a serial chain of additions).
-pub(crate) const LANES: usize = 8;
+/// Vector lanes of f32 partial sums: independent running sums the compiler
+/// keeps in one vector register (one running sum would be a serial chain of
+/// additions).
+pub(crate) const LANES: usize = 16;
 
-/// `Σ f(x)` over `x` in f64, lane by lane.
+/// Values summed in f32 (in [`LANES`] lanes, 16 each) before the block's sum
+/// joins the f64 total: f32 vector arithmetic at full width, and no lane
+/// adds up more than 16 values in single precision.
+pub(crate) const BLOCK: usize = LANES * 16;
+
+/// `Σ f(x)`: in f32 lane by lane within blocks of [`BLOCK`] values, in f64
+/// across blocks.
 #[inline(always)]
-pub(crate) fn lane_sum(x: &[f32], f: impl Fn(f64) -> f64) -> f64 {
-    let mut acc = [0f64; LANES];
-    let chunks = x.chunks_exact(LANES);
-    let tail: f64 = chunks.remainder().iter().map(|&v| f(f64::from(v))).sum();
-    for c in chunks {
-        for j in 0..LANES {
-            acc[j] += f(f64::from(c[j]));
+pub(crate) fn block_sum(x: &[f32], f: impl Fn(f32) -> f32) -> f64 {
+    let mut total = 0f64;
+    for block in x.chunks(BLOCK) {
+        let mut acc = [0f32; LANES];
+        let chunks = block.chunks_exact(LANES);
+        for (a, &v) in acc.iter_mut().zip(chunks.remainder()) {
+            *a += f(v);
         }
+        for c in chunks {
+            for j in 0..LANES {
+                acc[j] += f(c[j]);
+            }
+        }
+        total += acc.iter().map(|&v| f64::from(v)).sum::<f64>();
     }
-    acc.iter().sum::<f64>() + tail
+    total
 }
 
 /// 0: not yet detected, 1: baseline only, 2: AVX2+FMA, 3: AVX-512.

@@ -15,7 +15,7 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::conv::{View, matmul, rows, with_scratch};
-use super::{lane_sum, output_buffer, slice, threads, with_data};
+use super::{block_sum, output_buffer, slice, threads, with_data};
 
 simd_fn! {
     /// `y [Cout, 2H, 2W]` from `t [Cout·4, H·W]`, plus the bias.
@@ -140,7 +140,7 @@ impl CustomOp3 for UpConvOp {
                             };
                             matmul(dw, c4, 1, true, rows(xi, hw), dtt, (cin, c4, hw), par);
                             for (co, plane) in gi.chunks(4 * hw).enumerate() {
-                                db[co] += lane_sum(plane, |v| v);
+                                db[co] += block_sum(plane, |v| v);
                             }
                         });
                     };
