@@ -487,9 +487,19 @@ fn conv_weight_grad(
 ) -> (Vec<f32>, Vec<f32>) {
     let hw = h * w;
     let kk = cin * k * k;
+    let shifted = k > 1 && hw >= SHIFTED_MIN_PIXELS;
+    // The shifted views accumulate the weight gradient tap-major.
+    let finish = |dw: Vec<f32>, db: Vec<f64>| {
+        let dw = if shifted {
+            tap_major_to_weight(&dw, cout, cin, k * k)
+        } else {
+            dw
+        };
+        (dw, db.into_iter().map(|v| v as f32).collect())
+    };
     let one = |xi: &[f32], gi: &[f32], dw: &mut Vec<f32>, db: &mut Vec<f64>, scratch: &mut Scratch, par| {
         add_plane_sums(db, gi, hw);
-        if k > 1 && hw >= SHIFTED_MIN_PIXELS {
+        if shifted {
             weight_grad_shifted(xi, gi, (cin, h, w, cout, k), dw, scratch, par);
             return;
         }
@@ -520,7 +530,7 @@ fn conv_weight_grad(
                 one(xi, gi, &mut dw, &mut db, scratch, Parallelism::Rayon(threads()));
             }
         });
-        return (dw, db.into_iter().map(|v| v as f32).collect());
+        return finish(dw, db);
     }
     // Images split into one contiguous run per thread, partial sums added in
     // a fixed order so the result does not depend on scheduling.
@@ -545,7 +555,7 @@ fn conv_weight_grad(
         dw.iter_mut().zip(pw).for_each(|(a, v)| *a += v);
         db.iter_mut().zip(pb).for_each(|(a, v)| *a += v);
     }
-    (dw, db.into_iter().map(|v| v as f32).collect())
+    finish(dw, db)
 }
 
 /// As [`pad`], channels last: `buf [plane][c]` with `plane = (h + 2p)·(w + 2p)
@@ -593,12 +603,16 @@ simd_fn! {
     }
 }
 
-/// One image's weight gradient by shifted views (see [`conv_shifted`]):
-/// `dW[:, :, tap] += dYwide · Xpad[:, q + offset(tap)]ᵀ`, with `dY` laid out at
-/// the padded row width (zeros in the extra columns), `k·k` GEMMs of depth
-/// `h·wp` writing straight into the strided taps of `dw`. The padded input
-/// is channels last ([`pad_channels_last`]), so that each GEMM reads it in
-/// place.
+/// One image's weight gradient by shifted views (see [`conv_shifted`]),
+/// accumulated tap-major: `dw [cout, k, k, cin]` (see [`tap_major_to_weight`]).
+/// With `dY` laid out at the padded row width (zeros in the extra columns)
+/// and the padded input channels last ([`pad_channels_last`]), the `k` taps
+/// of kernel row `r` read the input at `k` consecutive padded positions, so
+/// their `k·cin` input values at output position `q` are contiguous:
+/// `padded[(q + r·wp)·cin ..][.. k·cin]`. One GEMM per kernel row, `dW[:, r]
+/// += dYwide · X_rᵀ`, depth `h·wp`, reads the input in place through a view
+/// whose rows overlap (`k` times fewer GEMMs, each `k` times wider, and the
+/// output gradient packed `k` times per image instead of `k·k`).
 fn weight_grad_shifted(
     xi: &[f32],
     gi: &[f32],
@@ -621,26 +635,41 @@ fn weight_grad_shifted(
             d[w..].fill(0.0);
         }
     }
-    let kk2 = k * k;
-    for tap in 0..kk2 {
-        let offset = layout.tap_offset(tap, k);
-        // Element (q, ci) of the shifted input: padded[(q + offset)·cin + ci].
+    let row = k * cin;
+    for r in 0..k {
+        // Element (q, j) of kernel row r's input: padded[(q + r·wp)·cin + j],
+        // j = dx·cin + ci.
         let rhs = View {
-            data: &padded[offset * cin..],
+            data: &padded[layout.tap_offset(r * k, k) * cin..],
             rs: cin,
             cs: 1,
         };
         matmul(
-            &mut dw[tap..],
-            cin * kk2,
-            kk2,
+            &mut dw[r * row..],
+            k * row,
+            1,
             true,
             rows(wide, n),
             rhs,
-            (cout, cin, n),
+            (cout, row, n),
             par,
         );
     }
+}
+
+/// `[cout, k·k, cin]` (tap-major, as [`weight_grad_shifted`] accumulates)
+/// → `[cout, cin, k·k]` (the weight's layout).
+fn tap_major_to_weight(tm: &[f32], cout: usize, cin: usize, kk: usize) -> Vec<f32> {
+    let mut out = vec![0f32; tm.len()];
+    for (o, t) in out.chunks_mut(cin * kk).zip(tm.chunks(cin * kk)) {
+        for (tap, vals) in t.chunks(cin).enumerate() {
+            for (ci, &v) in vals.iter().enumerate() {
+                o[ci * kk + tap] = v;
+            }
+        }
+    }
+    debug_assert_eq!(cout * cin * kk, out.len());
+    out
 }
 
 /// `weight [cout, cin, k, k]` → `[cin, cout·k·k]` with the kernel flipped:
