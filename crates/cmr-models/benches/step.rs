@@ -3,7 +3,8 @@
 //! `cargo bench -p cmr-models --bench step -- [--quick] [FILTER…]`
 //!
 //! For each network at `seed` and `small` widths: one training step (forward
-//! in train mode, soft-Dice loss, backward; no optimiser) at batch 4 and 8,
+//! in train mode, soft-Dice loss, backward as `cmr train` runs it — on the
+//! fast kernels' tape when they are on; no optimiser) at batch 4 and 8,
 //! and inference (eval-mode forward) at batch 1 and 20, all at 96×96. Each
 //! figure is the median of `--runs` timed runs (default 5) after one warm-up,
 //! with the achieved GFLOP/s (training counted as 3× the forward FLOPs).
@@ -99,9 +100,14 @@ fn main() {
                     .to_dtype(DType::U32)
                     .unwrap();
                 let ms = time(runs, || {
-                    let logits = model.forward_t(&x, true).unwrap();
-                    let l = loss.compute(&logits, &y).unwrap();
-                    let _grads = l.backward().unwrap();
+                    // as `cmr train` does: on the fast kernels' tape when
+                    // they are on
+                    let _grads = cmr_models::fast::forward_backward(
+                        cmr_models::fast::applies(&x),
+                        || model.forward_t(&x, true),
+                        |logits| Ok(loss.compute(logits, &y).unwrap()),
+                    )
+                    .unwrap();
                 });
                 let rate = 3.0 * gflop * b as f64 / (ms / 1e3);
                 row(arch, preset, format!("train b{b}"), ms, rate);

@@ -70,7 +70,7 @@ impl ModuleT for UNet {
             let skip = skips.pop().expect("one skip per decoder stage");
             // [B, 2C, H/2, W/2] -> [B, C, H, W], then [B, 2C, H, W] with the skip
             let up = stage.up.forward(&x)?;
-            x = stage.conv.forward_t(&Tensor::cat(&[&skip, &up], 1)?, train)?;
+            x = stage.conv.forward_t(&crate::fast::cat(&[&skip, &up], 1)?, train)?;
         }
         self.head.forward(&x)
     }

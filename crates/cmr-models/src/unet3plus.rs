@@ -105,7 +105,9 @@ impl ModuleT for UNet3Plus {
                 parts.push(branch.forward_t(&input, train)?);
             }
             // depth × [B, branch, H, W] -> [B, depth·branch, H, W]
-            let fused = stage.fuse.forward_t(&Tensor::cat(&parts, 1)?, train)?;
+            let fused = stage
+                .fuse
+                .forward_t(&crate::fast::cat(&parts.iter().collect::<Vec<_>>(), 1)?, train)?;
             dec[level] = Some(fused);
         }
         let top = dec[0].take().expect("level 0 is decoded last");

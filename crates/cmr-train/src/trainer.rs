@@ -220,8 +220,15 @@ impl Trainer {
             {
                 let index = first + i;
                 let batch = batch?;
-                let logits = self.model.forward_t(&batch.images, true)?;
-                let loss = cfg.loss.compute(&logits, batch.masks()?)?;
+                let masks = batch.masks()?;
+                // On the fast kernels the backward pass runs on their tape
+                // (no zero tensor and addition per gradient, as candle's
+                // `Tensor::backward` makes); elsewhere by candle.
+                let (loss, grads) = cmr_models::fast::forward_backward(
+                    cmr_models::fast::applies(&batch.images),
+                    || Ok::<_, TrainError>(self.model.forward_t(&batch.images, true)?),
+                    |logits| Ok(cfg.loss.compute(logits, masks)?),
+                )?;
                 let value = f64::from(loss.to_dtype(DType::F32)?.to_scalar::<f32>()?);
                 if !value.is_finite() {
                     return Err(TrainError::NonFinite {
@@ -230,7 +237,6 @@ impl Trainer {
                         batch: index + 1,
                     });
                 }
-                let grads = loss.backward()?;
                 // A data-parallel run would all-reduce `grads` here.
                 self.optim.step(&grads, lr)?;
                 self.state.batches_done = index + 1;

@@ -253,9 +253,11 @@ pub fn bn_relu_train(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Res
         eps,
         stats: stats.clone(),
     };
-    let y = x
-        .contiguous()?
-        .apply_op3(&gamma.contiguous()?, &beta.contiguous()?, op)?;
+    let y = super::tape::apply3(
+        [x, gamma, beta],
+        [&x.contiguous()?, &gamma.contiguous()?, &beta.contiguous()?],
+        op,
+    )?;
     let s = stats.lock().expect("stats lock").clone();
     match s {
         Some(s) => Ok((y, s)),

@@ -915,8 +915,11 @@ pub fn conv2d_affine_relu(
 ) -> Result<Tensor> {
     check_shapes(x, weight)?;
     let packed = pack_channels(weight.dim(0)?, [("bias", bias), ("scale", scale), ("shift", shift)])?;
-    x.contiguous()?
-        .apply_op3(&weight.contiguous()?, &packed, ConvAffineReluOp)
+    super::tape::apply3(
+        [x, weight, &packed],
+        [&x.contiguous()?, &weight.contiguous()?, &packed],
+        ConvAffineReluOp,
+    )
 }
 
 /// Three per-channel vectors `[Cout]` as one `[3·Cout]` input (candle's custom
@@ -927,7 +930,7 @@ pub(super) fn pack_channels(cout: usize, parts: [(&str, &Tensor); 3]) -> Result<
             candle_core::bail!("fast kernels: {name} {:?} for {cout} channels", t.dims());
         }
     }
-    Tensor::cat(&parts.map(|(_, t)| t), 0)
+    super::tape::cat(&parts.map(|(_, t)| t), 0)
 }
 
 pub(super) fn check_shapes(x: &Tensor, weight: &Tensor) -> Result<()> {
@@ -945,8 +948,11 @@ pub(super) fn check_shapes(x: &Tensor, weight: &Tensor) -> Result<()> {
 
 fn conv2d_op(x: &Tensor, weight: &Tensor, bias: &Tensor, relu: bool) -> Result<Tensor> {
     check_shapes(x, weight)?;
-    x.contiguous()?
-        .apply_op3(&weight.contiguous()?, &bias.contiguous()?, Conv2dOp { relu })
+    super::tape::apply3(
+        [x, weight, bias],
+        [&x.contiguous()?, &weight.contiguous()?, &bias.contiguous()?],
+        Conv2dOp { relu },
+    )
 }
 
 #[cfg(test)]

@@ -107,7 +107,11 @@ pub fn conv_bn_relu_train(
         eps,
         saved: saved.clone(),
     };
-    let y = x.contiguous()?.apply_op3(&weight.contiguous()?, &packed, op)?;
+    let y = super::tape::apply3(
+        [x, weight, &packed],
+        [&x.contiguous()?, &weight.contiguous()?, &packed],
+        op,
+    )?;
     let stats = saved.lock().expect("saved lock").as_ref().map(|s| s.stats.clone());
     match stats {
         Some(s) => Ok((y, s)),

@@ -60,6 +60,7 @@ mod conv;
 mod direct;
 mod fused;
 mod pool;
+mod tape;
 mod upconv;
 mod upsample;
 
@@ -72,6 +73,7 @@ pub use conv::{conv2d, conv2d_affine_relu, conv2d_relu};
 pub use direct::set_direct;
 pub use fused::conv_bn_relu_train;
 pub use pool::{Argmax, max_pool, max_pool_with_argmax, max_unpool};
+pub use tape::{Tape, cat, forward_backward, record};
 pub use upconv::upconv2x2;
 pub use upsample::upsample_bilinear;
 

@@ -121,7 +121,7 @@ pub fn max_pool_with_argmax(x: &Tensor, k: usize) -> Result<(Tensor, Argmax)> {
         k,
         argmax: positions.clone(),
     };
-    let y = x.contiguous()?.apply_op1(op)?;
+    let y = super::tape::apply1(x, &x.contiguous()?, op)?;
     Ok((
         y,
         Argmax {
@@ -195,7 +195,7 @@ pub fn max_unpool(x: &Tensor, argmax: &Argmax) -> Result<Tensor> {
             argmax.input
         );
     }
-    x.contiguous()?.apply_op1(UnpoolOp { argmax: argmax.clone() })
+    super::tape::apply1(x, &x.contiguous()?, UnpoolOp { argmax: argmax.clone() })
 }
 
 #[cfg(test)]

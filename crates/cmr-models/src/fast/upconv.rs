@@ -226,8 +226,11 @@ pub fn upconv2x2(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
             bias.dims()
         );
     }
-    x.contiguous()?
-        .apply_op3(&weight.contiguous()?, &bias.contiguous()?, UpConvOp)
+    super::tape::apply3(
+        [x, weight, bias],
+        [&x.contiguous()?, &weight.contiguous()?, &bias.contiguous()?],
+        UpConvOp,
+    )
 }
 
 #[cfg(test)]

@@ -122,7 +122,7 @@ pub fn upsample_bilinear(x: &Tensor, factor: usize) -> Result<Tensor> {
     if factor == 0 {
         candle_core::bail!("up-sampling factor must be at least 1");
     }
-    x.contiguous()?.apply_op1(UpsampleOp { factor })
+    super::tape::apply1(x, &x.contiguous()?, UpsampleOp { factor })
 }
 
 #[cfg(test)]
