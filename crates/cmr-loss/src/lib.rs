@@ -8,6 +8,7 @@
 
 mod components;
 mod error;
+mod fused;
 mod loss;
 mod metrics;
 

@@ -127,6 +127,14 @@ impl Loss {
 
     /// The scalar loss of `logits` `[B, C, H, W]` against `targets` `[B, H, W]`.
     pub fn compute(&self, logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        if crate::fused::applies(logits) {
+            return self.compute_fused(logits, targets);
+        }
+        self.compute_expression(logits, targets)
+    }
+
+    /// [`Loss::compute`] as candle expressions (every device).
+    pub fn compute_expression(&self, logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
         match self {
             Self::CrossEntropy { class_weights } => cross_entropy(logits, targets, class_weights.as_deref()),
             Self::SoftDice {
@@ -148,10 +156,47 @@ impl Loss {
     }
 }
 
-/// One-hot encoding of `targets` `[B, H, W]` (u32) as `[B, C, H, W]` in the
-/// logits' dtype. Errors when the shapes do not fit.
-pub fn one_hot(targets: &Tensor, logits: &Tensor) -> Result<Tensor> {
-    let (b, c, h, w) = logits.dims4()?;
+impl Loss {
+    /// [`Loss::compute`] as one fused CPU op (f32 logits on the CPU).
+    fn compute_fused(&self, logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = logits.dims4()?;
+        check_targets(targets, logits, (b, h, w))?;
+        let weights = |cw: &Option<Vec<f32>>| -> Result<Option<Vec<f32>>> {
+            match cw {
+                Some(wv) if wv.len() != c => {
+                    Err(LossError::Shape(format!("{} class weights for {c} classes", wv.len())))
+                }
+                other => Ok(other.clone()),
+            }
+        };
+        let spec = match self {
+            Self::CrossEntropy { class_weights } => crate::fused::Spec {
+                dice: None,
+                ce: Some((1.0, weights(class_weights)?)),
+            },
+            Self::SoftDice {
+                include_background,
+                eps,
+            } => crate::fused::Spec {
+                dice: Some((1.0, *include_background, *eps)),
+                ce: None,
+            },
+            Self::DiceCe {
+                dice_weight,
+                ce_weight,
+                class_weights,
+                include_background,
+                eps,
+            } => crate::fused::Spec {
+                dice: Some((*dice_weight, *include_background, *eps)),
+                ce: Some((*ce_weight, weights(class_weights)?)),
+            },
+        };
+        Ok(crate::fused::fused_loss(logits, targets, spec)?)
+    }
+}
+
+fn check_targets(targets: &Tensor, logits: &Tensor, (b, h, w): (usize, usize, usize)) -> Result<()> {
     if targets.dims() != [b, h, w] {
         return Err(LossError::Shape(format!(
             "logits {:?} need targets [{b}, {h}, {w}], got {:?}",
@@ -159,6 +204,14 @@ pub fn one_hot(targets: &Tensor, logits: &Tensor) -> Result<Tensor> {
             targets.dims()
         )));
     }
+    Ok(())
+}
+
+/// One-hot encoding of `targets` `[B, H, W]` (u32) as `[B, C, H, W]` in the
+/// logits' dtype. Errors when the shapes do not fit.
+pub fn one_hot(targets: &Tensor, logits: &Tensor) -> Result<Tensor> {
+    let (b, c, h, w) = logits.dims4()?;
+    check_targets(targets, logits, (b, h, w))?;
     let classes = Tensor::arange(0u32, c as u32, targets.device())?.reshape((1, c, 1, 1))?;
     let targets = targets.to_dtype(DType::U32)?.unsqueeze(1)?;
     Ok(targets.broadcast_eq(&classes)?.to_dtype(logits.dtype())?)

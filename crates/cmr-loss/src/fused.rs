@@ -1,0 +1,389 @@
+//! The losses as one CPU op each way: soft Dice, cross-entropy and their
+//! weighted sum in one pass over the logits (softmax per pixel, the sums per
+//! image and class, the negative log-likelihood), with a backward pass that
+//! writes the logits' gradient in one more.
+//!
+//! The candle expressions of [`crate::loss`] compute the same functions on
+//! every device; on the CPU in f32 they are a dozen ops, each a pass over
+//! the `[B, C, H, W]` logits with a fresh tensor (about 6 % of a narrow
+//! network's training step), and their backward as many again. `CMR_FAST=0`
+//! in the environment keeps the expressions, as it does for the networks'
+//! kernels.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+/// What the fused op computes: `dice.0 · (1 − mean soft Dice)` and `ce.0 ·
+/// (weighted) cross-entropy`, either or both.
+#[derive(Clone, Debug)]
+pub(crate) struct Spec {
+    /// `(weight, include_background, eps)`.
+    pub(crate) dice: Option<(f64, bool, f64)>,
+    /// `(weight, class weights)`.
+    pub(crate) ce: Option<(f64, Option<Vec<f32>>)>,
+}
+
+/// 0: not yet read, 1: on, 2: off.
+static STATE: AtomicU8 = AtomicU8::new(0);
+
+/// Whether the fused op applies to `logits`: f32 on the CPU, and not turned
+/// off by `CMR_FAST=0`.
+pub(crate) fn applies(logits: &Tensor) -> bool {
+    let on = match STATE.load(Ordering::Relaxed) {
+        1 => true,
+        2 => false,
+        _ => {
+            let on = std::env::var("CMR_FAST").map(|v| v != "0").unwrap_or(true);
+            STATE.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+            on
+        }
+    };
+    on && logits.device().is_cpu() && logits.dtype() == DType::F32
+}
+
+/// Per image: the softmax sums `(Σ p·t, Σ p, Σ t)` per class and the
+/// cross-entropy's `(Σ w[y]·(−log p[y]), Σ w[y])`, in f64.
+struct ImageSums {
+    inter: Vec<f64>,
+    prob: Vec<f64>,
+    count: Vec<f64>,
+    nll: f64,
+    weight: f64,
+}
+
+/// Softmax over the `c` planes of one image at pixel `x`, into `p`.
+#[inline(always)]
+fn softmax_at(logits: &[f32], hw: usize, x: usize, p: &mut [f32]) {
+    let mut m = f32::NEG_INFINITY;
+    for (ci, v) in p.iter_mut().enumerate() {
+        *v = logits[ci * hw + x];
+        m = m.max(*v);
+    }
+    let mut s = 0f32;
+    for v in p.iter_mut() {
+        *v = (*v - m).exp();
+        s += *v;
+    }
+    for v in p.iter_mut() {
+        *v /= s;
+    }
+}
+
+fn class_of(t: u32, c: usize) -> candle_core::Result<usize> {
+    let t = t as usize;
+    if t >= c {
+        candle_core::bail!("target class {t} for {c} classes");
+    }
+    Ok(t)
+}
+
+fn image_sums(logits: &[f32], targets: &[u32], c: usize, weights: Option<&[f32]>) -> candle_core::Result<ImageSums> {
+    let hw = targets.len();
+    let mut s = ImageSums {
+        inter: vec![0.0; c],
+        prob: vec![0.0; c],
+        count: vec![0.0; c],
+        nll: 0.0,
+        weight: 0.0,
+    };
+    let mut p = vec![0f32; c];
+    for (x, &t) in targets.iter().enumerate() {
+        let t = class_of(t, c)?;
+        softmax_at(logits, hw, x, &mut p);
+        for (ci, &pv) in p.iter().enumerate() {
+            s.prob[ci] += f64::from(pv);
+        }
+        s.inter[t] += f64::from(p[t]);
+        s.count[t] += 1.0;
+        // −log p[t] from the logits (log-sum-exp), not from the rounded p
+        let m = (0..c).map(|ci| logits[ci * hw + x]).fold(f32::NEG_INFINITY, f32::max);
+        let lse = f64::from(m)
+            + (0..c)
+                .map(|ci| f64::from(logits[ci * hw + x] - m).exp())
+                .sum::<f64>()
+                .ln();
+        let w = weights.map_or(1.0, |w| f64::from(w[t]));
+        s.nll += w * (lse - f64::from(logits[t * hw + x]));
+        s.weight += w;
+    }
+    Ok(s)
+}
+
+/// The classes the Dice term averages over.
+fn dice_classes(c: usize, include_background: bool) -> std::ops::Range<usize> {
+    if include_background { 0..c } else { 1..c }
+}
+
+struct FusedLoss {
+    spec: Spec,
+    /// The forward pass's sums, for the backward one.
+    saved: Mutex<Option<Vec<ImageSums>>>,
+}
+
+impl FusedLoss {
+    fn sums(&self, logits: &[f32], targets: &[u32], b: usize, c: usize) -> candle_core::Result<Vec<ImageSums>> {
+        let hw = targets.len() / b.max(1);
+        let weights = self.spec.ce.as_ref().and_then(|(_, w)| w.as_deref());
+        logits
+            .par_chunks(c * hw)
+            .zip(targets.par_chunks(hw))
+            .map(|(l, t)| image_sums(l, t, c, weights))
+            .collect()
+    }
+}
+
+fn data<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&s.as_slice::<T>()?[a..b]),
+        None => candle_core::bail!("fused loss: inputs must be contiguous"),
+    }
+}
+
+impl CustomOp2 for FusedLoss {
+    fn name(&self) -> &'static str {
+        "cmr-fused-loss"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (b, c, _, _) = l1.shape().dims4()?;
+        let sums = self.sums(data::<f32>(s1, l1)?, data::<u32>(s2, l2)?, b, c)?;
+        let mut loss = 0f64;
+        if let Some((dw, bg, eps)) = self.spec.dice {
+            let classes = dice_classes(c, bg);
+            let n = (b * classes.len()) as f64;
+            let mean: f64 = sums
+                .iter()
+                .flat_map(|s| {
+                    classes
+                        .clone()
+                        .map(move |ci| (2.0 * s.inter[ci] + eps) / (s.prob[ci] + s.count[ci] + eps))
+                })
+                .sum::<f64>()
+                / n;
+            loss += dw * (1.0 - mean);
+        }
+        if let Some((cw, _)) = &self.spec.ce {
+            let (nll, w): (f64, f64) = sums.iter().fold((0.0, 0.0), |(a, b), s| (a + s.nll, b + s.weight));
+            loss += cw * nll / w;
+        }
+        *self.saved.lock().expect("saved lock") = Some(sums);
+        Ok((CpuStorage::F32(vec![loss as f32]), Shape::from(())))
+    }
+
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        targets: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (b, c, h, w) = logits.dims4()?;
+        let hw = h * w;
+        let g = f64::from(grad.to_dtype(DType::F32)?.to_scalar::<f32>()?);
+        let lv = logits.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let tv = targets.contiguous()?.flatten_all()?.to_vec1::<u32>()?;
+        let saved = self.saved.lock().expect("saved lock").take();
+        let sums = match saved {
+            Some(s) => s,
+            None => self.sums(&lv, &tv, b, c)?,
+        };
+        // dLoss/dp for the Dice term, per image and class: −dw/n·(2t − D)/den,
+        // as (coefficient of t, constant) = (−2k/den, k·D/den).
+        let dice: Option<Vec<(f32, f32)>> = self.spec.dice.map(|(dw, bg, eps)| {
+            let classes = dice_classes(c, bg);
+            let k = g * dw / (b * classes.len()) as f64;
+            sums.iter()
+                .flat_map(|s| {
+                    let classes = classes.clone();
+                    (0..c).map(move |ci| {
+                        if !classes.contains(&ci) {
+                            return (0.0, 0.0);
+                        }
+                        let den = s.prob[ci] + s.count[ci] + eps;
+                        let d = (2.0 * s.inter[ci] + eps) / den;
+                        ((-2.0 * k / den) as f32, (k * d / den) as f32)
+                    })
+                })
+                .collect()
+        });
+        // The cross-entropy term: g·cw·w[y]/W·(p − t).
+        let ce: Option<(f32, Option<Vec<f32>>)> = self.spec.ce.as_ref().map(|(cw, weights)| {
+            let total: f64 = sums.iter().map(|s| s.weight).sum();
+            ((g * cw / total) as f32, weights.clone())
+        });
+        let mut out = vec![0f32; lv.len()];
+        out.par_chunks_mut(c * hw)
+            .zip(lv.par_chunks(c * hw).zip(tv.par_chunks(hw)))
+            .enumerate()
+            .for_each(|(bi, (d, (l, t)))| {
+                let mut p = vec![0f32; c];
+                let mut dp = vec![0f32; c];
+                for (x, &ty) in t.iter().enumerate() {
+                    let ty = ty as usize;
+                    softmax_at(l, hw, x, &mut p);
+                    // through the softmax: dlogit = p·(dp − Σ p·dp)
+                    let mut dot = 0f32;
+                    for ci in 0..c {
+                        let tc = if ci == ty { 1.0 } else { 0.0 };
+                        dp[ci] = dice.as_ref().map_or(0.0, |v| {
+                            let (a, k) = v[bi * c + ci];
+                            a * tc + k
+                        });
+                        dot += p[ci] * dp[ci];
+                    }
+                    for ci in 0..c {
+                        let mut v = p[ci] * (dp[ci] - dot);
+                        if let Some((s, weights)) = &ce {
+                            let tc = if ci == ty { 1.0 } else { 0.0 };
+                            let wy = weights.as_ref().map_or(1.0, |w| w[ty.min(c - 1)]);
+                            v += s * wy * (p[ci] - tc);
+                        }
+                        d[ci * hw + x] = v;
+                    }
+                }
+            });
+        Ok((Some(Tensor::from_vec(out, (b, c, h, w), logits.device())?), None))
+    }
+}
+
+/// The loss `spec` of `logits [B, C, H, W]` (f32, CPU) against `targets [B, H,
+/// W]` (shapes checked by the caller), as one op.
+pub(crate) fn fused_loss(logits: &Tensor, targets: &Tensor, spec: Spec) -> candle_core::Result<Tensor> {
+    let targets = targets.to_dtype(DType::U32)?.contiguous()?;
+    logits.contiguous()?.apply_op2(
+        &targets,
+        FusedLoss {
+            spec,
+            saved: Mutex::new(None),
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::Loss;
+    use candle_core::{DType, Device, Tensor, Var};
+
+    fn data(b: usize, c: usize, h: usize, w: usize, seed: u64) -> (Vec<f32>, Tensor) {
+        let n = b * c * h * w;
+        let logits: Vec<f32> = (0..n)
+            .map(|i| (((i as u64 * 7919 + seed * 104729) % 1000) as f32 / 200.0) - 2.5)
+            .collect();
+        let t: Vec<u32> = (0..b * h * w)
+            .map(|i| ((i as u64 * 31 + seed * 17) % c as u64) as u32)
+            .collect();
+        (logits, Tensor::from_vec(t, (b, h, w), &Device::Cpu).unwrap())
+    }
+
+    fn losses() -> Vec<Loss> {
+        vec![
+            Loss::soft_dice(),
+            Loss::SoftDice {
+                include_background: true,
+                eps: 1e-3,
+            },
+            Loss::cross_entropy(),
+            Loss::CrossEntropy {
+                class_weights: Some(vec![0.5, 2.0, 1.0, 3.0]),
+            },
+            Loss::dice_ce(1.0, 1.0),
+            Loss::DiceCe {
+                dice_weight: 0.7,
+                ce_weight: 1.3,
+                class_weights: Some(vec![1.0, 2.0, 0.5, 1.5]),
+                include_background: true,
+                eps: 1e-6,
+            },
+        ]
+    }
+
+    /// Value and logits gradient of the fused op against the candle
+    /// expressions, for every loss and its options.
+    #[test]
+    fn fused_matches_the_expressions() {
+        let (b, c, h, w) = (3, 4, 7, 6);
+        for loss in losses() {
+            let (lv, targets) = data(b, c, h, w, 3);
+            let logits = Var::from_vec(lv, (b, c, h, w), &Device::Cpu).unwrap();
+            let fused = loss.compute(logits.as_tensor(), &targets).unwrap();
+            let expr = loss.compute_expression(logits.as_tensor(), &targets).unwrap();
+            let (f, e) = (fused.to_scalar::<f32>().unwrap(), expr.to_scalar::<f32>().unwrap());
+            assert!((f - e).abs() <= 1e-5 * e.abs().max(1.0), "{loss:?}: {f} vs {e}");
+            let gf = fused.backward().unwrap().get(logits.as_tensor()).unwrap().clone();
+            let ge = expr.backward().unwrap().get(logits.as_tensor()).unwrap().clone();
+            let scale = ge.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let diff = (&gf - &ge)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(
+                scale > 0.0 && diff <= 1e-4 * scale,
+                "{loss:?}: gradient off by {diff} of {scale}"
+            );
+        }
+    }
+
+    /// The fused backward against central differences of the fused forward.
+    #[test]
+    fn fused_gradient_matches_finite_differences() {
+        let (b, c, h, w) = (2, 4, 3, 4);
+        let dev = Device::Cpu;
+        for loss in [losses()[4].clone(), losses()[5].clone()] {
+            let (lv, targets) = data(b, c, h, w, 5);
+            let f = |v: &[f32]| -> f64 {
+                let t = Tensor::from_slice(v, (b, c, h, w), &dev).unwrap();
+                f64::from(loss.compute(&t, &targets).unwrap().to_scalar::<f32>().unwrap())
+            };
+            let var = Var::from_slice(&lv, (b, c, h, w), &dev).unwrap();
+            let g = loss.compute(var.as_tensor(), &targets).unwrap().backward().unwrap();
+            let g = g
+                .get(var.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let eps = 1e-2f32;
+            for i in (0..lv.len()).step_by(3) {
+                let (mut up, mut down) = (lv.clone(), lv.clone());
+                up[i] += eps;
+                down[i] -= eps;
+                let numeric = (f(&up) - f(&down)) / f64::from(2.0 * eps);
+                let analytic = f64::from(g[i]);
+                assert!(
+                    (numeric - analytic).abs() <= 2e-3 * numeric.abs().max(0.01),
+                    "{loss:?} [{i}]: {numeric} vs {analytic}"
+                );
+            }
+        }
+    }
+
+    /// Off the CPU's f32 (here f64), `compute` takes the expressions; a
+    /// target class past the logits' classes is an error that says so.
+    #[test]
+    fn other_dtypes_use_the_expressions_and_bad_targets_are_named() {
+        let (lv, targets) = data(1, 4, 3, 3, 1);
+        let l32 = Tensor::from_vec(lv, (1, 4, 3, 3), &Device::Cpu).unwrap();
+        let l64 = l32.to_dtype(DType::F64).unwrap();
+        let loss = Loss::dice_ce(1.0, 1.0);
+        let a = loss.compute(&l32, &targets).unwrap().to_scalar::<f32>().unwrap();
+        let b = loss.compute(&l64, &targets).unwrap().to_scalar::<f64>().unwrap();
+        assert!((f64::from(a) - b).abs() < 1e-5, "{a} vs {b}");
+        let bad = Tensor::from_vec(vec![5u32; 9], (1, 3, 3), &Device::Cpu).unwrap();
+        let err = loss.compute(&l32, &bad).unwrap_err().to_string();
+        assert!(err.contains("target class 5 for 4 classes"), "{err}");
+    }
+}
