@@ -54,9 +54,11 @@ struct ImageSums {
     weight: f64,
 }
 
-/// Softmax over the `c` planes of one image at pixel `x`, into `p`.
+/// Softmax over the `c` planes of one image at pixel `x`, into `p`; returns
+/// the largest logit `m` and `Σ exp(logit − m)` (the log-sum-exp is `m` plus
+/// its logarithm).
 #[inline(always)]
-fn softmax_at(logits: &[f32], hw: usize, x: usize, p: &mut [f32]) {
+fn softmax_at(logits: &[f32], hw: usize, x: usize, p: &mut [f32]) -> (f32, f32) {
     let mut m = f32::NEG_INFINITY;
     for (ci, v) in p.iter_mut().enumerate() {
         *v = logits[ci * hw + x];
@@ -70,6 +72,7 @@ fn softmax_at(logits: &[f32], hw: usize, x: usize, p: &mut [f32]) {
     for v in p.iter_mut() {
         *v /= s;
     }
+    (m, s)
 }
 
 fn class_of(t: u32, c: usize) -> candle_core::Result<usize> {
@@ -92,19 +95,14 @@ fn image_sums(logits: &[f32], targets: &[u32], c: usize, weights: Option<&[f32]>
     let mut p = vec![0f32; c];
     for (x, &t) in targets.iter().enumerate() {
         let t = class_of(t, c)?;
-        softmax_at(logits, hw, x, &mut p);
+        let (m, sum) = softmax_at(logits, hw, x, &mut p);
         for (ci, &pv) in p.iter().enumerate() {
             s.prob[ci] += f64::from(pv);
         }
         s.inter[t] += f64::from(p[t]);
         s.count[t] += 1.0;
         // −log p[t] from the logits (log-sum-exp), not from the rounded p
-        let m = (0..c).map(|ci| logits[ci * hw + x]).fold(f32::NEG_INFINITY, f32::max);
-        let lse = f64::from(m)
-            + (0..c)
-                .map(|ci| f64::from(logits[ci * hw + x] - m).exp())
-                .sum::<f64>()
-                .ln();
+        let lse = f64::from(m) + f64::from(sum).ln();
         let w = weights.map_or(1.0, |w| f64::from(w[t]));
         s.nll += w * (lse - f64::from(logits[t * hw + x]));
         s.weight += w;
