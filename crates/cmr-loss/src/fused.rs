@@ -83,7 +83,14 @@ fn class_of(t: u32, c: usize) -> candle_core::Result<usize> {
     Ok(t)
 }
 
-fn image_sums(logits: &[f32], targets: &[u32], c: usize, weights: Option<&[f32]>) -> candle_core::Result<ImageSums> {
+/// One image's sums, its softmax written into `probs [c, hw]`.
+fn image_sums(
+    logits: &[f32],
+    targets: &[u32],
+    c: usize,
+    weights: Option<&[f32]>,
+    probs: &mut [f32],
+) -> candle_core::Result<ImageSums> {
     let hw = targets.len();
     let mut s = ImageSums {
         inter: vec![0.0; c],
@@ -98,6 +105,7 @@ fn image_sums(logits: &[f32], targets: &[u32], c: usize, weights: Option<&[f32]>
         let (m, sum) = softmax_at(logits, hw, x, &mut p);
         for (ci, &pv) in p.iter().enumerate() {
             s.prob[ci] += f64::from(pv);
+            probs[ci * hw + x] = pv;
         }
         s.inter[t] += f64::from(p[t]);
         s.count[t] += 1.0;
@@ -117,19 +125,29 @@ fn dice_classes(c: usize, include_background: bool) -> std::ops::Range<usize> {
 
 struct FusedLoss {
     spec: Spec,
-    /// The forward pass's sums, for the backward one.
-    saved: Mutex<Option<Vec<ImageSums>>>,
+    /// The forward pass's sums and softmax `[B, C, H, W]`, for the backward
+    /// one.
+    saved: Mutex<Option<(Vec<ImageSums>, Vec<f32>)>>,
 }
 
 impl FusedLoss {
-    fn sums(&self, logits: &[f32], targets: &[u32], b: usize, c: usize) -> candle_core::Result<Vec<ImageSums>> {
+    /// Every image's sums, and the softmax.
+    fn sums(
+        &self,
+        logits: &[f32],
+        targets: &[u32],
+        b: usize,
+        c: usize,
+    ) -> candle_core::Result<(Vec<ImageSums>, Vec<f32>)> {
         let hw = targets.len() / b.max(1);
         let weights = self.spec.ce.as_ref().and_then(|(_, w)| w.as_deref());
-        logits
-            .par_chunks(c * hw)
-            .zip(targets.par_chunks(hw))
-            .map(|(l, t)| image_sums(l, t, c, weights))
-            .collect()
+        let mut probs = vec![0f32; logits.len()];
+        let sums = probs
+            .par_chunks_mut(c * hw)
+            .zip(logits.par_chunks(c * hw).zip(targets.par_chunks(hw)))
+            .map(|(p, (l, t))| image_sums(l, t, c, weights, p))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok((sums, probs))
     }
 }
 
@@ -153,7 +171,7 @@ impl CustomOp2 for FusedLoss {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (b, c, _, _) = l1.shape().dims4()?;
-        let sums = self.sums(data::<f32>(s1, l1)?, data::<u32>(s2, l2)?, b, c)?;
+        let (sums, probs) = self.sums(data::<f32>(s1, l1)?, data::<u32>(s2, l2)?, b, c)?;
         let mut loss = 0f64;
         if let Some((dw, bg, eps)) = self.spec.dice {
             let classes = dice_classes(c, bg);
@@ -173,7 +191,7 @@ impl CustomOp2 for FusedLoss {
             let (nll, w): (f64, f64) = sums.iter().fold((0.0, 0.0), |(a, b), s| (a + s.nll, b + s.weight));
             loss += cw * nll / w;
         }
-        *self.saved.lock().expect("saved lock") = Some(sums);
+        *self.saved.lock().expect("saved lock") = Some((sums, probs));
         Ok((CpuStorage::F32(vec![loss as f32]), Shape::from(())))
     }
 
@@ -187,12 +205,11 @@ impl CustomOp2 for FusedLoss {
         let (b, c, h, w) = logits.dims4()?;
         let hw = h * w;
         let g = f64::from(grad.to_dtype(DType::F32)?.to_scalar::<f32>()?);
-        let lv = logits.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
         let tv = targets.contiguous()?.flatten_all()?.to_vec1::<u32>()?;
         let saved = self.saved.lock().expect("saved lock").take();
-        let sums = match saved {
+        let (sums, probs) = match saved {
             Some(s) => s,
-            None => self.sums(&lv, &tv, b, c)?,
+            None => self.sums(&logits.contiguous()?.flatten_all()?.to_vec1::<f32>()?, &tv, b, c)?,
         };
         // dLoss/dp for the Dice term, per image and class: −dw/n·(2t − D)/den,
         // as (coefficient of t, constant) = (−2k/den, k·D/den).
@@ -218,16 +235,18 @@ impl CustomOp2 for FusedLoss {
             let total: f64 = sums.iter().map(|s| s.weight).sum();
             ((g * cw / total) as f32, weights.clone())
         });
-        let mut out = vec![0f32; lv.len()];
+        let mut out = vec![0f32; probs.len()];
         out.par_chunks_mut(c * hw)
-            .zip(lv.par_chunks(c * hw).zip(tv.par_chunks(hw)))
+            .zip(probs.par_chunks(c * hw).zip(tv.par_chunks(hw)))
             .enumerate()
-            .for_each(|(bi, (d, (l, t)))| {
+            .for_each(|(bi, (d, (pr, t)))| {
                 let mut p = vec![0f32; c];
                 let mut dp = vec![0f32; c];
                 for (x, &ty) in t.iter().enumerate() {
                     let ty = ty as usize;
-                    softmax_at(l, hw, x, &mut p);
+                    for (ci, v) in p.iter_mut().enumerate() {
+                        *v = pr[ci * hw + x];
+                    }
                     // through the softmax: dlogit = p·(dp − Σ p·dp)
                     let mut dot = 0f32;
                     for ci in 0..c {
