@@ -56,6 +56,7 @@ macro_rules! simd_fn {
 }
 
 mod bn;
+mod concat;
 mod conv;
 mod direct;
 mod fused;

@@ -23,7 +23,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use candle_core::backprop::GradStore;
-use candle_core::{CustomOp1, CustomOp3, Result, Tensor, TensorId, Var};
+use candle_core::{CustomOp1, CustomOp2, CustomOp3, Result, Tensor, TensorId, Var};
 
 type Backward = Box<dyn Fn(&Tensor) -> Result<Vec<Option<Tensor>>>>;
 
@@ -116,9 +116,39 @@ pub(super) fn apply3<C: CustomOp3 + Send + Sync + 'static>(
     Ok(y)
 }
 
+/// `a.apply_op2(b, op)`, on the tape when recording (as [`apply3`]).
+pub(super) fn apply2<C: CustomOp2 + Send + Sync + 'static>(
+    given: [&Tensor; 2],
+    [a, b]: [&Tensor; 2],
+    op: C,
+) -> Result<Tensor> {
+    if !recording() {
+        return a.apply_op2(b, op);
+    }
+    let op: Arc<Box<dyn CustomOp2 + Send + Sync>> = Arc::new(Box::new(op));
+    let y = a.apply_op2_arc(b, op.clone())?;
+    let (a, b, res) = (a.clone(), b.clone(), y.clone());
+    push(
+        given.map(Tensor::clone).to_vec(),
+        &y,
+        Box::new(move |g| {
+            let (ga, gb) = op.bwd(&a, &b, &res, g)?;
+            Ok(vec![ga, gb])
+        }),
+    );
+    Ok(y)
+}
+
 /// `Tensor::cat(parts, dim)`, on the tape when recording (its backward: the
-/// gradient cut back into the parts).
+/// gradient cut back into the parts). Along the channels of f32 images on
+/// the fast path, the copies are made by all threads ([`super::concat`]):
+/// two parts by one op each way, more by candle's `cat` forward and our
+/// split backward.
 pub fn cat(parts: &[&Tensor], dim: usize) -> Result<Tensor> {
+    let channels = dim == 1 && parts.len() > 1 && parts.iter().all(|p| p.rank() == 4 && super::applies(p));
+    if channels && parts.len() == 2 {
+        return super::concat::cat2(parts[0], parts[1]);
+    }
     let y = Tensor::cat(parts, dim)?;
     if recording() {
         let sizes: Vec<usize> = parts.iter().map(|p| p.dim(dim)).collect::<Result<_>>()?;
@@ -126,6 +156,12 @@ pub fn cat(parts: &[&Tensor], dim: usize) -> Result<Tensor> {
             parts.iter().map(|&p| p.clone()).collect(),
             &y,
             Box::new(move |g| {
+                if channels {
+                    return Ok(super::concat::split_channels(g, &sizes)?
+                        .into_iter()
+                        .map(Some)
+                        .collect());
+                }
                 let mut start = 0;
                 sizes
                     .iter()
