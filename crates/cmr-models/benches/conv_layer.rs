@@ -38,11 +38,7 @@ fn main() {
         (4, 128, 128, 48),
         (4, 320, 320, 96),
     ];
-    let modes = [
-        ("GEMMs", fast::DirectKernel::Off),
-        ("AVX-512", fast::DirectKernel::Widest),
-        ("AVX2", fast::DirectKernel::Avx2),
-    ];
+    let modes = [("GEMMs", false), ("direct", true)];
     println!(
         "# conv layer fwd+bwd, {} thread(s), min of {rounds} alternating rounds (ms)",
         rayon::current_num_threads()
@@ -62,10 +58,10 @@ fn main() {
             let g = (&y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
             std::hint::black_box(g.get(&w).unwrap());
         };
-        let mut best = [f64::INFINITY; 3];
+        let mut best = [f64::INFINITY; 2];
         for _ in 0..rounds {
             for (i, (_, mode)) in modes.iter().enumerate() {
-                fast::set_direct_kernel(*mode);
+                fast::set_direct(*mode);
                 run();
                 let t = Instant::now();
                 run();

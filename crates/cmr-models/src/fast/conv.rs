@@ -218,13 +218,11 @@ pub(super) fn conv_forward(
     };
     // The direct kernel's weights, rearranged once for all images (its
     // output stores assume rows of at least 16 values).
-    let direct = (k > 1 && hw >= SHIFTED_MIN_PIXELS && w >= 16)
-        .then(direct::kernel)
-        .flatten()
-        .map(|isa| (isa, direct::pack_weights(weight, cout, cin, k * k)));
+    let direct = (k > 1 && hw >= SHIFTED_MIN_PIXELS && w >= 16 && direct::enabled())
+        .then(|| direct::pack_weights(weight, cout, cin, k * k));
     let run = |xi: &[f32], oi: &mut [f32], scratch: &mut Scratch| {
-        if let Some((isa, packed)) = &direct {
-            conv_direct(xi, (cin, h, w, cout, k), (*isa, packed), epi, oi, scratch, few);
+        if let Some(packed) = &direct {
+            conv_direct(xi, (cin, h, w, cout, k), packed, epi, oi, scratch, few);
             return;
         }
         if k > 1 && hw >= SHIFTED_MIN_PIXELS {
@@ -365,7 +363,7 @@ fn conv_shifted(
 fn conv_direct(
     xi: &[f32],
     (cin, h, w, cout, k): (usize, usize, usize, usize, usize),
-    (isa, packed): (direct::Isa, &[f32]),
+    packed: &[f32],
     epi: Epilogue,
     out: &mut [f32],
     scratch: &mut Scratch,
@@ -396,7 +394,6 @@ fn conv_direct(
         shape: direct::PlaneShape { cout, h, w, wp, epi },
     };
     direct::convolve(
-        isa,
         &scratch.cols,
         packed,
         &offsets,
@@ -977,10 +974,8 @@ mod tests {
     /// count) and both methods (im2col, shifted views).
     #[test]
     fn matches_candle_values_and_gradients() {
-        // with the direct kernel (where the CPU has it: AVX-512, and the
-        // AVX2 one too) and the GEMMs
+        // with the direct kernel (where the CPU has it) and the GEMMs
         matches_candle(false);
-        direct::with_avx2_kernel(|| matches_candle(false));
         direct::without_direct(|| matches_candle(true));
     }
 

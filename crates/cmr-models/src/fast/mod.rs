@@ -71,7 +71,7 @@ use candle_core::{CpuStorage, DType, Layout, Result, Storage, Tensor};
 
 pub use bn::{BnStats, bn_relu_eval, bn_relu_train};
 pub use conv::{conv2d, conv2d_affine_relu, conv2d_relu};
-pub use direct::{DirectKernel, set_direct, set_direct_kernel};
+pub use direct::set_direct;
 pub use fused::conv_bn_relu_train;
 pub use pool::{Argmax, max_pool, max_pool_with_argmax, max_unpool};
 pub use tape::{Tape, cat, forward_backward, record};
