@@ -83,6 +83,8 @@ mod tests {
     #[test]
     fn matches_candle_cat_both_ways() {
         let dev = Device::Cpu;
+        let max_diff =
+            |a: &Tensor, b: &Tensor| -> f32 { (a - b).and_then(|d| d.abs()?.max_all()?.to_scalar()).unwrap() };
         for sizes in [vec![3usize, 5], vec![2, 1, 4, 3]] {
             let vars: Vec<Var> = sizes
                 .iter()
@@ -93,15 +95,7 @@ mod tests {
             let probe = Tensor::randn(0f32, 1.0, (2, total, 3, 4), &dev).unwrap();
             let want = Tensor::cat(&parts, 1).unwrap();
             let ours = tape::cat(&parts, 1).unwrap();
-            let diff = (&ours - &want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            assert_eq!(diff, 0.0, "{sizes:?}");
+            assert_eq!(max_diff(&ours, &want), 0.0, "{sizes:?}");
             let gw = (&want * &probe).unwrap().sum_all().unwrap().backward().unwrap();
             let gc = (&ours * &probe).unwrap().sum_all().unwrap().backward().unwrap();
             let (y, t): (Tensor, Tape) = record(|| tape::cat(&parts, 1)).unwrap();
@@ -109,15 +103,7 @@ mod tests {
             for v in &vars {
                 let w = gw.get(v.as_tensor()).unwrap();
                 for g in [gc.get(v.as_tensor()).unwrap(), gt.get(v.as_tensor()).unwrap()] {
-                    let d = (g - w)
-                        .unwrap()
-                        .abs()
-                        .unwrap()
-                        .max_all()
-                        .unwrap()
-                        .to_scalar::<f32>()
-                        .unwrap();
-                    assert_eq!(d, 0.0, "{sizes:?}");
+                    assert_eq!(max_diff(g, w), 0.0, "{sizes:?}");
                 }
             }
         }
