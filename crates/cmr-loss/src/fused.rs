@@ -244,6 +244,10 @@ impl CustomOp2 for FusedLoss {
                 let mut dp = vec![0f32; c];
                 for (x, &ty) in t.iter().enumerate() {
                     let ty = ty as usize;
+                    // the cross-entropy's factor at this pixel: g·cw/W·w[y]
+                    let ce_y = ce
+                        .as_ref()
+                        .map(|(s, weights)| s * weights.as_ref().map_or(1.0, |w| w[ty.min(c - 1)]));
                     for (ci, v) in p.iter_mut().enumerate() {
                         *v = pr[ci * hw + x];
                     }
@@ -259,10 +263,9 @@ impl CustomOp2 for FusedLoss {
                     }
                     for ci in 0..c {
                         let mut v = p[ci] * (dp[ci] - dot);
-                        if let Some((s, weights)) = &ce {
+                        if let Some(sw) = ce_y {
                             let tc = if ci == ty { 1.0 } else { 0.0 };
-                            let wy = weights.as_ref().map_or(1.0, |w| w[ty.min(c - 1)]);
-                            v += s * wy * (p[ci] - tc);
+                            v += sw * (p[ci] - tc);
                         }
                         d[ci * hw + x] = v;
                     }

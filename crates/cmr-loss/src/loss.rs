@@ -162,12 +162,10 @@ impl Loss {
         let (b, c, h, w) = logits.dims4()?;
         check_targets(targets, logits, (b, h, w))?;
         let weights = |cw: &Option<Vec<f32>>| -> Result<Option<Vec<f32>>> {
-            match cw {
-                Some(wv) if wv.len() != c => {
-                    Err(LossError::Shape(format!("{} class weights for {c} classes", wv.len())))
-                }
-                other => Ok(other.clone()),
+            if let Some(w) = cw {
+                check_class_weights(w, c)?;
             }
+            Ok(cw.clone())
         };
         let spec = match self {
             Self::CrossEntropy { class_weights } => crate::fused::Spec {
@@ -194,6 +192,13 @@ impl Loss {
         };
         Ok(crate::fused::fused_loss(logits, targets, spec)?)
     }
+}
+
+fn check_class_weights(w: &[f32], c: usize) -> Result<()> {
+    if w.len() != c {
+        return Err(LossError::Shape(format!("{} class weights for {c} classes", w.len())));
+    }
+    Ok(())
 }
 
 fn check_targets(targets: &Tensor, logits: &Tensor, (b, h, w): (usize, usize, usize)) -> Result<()> {
@@ -230,9 +235,7 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor, class_weights: Option<&[
         None => Ok(nll.mean_all()?),
         Some(w) => {
             let c = logits.dim(1)?;
-            if w.len() != c {
-                return Err(LossError::Shape(format!("{} class weights for {c} classes", w.len())));
-            }
+            check_class_weights(w, c)?;
             let w = Tensor::from_slice(w, (1, c, 1, 1), logits.device())?.to_dtype(logits.dtype())?;
             let pixel_w = onehot.broadcast_mul(&w)?.sum(1)?;
             Ok(((nll * &pixel_w)?.sum_all()? / pixel_w.sum_all()?)?)
