@@ -4,7 +4,8 @@
 //! of this machine hits all of them alike; the minimum over the rounds.
 //! This is what chose where the direct kernel runs (forward pass and input
 //! gradient; a direct weight-gradient kernel, tried, was slower than the
-//! GEMMs from 32 channels up and is not kept).
+//! GEMMs from 32 channels up and is not kept), and, in a second table at
+//! small images' shapes, where their backward pass runs batch-wide.
 //!
 //! `cargo bench -p cmr-models --bench conv_layer [-- --rounds N]` (one thread
 //! unless `RAYON_NUM_THREADS` says otherwise).
@@ -14,7 +15,7 @@
 use std::time::Instant;
 
 use candle_core::{Device, Tensor, Var};
-use cmr_models::fast;
+use cmr_models::fast::{self, Batched};
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
@@ -25,7 +26,6 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(7);
     fast::keep_freed_memory();
-    let dev = Device::Cpu;
     // (batch, cin, cout, side): the narrow widths' layers, then the report's
     let shapes = [
         (4, 1, 16, 96),
@@ -38,17 +38,42 @@ fn main() {
         (4, 128, 128, 48),
         (4, 320, 320, 96),
     ];
-    let modes = [("GEMMs", false), ("direct", true)];
     println!(
         "# conv layer fwd+bwd, {} thread(s), min of {rounds} alternating rounds (ms)",
         rayon::current_num_threads()
     );
+    table(&shapes, rounds, ["GEMMs", "direct"], fast::set_direct);
+    fast::set_direct(true);
+    // Small images: the backward pass image by image or batch-wide
+    // (`fast/batched.rs`), wherever the default would choose.
+    let small = [
+        (8, 64, 64, 24),
+        (8, 128, 128, 12),
+        (8, 128, 128, 6),
+        (8, 128, 256, 6),
+        (8, 256, 256, 6),
+        (8, 256, 256, 24),
+        (8, 512, 512, 12),
+        (8, 512, 512, 6),
+        (4, 512, 512, 6),
+        (8, 1024, 1024, 6),
+    ];
+    table(&small, rounds, ["by image", "batch-wide"], |on| {
+        fast::set_batched(if on { Batched::Always } else { Batched::Off })
+    });
+    fast::set_batched(Batched::Auto);
+}
+
+/// One line per shape: the layer's fwd+bwd time in each of two modes (`set`
+/// switches to the first with `false`, the second with `true`), alternating.
+fn table(shapes: &[(usize, usize, usize, usize)], rounds: usize, names: [&str; 2], set: impl Fn(bool)) {
+    let dev = Device::Cpu;
     println!(
         "{:<22} {}",
         "b, cin, cout, side",
-        modes.map(|m| format!("{:>12}", m.0)).join("")
+        names.map(|m| format!("{m:>12}")).join("")
     );
-    for &(b, cin, cout, side) in &shapes {
+    for &(b, cin, cout, side) in shapes {
         let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, cin, side, side), &dev).unwrap()).unwrap();
         let w = Var::from_tensor(&Tensor::randn(0f32, 0.1, (cout, cin, 3, 3), &dev).unwrap()).unwrap();
         let bias = Var::from_tensor(&Tensor::zeros(cout, candle_core::DType::F32, &dev).unwrap()).unwrap();
@@ -60,15 +85,14 @@ fn main() {
         };
         let mut best = [f64::INFINITY; 2];
         for _ in 0..rounds {
-            for (i, (_, mode)) in modes.iter().enumerate() {
-                fast::set_direct(*mode);
+            for (i, mode) in [false, true].into_iter().enumerate() {
+                set(mode);
                 run();
                 let t = Instant::now();
                 run();
                 best[i] = best[i].min(t.elapsed().as_secs_f64() * 1e3);
             }
         }
-        fast::set_direct(true);
         println!(
             "{:<22} {}",
             format!("{b}, {cin}, {cout}, {side}"),

@@ -14,7 +14,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::{block_sum, direct, output_buffer, slice, threads, with_data};
+use super::{batched, block_sum, direct, output_buffer, slice, threads, with_data};
 
 /// Each thread's work buffers, kept between calls: fresh buffers of tens of
 /// MB per image would cost page faults on every call.
@@ -43,7 +43,7 @@ pub(super) fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
 /// the networks' shapes: shifted views are 1.3–1.8× faster at 96×96, even at
 /// 48×48, slower at 12×12; the direct kernel under this size was no faster
 /// at the narrow widths and slower at the report's.
-const SHIFTED_MIN_PIXELS: usize = 32 * 32;
+pub(super) const SHIFTED_MIN_PIXELS: usize = 32 * 32;
 
 /// Unfold one image `[cin, h, w]` into `[cin·k·k, h·w]` (zero padding),
 /// channels split among the threads when `parallel`.
@@ -54,26 +54,28 @@ fn im2col(x: &[f32], cin: usize, h: usize, w: usize, k: usize, cols: &mut [f32],
     if parallel {
         cols.par_chunks_mut(block)
             .zip(x.par_chunks(hw))
-            .for_each(|(rows, plane)| unfold_plane(plane, h, w, k, rows));
+            .for_each(|(rows, plane)| unfold_plane(plane, h, w, k, rows, hw));
     } else {
         for (rows, plane) in cols.chunks_mut(block).zip(x.chunks(hw)) {
-            unfold_plane(plane, h, w, k, rows);
+            unfold_plane(plane, h, w, k, rows, hw);
         }
     }
 }
 
-/// The `k·k` shifted copies of one plane `[h, w]`, as rows of `rows`.
+/// The `k·k` shifted copies of one plane `[h, w]`, as rows of `rows`: tap
+/// `t`'s `h·w` values at `rows[t·ld..]`.
 ///
 /// Tap `(dy, dx)` reads the plane shifted by `dy·w + dx` in row-major order:
 /// one contiguous copy per tap, zeros where the shift leaves the plane, then
 /// the `|dx|` columns per row that wrapped around to the neighbouring row
 /// are zeroed (one copy per row instead was a library call per row: 10 % of
 /// a SegNet step at the narrow widths, whose images go down to 6×6).
-fn unfold_plane(plane: &[f32], h: usize, w: usize, k: usize, rows: &mut [f32]) {
+pub(super) fn unfold_plane(plane: &[f32], h: usize, w: usize, k: usize, rows: &mut [f32], ld: usize) {
     let pad = (k / 2) as isize;
     let hw = h * w;
     let (wi, hwi) = (w as isize, hw as isize);
-    for (tap, row) in rows.chunks_mut(hw).enumerate() {
+    for tap in 0..k * k {
+        let row = &mut rows[tap * ld..][..hw];
         let dy = (tap / k) as isize - pad;
         let dx = (tap % k) as isize - pad;
         // row[i] = plane[i + shift] for lo <= i < hi
@@ -461,7 +463,7 @@ simd_fn! {
     }
 
     /// `db[c] += Σ plane c of g [c, hw]`, in f64.
-    fn add_plane_sums(db: &mut [f64], g: &[f32], hw: usize) {
+    pub(super) fn add_plane_sums(db: &mut [f64], g: &[f32], hw: usize) {
         for (co, plane) in g.chunks(hw).enumerate() {
             db[co] += block_sum(plane, |v| v);
         }
@@ -497,10 +499,12 @@ fn conv_weight_grad(
         };
         (dw, db.into_iter().map(|v| v as f32).collect())
     };
-    let one = |xi: &[f32], gi: &[f32], dw: &mut Vec<f32>, db: &mut Vec<f64>, scratch: &mut Scratch, par| {
+    // One image's share, added to `dw` (or written, the first image of a
+    // sum: `acc` false).
+    let one = |xi: &[f32], gi: &[f32], dw: &mut Vec<f32>, db: &mut Vec<f64>, scratch: &mut Scratch, par, acc| {
         add_plane_sums(db, gi, hw);
         if shifted {
-            weight_grad_shifted(xi, gi, (cin, h, w, cout, k), dw, scratch, par);
+            weight_grad_shifted(xi, gi, (cin, h, w, cout, k), dw, scratch, par, acc);
             return;
         }
         let cols = &mut scratch.cols;
@@ -516,18 +520,24 @@ fn conv_weight_grad(
             dw,
             kk,
             1,
-            true,
+            acc,
             rows(gi, hw),
             transposed(cols_ref, hw),
             (cout, kk, hw),
             par,
         );
     };
+    // A fresh sum: the first image's GEMMs write every value.
+    // SAFETY: the callers below pass `acc` false for the first image.
+    let fresh = || (unsafe { output_buffer(cout * kk) }, vec![0f64; cout]);
+    if b == 0 {
+        return finish(vec![0f32; cout * kk], vec![0f64; cout]);
+    }
     if b < threads() {
-        let (mut dw, mut db) = (vec![0f32; cout * kk], vec![0f64; cout]);
+        let (mut dw, mut db) = fresh();
         with_scratch(|scratch| {
-            for (xi, gi) in x.chunks(cin * hw).zip(dy.chunks(cout * hw)) {
-                one(xi, gi, &mut dw, &mut db, scratch, Parallelism::Rayon(threads()));
+            for (i, (xi, gi)) in x.chunks(cin * hw).zip(dy.chunks(cout * hw)).enumerate() {
+                one(xi, gi, &mut dw, &mut db, scratch, Parallelism::Rayon(threads()), i > 0);
             }
         });
         return finish(dw, db);
@@ -538,24 +548,40 @@ fn conv_weight_grad(
     let partials: Vec<(Vec<f32>, Vec<f64>)> = (0..b.div_ceil(per))
         .into_par_iter()
         .map(|t| {
-            let (mut dw, mut db) = (vec![0f32; cout * kk], vec![0f64; cout]);
+            let (mut dw, mut db) = fresh();
             with_scratch(|scratch| {
                 for i in t * per..((t + 1) * per).min(b) {
                     let xi = &x[i * cin * hw..(i + 1) * cin * hw];
                     let gi = &dy[i * cout * hw..(i + 1) * cout * hw];
-                    one(xi, gi, &mut dw, &mut db, scratch, Parallelism::None);
+                    one(xi, gi, &mut dw, &mut db, scratch, Parallelism::None, i > t * per);
                 }
             });
             (dw, db)
         })
         .collect();
     let mut it = partials.into_iter();
-    let (mut dw, mut db) = it.next().unwrap_or_else(|| (vec![0f32; cout * kk], vec![0f64; cout]));
+    let Some((mut dw, mut db)) = it.next() else {
+        return finish(vec![0f32; cout * kk], vec![0f64; cout]);
+    };
+    // The partial sums added in parallel (at 512 channels each is 2.4 M
+    // values: a serial pass over memory).
     for (pw, pb) in it {
-        dw.iter_mut().zip(pw).for_each(|(a, v)| *a += v);
+        dw.par_chunks_mut(ADD_CHUNK)
+            .zip(pw.par_chunks(ADD_CHUNK))
+            .for_each(|(a, v)| add_into(a, v));
         db.iter_mut().zip(pb).for_each(|(a, v)| *a += v);
     }
     finish(dw, db)
+}
+
+/// Values per task when partial weight gradients are added.
+const ADD_CHUNK: usize = 1 << 16;
+
+simd_fn! {
+    /// `a += v`, element by element.
+    fn add_into(a: &mut [f32], v: &[f32]) {
+        a.iter_mut().zip(v).for_each(|(a, &v)| *a += v);
+    }
 }
 
 /// As [`pad`], channels last: `buf [plane][c]` with `plane = (h + 2p)·(w + 2p)
@@ -620,6 +646,7 @@ fn weight_grad_shifted(
     dw: &mut [f32],
     scratch: &mut Scratch,
     par: Parallelism,
+    acc: bool,
 ) {
     let layout = pad_channels_last(xi, cin, h, w, k, &mut scratch.cols);
     let wp = layout.wp;
@@ -648,7 +675,7 @@ fn weight_grad_shifted(
             &mut dw[r * row..],
             k * row,
             1,
-            true,
+            acc,
             rows(wide, n),
             rhs,
             (cout, row, n),
@@ -775,6 +802,23 @@ pub(super) fn backward(
 ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
     let (b, cin, h, w) = x.dims4()?;
     let (cout, _, k, _) = weight.dims4()?;
+    let dev = x.device();
+    let bias_grad = |db: Vec<f32>| match packed_with {
+        Some((a, b)) => Tensor::from_vec(db.into_iter().chain(a).chain(b).collect(), 3 * cout, dev),
+        None => Tensor::from_vec(db, cout, dev),
+    };
+    if batched::applies(cin, h, w, cout, k) {
+        let dims = (b, cin, h, w, cout, k);
+        let (dx, dw, db) = with_data(x, |xs| {
+            with_data(weight, |wt| batched::backward(xs, wt, g, dims, x.track_op()))
+        })??;
+        let dx = dx.map(|dx| Tensor::from_vec(dx, (b, cin, h, w), dev)).transpose()?;
+        return Ok((
+            dx,
+            Some(Tensor::from_vec(dw, (cout, cin, k, k), dev)?),
+            Some(bias_grad(db)?),
+        ));
+    }
     let dx = if x.track_op() {
         let flipped = with_data(weight, |wt| flip_transpose(wt, cout, cin, k))?;
         // SAFETY: `conv_forward` writes every output value.
@@ -785,12 +829,11 @@ pub(super) fn backward(
         None
     };
     let (dw, db) = with_data(x, |xs| conv_weight_grad(xs, g, b, cin, h, w, cout, k))?;
-    let dev = x.device();
-    let db = match packed_with {
-        Some((a, b)) => Tensor::from_vec(db.into_iter().chain(a).chain(b).collect(), 3 * cout, dev)?,
-        None => Tensor::from_vec(db, cout, dev)?,
-    };
-    Ok((dx, Some(Tensor::from_vec(dw, (cout, cin, k, k), dev)?), Some(db)))
+    Ok((
+        dx,
+        Some(Tensor::from_vec(dw, (cout, cin, k, k), dev)?),
+        Some(bias_grad(db)?),
+    ))
 }
 
 /// Convolution with bias, stride 1, padding `k / 2`: `x [B, Cin, H, W]`,
@@ -977,6 +1020,9 @@ mod tests {
         // with the direct kernel (where the CPU has it) and the GEMMs
         matches_candle(false);
         direct::without_direct(|| matches_candle(true));
+        // every small image's backward pass batch-wide, in runs of one to
+        // six images
+        batched::forced(40, || matches_candle(false));
     }
 
     fn matches_candle(gemm_only: bool) {
@@ -990,6 +1036,8 @@ mod tests {
             // images narrower than the kernel's reach, and a single pixel
             (2, 3, 4, 2, 3, 5),
             (1, 2, 3, 1, 1, 3),
+            // runs of several images (batch-wide backward), the last shorter
+            (5, 3, 4, 3, 4, 3),
             // at least SHIFTED_MIN_PIXELS: the shifted-view path
             (3, 4, 6, 33, 40, 3),
             (1, 3, 5, 32, 35, 5),

@@ -55,6 +55,7 @@ macro_rules! simd_fn {
     )*};
 }
 
+mod batched;
 mod bn;
 mod concat;
 mod conv;
@@ -69,6 +70,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 
 use candle_core::{CpuStorage, DType, Layout, Result, Storage, Tensor};
 
+pub use batched::{Batched, set_batched};
 pub use bn::{BnStats, bn_relu_eval, bn_relu_train};
 pub use conv::{conv2d, conv2d_affine_relu, conv2d_relu};
 pub use direct::set_direct;
