@@ -1,6 +1,7 @@
-//! The backward pass of a convolution on small images (under
-//! [`super::conv`]'s `SHIFTED_MIN_PIXELS`, so 24×24 and below at 96×96) as
-//! GEMMs over the whole batch.
+//! A convolution on small images (under [`super::conv`]'s
+//! `SHIFTED_MIN_PIXELS`; by default only where [`applies`] says it was
+//! measured faster: the 6×6 layers at the report's widths) as GEMMs over the
+//! whole batch, forward and backward.
 //!
 //! Image by image, the weight gradient is one GEMM per image of depth `h·w`
 //! (36 at 6×6) into the whole `[cout, cin·k·k]` gradient, per thread, and
@@ -17,7 +18,8 @@
 //! - `dW (+)= dY · colsᵀ`, depth `r·h·w`, written in place (no partials);
 //! - `dcols = Wᵀ · dY` reads the weight through a transposed view (no
 //!   flipped copy), and `dX` is `dcols` folded back onto the planes, the
-//!   adjoint of the unfolding ([`fold_plane`]).
+//!   adjoint of the unfolding ([`fold_plane`]);
+//! - the forward pass, [`forward`], is `Y = W · cols` on the same runs.
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -25,7 +27,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::conv::{SHIFTED_MIN_PIXELS, View, add_plane_sums, matmul, rows, unfold_plane, with_scratch};
+use super::conv::{Epilogue, SHIFTED_MIN_PIXELS, View, add_plane_sums, matmul, rows, unfold_plane, with_scratch};
 use super::{output_buffer, threads};
 
 /// Pixels (`images × h·w`) per run of images: the run's unfolded input and
@@ -45,8 +47,7 @@ pub(super) fn backward(
     let hw = h * w;
     let taps = k * k;
     let kk = cin * taps;
-    let run_columns = FORCED.with(Cell::get).unwrap_or(RUN_COLUMNS);
-    let per_run = (run_columns / hw).clamp(1, b.max(1));
+    let per_run = run_images(hw, b);
     let par = Parallelism::Rayon(threads());
     // SAFETY: the first run's GEMM writes every value (`accumulate` false).
     let mut dw = unsafe { output_buffer(cout * kk) };
@@ -73,12 +74,7 @@ pub(super) fn backward(
             // column bi·h·w.
             let cols = &mut scratch.cols;
             cols.resize(kk * ld, 0.0);
-            cols.par_chunks_mut(taps * ld).enumerate().for_each(|(ci, block)| {
-                for bi in 0..r {
-                    let plane = &x[((first + bi) * cin + ci) * hw..][..hw];
-                    unfold_plane(plane, h, w, k, &mut block[bi * hw..], ld);
-                }
-            });
+            unfold_run(&x[first * cin * hw..], (r, cin, h, w, k), cols);
             // dW (+)= dY · colsᵀ; colsᵀ's element (p, j) is cols[j·ld + p].
             let cols_t = View {
                 data: cols,
@@ -108,7 +104,90 @@ pub(super) fn backward(
     (dx, dw, db.into_iter().map(|v| v as f32).collect())
 }
 
+/// The forward pass on the same runs: the run's inputs unfolded side by
+/// side, `Y = W · cols` as one GEMM of `r·h·w` columns (one image's 6×6 is a
+/// GEMM 36 columns wide, a quarter of `gemm`'s speed at 512 channels), then
+/// each image's planes copied out with the epilogue applied.
+pub(super) fn forward(
+    x: &[f32],
+    weight: &[f32],
+    (b, cin, h, w, cout, k): (usize, usize, usize, usize, usize, usize),
+    epi: Epilogue,
+    out: &mut [f32],
+) {
+    let hw = h * w;
+    let taps = k * k;
+    let kk = cin * taps;
+    let per_run = run_images(hw, b);
+    let par = Parallelism::Rayon(threads());
+    with_scratch(|scratch| {
+        for first in (0..b).step_by(per_run) {
+            let r = per_run.min(b - first);
+            let ld = r * hw;
+            let cols = &mut scratch.cols;
+            cols.resize(kk * ld, 0.0);
+            unfold_run(&x[first * cin * hw..], (r, cin, h, w, k), cols);
+            let ycat = &mut scratch.wide;
+            ycat.resize(cout * ld, 0.0);
+            matmul(
+                ycat,
+                ld,
+                1,
+                false,
+                rows(weight, kk),
+                rows(cols, ld),
+                (cout, ld, kk),
+                par,
+            );
+            let ycat: &[f32] = ycat;
+            out[first * cout * hw..(first + r) * cout * hw]
+                .par_chunks_mut(hw)
+                .enumerate()
+                .for_each(|(i, plane)| {
+                    let (bi, co) = (i / cout, i % cout);
+                    let src = &ycat[co * ld + bi * hw..][..hw];
+                    let bias = epi.bias.map_or(0.0, |v| v[co]);
+                    let affine = epi.affine.map(|(a, t)| (a[co], t[co]));
+                    store_plane(plane, src, bias, affine, epi.relu);
+                });
+        }
+    });
+}
+
+/// Images per run: as many as fit in [`RUN_COLUMNS`] pixels, at least one.
+fn run_images(hw: usize, b: usize) -> usize {
+    let run_columns = FORCED.with(Cell::get).unwrap_or(RUN_COLUMNS);
+    (run_columns / hw).clamp(1, b.max(1))
+}
+
+/// Unfold `r` images `x [r, cin, h, w]` side by side into `cols [cin·k·k,
+/// r·h·w]`: row `ci·k·k + tap`, image `bi` at column `bi·h·w`.
+fn unfold_run(x: &[f32], (r, cin, h, w, k): (usize, usize, usize, usize, usize), cols: &mut [f32]) {
+    let hw = h * w;
+    let ld = r * hw;
+    cols.par_chunks_mut(k * k * ld).enumerate().for_each(|(ci, block)| {
+        for bi in 0..r {
+            let plane = &x[(bi * cin + ci) * hw..][..hw];
+            unfold_plane(plane, h, w, k, &mut block[bi * hw..], ld);
+        }
+    });
+}
+
 simd_fn! {
+    /// `dst = ((src + bias)·a + t)`, with `(a, t)` from `affine` (else the
+    /// identity), clamped at zero with `relu`: the convolution's epilogue, in
+    /// the order the other paths apply it.
+    fn store_plane(dst: &mut [f32], src: &[f32], bias: f32, affine: Option<(f32, f32)>, relu: bool) {
+        for (d, &v) in dst.iter_mut().zip(src) {
+            let v = v + bias;
+            let v = match affine {
+                Some((a, t)) => v * a + t,
+                None => v,
+            };
+            *d = if relu { v.max(0.0) } else { v };
+        }
+    }
+
     /// The adjoint of [`unfold_plane`]: `plane [h, w]` from the `k·k` rows
     /// of column gradients at `rows[t·ld..]`, each value added to the input
     /// pixel its tap read (none for taps that read the zero padding).

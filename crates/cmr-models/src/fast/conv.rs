@@ -210,6 +210,10 @@ pub(super) fn conv_forward(
     let hw = h * w;
     let kk = cin * k * k;
     let bias = epi.bias;
+    if b > 1 && batched::applies(cin, h, w, cout, k) {
+        batched::forward(x, weight, (b, cin, h, w, cout, k), epi, out);
+        return;
+    }
     // Few images: parallelise inside each image (im2col and GEMM); many:
     // across images.
     let few = b < threads();
@@ -1077,6 +1081,12 @@ mod tests {
     /// (inputs shifted so that about half the outputs are clipped).
     #[test]
     fn relu_variant_matches_candle() {
+        relu_variant();
+        // small images batch-wide, forward and backward
+        batched::forced(40, relu_variant);
+    }
+
+    fn relu_variant() {
         let dev = Device::Cpu;
         for &(b, cin, cout, h, w) in &[(1, 3, 5, 7, 9), (4, 8, 6, 12, 10), (1, 4, 3, 36, 30), (2, 4, 3, 40, 33)] {
             let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, cin, h, w), &dev).unwrap()).unwrap();
@@ -1104,6 +1114,11 @@ mod tests {
     /// finite differences through the input, the weight and the scale.
     #[test]
     fn affine_relu_variant_matches_candle_and_finite_differences() {
+        affine_relu_variant();
+        batched::forced(40, affine_relu_variant);
+    }
+
+    fn affine_relu_variant() {
         let dev = Device::Cpu;
         for &(b, cin, cout, h, w) in &[(1, 3, 5, 7, 9), (4, 8, 6, 12, 10), (1, 4, 3, 36, 30), (3, 4, 3, 40, 33)] {
             let shape = (b, cin, cout, h, w);
