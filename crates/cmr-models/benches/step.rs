@@ -11,7 +11,10 @@
 //! A filter keeps the rows whose label contains it, e.g. `unet3plus/small`;
 //! `--json` prints one JSON object per row instead of the table; `--what
 //! "train b8"` keeps only the rows of that kind (to measure one case's peak
-//! memory with `/usr/bin/time -v`).
+//! memory with `/usr/bin/time -v`). `--compare batched` (or `direct`) times
+//! each case with that switch of the fast kernels off and on, alternating
+//! run by run in one process, so that a slow minute of the machine hits both
+//! alike: two rows per case, the mode in brackets.
 
 #![allow(clippy::print_stdout, clippy::unwrap_used)]
 
@@ -27,17 +30,42 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn time(runs: usize, mut f: impl FnMut()) -> f64 {
-    f();
-    median(
-        (0..runs)
-            .map(|_| {
-                let t = Instant::now();
-                f();
-                t.elapsed().as_secs_f64() * 1e3
+/// Median ms of `runs` timed runs of `f` after a warm-up, for each mode:
+/// one mode without a switch, else `set(false)` and `set(true)` alternating.
+fn time(runs: usize, set: Option<fn(bool)>, mut f: impl FnMut()) -> Vec<f64> {
+    let modes: &[bool] = if set.is_some() { &[false, true] } else { &[true] };
+    let mut ms = vec![Vec::new(); modes.len()];
+    for i in 0..=runs {
+        for (m, &on) in modes.iter().enumerate() {
+            if let Some(set) = set {
+                set(on);
+            }
+            let t = Instant::now();
+            f();
+            if i > 0 {
+                ms[m].push(t.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+    }
+    if let Some(set) = set {
+        set(true);
+    }
+    ms.into_iter().map(median).collect()
+}
+
+/// The switch `--compare` names.
+fn switch(name: &str) -> fn(bool) {
+    match name {
+        "batched" => |on| {
+            cmr_models::fast::set_batched(if on {
+                cmr_models::fast::Batched::Auto
+            } else {
+                cmr_models::fast::Batched::Off
             })
-            .collect(),
-    )
+        },
+        "direct" => cmr_models::fast::set_direct,
+        other => panic!("--compare: unknown switch {other:?} (batched, direct)"),
+    }
 }
 
 fn main() {
@@ -47,6 +75,7 @@ fn main() {
     let mut runs = 5;
     let mut json = false;
     let mut what: Option<String> = None;
+    let mut compare: Option<String> = None;
     let mut filters = Vec::new();
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -55,9 +84,16 @@ fn main() {
             "--json" => json = true,
             "--what" => what = it.next().cloned(),
             "--runs" => runs = it.next().and_then(|v| v.parse().ok()).expect("--runs N"),
+            "--compare" => compare = it.next().cloned(),
             f => filters.push(f.to_string()),
         }
     }
+    let set = compare.as_deref().map(switch);
+    // the row label's suffix for each mode
+    let modes: Vec<String> = match &compare {
+        Some(name) => vec![format!(" [{name} off]"), format!(" [{name} on]")],
+        None => vec![String::new()],
+    };
     let dev = Device::Cpu;
     let threads = candle_core::utils::get_num_threads();
     if !json {
@@ -65,7 +101,7 @@ fn main() {
             "# cmr-models step benchmark: CPU, {threads} threads, 96×96, median of {runs}, fast kernels {}",
             if cmr_models::fast::enabled() { "on" } else { "off" }
         );
-        println!("{:<22} {:>12} {:>10} {:>9}", "case", "what", "ms", "GFLOP/s");
+        println!("{:<22} {:>24} {:>10} {:>9}", "case", "what", "ms", "GFLOP/s");
     }
     let row = |arch: Architecture, preset: Preset, what: String, ms: f64, rate: f64| {
         if json {
@@ -73,7 +109,7 @@ fn main() {
                 "{{\"arch\":\"{arch}\",\"widths\":\"{preset}\",\"what\":\"{what}\",\"ms\":{ms:.3},\"gflops\":{rate:.2},\"threads\":{threads}}}"
             );
         } else {
-            println!("{:<22} {what:>12} {ms:>10.1} {rate:>9.1}", format!("{arch}/{preset}"));
+            println!("{:<22} {what:>24} {ms:>10.1} {rate:>9.1}", format!("{arch}/{preset}"));
         }
     };
     for preset in [Preset::Seed, Preset::Small] {
@@ -99,7 +135,7 @@ fn main() {
                     .unwrap()
                     .to_dtype(DType::U32)
                     .unwrap();
-                let ms = time(runs, || {
+                let ms = time(runs, set, || {
                     // as `cmr train` does: on the fast kernels' tape when
                     // they are on
                     let _grads = cmr_models::fast::forward_backward(
@@ -109,19 +145,23 @@ fn main() {
                     )
                     .unwrap();
                 });
-                let rate = 3.0 * gflop * b as f64 / (ms / 1e3);
-                row(arch, preset, format!("train b{b}"), ms, rate);
+                for (ms, mode) in ms.into_iter().zip(&modes) {
+                    let rate = 3.0 * gflop * b as f64 / (ms / 1e3);
+                    row(arch, preset, format!("train b{b}{mode}"), ms, rate);
+                }
             }
             for b in [1usize, 20] {
                 if !wanted(&format!("infer b{b}")) {
                     continue;
                 }
                 let x = Tensor::randn(0f32, 1.0, (b, 1, 96, 96), &dev).unwrap();
-                let ms = time(runs, || {
+                let ms = time(runs, set, || {
                     let _ = model.forward_t(&x, false).unwrap().argmax(1).unwrap();
                 });
-                let rate = gflop * b as f64 / (ms / 1e3);
-                row(arch, preset, format!("infer b{b}"), ms, rate);
+                for (ms, mode) in ms.into_iter().zip(&modes) {
+                    let rate = gflop * b as f64 / (ms / 1e3);
+                    row(arch, preset, format!("infer b{b}{mode}"), ms, rate);
+                }
             }
         }
     }
