@@ -1,7 +1,7 @@
 //! `cargo xtask bench`: our step benchmark next to the PyTorch reference of
-//! the same networks, same shapes, same thread count, in one table. With
-//! `--rounds N` the two sides alternate N times and each figure is its best
-//! round.
+//! the same networks, same shapes, same thread count, in one table. The two
+//! sides alternate network by network; with `--rounds N` that N times, and
+//! each figure is its best round.
 //!
 //! The PyTorch side (`xtask/bench/torch_reference.py`) runs when a Python with
 //! `torch` is found: `--python PATH`, else `$CMR_TORCH_PYTHON`, else
@@ -123,21 +123,48 @@ fn key(r: &Row) -> (String, String, String) {
     (r.widths.clone(), r.arch.clone(), r.what.clone())
 }
 
-/// Run both (alternating, `rounds` times) and return the table (markdown).
+/// Run both (`rounds` times) and return the table (markdown).
+///
+/// The two sides alternate network by network (one network at one width,
+/// all its rows, then the other side's same rows), the side that goes first
+/// swapping every round: this machine's speed drifts by up to 2× over
+/// minutes, and a whole table of one side then the other compared one
+/// minute's speed with another's.
 pub fn run(opts: &BenchOptions) -> anyhow::Result<String> {
     let (mut ours_rounds, mut theirs_rounds) = (Vec::new(), Vec::new());
     let mut torch_ok = opts.torch;
+    let cases: Vec<BenchOptions> = opts
+        .widths
+        .iter()
+        .flat_map(|w| {
+            opts.archs.iter().map(move |a| BenchOptions {
+                archs: vec![a.clone()],
+                widths: vec![w.clone()],
+                ..opts.clone()
+            })
+        })
+        .collect();
     for round in 1..=opts.rounds.max(1) {
-        if opts.rounds > 1 {
-            tracing::info!("round {round} of {}", opts.rounds);
-        }
-        ours_rounds.push(ours(opts)?);
-        if torch_ok {
-            match torch(opts)? {
-                Some(rows) => theirs_rounds.push(rows),
-                None => torch_ok = false,
+        tracing::info!("round {round} of {}", opts.rounds.max(1));
+        let (mut mine, mut theirs) = (Vec::new(), Vec::new());
+        for case in &cases {
+            let torch_first = round % 2 == 0;
+            if torch_first && torch_ok {
+                match torch(case)? {
+                    Some(rows) => theirs.extend(rows),
+                    None => torch_ok = false,
+                }
+            }
+            mine.extend(ours(case)?);
+            if !torch_first && torch_ok {
+                match torch(case)? {
+                    Some(rows) => theirs.extend(rows),
+                    None => torch_ok = false,
+                }
             }
         }
+        ours_rounds.push(mine);
+        theirs_rounds.push(theirs);
     }
     // Rows in our benchmark's order, each at its best round.
     let ours_best = best(&ours_rounds);

@@ -37,9 +37,9 @@ struct BenchArgs {
     /// Timed runs per figure (the median is reported).
     #[arg(long, default_value_t = 5)]
     runs: usize,
-    /// Rounds, alternating our side and PyTorch's; each figure is the best
-    /// round's median (the speed of a shared or virtual machine drifts over
-    /// minutes, and one round of each can compare a fast minute with a slow one).
+    /// Rounds; in each, our side and PyTorch's alternate network by network
+    /// (which goes first swaps every round). Each figure is the best round's
+    /// median: the speed of a shared or virtual machine drifts over minutes.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     rounds: u32,
     /// Threads for both sides.
