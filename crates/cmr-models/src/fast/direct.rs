@@ -94,15 +94,22 @@ pub(super) fn round_up(n: usize, m: usize) -> usize {
 
 /// `weight [cout, cin, kk]` (row-major) as the kernel reads it: groups of
 /// [`NR`] output channels, each `[cin][kk][NR]`, zeros for the channels past
-/// `cout` in the last group.
-pub(super) fn pack_weights(weight: &[f32], cout: usize, cin: usize, kk: usize) -> Vec<f32> {
+/// `cout` in the last group. Groups in parallel when `parallel` (one image
+/// convolved on all threads, so no other work to overlap with).
+pub(super) fn pack_weights(weight: &[f32], cout: usize, cin: usize, kk: usize, parallel: bool) -> Vec<f32> {
     let groups = cout.div_ceil(NR);
     let mut packed = vec![0f32; groups * cin * kk * NR];
-    for (co, w) in weight.chunks(cin * kk).take(cout).enumerate() {
-        let group = &mut packed[(co / NR) * cin * kk * NR..][..cin * kk * NR];
-        for (d, &v) in w.iter().enumerate() {
-            group[d * NR + co % NR] = v;
+    let fill = |(g, group): (usize, &mut [f32])| {
+        for co in g * NR..((g + 1) * NR).min(cout) {
+            for (d, &v) in weight[co * cin * kk..][..cin * kk].iter().enumerate() {
+                group[d * NR + co % NR] = v;
+            }
         }
+    };
+    if parallel {
+        packed.par_chunks_mut(cin * kk * NR).enumerate().for_each(fill);
+    } else {
+        packed.chunks_mut(cin * kk * NR).enumerate().for_each(fill);
     }
     packed
 }
@@ -430,7 +437,12 @@ mod tests {
     fn packs_weights_by_groups_of_output_channels() {
         let (cout, cin, kk) = (9, 2, 3);
         let weight: Vec<f32> = (0..cout * cin * kk).map(|i| i as f32 + 1.0).collect();
-        let packed = pack_weights(&weight, cout, cin, kk);
+        let packed = pack_weights(&weight, cout, cin, kk, false);
+        assert_eq!(
+            packed,
+            pack_weights(&weight, cout, cin, kk, true),
+            "packed on all threads"
+        );
         assert_eq!(packed.len(), 2 * cin * kk * NR);
         // W[co = 3, ci = 1, tap = 2] is weight[3·6 + 1·3 + 2] = 24.
         assert_eq!(packed[(3 + 2) * NR + 3], 24.0);
@@ -467,7 +479,7 @@ mod tests {
             let padded = fixed_values(cin * plane, 1);
             let weight = fixed_values(cout * cin * k * k, 2);
             let cout_r = round_up(cout, NR);
-            let packed = pack_weights(&weight, cout, cin, k * k);
+            let packed = pack_weights(&weight, cout, cin, k * k, true);
             let mut out = vec![f32::NAN; cout_r * n_r];
             let shape = Shape {
                 cin,
@@ -524,7 +536,7 @@ mod tests {
             let weight = fixed_values(cout * cin * 9, 4);
             let bias = fixed_values(cout, 5);
             let (scale, shift) = (fixed_values(cout, 6), fixed_values(cout, 7));
-            let packed = pack_weights(&weight, cout, cin, 9);
+            let packed = pack_weights(&weight, cout, cin, 9, false);
             let cout_r = round_up(cout, NR);
             let shape = Shape {
                 cin,
