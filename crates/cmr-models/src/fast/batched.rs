@@ -218,15 +218,16 @@ simd_fn! {
     }
 }
 
-/// The largest images (pixels) whose backward pass runs batch-wide by
+/// The largest images (pixels) whose convolution runs batch-wide by
 /// default, and the fewest weights (`cout·cin·k·k`). Measured with the
-/// `conv_layer` bench (fwd+bwd, batch 8, two threads): batch-wide is faster
-/// at 6×6 from 128 → 256 channels up (1024 → 1024: about 1.4×), slower at
-/// 128 → 128 and at most 12×12 and 24×24 shapes: there one image's GEMM is
-/// already deep enough, and images on separate threads need no
+/// `conv_layer` bench (fwd+bwd, batch 8, two threads, two runs of it):
+/// batch-wide is faster at 6×6 from 256 → 256 channels up (512 → 512: 1.2×,
+/// 1024 → 1024: 1.4–1.5×), within noise at 128 → 256, slower at 128 → 128
+/// and at 12×12 and 24×24 (up to 1.4× at 64 → 64, 24×24): there one image's
+/// GEMM is already deep enough, and images on separate threads need no
 /// synchronisation inside the GEMMs.
 const MAX_PIXELS: usize = 8 * 8;
-const MIN_WEIGHTS: usize = 128 * 256 * 9;
+const MIN_WEIGHTS: usize = 256 * 256 * 9;
 
 /// Whether [`backward`] is the way to differentiate this convolution.
 pub(super) fn applies(cin: usize, h: usize, w: usize, cout: usize, k: usize) -> bool {
