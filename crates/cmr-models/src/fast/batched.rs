@@ -27,7 +27,9 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::conv::{Epilogue, SHIFTED_MIN_PIXELS, View, add_plane_sums, matmul, rows, unfold_plane, with_scratch};
+use super::conv::{
+    Epilogue, SHIFTED_MIN_PIXELS, View, add_plane_sums, copy_out, copy_out_affine, im2col, matmul, rows, with_scratch,
+};
 use super::{output_buffer, threads};
 
 /// Pixels (`images × h·w`) per run of images: the run's unfolded input and
@@ -74,7 +76,7 @@ pub(super) fn backward(
             // column bi·h·w.
             let cols = &mut scratch.cols;
             cols.resize(kk * ld, 0.0);
-            unfold_run(&x[first * cin * hw..], (r, cin, h, w, k), cols);
+            im2col(&x[first * cin * hw..], (r, cin, h, w, k), cols, true);
             // dW (+)= dY · colsᵀ; colsᵀ's element (p, j) is cols[j·ld + p].
             let cols_t = View {
                 data: cols,
@@ -107,7 +109,8 @@ pub(super) fn backward(
 /// The forward pass on the same runs: the run's inputs unfolded side by
 /// side, `Y = W · cols` as one GEMM of `r·h·w` columns (one image's 6×6 is a
 /// GEMM 36 columns wide, a quarter of `gemm`'s speed at 512 channels), then
-/// each image's planes copied out with the epilogue applied.
+/// each image's planes copied out with the epilogue applied (by the copies
+/// the other paths use, so the same operations in the same order).
 pub(super) fn forward(
     x: &[f32],
     weight: &[f32],
@@ -126,7 +129,7 @@ pub(super) fn forward(
             let ld = r * hw;
             let cols = &mut scratch.cols;
             cols.resize(kk * ld, 0.0);
-            unfold_run(&x[first * cin * hw..], (r, cin, h, w, k), cols);
+            im2col(&x[first * cin * hw..], (r, cin, h, w, k), cols, true);
             let ycat = &mut scratch.wide;
             ycat.resize(cout * ld, 0.0);
             matmul(
@@ -140,15 +143,18 @@ pub(super) fn forward(
                 par,
             );
             let ycat: &[f32] = ycat;
+            // Image bi's channel co is ycat[co·ld + bi·h·w..][..h·w]: the
+            // padded-width copy with rows of h·w values, ld apart.
+            let sizes = [hw, ld, hw, ld];
             out[first * cout * hw..(first + r) * cout * hw]
-                .par_chunks_mut(hw)
+                .par_chunks_mut(cout * hw)
                 .enumerate()
-                .for_each(|(i, plane)| {
-                    let (bi, co) = (i / cout, i % cout);
-                    let src = &ycat[co * ld + bi * hw..][..hw];
-                    let bias = epi.bias.map_or(0.0, |v| v[co]);
-                    let affine = epi.affine.map(|(a, t)| (a[co], t[co]));
-                    store_plane(plane, src, bias, affine, epi.relu);
+                .for_each(|(bi, oi)| {
+                    let src = &ycat[bi * hw..];
+                    match epi.affine {
+                        Some((a, t)) => copy_out_affine(oi, src, sizes, epi.bias, a, t, epi.relu),
+                        None => copy_out(oi, src, sizes, epi.bias, epi.relu),
+                    }
                 });
         }
     });
@@ -160,35 +166,8 @@ fn run_images(hw: usize, b: usize) -> usize {
     (run_columns / hw).clamp(1, b.max(1))
 }
 
-/// Unfold `r` images `x [r, cin, h, w]` side by side into `cols [cin·k·k,
-/// r·h·w]`: row `ci·k·k + tap`, image `bi` at column `bi·h·w`.
-fn unfold_run(x: &[f32], (r, cin, h, w, k): (usize, usize, usize, usize, usize), cols: &mut [f32]) {
-    let hw = h * w;
-    let ld = r * hw;
-    cols.par_chunks_mut(k * k * ld).enumerate().for_each(|(ci, block)| {
-        for bi in 0..r {
-            let plane = &x[(bi * cin + ci) * hw..][..hw];
-            unfold_plane(plane, h, w, k, &mut block[bi * hw..], ld);
-        }
-    });
-}
-
 simd_fn! {
-    /// `dst = ((src + bias)·a + t)`, with `(a, t)` from `affine` (else the
-    /// identity), clamped at zero with `relu`: the convolution's epilogue, in
-    /// the order the other paths apply it.
-    fn store_plane(dst: &mut [f32], src: &[f32], bias: f32, affine: Option<(f32, f32)>, relu: bool) {
-        for (d, &v) in dst.iter_mut().zip(src) {
-            let v = v + bias;
-            let v = match affine {
-                Some((a, t)) => v * a + t,
-                None => v,
-            };
-            *d = if relu { v.max(0.0) } else { v };
-        }
-    }
-
-    /// The adjoint of [`unfold_plane`]: `plane [h, w]` from the `k·k` rows
+    /// The adjoint of the unfolding ([`im2col`]): `plane [h, w]` from the `k·k` rows
     /// of column gradients at `rows[t·ld..]`, each value added to the input
     /// pixel its tap read (none for taps that read the zero padding).
     fn fold_plane(rows: &[f32], ld: usize, h: usize, w: usize, k: usize, plane: &mut [f32]) {

@@ -45,20 +45,29 @@ pub(super) fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
 /// at the narrow widths and slower at the report's.
 pub(super) const SHIFTED_MIN_PIXELS: usize = 32 * 32;
 
-/// Unfold one image `[cin, h, w]` into `[cin·k·k, h·w]` (zero padding),
+/// Unfold `r` images `x [r, cin, h, w]` side by side into `cols [cin·k·k,
+/// r·h·w]` (zero padding): row `ci·k·k + tap`, image `bi` at column `bi·h·w`;
 /// channels split among the threads when `parallel`.
-fn im2col(x: &[f32], cin: usize, h: usize, w: usize, k: usize, cols: &mut [f32], parallel: bool) {
+pub(super) fn im2col(
+    x: &[f32],
+    (r, cin, h, w, k): (usize, usize, usize, usize, usize),
+    cols: &mut [f32],
+    parallel: bool,
+) {
     let hw = h * w;
-    let block = k * k * hw;
+    let ld = r * hw;
+    let block = k * k * ld;
+    let one = |(ci, rows): (usize, &mut [f32])| {
+        for bi in 0..r {
+            let plane = &x[(bi * cin + ci) * hw..][..hw];
+            unfold_plane(plane, h, w, k, &mut rows[bi * hw..], ld);
+        }
+    };
     let cols = &mut cols[..cin * block];
     if parallel {
-        cols.par_chunks_mut(block)
-            .zip(x.par_chunks(hw))
-            .for_each(|(rows, plane)| unfold_plane(plane, h, w, k, rows, hw));
+        cols.par_chunks_mut(block).enumerate().for_each(one);
     } else {
-        for (rows, plane) in cols.chunks_mut(block).zip(x.chunks(hw)) {
-            unfold_plane(plane, h, w, k, rows, hw);
-        }
+        cols.chunks_mut(block).enumerate().for_each(one);
     }
 }
 
@@ -70,7 +79,7 @@ fn im2col(x: &[f32], cin: usize, h: usize, w: usize, k: usize, cols: &mut [f32],
 /// the `|dx|` columns per row that wrapped around to the neighbouring row
 /// are zeroed (one copy per row instead was a library call per row: 10 % of
 /// a SegNet step at the narrow widths, whose images go down to 6×6).
-pub(super) fn unfold_plane(plane: &[f32], h: usize, w: usize, k: usize, rows: &mut [f32], ld: usize) {
+fn unfold_plane(plane: &[f32], h: usize, w: usize, k: usize, rows: &mut [f32], ld: usize) {
     let pad = (k / 2) as isize;
     let hw = h * w;
     let (wi, hwi) = (w as isize, hw as isize);
@@ -246,7 +255,7 @@ pub(super) fn conv_forward(
         } else {
             let cols = &mut scratch.cols;
             cols.resize(kk * hw, 0.0);
-            im2col(xi, cin, h, w, k, cols, few);
+            im2col(xi, (1, cin, h, w, k), cols, few);
             cols
         };
         matmul(
@@ -431,7 +440,7 @@ simd_fn! {
     /// `out [cout, h·w]` from the padded-width result `wide [cout, h·wp]`
     /// (`sizes`: `h·w`, `h·wp`, `w`, `wp`), plus the bias, clamped at zero
     /// with `relu`.
-    fn copy_out(out: &mut [f32], wide: &[f32], sizes: [usize; 4], bias: Option<&[f32]>, relu: bool) {
+    pub(super) fn copy_out(out: &mut [f32], wide: &[f32], sizes: [usize; 4], bias: Option<&[f32]>, relu: bool) {
         let [hw, n, w, wp] = sizes;
         for (co, (dst, src)) in out.chunks_mut(hw).zip(wide.chunks(n)).enumerate() {
             let b = bias.map_or(0.0, |b| b[co]);
@@ -445,7 +454,7 @@ simd_fn! {
     }
 
     /// As [`copy_out`], with `(v + bias)·scale + shift` per channel.
-    fn copy_out_affine(
+    pub(super) fn copy_out_affine(
         out: &mut [f32],
         wide: &[f32],
         sizes: [usize; 4],
@@ -533,7 +542,7 @@ fn conv_weight_grad(
             xi
         } else {
             cols.resize(kk * hw, 0.0);
-            im2col(xi, cin, h, w, k, cols, matches!(par, Parallelism::Rayon(_)));
+            im2col(xi, (1, cin, h, w, k), cols, matches!(par, Parallelism::Rayon(_)));
             cols
         };
         // colsᵀ: element (p, j) is cols[j·hw + p]
