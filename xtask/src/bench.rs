@@ -76,7 +76,9 @@ fn ours(opts: &BenchOptions) -> anyhow::Result<Vec<Row>> {
     Ok(parse(&out.stdout))
 }
 
-fn torch(opts: &BenchOptions) -> anyhow::Result<Option<Vec<Row>>> {
+/// The Python that runs the PyTorch side, if it has torch: `--python`,
+/// else `$CMR_TORCH_PYTHON`, else `python3`.
+fn torch_python(opts: &BenchOptions) -> Option<String> {
     let python = opts
         .python
         .clone()
@@ -91,11 +93,15 @@ fn torch(opts: &BenchOptions) -> anyhow::Result<Option<Vec<Row>>> {
         tracing::warn!(
             "{python} has no torch: PyTorch column left empty (python3 -m venv .venv && .venv/bin/pip install torch, then --python .venv/bin/python)"
         );
-        return Ok(None);
+        return None;
     }
+    Some(python)
+}
+
+fn torch(opts: &BenchOptions, python: &str) -> anyhow::Result<Vec<Row>> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/torch_reference.py");
     tracing::info!("PyTorch: {} ({} threads)", script.display(), opts.threads);
-    let out = Command::new(&python)
+    let out = Command::new(python)
         .arg(&script)
         .args(["--threads", &opts.threads.to_string(), "--runs", &opts.runs.to_string()])
         .args(["--widths", &opts.widths.join(","), "--archs", &opts.archs.join(",")])
@@ -106,7 +112,7 @@ fn torch(opts: &BenchOptions) -> anyhow::Result<Option<Vec<Row>>> {
     if !out.status.success() {
         bail!("the PyTorch reference failed");
     }
-    Ok(Some(parse(&out.stdout)))
+    Ok(parse(&out.stdout))
 }
 
 /// Each row's best (lowest) figure over the rounds.
@@ -132,7 +138,8 @@ fn key(r: &Row) -> (String, String, String) {
 /// minute's speed with another's.
 pub fn run(opts: &BenchOptions) -> anyhow::Result<String> {
     let (mut ours_rounds, mut theirs_rounds) = (Vec::new(), Vec::new());
-    let mut torch_ok = opts.torch;
+    // Checked once: importing torch takes seconds.
+    let python = if opts.torch { torch_python(opts) } else { None };
     let cases: Vec<BenchOptions> = opts
         .widths
         .iter()
@@ -149,18 +156,12 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<String> {
         let (mut mine, mut theirs) = (Vec::new(), Vec::new());
         for case in &cases {
             let torch_first = round % 2 == 0;
-            if torch_first && torch_ok {
-                match torch(case)? {
-                    Some(rows) => theirs.extend(rows),
-                    None => torch_ok = false,
-                }
+            if let (true, Some(python)) = (torch_first, &python) {
+                theirs.extend(torch(case, python)?);
             }
             mine.extend(ours(case)?);
-            if !torch_first && torch_ok {
-                match torch(case)? {
-                    Some(rows) => theirs.extend(rows),
-                    None => torch_ok = false,
-                }
+            if let (false, Some(python)) = (torch_first, &python) {
+                theirs.extend(torch(case, python)?);
             }
         }
         ours_rounds.push(mine);
