@@ -8,12 +8,19 @@ and 20, 96x96 inputs, median of N runs after one warm-up. Prints one JSON
 object per line.
 
 Usage: python3 torch_reference.py --threads 2 --runs 5 [--widths seed,small] [--archs unet,...]
+
+With --serve it answers requests instead, for `cargo xtask bench`, which
+alternates it with our benchmark run by run: one request per line on stdin,
+`ARCH/WIDTHS WHAT` (e.g. `unet3plus/seed train b8`), one run of that case,
+one line back, {"ms": ...} or {"error": "..."}. Networks and inputs are built
+on first use and kept; the driver discards each case's first run.
 Needs torch (a venv with `pip install torch`).
 """
 
 import argparse
 import json
 import statistics
+import sys
 import time
 
 import torch
@@ -124,12 +131,22 @@ class SegNet(nn.Module):
 
 
 def build(arch, widths):
+    """The network, its parameter count checked against ours at the report's widths."""
+    if widths not in ("seed", "small"):
+        raise ValueError(f"unknown widths {widths!r} (seed, small)")
     small = widths == "small"
     if arch == "unet":
-        return UNet([16, 32, 64, 128] if small else [64, 128, 256, 512])
-    if arch == "unet3plus":
-        return UNet3Plus([16, 32, 64, 128] if small else [64, 128, 256, 512], 16 if small else 64)
-    return SegNet([16, 32, 64, 128, 128] if small else [64, 128, 256, 512, 512], [2, 2, 3, 3, 3])
+        model = UNet([16, 32, 64, 128] if small else [64, 128, 256, 512])
+    elif arch == "unet3plus":
+        model = UNet3Plus([16, 32, 64, 128] if small else [64, 128, 256, 512], 16 if small else 64)
+    elif arch == "segnet":
+        model = SegNet([16, 32, 64, 128, 128] if small else [64, 128, 256, 512, 512], [2, 2, 3, 3, 3])
+    else:
+        raise ValueError(f"unknown architecture {arch!r} (unet, unet3plus, segnet)")
+    params = sum(p.numel() for p in model.parameters())
+    if not small and params != EXPECTED[arch]:
+        raise SystemExit(f"{arch}: {params} parameters, expected {EXPECTED[arch]}")
+    return model
 
 
 EXPECTED = {"unet": 7_702_020, "unet3plus": 8_203_972, "segnet": 29_444_164}
@@ -154,41 +171,72 @@ def median_ms(fn, runs):
     return statistics.median(times)
 
 
+def case(model, what):
+    """The function that runs `what` ("train bN" or "infer bN") once."""
+    kind, _, b = what.partition(" b")
+    b = int(b)
+    x = torch.randn(b, 1, 96, 96)
+    if kind == "train":
+        y = torch.randint(0, 4, (b, 96, 96))
+
+        def step():
+            model.train()
+            model.zero_grad(set_to_none=True)
+            soft_dice_loss(model(x), y).backward()
+
+        return step
+    if kind == "infer":
+
+        def infer():
+            model.eval()
+            with torch.no_grad():
+                model(x).argmax(1)
+
+        return infer
+    raise ValueError(f"unknown case {what!r} (train bN, infer bN)")
+
+
+def serve():
+    models, cases = {}, {}
+    for line in sys.stdin:
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            label, what = line.split(" ", 1)
+            arch, widths = label.split("/")
+            if label not in models:
+                models[label] = build(arch, widths)
+            if line not in cases:
+                cases[line] = case(models[label], what.strip())
+            t = time.perf_counter()
+            cases[line]()
+            reply = {"ms": (time.perf_counter() - t) * 1e3}
+        except Exception as e:  # answered, not fatal: the driver reports it
+            reply = {"error": f"{type(e).__name__}: {e}"}
+        print(json.dumps(reply), flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--widths", default="seed,small")
     ap.add_argument("--archs", default="unet,unet3plus,segnet")
+    ap.add_argument("--serve", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.serve:
+        serve()
+        return
     for widths in args.widths.split(","):
         for arch in args.archs.split(","):
             model = build(arch, widths)
             params = sum(p.numel() for p in model.parameters())
-            if widths == "seed" and params != EXPECTED[arch]:
-                raise SystemExit(f"{arch}: {params} parameters, expected {EXPECTED[arch]}")
-            for b in (4, 8):
-                x = torch.randn(b, 1, 96, 96)
-                y = torch.randint(0, 4, (b, 96, 96))
-                model.train()
-
-                def step():
-                    model.zero_grad(set_to_none=True)
-                    soft_dice_loss(model(x), y).backward()
-
-                print(json.dumps({"arch": arch, "widths": widths, "what": f"train b{b}", "ms": median_ms(step, args.runs), "parameters": params}), flush=True)
-            model.eval()
-            for b in (1, 20):
-                x = torch.randn(b, 1, 96, 96)
-
-                def infer():
-                    with torch.no_grad():
-                        model(x).argmax(1)
-
-                print(json.dumps({"arch": arch, "widths": widths, "what": f"infer b{b}", "ms": median_ms(infer, args.runs), "parameters": params}), flush=True)
-
+            for what in ("train b4", "train b8", "infer b1", "infer b20"):
+                ms = median_ms(case(model, what), args.runs)
+                print(json.dumps({"arch": arch, "widths": widths, "what": what, "ms": ms, "parameters": params}), flush=True)
 
 if __name__ == "__main__":
     main()

@@ -1,79 +1,117 @@
 //! `cargo xtask bench`: our step benchmark next to the PyTorch reference of
-//! the same networks, same shapes, same thread count, in one table. The two
-//! sides alternate network by network; with `--rounds N` that N times, and
-//! each figure is its best round.
+//! the same networks, same shapes, same thread count, in one table.
+//!
+//! Both sides run as servers (`step --serve`, `torch_reference.py --serve`)
+//! that answer "run this case once" requests, and the driver alternates them
+//! run by run: each of our runs has a PyTorch run of the same case right
+//! before or after it (which side goes first swaps every pair). This
+//! machine's speed drifts by up to 2× over minutes; two runs seconds apart
+//! see the same speed, where two tables minutes apart did not. Each row
+//! reports both medians, their ratio, and in how many of its pairs our run
+//! was the faster one.
 //!
 //! The PyTorch side (`xtask/bench/torch_reference.py`) runs when a Python with
 //! `torch` is found: `--python PATH`, else `$CMR_TORCH_PYTHON`, else
 //! `python3`. Get one with `python3 -m venv .venv && .venv/bin/pip install torch`.
 
-use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use serde::Deserialize;
 
-#[derive(Debug, Deserialize)]
-struct Row {
-    arch: String,
-    widths: String,
-    what: String,
-    ms: f64,
-}
+/// The rows of each network, in table order.
+pub const WHATS: [&str; 4] = ["train b4", "train b8", "infer b1", "infer b20"];
 
 /// Options of `cargo xtask bench`.
 #[derive(Clone, Debug)]
 pub struct BenchOptions {
+    /// Timed pairs per row (one run of each side), after one warm-up run each.
     pub runs: usize,
-    /// Alternating rounds of both sides; the best round counts.
-    pub rounds: usize,
     pub threads: usize,
     pub archs: Vec<String>,
     pub widths: Vec<String>,
+    /// Rows of each network (of [`WHATS`]).
+    pub whats: Vec<String>,
     pub python: Option<String>,
     pub torch: bool,
 }
 
-fn parse(stdout: &[u8]) -> Vec<Row> {
-    String::from_utf8_lossy(stdout)
-        .lines()
-        .filter(|l| l.starts_with('{'))
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
+/// One side's answer to a request.
+#[derive(Debug, Deserialize)]
+struct Reply {
+    ms: Option<f64>,
+    error: Option<String>,
 }
 
-fn ours(opts: &BenchOptions) -> anyhow::Result<Vec<Row>> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut filters = Vec::new();
-    for w in &opts.widths {
-        for a in &opts.archs {
-            filters.push(format!("{a}/{w}"));
+/// A benchmark process that runs one case per request line.
+struct Server {
+    name: &'static str,
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Server {
+    fn spawn(name: &'static str, mut command: Command) -> anyhow::Result<Self> {
+        let mut child = command
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("starting the {name} benchmark"))?;
+        let stdin = child.stdin.take();
+        let stdout = BufReader::new(child.stdout.take().context("no stdout")?);
+        Ok(Self {
+            name,
+            child,
+            stdin,
+            stdout,
+        })
+    }
+
+    /// Run `request` (`ARCH/WIDTHS WHAT`) once; its time in ms.
+    fn run(&mut self, request: &str) -> anyhow::Result<f64> {
+        let name = self.name;
+        let stdin = self.stdin.as_mut().context("server closed")?;
+        writeln!(stdin, "{request}")
+            .and_then(|()| stdin.flush())
+            .with_context(|| format!("the {name} benchmark exited"))?;
+        let mut line = String::new();
+        if self.stdout.read_line(&mut line)? == 0 {
+            bail!("the {name} benchmark exited before answering {request:?}");
+        }
+        let reply: Reply = serde_json::from_str(line.trim())
+            .with_context(|| format!("the {name} benchmark answered {:?} to {request:?}", line.trim()))?;
+        match (reply.ms, reply.error) {
+            (_, Some(e)) => bail!("the {name} benchmark, {request:?}: {e}"),
+            (Some(ms), None) => Ok(ms),
+            (None, None) => bail!("the {name} benchmark answered {:?} to {request:?}", line.trim()),
         }
     }
-    tracing::info!("cmr: cargo bench -p cmr-models --bench step ({} threads)", opts.threads);
-    let out = Command::new(cargo)
-        .args([
-            "bench",
-            "-q",
-            "-p",
-            "cmr-models",
-            "--bench",
-            "step",
-            "--",
-            "--json",
-            "--runs",
-        ])
-        .arg(opts.runs.to_string())
-        .args(&filters)
-        .env("RAYON_NUM_THREADS", opts.threads.to_string())
-        .stderr(Stdio::inherit())
-        .output()
-        .context("running cargo bench")?;
-    if !out.status.success() {
-        bail!("cargo bench failed");
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // end of input: the server exits
+        drop(self.stdin.take());
+        let _ = self.child.wait();
     }
-    Ok(parse(&out.stdout))
+}
+
+fn ours(opts: &BenchOptions) -> anyhow::Result<Server> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    tracing::info!(
+        "cmr: cargo bench -p cmr-models --bench step -- --serve ({} threads)",
+        opts.threads
+    );
+    let mut command = Command::new(cargo);
+    command
+        .args(["bench", "-q", "-p", "cmr-models", "--bench", "step", "--", "--serve"])
+        .env("RAYON_NUM_THREADS", opts.threads.to_string());
+    Server::spawn("cmr", command)
 }
 
 /// The Python that runs the PyTorch side, if it has torch: `--python`,
@@ -98,94 +136,105 @@ fn torch_python(opts: &BenchOptions) -> Option<String> {
     Some(python)
 }
 
-fn torch(opts: &BenchOptions, python: &str) -> anyhow::Result<Vec<Row>> {
+fn torch(opts: &BenchOptions, python: &str) -> anyhow::Result<Server> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/torch_reference.py");
-    tracing::info!("PyTorch: {} ({} threads)", script.display(), opts.threads);
-    let out = Command::new(python)
+    tracing::info!("PyTorch: {} --serve ({} threads)", script.display(), opts.threads);
+    let mut command = Command::new(python);
+    command
         .arg(&script)
-        .args(["--threads", &opts.threads.to_string(), "--runs", &opts.runs.to_string()])
-        .args(["--widths", &opts.widths.join(","), "--archs", &opts.archs.join(",")])
-        .env("OMP_NUM_THREADS", opts.threads.to_string())
-        .stderr(Stdio::inherit())
-        .output()
-        .context("running the PyTorch reference")?;
-    if !out.status.success() {
-        bail!("the PyTorch reference failed");
+        .args(["--threads", &opts.threads.to_string(), "--serve"])
+        .env("OMP_NUM_THREADS", opts.threads.to_string());
+    Server::spawn("PyTorch", command)
+}
+
+/// The median of `v` (the mean of the middle two for an even count).
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    match n {
+        0 => f64::NAN,
+        _ if n % 2 == 1 => v[n / 2],
+        _ => (v[n / 2 - 1] + v[n / 2]) / 2.0,
     }
-    Ok(parse(&out.stdout))
 }
 
-/// Each row's best (lowest) figure over the rounds.
-fn best(rounds: &[Vec<Row>]) -> BTreeMap<(String, String, String), f64> {
-    let mut best = BTreeMap::new();
-    for r in rounds.iter().flatten() {
-        let e = best.entry(key(r)).or_insert(f64::INFINITY);
-        *e = r.ms.min(*e);
+/// One row's figures from its paired runs.
+#[derive(Debug, PartialEq)]
+struct Summary {
+    ours_ms: f64,
+    theirs_ms: Option<f64>,
+    /// Pairs in which our run was the faster, and pairs.
+    faster: Option<(usize, usize)>,
+}
+
+fn summarise(ours: &[f64], theirs: &[f64]) -> Summary {
+    let paired = !theirs.is_empty();
+    Summary {
+        ours_ms: median(ours),
+        theirs_ms: paired.then(|| median(theirs)),
+        faster: paired.then(|| {
+            (
+                ours.iter().zip(theirs).filter(|(o, t)| o < t).count(),
+                ours.len().min(theirs.len()),
+            )
+        }),
     }
-    best
 }
 
-fn key(r: &Row) -> (String, String, String) {
-    (r.widths.clone(), r.arch.clone(), r.what.clone())
-}
+/// The pause before each timed run: the other side's worker threads stop
+/// spinning (OpenMP's and rayon's spin briefly after their last task).
+const SETTLE: Duration = Duration::from_millis(10);
 
-/// Run both (`rounds` times) and return the table (markdown).
-///
-/// The two sides alternate network by network (one network at one width,
-/// all its rows, then the other side's same rows), the side that goes first
-/// swapping every round: this machine's speed drifts by up to 2× over
-/// minutes, and a whole table of one side then the other compared one
-/// minute's speed with another's.
+/// Run every row, both sides alternating run by run, and return the table
+/// (markdown).
 pub fn run(opts: &BenchOptions) -> anyhow::Result<String> {
-    let (mut ours_rounds, mut theirs_rounds) = (Vec::new(), Vec::new());
+    if opts.runs == 0 {
+        bail!("--runs must be at least 1");
+    }
     // Checked once: importing torch takes seconds.
     let python = if opts.torch { torch_python(opts) } else { None };
-    let cases: Vec<BenchOptions> = opts
-        .widths
-        .iter()
-        .flat_map(|w| {
-            opts.archs.iter().map(move |a| BenchOptions {
-                archs: vec![a.clone()],
-                widths: vec![w.clone()],
-                ..opts.clone()
-            })
-        })
-        .collect();
-    for round in 1..=opts.rounds.max(1) {
-        tracing::info!("round {round} of {}", opts.rounds.max(1));
-        let (mut mine, mut theirs) = (Vec::new(), Vec::new());
-        for case in &cases {
-            let torch_first = round % 2 == 0;
-            if let (true, Some(python)) = (torch_first, &python) {
-                theirs.extend(torch(case, python)?);
-            }
-            mine.extend(ours(case)?);
-            if let (false, Some(python)) = (torch_first, &python) {
-                theirs.extend(torch(case, python)?);
+    let mut cmr = ours(opts)?;
+    let mut reference = python.as_deref().map(|p| torch(opts, p)).transpose()?;
+    let mut table = String::from(
+        "| network | widths | what | cmr (ms) | PyTorch (ms) | cmr / PyTorch | cmr faster |\n|---|---|---|---|---|---|---|\n",
+    );
+    for widths in &opts.widths {
+        for arch in &opts.archs {
+            for what in &opts.whats {
+                let request = format!("{arch}/{widths} {what}");
+                // warm-up, not counted
+                cmr.run(&request)?;
+                if let Some(r) = reference.as_mut() {
+                    r.run(&request)?;
+                }
+                let (mut mine, mut theirs) = (Vec::new(), Vec::new());
+                for i in 0..opts.runs {
+                    let torch_first = i % 2 == 1;
+                    if let (true, Some(r)) = (torch_first, reference.as_mut()) {
+                        std::thread::sleep(SETTLE);
+                        theirs.push(r.run(&request)?);
+                    }
+                    std::thread::sleep(SETTLE);
+                    mine.push(cmr.run(&request)?);
+                    if let (false, Some(r)) = (torch_first, reference.as_mut()) {
+                        std::thread::sleep(SETTLE);
+                        theirs.push(r.run(&request)?);
+                    }
+                }
+                let s = summarise(&mine, &theirs);
+                let line = format!(
+                    "| {arch} | {widths} | {what} | {:.1} | {} | {} | {} |",
+                    s.ours_ms,
+                    s.theirs_ms.map_or("–".into(), |t| format!("{t:.1}")),
+                    s.theirs_ms.map_or("–".into(), |t| format!("{:.2}×", s.ours_ms / t)),
+                    s.faster.map_or("–".into(), |(k, n)| format!("{k} of {n}")),
+                );
+                tracing::info!("{line}");
+                table.push_str(&line);
+                table.push('\n');
             }
         }
-        ours_rounds.push(mine);
-        theirs_rounds.push(theirs);
-    }
-    // Rows in our benchmark's order, each at its best round.
-    let ours_best = best(&ours_rounds);
-    let theirs = best(&theirs_rounds);
-    let order: Vec<&Row> = ours_rounds.first().map(|r| r.iter().collect()).unwrap_or_default();
-    let mut table = String::from(
-        "| network | widths | what | cmr (ms) | PyTorch (ms) | cmr / PyTorch |\n|---|---|---|---|---|---|\n",
-    );
-    for r in order {
-        let ms = ours_best.get(&key(r)).copied().unwrap_or(r.ms);
-        let t = theirs.get(&key(r));
-        table.push_str(&format!(
-            "| {} | {} | {} | {:.1} | {} | {} |\n",
-            r.arch,
-            r.widths,
-            r.what,
-            ms,
-            t.map_or("–".into(), |t| format!("{t:.1}")),
-            t.map_or("–".into(), |t| format!("{:.2}×", ms / t)),
-        ));
     }
     Ok(table)
 }
@@ -194,24 +243,44 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<String> {
 mod tests {
     use super::*;
 
-    fn row(what: &str, ms: f64) -> Row {
-        Row {
-            arch: "unet".into(),
-            widths: "small".into(),
-            what: what.into(),
-            ms,
-        }
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert!(median(&[]).is_nan());
     }
 
     #[test]
-    fn best_takes_each_rows_lowest_round() {
-        let rounds = vec![
-            vec![row("train b4", 120.0), row("infer b1", 10.0)],
-            vec![row("train b4", 100.0), row("infer b1", 12.0)],
-        ];
-        let b = best(&rounds);
-        assert_eq!(b[&key(&row("train b4", 0.0))], 100.0);
-        assert_eq!(b[&key(&row("infer b1", 0.0))], 10.0);
-        assert_eq!(b.len(), 2);
+    fn summary_pairs_runs_in_order() {
+        // pair by pair: 10 < 12, 20 > 11, 9 < 30
+        let s = summarise(&[10.0, 20.0, 9.0], &[12.0, 11.0, 30.0]);
+        assert_eq!(
+            s,
+            Summary {
+                ours_ms: 10.0,
+                theirs_ms: Some(12.0),
+                faster: Some((2, 3)),
+            }
+        );
+        let alone = summarise(&[5.0, 7.0], &[]);
+        assert_eq!(alone.ours_ms, 6.0);
+        assert_eq!((alone.theirs_ms, alone.faster), (None, None));
+    }
+
+    #[test]
+    fn server_reports_errors_and_exits() {
+        // a stand-in server: answers the first request, fails the second,
+        // then exits without answering the third
+        let mut command = Command::new("sh");
+        command.args([
+            "-c",
+            r#"read a; echo '{"ms": 1.5}'; read b; echo '{"error": "no such case"}'; read c"#,
+        ]);
+        let mut s = Server::spawn("test", command).unwrap();
+        assert_eq!(s.run("unet/seed infer b1").unwrap(), 1.5);
+        let e = s.run("unet/seed frob").unwrap_err().to_string();
+        assert!(e.contains("no such case") && e.contains("unet/seed frob"), "{e}");
+        let e = s.run("unet/seed infer b1").unwrap_err().to_string();
+        assert!(e.contains("exited"), "{e}");
     }
 }

@@ -34,22 +34,26 @@ enum Command {
 
 #[derive(Debug, clap::Args)]
 struct BenchArgs {
-    /// Timed runs per figure (the median is reported).
-    #[arg(long, default_value_t = 5)]
-    runs: usize,
-    /// Rounds; in each, our side and PyTorch's alternate network by network
-    /// (which goes first swaps every round). Each figure is the best round's
-    /// median: the speed of a shared or virtual machine drifts over minutes.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
-    rounds: u32,
+    /// Timed pairs per row: one run of ours and one of PyTorch's, back to
+    /// back (which goes first swaps every pair), after a warm-up run of each.
+    /// Each side's figure is its median; the speed of a shared or virtual
+    /// machine drifts over minutes, so only runs seconds apart are compared.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    runs: u32,
     /// Threads for both sides.
     #[arg(long, default_value_t = 2)]
     threads: usize,
-    #[arg(long, value_delimiter = ',', default_value = "unet,unet3plus,segnet")]
+    #[arg(long, value_delimiter = ',', default_value = "unet,unet3plus,segnet",
+          value_parser = clap::builder::PossibleValuesParser::new(["unet", "unet3plus", "segnet"]))]
     archs: Vec<String>,
     /// seed (the report's widths) and/or small.
-    #[arg(long, value_delimiter = ',', default_value = "seed,small")]
+    #[arg(long, value_delimiter = ',', default_value = "seed,small",
+          value_parser = clap::builder::PossibleValuesParser::new(["seed", "small"]))]
     widths: Vec<String>,
+    /// Rows of each network: "train b4", "train b8", "infer b1", "infer b20".
+    #[arg(long, value_delimiter = ',', default_value = "train b4,train b8,infer b1,infer b20",
+          value_parser = clap::builder::PossibleValuesParser::new(xtask::bench::WHATS))]
+    what: Vec<String>,
     /// Python with torch [default: $CMR_TORCH_PYTHON, else python3].
     #[arg(long)]
     python: Option<String>,
@@ -194,11 +198,11 @@ fn main() -> ExitCode {
         Command::Reproduce(args) => reproduce(args),
         Command::Test(args) => xtask::testall::run(&args.packages, &args.extra),
         Command::Bench(args) => xtask::bench::run(&xtask::bench::BenchOptions {
-            runs: args.runs,
-            rounds: args.rounds as usize,
+            runs: args.runs as usize,
             threads: args.threads,
             archs: args.archs,
             widths: args.widths,
+            whats: args.what,
             python: args.python,
             torch: !args.no_torch,
         })

@@ -15,15 +15,25 @@
 //! each case with that switch of the fast kernels off and on, alternating
 //! run by run in one process, so that a slow minute of the machine hits both
 //! alike: two rows per case, the mode in brackets.
+//!
+//! `--serve` is for `cargo xtask bench`, which alternates this benchmark
+//! and the PyTorch reference run by run: it reads one request per line on
+//! stdin, `ARCH/WIDTHS WHAT` (e.g. `unet3plus/seed train b8`), runs that
+//! case once and answers one line, `{"ms":…}` or `{"error":"…"}`. Networks
+//! and inputs are built on first use and kept; the driver discards each
+//! case's first run as its warm-up.
 
 #![allow(clippy::print_stdout, clippy::unwrap_used)]
 
 use std::time::Instant;
 
+use std::collections::HashMap;
+use std::io::{BufRead, Write};
+
 use candle_core::{DType, Device, ModuleT, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use cmr_loss::Loss;
-use cmr_models::{Architecture, ModelConfig, Preset, build, forward_flops};
+use cmr_models::{Architecture, Model, ModelConfig, Preset, build, forward_flops};
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -68,6 +78,121 @@ fn switch(name: &str) -> fn(bool) {
     }
 }
 
+/// One network at one width, built once.
+struct Net {
+    model: Model,
+    /// Forward GFLOP of one 96×96 image.
+    gflop: f64,
+    loss: Loss,
+}
+
+impl Net {
+    fn new(arch: Architecture, preset: Preset) -> Self {
+        let cfg = ModelConfig::preset(arch, preset);
+        let varmap = VarMap::new();
+        let model = build(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu)).unwrap();
+        let gflop = forward_flops(&cfg, 96, 96) as f64 / 1e9;
+        Self {
+            model,
+            gflop,
+            loss: Loss::soft_dice(),
+        }
+    }
+
+    /// The inputs of `what` (`train bN` or `infer bN`).
+    fn case(what: &str) -> Option<Case> {
+        let (kind, b) = what.split_once(" b")?;
+        let b: usize = b.parse().ok().filter(|&b| b > 0)?;
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (b, 1, 96, 96), &dev).unwrap();
+        match kind {
+            "train" => {
+                let y = Tensor::rand(0f32, 4.0, (b, 96, 96), &dev)
+                    .unwrap()
+                    .floor()
+                    .unwrap()
+                    .to_dtype(DType::U32)
+                    .unwrap();
+                Some(Case::Train { x, y })
+            }
+            "infer" => Some(Case::Infer { x }),
+            _ => None,
+        }
+    }
+
+    /// Run `case` once.
+    fn run(&self, case: &Case) {
+        match case {
+            Case::Train { x, y } => {
+                // as `cmr train` does: on the fast kernels' tape when they
+                // are on
+                let _grads = cmr_models::fast::forward_backward(
+                    cmr_models::fast::applies(x),
+                    || self.model.forward_t(x, true),
+                    |logits| Ok(self.loss.compute(logits, y).unwrap()),
+                )
+                .unwrap();
+            }
+            Case::Infer { x } => {
+                let _ = self.model.forward_t(x, false).unwrap().argmax(1).unwrap();
+            }
+        }
+    }
+
+    /// GFLOP/s of `case` run in `ms` (training counted as 3× the forward).
+    fn rate(&self, case: &Case, ms: f64) -> f64 {
+        let (factor, x) = match case {
+            Case::Train { x, .. } => (3.0, x),
+            Case::Infer { x } => (1.0, x),
+        };
+        factor * self.gflop * x.dim(0).unwrap() as f64 / (ms / 1e3)
+    }
+}
+
+/// The inputs of one row.
+enum Case {
+    Train { x: Tensor, y: Tensor },
+    Infer { x: Tensor },
+}
+
+/// `--serve`: answer `ARCH/WIDTHS WHAT` requests on stdin, one run each.
+fn serve() {
+    let mut nets: HashMap<String, Net> = HashMap::new();
+    let mut cases: HashMap<String, Case> = HashMap::new();
+    let mut out = std::io::stdout().lock();
+    for line in std::io::stdin().lock().lines() {
+        let Ok(line) = line else { break };
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        let answer = (|| -> Result<f64, String> {
+            let (label, what) = line.split_once(' ').ok_or("expected `ARCH/WIDTHS WHAT`")?;
+            let (arch, preset) = label.split_once('/').ok_or("expected `ARCH/WIDTHS`")?;
+            let arch: Architecture = arch.parse()?;
+            let preset: Preset = preset.parse()?;
+            let what = what.trim();
+            if !cases.contains_key(line) {
+                let case = Net::case(what).ok_or_else(|| format!("unknown case {what:?} (train bN, infer bN)"))?;
+                cases.insert(line.to_string(), case);
+            }
+            let net = nets
+                .entry(format!("{arch}/{preset}"))
+                .or_insert_with(|| Net::new(arch, preset));
+            let t = Instant::now();
+            net.run(&cases[line]);
+            Ok(t.elapsed().as_secs_f64() * 1e3)
+        })();
+        let reply = match answer {
+            Ok(ms) => format!("{{\"ms\":{ms:.3}}}"),
+            Err(e) => format!("{{\"error\":{e:?}}}"),
+        };
+        if writeln!(out, "{reply}").and_then(|()| out.flush()).is_err() {
+            break;
+        }
+    }
+}
+
 fn main() {
     // as the `cmr` binary does
     cmr_models::fast::keep_freed_memory();
@@ -85,6 +210,7 @@ fn main() {
             "--what" => what = it.next().cloned(),
             "--runs" => runs = it.next().and_then(|v| v.parse().ok()).expect("--runs N"),
             "--compare" => compare = it.next().cloned(),
+            "--serve" => return serve(),
             f => filters.push(f.to_string()),
         }
     }
@@ -94,7 +220,6 @@ fn main() {
         Some(name) => vec![format!(" [{name} off]"), format!(" [{name} on]")],
         None => vec![String::new()],
     };
-    let dev = Device::Cpu;
     let threads = candle_core::utils::get_num_threads();
     if !json {
         println!(
@@ -118,49 +243,16 @@ fn main() {
             if !filters.is_empty() && !filters.iter().any(|f| label.contains(f.as_str())) {
                 continue;
             }
-            let cfg = ModelConfig::preset(arch, preset);
-            let varmap = VarMap::new();
-            let model = build(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &dev)).unwrap();
-            let gflop = forward_flops(&cfg, 96, 96) as f64 / 1e9;
-            let loss = Loss::soft_dice();
+            let net = Net::new(arch, preset);
             let wanted = |w: &str| what.as_deref().is_none_or(|x| x == w);
-            for b in [4usize, 8] {
-                if !wanted(&format!("train b{b}")) {
+            for w in ["train b4", "train b8", "infer b1", "infer b20"] {
+                if !wanted(w) {
                     continue;
                 }
-                let x = Tensor::randn(0f32, 1.0, (b, 1, 96, 96), &dev).unwrap();
-                let y = Tensor::rand(0f32, 4.0, (b, 96, 96), &dev)
-                    .unwrap()
-                    .floor()
-                    .unwrap()
-                    .to_dtype(DType::U32)
-                    .unwrap();
-                let ms = time(runs, set, || {
-                    // as `cmr train` does: on the fast kernels' tape when
-                    // they are on
-                    let _grads = cmr_models::fast::forward_backward(
-                        cmr_models::fast::applies(&x),
-                        || model.forward_t(&x, true),
-                        |logits| Ok(loss.compute(logits, &y).unwrap()),
-                    )
-                    .unwrap();
-                });
+                let case = Net::case(w).unwrap();
+                let ms = time(runs, set, || net.run(&case));
                 for (ms, mode) in ms.into_iter().zip(&modes) {
-                    let rate = 3.0 * gflop * b as f64 / (ms / 1e3);
-                    row(arch, preset, format!("train b{b}{mode}"), ms, rate);
-                }
-            }
-            for b in [1usize, 20] {
-                if !wanted(&format!("infer b{b}")) {
-                    continue;
-                }
-                let x = Tensor::randn(0f32, 1.0, (b, 1, 96, 96), &dev).unwrap();
-                let ms = time(runs, set, || {
-                    let _ = model.forward_t(&x, false).unwrap().argmax(1).unwrap();
-                });
-                for (ms, mode) in ms.into_iter().zip(&modes) {
-                    let rate = gflop * b as f64 / (ms / 1e3);
-                    row(arch, preset, format!("infer b{b}{mode}"), ms, rate);
+                    row(arch, preset, format!("{w}{mode}"), ms, net.rate(&case, ms));
                 }
             }
         }
