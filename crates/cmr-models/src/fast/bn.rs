@@ -307,7 +307,7 @@ pub fn bn_relu_eval(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{FiniteDiff, assert_gradient, max_rel, narrow, widen};
+    use crate::testing::{FiniteDiff, assert_gradient, fixed_values, max_rel, narrow, widen};
     use candle_core::{Device, ModuleT, Var};
 
     /// The backward pass decides where the ReLU passed a value from the
@@ -361,11 +361,25 @@ mod tests {
     #[test]
     fn training_matches_candle_values_gradients_and_statistics() {
         let dev = Device::Cpu;
-        for &(b, c, h, w) in &[(2, 3, 5, 7), (8, 16, 24, 24), (1, 4, 3, 3), (3, 64, 6, 6)] {
-            let x = Var::from_tensor(&(Tensor::randn(0f32, 2.0, (b, c, h, w), &dev).unwrap() + 0.7).unwrap()).unwrap();
-            let gamma = Var::from_tensor(&Tensor::randn(1f32, 0.3, c, &dev).unwrap()).unwrap();
-            let beta = Var::from_tensor(&Tensor::randn(0f32, 0.3, c, &dev).unwrap()).unwrap();
-            let probe = Tensor::randn(0f32, 1.0, (b, c, h, w), &dev).unwrap();
+        // Fixed values: with random ones a normalised value within rounding
+        // of the ReLU's kink now and then took the other side in one of the
+        // two paths (1 run in about 50 failed on the input gradient).
+        let fixed = |n: usize, seed: u64, scale: f32, offset: f32| {
+            fixed_values(n, seed)
+                .into_iter()
+                .map(|v| v * scale + offset)
+                .collect::<Vec<f32>>()
+        };
+        for (i, &(b, c, h, w)) in [(2, 3, 5, 7), (8, 16, 24, 24), (1, 4, 3, 3), (3, 64, 6, 6)]
+            .iter()
+            .enumerate()
+        {
+            let seed = 10 * i as u64;
+            let n = b * c * h * w;
+            let x = Var::from_tensor(&Tensor::from_vec(fixed(n, seed, 3.0, 0.7), (b, c, h, w), &dev).unwrap()).unwrap();
+            let gamma = Var::from_tensor(&Tensor::from_vec(fixed(c, seed + 1, 0.5, 1.0), c, &dev).unwrap()).unwrap();
+            let beta = Var::from_tensor(&Tensor::from_vec(fixed(c, seed + 2, 0.5, 0.0), c, &dev).unwrap()).unwrap();
+            let probe = Tensor::from_vec(fixed(n, seed + 3, 1.0, 0.0), (b, c, h, w), &dev).unwrap();
             let (fast, stats) = bn_relu_train(&x, &gamma, &beta, 1e-5).unwrap();
             let bn = reference_bn(c, &gamma, &beta);
             let slow = bn.forward_t(&x, true).unwrap().relu().unwrap();
