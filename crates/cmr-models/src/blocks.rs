@@ -198,6 +198,34 @@ impl ModuleT for ConvBnRelu {
     }
 }
 
+impl ConvBnRelu {
+    /// [`ModuleT::forward_t`] of `xs` bilinearly up-sampled `factor` times
+    /// (`align_corners = false`): `[B, in, H, W] -> [B, out, H·factor,
+    /// W·factor]`. On the fast path the convolution runs at `xs`'s resolution
+    /// and the up-sampled input is never made (`fast::upsampled_conv2d_affine_relu`).
+    pub fn forward_upsampled(&self, xs: &Tensor, factor: usize, train: bool) -> Result<Tensor> {
+        if factor > 1 && fast::applies(xs) {
+            let conv = &self.conv;
+            if !train {
+                let (scale, shift) = self.bn.folded()?;
+                return fast::upsampled_conv2d_affine_relu(xs, factor, &conv.weight, &conv.bias, &scale, &shift);
+            }
+            let (ys, stats) = fast::upsampled_conv_bn_relu_train(
+                xs,
+                factor,
+                &conv.weight,
+                &conv.bias,
+                &self.bn.weight,
+                &self.bn.bias,
+                BN_EPS,
+            )?;
+            self.bn.update_running(&stats)?;
+            return Ok(ys);
+        }
+        self.forward_t(&crate::ops::upsample_bilinear(xs, factor)?, train)
+    }
+}
+
 /// A stack of conv-BN-ReLU layers with the given output widths (the U-Net's
 /// "double conv" is `widths = [c, c]`). Layers are named `0`, `1`, ….
 #[derive(Clone, Debug)]

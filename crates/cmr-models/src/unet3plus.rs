@@ -20,7 +20,7 @@ use candle_nn::VarBuilder;
 
 use crate::blocks::{Conv, ConvBnRelu, ConvStack};
 use crate::config::UNet3PlusConfig;
-use crate::ops::{max_pool, upsample_bilinear};
+use crate::ops::max_pool;
 
 #[derive(Clone, Debug)]
 struct DecoderStage {
@@ -92,17 +92,18 @@ impl ModuleT for UNet3Plus {
             let stage = &self.decoder[level];
             let mut parts = Vec::with_capacity(depth);
             for (source, branch) in stage.branches.iter().enumerate() {
-                let input = if source < level {
+                let part = if source < level {
                     // [B, C, H·2^k, W·2^k] -> [B, C, H, W]
-                    max_pool(&enc[source], 1 << (level - source))?
+                    branch.forward_t(&max_pool(&enc[source], 1 << (level - source))?, train)?
                 } else if source == level {
-                    enc[source].clone()
+                    branch.forward_t(&enc[source], train)?
                 } else {
                     let deeper = dec[source].as_ref().expect("deeper stages are computed first");
-                    // [B, C, H/2^k, W/2^k] -> [B, C, H, W]
-                    upsample_bilinear(deeper, 1 << (source - level))?
+                    // bilinear up-sampling then the branch:
+                    // [B, C, H/2^k, W/2^k] -> [B, branch, H, W]
+                    branch.forward_upsampled(deeper, 1 << (source - level), train)?
                 };
-                parts.push(branch.forward_t(&input, train)?);
+                parts.push(part);
             }
             // depth × [B, branch, H, W] -> [B, depth·branch, H, W]
             let fused = stage

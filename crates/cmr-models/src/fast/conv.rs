@@ -14,7 +14,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::{batched, block_sum, direct, output_buffer, slice, threads, with_data};
+use super::{batched, block_sum, direct, output_buffer, slice, threads, upsampled, with_data};
 
 /// Each thread's work buffers, kept between calls: fresh buffers of tens of
 /// MB per image would cost page faults on every call.
@@ -196,6 +196,63 @@ impl<'a> Epilogue<'a> {
         Self {
             bias: Some(bias),
             ..Self::default()
+        }
+    }
+}
+
+/// What a convolution op convolves: its input, or its input bilinearly
+/// up-sampled by an integer factor (computed at the input's resolution by
+/// [`upsampled`]: U-Net 3+'s decoder branches).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) enum Source {
+    #[default]
+    Input,
+    Upsampled(usize),
+}
+
+impl Source {
+    /// Up-sampled `factor` times; factor 1 is the input itself.
+    pub(super) fn upsampled(factor: usize) -> Result<Self> {
+        match factor {
+            0 => candle_core::bail!("fast conv2d: up-sampling factor 0"),
+            1 => Ok(Self::Input),
+            f => Ok(Self::Upsampled(f)),
+        }
+    }
+
+    /// The height and width of the output for an input of `h × w`.
+    pub(super) fn out_hw(self, h: usize, w: usize) -> (usize, usize) {
+        match self {
+            Self::Input => (h, w),
+            Self::Upsampled(f) => (h * f, w * f),
+        }
+    }
+}
+
+/// [`conv_forward`] of `source`: `out [b, cout, source.out_hw(h, w)]`.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn source_forward(
+    source: Source,
+    x: &[f32],
+    (b, cin, h, w): (usize, usize, usize, usize),
+    weight: &[f32],
+    (cout, k): (usize, usize),
+    epi: Epilogue,
+    out: &mut [f32],
+) {
+    match source {
+        Source::Input => conv_forward(x, b, cin, h, w, weight, cout, k, epi, out),
+        Source::Upsampled(f) => {
+            let d = upsampled::Dims {
+                b,
+                cin,
+                h,
+                w,
+                cout,
+                k,
+                f,
+            };
+            upsampled::forward(x, weight, d, epi, out);
         }
     }
 }
@@ -813,8 +870,8 @@ impl CustomOp3 for Conv2dOp {
             None
         };
         match masked {
-            Some(g) => backward(x, weight, &g, None),
-            None => with_data(dy, |g| backward(x, weight, g, None))?,
+            Some(g) => backward(Source::Input, x, weight, &g, None),
+            None => with_data(dy, |g| backward(Source::Input, x, weight, g, None))?,
         }
     }
 }
@@ -825,6 +882,7 @@ impl CustomOp3 for Conv2dOp {
 /// With `packed_with`, the bias gradient is followed by those two vectors in
 /// one tensor: the gradient of the ops that take `[bias; a; b]` packed.
 pub(super) fn backward(
+    source: Source,
     x: &Tensor,
     weight: &Tensor,
     g: &[f32],
@@ -837,6 +895,26 @@ pub(super) fn backward(
         Some((a, b)) => Tensor::from_vec(db.into_iter().chain(a).chain(b).collect(), 3 * cout, dev),
         None => Tensor::from_vec(db, cout, dev),
     };
+    if let Source::Upsampled(f) = source {
+        let d = upsampled::Dims {
+            b,
+            cin,
+            h,
+            w,
+            cout,
+            k,
+            f,
+        };
+        let (dx, dw, db) = with_data(x, |xs| {
+            with_data(weight, |wt| upsampled::backward(xs, wt, g, d, x.track_op()))
+        })??;
+        let dx = dx.map(|dx| Tensor::from_vec(dx, (b, cin, h, w), dev)).transpose()?;
+        return Ok((
+            dx,
+            Some(Tensor::from_vec(dw, (cout, cin, k, k), dev)?),
+            Some(bias_grad(db)?),
+        ));
+    }
     if batched::applies(cin, h, w, cout, k) {
         let dims = (b, cin, h, w, cout, k);
         let (dx, dw, db) = with_data(x, |xs| {
@@ -887,7 +965,9 @@ pub fn conv2d_relu(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor>
 /// call, which at SegNet's widths (29 M weights) and one image is more than
 /// the activations it saves. The backward pass (rare: gradients in
 /// inference mode) recomputes the convolution rather than keeping it.
-struct ConvAffineReluOp;
+struct ConvAffineReluOp {
+    source: Source,
+}
 
 simd_fn! {
     /// Through `relu(z·a + t)` for one plane: `dz = g·a` where the output is
@@ -921,16 +1001,18 @@ impl CustomOp3 for ConvAffineReluOp {
     ) -> Result<(CpuStorage, Shape)> {
         let (b, cin, h, w) = dims4(l1)?;
         let (cout, _, k, _) = dims4(l2)?;
+        let (ho, wo) = self.source.out_hw(h, w);
         let packed = slice(s3, l3)?;
         let epi = Epilogue {
             bias: Some(&packed[..cout]),
             affine: Some((&packed[cout..2 * cout], &packed[2 * cout..])),
             relu: true,
         };
-        // SAFETY: `conv_forward` writes every output value.
-        let mut out = unsafe { output_buffer(b * cout * h * w) };
-        conv_forward(slice(s1, l1)?, b, cin, h, w, slice(s2, l2)?, cout, k, epi, &mut out);
-        Ok((CpuStorage::F32(out), Shape::from((b, cout, h, w))))
+        // SAFETY: `source_forward` writes every output value.
+        let mut out = unsafe { output_buffer(b * cout * ho * wo) };
+        let (x, weight) = (slice(s1, l1)?, slice(s2, l2)?);
+        source_forward(self.source, x, (b, cin, h, w), weight, (cout, k), epi, &mut out);
+        Ok((CpuStorage::F32(out), Shape::from((b, cout, ho, wo))))
     }
 
     fn bwd(
@@ -943,15 +1025,17 @@ impl CustomOp3 for ConvAffineReluOp {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (b, cin, h, w) = x.dims4()?;
         let (cout, _, k, _) = weight.dims4()?;
-        let hw = h * w;
+        let (ho, wo) = self.source.out_hw(h, w);
+        let hw = ho * wo;
         let params = packed.to_vec1::<f32>()?;
         let (bias, scale, shift) = (&params[..cout], &params[cout..2 * cout], &params[2 * cout..]);
         // The convolution plus bias again, exactly as the forward pass had it.
         let z = with_data(x, |xs| {
             with_data(weight, |wt| {
-                // SAFETY: `conv_forward` writes every output value.
+                // SAFETY: `source_forward` writes every output value.
                 let mut z = unsafe { output_buffer(b * cout * hw) };
-                conv_forward(xs, b, cin, h, w, wt, cout, k, Epilogue::bias(bias), &mut z);
+                let epi = Epilogue::bias(bias);
+                source_forward(self.source, xs, (b, cin, h, w), wt, (cout, k), epi, &mut z);
                 z
             })
         })??;
@@ -971,7 +1055,7 @@ impl CustomOp3 for ConvAffineReluOp {
             dshift[p % cout] += sg;
         }
         let narrow = |v: Vec<f64>| v.into_iter().map(|v| v as f32).collect();
-        backward(x, weight, &dz, Some((narrow(dscale), narrow(dshift))))
+        backward(self.source, x, weight, &dz, Some((narrow(dscale), narrow(dshift))))
     }
 }
 
@@ -986,12 +1070,39 @@ pub fn conv2d_affine_relu(
     scale: &Tensor,
     shift: &Tensor,
 ) -> Result<Tensor> {
+    affine_relu_of(Source::Input, x, weight, bias, scale, shift)
+}
+
+/// [`conv2d_affine_relu`] of `x` bilinearly up-sampled `factor` times
+/// (`align_corners = false`, as [`super::upsample_bilinear`]): `x [B, Cin, H,
+/// W]` → `[B, Cout, H·factor, W·factor]`, computed at `x`'s resolution
+/// without making the up-sampled input (see `fast/upsampled.rs`). CPU and
+/// f32 only; see [`super::applies`].
+pub fn upsampled_conv2d_affine_relu(
+    x: &Tensor,
+    factor: usize,
+    weight: &Tensor,
+    bias: &Tensor,
+    scale: &Tensor,
+    shift: &Tensor,
+) -> Result<Tensor> {
+    affine_relu_of(Source::upsampled(factor)?, x, weight, bias, scale, shift)
+}
+
+fn affine_relu_of(
+    source: Source,
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    scale: &Tensor,
+    shift: &Tensor,
+) -> Result<Tensor> {
     check_shapes(x, weight)?;
     let packed = pack_channels(weight.dim(0)?, [("bias", bias), ("scale", scale), ("shift", shift)])?;
     super::tape::apply3(
         [x, weight, &packed],
         [&x.contiguous()?, &weight.contiguous()?, &packed],
-        ConvAffineReluOp,
+        ConvAffineReluOp { source },
     )
 }
 

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 use super::bn::{BnStats, normalise_relu, relu_backward, statistics};
-use super::conv::{self, Epilogue, conv_forward};
+use super::conv::{self, Epilogue, Source, source_forward};
 use super::{output_buffer, slice};
 
 /// What the forward pass leaves for the backward one.
@@ -27,6 +27,7 @@ struct Saved {
 }
 
 struct ConvBnReluTrain {
+    source: Source,
     eps: f64,
     saved: Arc<Mutex<Option<Saved>>>,
 }
@@ -49,17 +50,19 @@ impl CustomOp3 for ConvBnReluTrain {
         let (cout, _, k, _) = l2.shape().dims4()?;
         let packed = slice(s3, l3)?;
         let (bias, gamma, beta) = (&packed[..cout], &packed[cout..2 * cout], &packed[2 * cout..]);
-        let hw = h * w;
-        // SAFETY: `conv_forward` writes every output value.
+        let (ho, wo) = self.source.out_hw(h, w);
+        let hw = ho * wo;
+        // SAFETY: `source_forward` writes every output value.
         let mut z = unsafe { output_buffer(b * cout * hw) };
-        let x = slice(s1, l1)?;
-        conv_forward(x, b, cin, h, w, slice(s2, l2)?, cout, k, Epilogue::bias(bias), &mut z);
+        let (x, weight) = (slice(s1, l1)?, slice(s2, l2)?);
+        let epi = Epilogue::bias(bias);
+        source_forward(self.source, x, (b, cin, h, w), weight, (cout, k), epi, &mut z);
         let stats = statistics(&z, b, cout, hw, self.eps);
         // SAFETY: `normalise_relu` writes every plane in full.
         let mut out = unsafe { output_buffer(z.len()) };
         normalise_relu(&z, &mut out, cout, hw, &stats, gamma, beta);
         *self.saved.lock().expect("saved lock") = Some(Saved { z, stats });
-        Ok((CpuStorage::F32(out), Shape::from((b, cout, h, w))))
+        Ok((CpuStorage::F32(out), Shape::from((b, cout, ho, wo))))
     }
 
     fn bwd(
@@ -83,7 +86,7 @@ impl CustomOp3 for ConvBnReluTrain {
             })?
         };
         let (dz, dgamma, dbeta) = dz;
-        conv::backward(x, weight, &dz, Some((dgamma, dbeta)))
+        conv::backward(self.source, x, weight, &dz, Some((dgamma, dbeta)))
     }
 }
 
@@ -100,10 +103,39 @@ pub fn conv_bn_relu_train(
     beta: &Tensor,
     eps: f64,
 ) -> Result<(Tensor, BnStats)> {
+    train_of(Source::Input, x, weight, bias, gamma, beta, eps)
+}
+
+/// [`conv_bn_relu_train`] of `x` bilinearly up-sampled `factor` times
+/// (`align_corners = false`, as [`super::upsample_bilinear`]): `x [B, Cin, H,
+/// W]` → `[B, Cout, H·factor, W·factor]`, the convolution and its gradients
+/// computed at `x`'s resolution (see `fast/upsampled.rs`).
+pub fn upsampled_conv_bn_relu_train(
+    x: &Tensor,
+    factor: usize,
+    weight: &Tensor,
+    bias: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, BnStats)> {
+    train_of(Source::upsampled(factor)?, x, weight, bias, gamma, beta, eps)
+}
+
+fn train_of(
+    source: Source,
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, BnStats)> {
     conv::check_shapes(x, weight)?;
     let packed = conv::pack_channels(weight.dim(0)?, [("bias", bias), ("gamma", gamma), ("beta", beta)])?;
     let saved = Arc::new(Mutex::new(None));
     let op = ConvBnReluTrain {
+        source,
         eps,
         saved: saved.clone(),
     };

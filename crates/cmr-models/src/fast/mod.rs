@@ -65,6 +65,7 @@ mod pool;
 mod tape;
 mod upconv;
 mod upsample;
+mod upsampled;
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
@@ -72,9 +73,9 @@ use candle_core::{CpuStorage, DType, Layout, Result, Storage, Tensor};
 
 pub use batched::{Batched, set_batched};
 pub use bn::{BnStats, bn_relu_eval, bn_relu_train};
-pub use conv::{conv2d, conv2d_affine_relu, conv2d_relu};
+pub use conv::{conv2d, conv2d_affine_relu, conv2d_relu, upsampled_conv2d_affine_relu};
 pub use direct::set_direct;
-pub use fused::conv_bn_relu_train;
+pub use fused::{conv_bn_relu_train, upsampled_conv_bn_relu_train};
 pub use pool::{Argmax, max_pool, max_pool_with_argmax, max_unpool};
 pub use tape::{Tape, cat, forward_backward, record};
 pub use upconv::upconv2x2;

@@ -11,15 +11,15 @@ use super::{output_buffer, slice, with_data};
 
 /// For each output index along one axis: the two input indices it reads and
 /// the weight of the second.
-struct Taps {
-    lo: Vec<usize>,
-    hi: Vec<usize>,
-    lambda: Vec<f32>,
+pub(super) struct Taps {
+    pub(super) lo: Vec<usize>,
+    pub(super) hi: Vec<usize>,
+    pub(super) lambda: Vec<f32>,
 }
 
 /// The taps of `n` inputs up-sampled `factor` times, by the formula of
 /// [`crate::ops::bilinear_matrix`].
-fn taps(n: usize, factor: usize) -> Taps {
+pub(super) fn taps(n: usize, factor: usize) -> Taps {
     let m = n * factor;
     let mut t = Taps {
         lo: Vec::with_capacity(m),
