@@ -202,9 +202,10 @@ impl ConvBnRelu {
     /// [`ModuleT::forward_t`] of `xs` bilinearly up-sampled `factor` times
     /// (`align_corners = false`): `[B, in, H, W] -> [B, out, H·factor,
     /// W·factor]`. On the fast path the convolution runs at `xs`'s resolution
-    /// and the up-sampled input is never made (`fast::upsampled_conv2d_affine_relu`).
+    /// and the up-sampled input is never made (`fast::upsampled_conv2d_affine_relu`;
+    /// `CMR_UPSAMPLED=0` turns that off).
     pub fn forward_upsampled(&self, xs: &Tensor, factor: usize, train: bool) -> Result<Tensor> {
-        if factor > 1 && fast::applies(xs) {
+        if factor > 1 && fast::applies(xs) && fast::upsampled::enabled() {
             let conv = &self.conv;
             if !train {
                 let (scale, shift) = self.bn.folded()?;

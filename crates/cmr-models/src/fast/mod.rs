@@ -65,7 +65,7 @@ mod pool;
 mod tape;
 mod upconv;
 mod upsample;
-mod upsampled;
+pub(crate) mod upsampled;
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
@@ -80,6 +80,7 @@ pub use pool::{Argmax, max_pool, max_pool_with_argmax, max_unpool};
 pub use tape::{Tape, cat, forward_backward, record};
 pub use upconv::upconv2x2;
 pub use upsample::upsample_bilinear;
+pub use upsampled::set_upsampled;
 
 /// 0: not yet read from the environment, 1: on, 2: off.
 static STATE: AtomicU8 = AtomicU8::new(0);

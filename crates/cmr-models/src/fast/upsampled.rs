@@ -27,12 +27,38 @@
 //! The results equal the convolution of the up-sampled input up to rounding
 //! (the sums are taken in another order).
 
+use std::sync::atomic::{AtomicU8, Ordering};
+
 use rayon::prelude::*;
 
 use super::conv::{Epilogue, View, matmul, rows};
 use super::upsample::{Taps, taps};
 use super::{block_sum, output_buffer, threads};
 use gemm::Parallelism;
+
+/// 0: not yet decided, 1: on, 2: off.
+static ON: AtomicU8 = AtomicU8::new(0);
+
+/// Whether up-sampled inputs are convolved at their own resolution: on
+/// unless `CMR_UPSAMPLED=0` (or [`set_upsampled`]) turned it off; off, they
+/// are up-sampled and convolved as they are.
+pub(crate) fn enabled() -> bool {
+    match ON.load(Ordering::Relaxed) {
+        1 => true,
+        2 => false,
+        _ => {
+            let on = std::env::var("CMR_UPSAMPLED").map_or(true, |v| v != "0");
+            ON.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+            on
+        }
+    }
+}
+
+/// Convolve up-sampled inputs at their own resolution (`true`, the
+/// default) or up-sample them first (`false`; for comparison).
+pub fn set_upsampled(on: bool) {
+    ON.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+}
 
 /// The shape of one call: `b` images `[cin, h, w]` up-sampled `f` times,
 /// convolved by a `k × k` kernel to `cout` channels `[h·f, w·f]`.
