@@ -14,7 +14,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::{batched, block_sum, direct, output_buffer, slice, threads, upsampled, with_data};
+use super::{batched, block_sum, direct, output_buffer, slice, threads, upsampled, winograd, with_data};
 
 /// Each thread's work buffers, kept between calls: fresh buffers of tens of
 /// MB per image would cost page faults on every call.
@@ -276,6 +276,10 @@ pub(super) fn conv_forward(
     let hw = h * w;
     let kk = cin * k * k;
     let bias = epi.bias;
+    if winograd::applies(b, cin, h, w, cout, k) {
+        winograd::forward(x, weight, (b, cin, h, w, cout), epi, out);
+        return;
+    }
     if b > 1 && batched::applies(cin, h, w, cout, k) {
         batched::forward(x, weight, (b, cin, h, w, cout, k), epi, out);
         return;

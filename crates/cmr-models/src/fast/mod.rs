@@ -66,6 +66,7 @@ mod tape;
 mod upconv;
 mod upsample;
 pub(crate) mod upsampled;
+mod winograd;
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
@@ -81,6 +82,7 @@ pub use tape::{Tape, cat, forward_backward, record};
 pub use upconv::upconv2x2;
 pub use upsample::upsample_bilinear;
 pub use upsampled::set_upsampled;
+pub use winograd::set_winograd;
 
 /// 0: not yet read from the environment, 1: on, 2: off.
 static STATE: AtomicU8 = AtomicU8::new(0);

@@ -1,0 +1,426 @@
+//! 3×3 convolution by Winograd's minimal filtering, F(2×2, 3×3), for small
+//! images.
+//!
+//! Each 2×2 block of outputs is `Aᵀ [(G g Gᵀ) ⊙ (Bᵀ d B)] A`, `d` the 4×4
+//! input patch around it and `g` the 3×3 kernel: 16 products per input and
+//! output channel instead of the 36 that the four outputs take directly.
+//! Over the channels the products are sums, so the layer is 16 GEMMs,
+//! `M[ξ] = U[ξ] · V[ξ]` with `U[ξ] [cout, cin]` the transformed kernels and
+//! `V[ξ] [cin, tiles]` the transformed patches (`ξ` one of the 4×4
+//! positions), between an input and an output transform that are additions
+//! only. The arithmetic falls by 16/36; the transforms cost a pass over the
+//! input and one over the output, 4× the size of each.
+//!
+//! It runs for images under 32×32 (where the direct kernel does not) with
+//! many channels ([`applies`]); `CMR_WINOGRAD=0` or [`set_winograd`] turns
+//! it off. The results equal the
+//! direct sum's to rounding (the transforms add and subtract values of the
+//! input's magnitude, so the error is a few units in the last place of the
+//! largest of them).
+
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use super::conv::{Epilogue, matmul, rows};
+use super::output_buffer;
+
+/// 0: not yet decided, 1: on, 2: off.
+static ON: AtomicU8 = AtomicU8::new(0);
+
+fn enabled() -> bool {
+    match ON.load(Ordering::Relaxed) {
+        1 => true,
+        2 => false,
+        _ => {
+            let on = std::env::var("CMR_WINOGRAD").map_or(true, |v| v != "0");
+            ON.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+            on
+        }
+    }
+}
+
+/// Convolve small images by Winograd's F(2×2, 3×3) (`true`, the default)
+/// or by im2col and one GEMM (`false`; for comparison).
+pub fn set_winograd(on: bool) {
+    ON.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+}
+
+/// Tiles (2×2 output blocks) per GEMM: the transformed patches of a chunk
+/// of images, `16·cin·TILES` values, stay within a few MB.
+const TILES: usize = 1152;
+
+/// Whether a `k × k` convolution of `b` images `[cin, h, w]` to `cout`
+/// channels runs here: 3×3 kernels on images under 32×32 (from 4×4 up), with
+/// enough channels and tiles for the GEMMs' savings to pay for the
+/// transforms. Measured layer by layer (forward, two threads, against im2col
+/// and one GEMM): 512 → 512 at 12×12 0.74× at batch 8, 0.85× at 4, 1.21× at 1
+/// (36 tiles: the weight transform, 1.8× the weights' size, costs more than
+/// the GEMMs save); 256 → 256 at 24×24 0.74–0.78× at batch 1 to 8; 128 → 128
+/// at 24×24 1.06×, 64 → 64 1.35×.
+pub(super) fn applies(b: usize, cin: usize, h: usize, w: usize, cout: usize, k: usize) -> bool {
+    k == 3
+        && h >= 4
+        && w >= 4
+        && h * w < super::conv::SHIFTED_MIN_PIXELS
+        && cin * cout >= MIN_WEIGHTS
+        && b * h.div_ceil(2) * w.div_ceil(2) >= MIN_TILES
+        && enabled()
+}
+
+/// The fewest `cin·cout` that [`applies`] takes.
+const MIN_WEIGHTS: usize = 256 * 256;
+/// The fewest 2×2 output tiles (over the batch) that [`applies`] takes.
+const MIN_TILES: usize = 128;
+
+/// `weight [cout, cin, 3, 3]` transformed: `U [16, cout, cin]`, `G g Gᵀ` of
+/// each kernel with `G = [[1, 0, 0], [½, ½, ½], [½, −½, ½], [0, 0, 1]]`;
+/// output channels on the threads.
+fn transform_weights(weight: &[f32], cout: usize, cin: usize) -> Vec<f32> {
+    let n = cout * cin;
+    // SAFETY: every (ξ, co, ci) value is written below.
+    let mut u = unsafe { output_buffer(16 * n) };
+    let up = SendPtr(u.as_mut_ptr());
+    weight.par_chunks(cin * 9).enumerate().for_each_init(
+        || vec![0f32; 16 * cin],
+        |tmp, (co, kernels)| {
+            for (ci, g) in kernels.chunks_exact(9).enumerate() {
+                kernel_transform(g, tmp, ci, cin);
+            }
+            for (xi, row) in tmp.chunks(cin).enumerate() {
+                // SAFETY: this job alone writes row `co` of U[ξ]:
+                // `(ξ·cout + co)·cin + cin ≤ 16·n`.
+                unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), up.get().add((xi * cout + co) * cin), cin) };
+            }
+        },
+    );
+    u
+}
+
+/// `G g Gᵀ` of one 3×3 kernel `g`, value `ξ` to `out[ξ·stride + at]`.
+fn kernel_transform(g: &[f32], out: &mut [f32], at: usize, stride: usize) {
+    // G g: 4 rows of 3
+    let mut gg = [[0f32; 3]; 4];
+    for c in 0..3 {
+        let (a, b, d) = (g[c], g[3 + c], g[6 + c]);
+        gg[0][c] = a;
+        gg[1][c] = 0.5 * (a + b + d);
+        gg[2][c] = 0.5 * (a - b + d);
+        gg[3][c] = d;
+    }
+    for (r, row) in gg.iter().enumerate() {
+        let (a, b, d) = (row[0], row[1], row[2]);
+        let vals = [a, 0.5 * (a + b + d), 0.5 * (a - b + d), d];
+        for (c, v) in vals.into_iter().enumerate() {
+            out[(r * 4 + c) * stride + at] = v;
+        }
+    }
+}
+
+simd_fn! {
+    /// One channel's patches of one row of tiles, `Bᵀ d B` with `Bᵀ = [[1, 0,
+    /// −1, 0], [0, 1, 1, 0], [0, −1, 1, 0], [0, 1, 0, −1]]`: `rows` are the
+    /// four input rows the tiles cover, zero-padded by one column on the left
+    /// and enough on the right (`2·tw + 2` values each); tile `tx`'s value at
+    /// position `ξ` goes to `v[ξ·stride + tx]`.
+    fn input_row(rows: [&[f32]; 4], tw: usize, e: &mut [f32], v: &mut [f32], stride: usize) {
+        let n = 2 * tw + 2;
+        // Bᵀ d: the four row combinations, over the whole row
+        let (e0, rest) = e.split_at_mut(n);
+        let (e1, rest) = rest.split_at_mut(n);
+        let (e2, e3) = rest.split_at_mut(n);
+        for x in 0..n {
+            let (d0, d1, d2, d3) = (rows[0][x], rows[1][x], rows[2][x], rows[3][x]);
+            e0[x] = d0 - d2;
+            e1[x] = d1 + d2;
+            e2[x] = d2 - d1;
+            e3[x] = d1 - d3;
+        }
+        // (·) B along each row, tile by tile
+        for (r, er) in [&*e0, &*e1, &*e2, &*e3].into_iter().enumerate() {
+            for tx in 0..tw {
+                let (a, b, c, d) = (er[2 * tx], er[2 * tx + 1], er[2 * tx + 2], er[2 * tx + 3]);
+                v[(r * 4) * stride + tx] = a - c;
+                v[(r * 4 + 1) * stride + tx] = b + c;
+                v[(r * 4 + 2) * stride + tx] = c - b;
+                v[(r * 4 + 3) * stride + tx] = b - d;
+            }
+        }
+    }
+
+    /// One output channel's row of tiles back to outputs, `Aᵀ m A` with `Aᵀ =
+    /// [[1, 1, 1, 0], [0, 1, −1, −1]]`: `m(ξ)` the tiles' values at position
+    /// `ξ`, the 2×2 results written to `out0` / `out1` (output rows `2ty`
+    /// and `2ty + 1`; `out1` empty past the image) at columns `2tx`, `2tx +
+    /// 1` up to the row's length, with the epilogue `(v + bias)·a + t`, then
+    /// ReLU.
+    // `tx` indexes the 16 rows of `m` at once
+    #[allow(clippy::needless_range_loop)]
+    fn output_row(m: [&[f32]; 16], tw: usize, out0: &mut [f32], out1: &mut [f32], epi: (f32, f32, f32, bool)) {
+        let (bias, a, t, relu) = epi;
+        let finish = |v: f32| {
+            let v = (v + bias) * a + t;
+            if relu { v.max(0.0) } else { v }
+        };
+        let w = out0.len();
+        for tx in 0..tw {
+            let g = |i: usize, j: usize| m[i * 4 + j][tx];
+            let mut s0 = [0f32; 4];
+            let mut s1 = [0f32; 4];
+            for j in 0..4 {
+                s0[j] = g(0, j) + g(1, j) + g(2, j);
+                s1[j] = g(1, j) - g(2, j) - g(3, j);
+            }
+            let y = [
+                [s0[0] + s0[1] + s0[2], s0[1] - s0[2] - s0[3]],
+                [s1[0] + s1[1] + s1[2], s1[1] - s1[2] - s1[3]],
+            ];
+            let x = 2 * tx;
+            out0[x] = finish(y[0][0]);
+            if x + 1 < w {
+                out0[x + 1] = finish(y[0][1]);
+            }
+            if !out1.is_empty() {
+                out1[x] = finish(y[1][0]);
+                if x + 1 < w {
+                    out1[x + 1] = finish(y[1][1]);
+                }
+            }
+        }
+    }
+}
+
+/// `x [b, cin, h, w]` convolved with `weight [cout, cin, 3, 3]` (padding 1)
+/// into `out [b, cout, h, w]`, `epi` applied.
+pub(super) fn forward(
+    x: &[f32],
+    weight: &[f32],
+    (b, cin, h, w, cout): (usize, usize, usize, usize, usize),
+    epi: Epilogue,
+    out: &mut [f32],
+) {
+    let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
+    let per_image = th * tw;
+    let u = transform_weights(weight, cout, cin);
+    let images = (TILES / per_image).max(1);
+    // padded rows: one zero column on the left, the rest on the right
+    let wp = 2 * tw + 2;
+    for first in (0..b).step_by(images) {
+        let r = images.min(b - first);
+        let t = r * per_image;
+        // V [16, cin, t]
+        // SAFETY: `input_row` writes every (ξ, channel, tile) value.
+        let mut v = unsafe { output_buffer(16 * cin * t) };
+        {
+            // one task per (image, channel): its tiles are columns
+            // `i·per_image ..` of its channel's rows in every V[ξ]
+            let vp = SendPtr(v.as_mut_ptr());
+            (0..r * cin).into_par_iter().for_each_init(
+                || (vec![0f32; 4 * wp], vec![0f32; 4 * wp], vec![0f32; 16 * tw]),
+                |(padded, e, tile_row), job| {
+                    let (i, ci) = (job / cin, job % cin);
+                    let plane = &x[((first + i) * cin + ci) * h * w..][..h * w];
+                    for ty in 0..th {
+                        // input rows 2ty − 1 .. 2ty + 3
+                        for (k, row) in padded.chunks_mut(wp).enumerate() {
+                            row.fill(0.0);
+                            if let Some(y) = (2 * ty + k).checked_sub(1).filter(|&y| y < h) {
+                                row[1..=w].copy_from_slice(&plane[y * w..][..w]);
+                            }
+                        }
+                        let rows: [&[f32]; 4] = [
+                            &padded[..wp],
+                            &padded[wp..2 * wp],
+                            &padded[2 * wp..3 * wp],
+                            &padded[3 * wp..],
+                        ];
+                        input_row(rows, tw, e, tile_row, tw);
+                        let col = i * per_image + ty * tw;
+                        for (xi, vals) in tile_row.chunks(tw).enumerate() {
+                            // SAFETY: this job alone writes columns `col ..
+                            // col + tw` of row `ci` of V[ξ]; `(ξ·cin + ci)·t
+                            // + col + tw ≤ 16·cin·t`, inside `v`.
+                            unsafe {
+                                let dst = vp.get().add((xi * cin + ci) * t + col);
+                                std::ptr::copy_nonoverlapping(vals.as_ptr(), dst, tw);
+                            }
+                        }
+                    }
+                },
+            );
+        }
+        // M[ξ] = U[ξ] · V[ξ]: [cout, cin] × [cin, t], the 16 products on the threads
+        // SAFETY: every M[ξ] is written by its GEMM (no accumulation).
+        let mut m = unsafe { output_buffer(16 * cout * t) };
+        m.par_chunks_mut(cout * t)
+            .zip(u.par_chunks(cout * cin).zip(v.par_chunks(cin * t)))
+            .for_each(|(mx, (ux, vx))| {
+                matmul(
+                    mx,
+                    t,
+                    1,
+                    false,
+                    rows(ux, cin),
+                    rows(vx, t),
+                    (cout, t, cin),
+                    Parallelism::None,
+                );
+            });
+        // outputs, one task per (image, output channel)
+        let hw = h * w;
+        out[first * cout * hw..(first + r) * cout * hw]
+            .par_chunks_mut(hw)
+            .enumerate()
+            .for_each(|(job, plane)| {
+                let (i, co) = (job / cout, job % cout);
+                let e = (
+                    epi.bias.map_or(0.0, |b| b[co]),
+                    epi.affine.map_or(1.0, |(a, _)| a[co]),
+                    epi.affine.map_or(0.0, |(_, s)| s[co]),
+                    epi.relu,
+                );
+                for ty in 0..th {
+                    let col = i * per_image + ty * tw;
+                    let mrows: [&[f32]; 16] = std::array::from_fn(|xi| &m[(xi * cout + co) * t + col..][..tw]);
+                    let (top, bottom) = plane[2 * ty * w..].split_at_mut(w);
+                    let bottom = if 2 * ty + 1 < h {
+                        &mut bottom[..w]
+                    } else {
+                        &mut bottom[..0]
+                    };
+                    output_row(mrows, tw, top, bottom, e);
+                }
+            });
+    }
+}
+
+/// A raw pointer the jobs of [`forward`] share (each writes its own values).
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: see `forward`: the jobs write disjoint elements.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+impl SendPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor, Var};
+
+    use super::*;
+    use crate::testing::{FiniteDiff, assert_gradient, fixed_values, max_rel, narrow, widen};
+
+    /// candle's conv2d (padding 1) + bias.
+    fn reference(x: &Tensor, w: &Tensor, b: &Tensor) -> Tensor {
+        x.conv2d(w, 1, 1, 1, 1)
+            .unwrap()
+            .broadcast_add(&b.reshape((1, (), 1, 1)).unwrap())
+            .unwrap()
+    }
+
+    fn data(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    }
+
+    /// [`forward`] itself (whatever [`applies`] says) against candle: odd and
+    /// even sizes, the smallest image, several chunks of images, each
+    /// epilogue.
+    #[test]
+    fn forward_matches_candle() {
+        let dev = Device::Cpu;
+        for &(b, cin, cout, h, w) in &[
+            (1, 3, 5, 4, 4),
+            (2, 4, 3, 5, 7),
+            (3, 2, 2, 6, 9),
+            (1, 1, 1, 4, 5),
+            // 225 tiles per image: chunks of 5 images, the last one of 2
+            (7, 3, 4, 30, 30),
+        ] {
+            let shape = (b, cin, cout, h, w);
+            let x = Tensor::randn(0f32, 1.0, (b, cin, h, w), &dev).unwrap();
+            let wt = Tensor::randn(0f32, 0.5, (cout, cin, 3, 3), &dev).unwrap();
+            let bias = Tensor::randn(0f32, 0.5, cout, &dev).unwrap();
+            let scale = Tensor::randn(1f32, 0.3, cout, &dev).unwrap();
+            let shift = Tensor::randn(0f32, 0.3, cout, &dev).unwrap();
+            let z = reference(&x, &wt, &bias);
+            let (bv, sv, tv) = (data(&bias), data(&scale), data(&shift));
+            for (name, epi, expected) in [
+                (
+                    "plain",
+                    Epilogue::default(),
+                    (&z - bias.reshape((1, (), 1, 1)).unwrap().broadcast_as(z.shape()).unwrap()).unwrap(),
+                ),
+                ("bias", Epilogue::bias(&bv), z.clone()),
+                (
+                    "affine relu",
+                    Epilogue {
+                        bias: Some(&bv),
+                        affine: Some((&sv, &tv)),
+                        relu: true,
+                    },
+                    z.broadcast_mul(&scale.reshape((1, (), 1, 1)).unwrap())
+                        .unwrap()
+                        .broadcast_add(&shift.reshape((1, (), 1, 1)).unwrap())
+                        .unwrap()
+                        .relu()
+                        .unwrap(),
+                ),
+            ] {
+                // NaN-filled (`output_buffer` in tests): a value not written fails
+                let mut out = unsafe { output_buffer(b * cout * h * w) };
+                forward(&data(&x), &data(&wt), (b, cin, h, w, cout), epi, &mut out);
+                let got = Tensor::from_vec(out, (b, cout, h, w), &dev).unwrap();
+                let e = max_rel(&got, &expected);
+                assert!(e < 1e-5, "{shape:?} {name}: {e}");
+            }
+        }
+    }
+
+    /// Through the convolution op at a shape where it applies: values and
+    /// the three gradients against candle (the input gradient is the same
+    /// convolution of the output gradient, so it runs here too), and central
+    /// differences at sampled coordinates.
+    #[test]
+    fn convolution_op_matches_candle_and_finite_differences() {
+        let dev = Device::Cpu;
+        let (b, cin, cout, h, w) = (2, 256, 256, 16, 16);
+        assert!(applies(b, cin, h, w, cout, 3));
+        let x0 = fixed_values(b * cin * h * w, 1);
+        let w0: Vec<f32> = fixed_values(cout * cin * 9, 2).into_iter().map(|v| v * 0.05).collect();
+        let b0 = fixed_values(cout, 3);
+        let probe = Tensor::from_vec(fixed_values(b * cout * h * w, 4), (b, cout, h, w), &dev).unwrap();
+        let x = Var::from_tensor(&Tensor::from_slice(&x0, (b, cin, h, w), &dev).unwrap()).unwrap();
+        let wt = Var::from_tensor(&Tensor::from_slice(&w0, (cout, cin, 3, 3), &dev).unwrap()).unwrap();
+        let bias = Var::from_tensor(&Tensor::from_slice(&b0, cout, &dev).unwrap()).unwrap();
+        let fast = crate::fast::conv2d(&x, &wt, &bias).unwrap();
+        let slow = reference(&x, &wt, &bias);
+        assert!(max_rel(&fast, &slow) < 1e-5, "forward {}", max_rel(&fast, &slow));
+        let gf = (&fast * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let gs = (&slow * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        for (name, v) in [("x", &x), ("w", &wt), ("b", &bias)] {
+            let e = max_rel(gf.get(v.as_tensor()).unwrap(), gs.get(v.as_tensor()).unwrap());
+            assert!(e < 1e-4, "d{name}: {e}");
+        }
+        let value = |xv: &[f32], wv: &[f32]| -> f64 {
+            let xt = Tensor::from_slice(xv, (b, cin, h, w), &dev).unwrap();
+            let wt = Tensor::from_slice(wv, (cout, cin, 3, 3), &dev).unwrap();
+            let y = crate::fast::conv2d(&xt, &wt, bias.as_tensor()).unwrap();
+            f64::from((y * &probe).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap())
+        };
+        let grad = |v: &Var| widen(&data(gf.get(v.as_tensor()).unwrap()));
+        // linear in each argument: a large step, no truncation error
+        let check = FiniteDiff {
+            eps: 0.5,
+            tol: 2e-3,
+            floor: 1.0,
+        };
+        let xs = (0..x0.len()).step_by(4099);
+        let ws = (0..w0.len()).step_by(30011);
+        assert_gradient("dx", |v| value(&narrow(v), &w0), &widen(&x0), &grad(&x), check, xs);
+        assert_gradient("dw", |v| value(&x0, &narrow(v)), &widen(&w0), &grad(&wt), check, ws);
+    }
+}
