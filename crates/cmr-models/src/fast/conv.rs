@@ -940,7 +940,13 @@ pub(super) fn backward(
     } else {
         None
     };
-    let (dw, db) = with_data(x, |xs| conv_weight_grad(xs, g, b, cin, h, w, cout, k))?;
+    let (dw, db) = with_data(x, |xs| {
+        if winograd::applies(b, cin, h, w, cout, k) {
+            winograd::weight_grad(xs, g, (b, cin, h, w, cout))
+        } else {
+            conv_weight_grad(xs, g, b, cin, h, w, cout, k)
+        }
+    })?;
     Ok((
         dx,
         Some(Tensor::from_vec(dw, (cout, cin, k, k), dev)?),

@@ -52,17 +52,18 @@ pub fn set_winograd(on: bool) {
 const TILES: usize = 1152;
 
 /// Whether a `k × k` convolution of `b` images `[cin, h, w]` to `cout`
-/// channels runs here: 3×3 kernels on images under 32×32 (from 4×4 up), with
+/// channels runs here: 3×3 kernels on images under 32×32 (from 8×8 up), with
 /// enough channels and tiles for the GEMMs' savings to pay for the
 /// transforms. Measured layer by layer (forward, two threads, against im2col
 /// and one GEMM): 512 → 512 at 12×12 0.74× at batch 8, 0.85× at 4, 1.21× at 1
 /// (36 tiles: the weight transform, 1.8× the weights' size, costs more than
 /// the GEMMs save); 256 → 256 at 24×24 0.74–0.78× at batch 1 to 8; 128 → 128
-/// at 24×24 1.06×, 64 → 64 1.35×.
+/// at 24×24 1.06×, 64 → 64 1.35×; 512 → 512 at 6×6 and batch 20 1.01× (the
+/// batch-wide GEMMs of `batched.rs` run those).
 pub(super) fn applies(b: usize, cin: usize, h: usize, w: usize, cout: usize, k: usize) -> bool {
     k == 3
-        && h >= 4
-        && w >= 4
+        && h >= 8
+        && w >= 8
         && h * w < super::conv::SHIFTED_MIN_PIXELS
         && cin * cout >= MIN_WEIGHTS
         && b * h.div_ceil(2) * w.div_ceil(2) >= MIN_TILES
@@ -149,6 +150,28 @@ simd_fn! {
         }
     }
 
+    /// One output channel's row of output-gradient tiles transformed, `A dY
+    /// Aᵀ` of each 2×2 block (`top` and `bottom` rows, `bottom` `None` past
+    /// the image; columns past the row are zero): tile `tx`'s value at `ξ` to
+    /// `out[ξ·tw + tx]`.
+    fn gradient_row(top: &[f32], bottom: Option<&[f32]>, tw: usize, out: &mut [f32]) {
+        let w = top.len();
+        let at = |row: &[f32], x: usize| if x < w { row[x] } else { 0.0 };
+        for tx in 0..tw {
+            let x = 2 * tx;
+            let (p, q) = (at(top, x), at(top, x + 1));
+            let (r, s) = bottom.map_or((0.0, 0.0), |b| (at(b, x), at(b, x + 1)));
+            // A dY (A = [[1, 0], [1, 1], [1, −1], [0, −1]]): 4 rows of 2
+            let rows = [[p, q], [p + r, q + s], [p - r, q - s], [-r, -s]];
+            for (i, [u, v]) in rows.into_iter().enumerate() {
+                let vals = [u, u + v, u - v, -v];
+                for (j, val) in vals.into_iter().enumerate() {
+                    out[(i * 4 + j) * tw + tx] = val;
+                }
+            }
+        }
+    }
+
     /// One output channel's row of tiles back to outputs, `Aᵀ m A` with `Aᵀ =
     /// [[1, 1, 1, 0], [0, 1, −1, −1]]`: `m(ξ)` the tiles' values at position
     /// `ξ`, the 2×2 results written to `out0` / `out1` (output rows `2ty`
@@ -191,6 +214,154 @@ simd_fn! {
     }
 }
 
+/// The transformed input patches of images `first .. first + r` of `x [b,
+/// cin, h, w]`: `V [16, cin, r·tiles]`, `Bᵀ d B` of each 4×4 patch, tiles
+/// image by image, row by row; one task per (image, channel).
+fn transform_input(x: &[f32], (cin, h, w): (usize, usize, usize), first: usize, r: usize) -> Vec<f32> {
+    let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
+    let per_image = th * tw;
+    let t = r * per_image;
+    // padded rows: one zero column on the left, the rest on the right
+    let wp = 2 * tw + 2;
+    // SAFETY: every (ξ, channel, tile) value is written below.
+    let mut v = unsafe { output_buffer(16 * cin * t) };
+    let vp = SendPtr(v.as_mut_ptr());
+    (0..r * cin).into_par_iter().for_each_init(
+        || (vec![0f32; 4 * wp], vec![0f32; 4 * wp], vec![0f32; 16 * tw]),
+        |(padded, e, tile_row), job| {
+            let (i, ci) = (job / cin, job % cin);
+            let plane = &x[((first + i) * cin + ci) * h * w..][..h * w];
+            for ty in 0..th {
+                // input rows 2ty − 1 .. 2ty + 3
+                for (k, row) in padded.chunks_mut(wp).enumerate() {
+                    row.fill(0.0);
+                    if let Some(y) = (2 * ty + k).checked_sub(1).filter(|&y| y < h) {
+                        row[1..=w].copy_from_slice(&plane[y * w..][..w]);
+                    }
+                }
+                let rows: [&[f32]; 4] = [
+                    &padded[..wp],
+                    &padded[wp..2 * wp],
+                    &padded[2 * wp..3 * wp],
+                    &padded[3 * wp..],
+                ];
+                input_row(rows, tw, e, tile_row, tw);
+                let col = i * per_image + ty * tw;
+                for (xi, vals) in tile_row.chunks(tw).enumerate() {
+                    // SAFETY: this job alone writes columns `col .. col + tw`
+                    // of row `ci` of V[ξ]; `(ξ·cin + ci)·t + col + tw ≤
+                    // 16·cin·t`, inside `v`.
+                    unsafe {
+                        let dst = vp.get().add((xi * cin + ci) * t + col);
+                        std::ptr::copy_nonoverlapping(vals.as_ptr(), dst, tw);
+                    }
+                }
+            }
+        },
+    );
+    v
+}
+
+/// The weight and bias gradients of the convolution (`[cout, cin, 3, 3]`,
+/// `[cout]`) given the output gradient `dy [b, cout, h, w]`: the adjoint of
+/// [`forward`]. Each 2×2 block of `dy` becomes `A dY Aᵀ` (4×4), the 16 GEMMs
+/// `dU[ξ] = dM[ξ] · V[ξ]ᵀ` (`[cout, tiles] × [tiles, cin]`) sum over the
+/// tiles, and each kernel's gradient is `Gᵀ dU G`.
+pub(super) fn weight_grad(
+    x: &[f32],
+    dy: &[f32],
+    (b, cin, h, w, cout): (usize, usize, usize, usize, usize),
+) -> (Vec<f32>, Vec<f32>) {
+    let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
+    let per_image = th * tw;
+    let images = (TILES / per_image).max(1);
+    let hw = h * w;
+    let db: Vec<f32> = (0..cout)
+        .into_par_iter()
+        .map(|co| {
+            (0..b)
+                .map(|i| super::block_sum(&dy[(i * cout + co) * hw..][..hw], |v| v))
+                .sum::<f64>() as f32
+        })
+        .collect();
+    // SAFETY: the first chunk's GEMMs write every value (no accumulation).
+    let mut du = unsafe { output_buffer(16 * cout * cin) };
+    for first in (0..b).step_by(images) {
+        let r = images.min(b - first);
+        let t = r * per_image;
+        let v = transform_input(x, (cin, h, w), first, r);
+        // dM [16, cout, t]
+        // SAFETY: every (ξ, channel, tile) value is written below.
+        let mut dm = unsafe { output_buffer(16 * cout * t) };
+        let dp = SendPtr(dm.as_mut_ptr());
+        (0..r * cout).into_par_iter().for_each_init(
+            || vec![0f32; 16 * tw],
+            |tile_row, job| {
+                let (i, co) = (job / cout, job % cout);
+                let plane = &dy[((first + i) * cout + co) * hw..][..hw];
+                for ty in 0..th {
+                    let top = &plane[2 * ty * w..][..w];
+                    let bottom = (2 * ty + 1 < h).then(|| &plane[(2 * ty + 1) * w..][..w]);
+                    gradient_row(top, bottom, tw, tile_row);
+                    let col = i * per_image + ty * tw;
+                    for (xi, vals) in tile_row.chunks(tw).enumerate() {
+                        // SAFETY: this job alone writes columns `col .. col
+                        // + tw` of row `co` of dM[ξ], inside `dm`.
+                        unsafe {
+                            let dst = dp.get().add((xi * cout + co) * t + col);
+                            std::ptr::copy_nonoverlapping(vals.as_ptr(), dst, tw);
+                        }
+                    }
+                }
+            },
+        );
+        // dU[ξ] (+)= dM[ξ] · V[ξ]ᵀ: [cout, t] × [t, cin]
+        let accumulate = first > 0;
+        du.par_chunks_mut(cout * cin)
+            .zip(dm.par_chunks(cout * t).zip(v.par_chunks(cin * t)))
+            .for_each(|(dux, (dmx, vx))| {
+                let vt = super::conv::View { data: vx, rs: 1, cs: t };
+                matmul(
+                    dux,
+                    cin,
+                    1,
+                    accumulate,
+                    rows(dmx, t),
+                    vt,
+                    (cout, cin, t),
+                    Parallelism::None,
+                );
+            });
+    }
+    // dW = Gᵀ dU G per kernel, output channels on the threads
+    let n = cout * cin;
+    let mut dw = vec![0f32; n * 9];
+    dw.par_chunks_mut(cin * 9).enumerate().for_each(|(co, block)| {
+        for (ci, g) in block.chunks_exact_mut(9).enumerate() {
+            let d = |xi: usize| du[xi * n + co * cin + ci];
+            kernel_gradient(d, g);
+        }
+    });
+    (dw, db)
+}
+
+/// `Gᵀ D G` (3×3) of the 4×4 matrix `D` (`d(ξ)`, row-major), into `g`: the
+/// adjoint of [`kernel_transform`].
+fn kernel_gradient(d: impl Fn(usize) -> f32, g: &mut [f32]) {
+    // Gᵀ D: 3 rows of 4; Gᵀ = [[1, ½, ½, 0], [0, ½, −½, 0], [0, ½, ½, 1]]
+    // column c of Gᵀ D
+    let cols: [[f32; 3]; 4] = std::array::from_fn(|c| {
+        let (a, b, e, f) = (d(c), d(4 + c), d(8 + c), d(12 + c));
+        [a + 0.5 * (b + e), 0.5 * (b - e), 0.5 * (b + e) + f]
+    });
+    for r in 0..3 {
+        let (a, b, e, f) = (cols[0][r], cols[1][r], cols[2][r], cols[3][r]);
+        g[r * 3] = a + 0.5 * (b + e);
+        g[r * 3 + 1] = 0.5 * (b - e);
+        g[r * 3 + 2] = 0.5 * (b + e) + f;
+    }
+}
+
 /// `x [b, cin, h, w]` convolved with `weight [cout, cin, 3, 3]` (padding 1)
 /// into `out [b, cout, h, w]`, `epi` applied.
 pub(super) fn forward(
@@ -204,52 +375,10 @@ pub(super) fn forward(
     let per_image = th * tw;
     let u = transform_weights(weight, cout, cin);
     let images = (TILES / per_image).max(1);
-    // padded rows: one zero column on the left, the rest on the right
-    let wp = 2 * tw + 2;
     for first in (0..b).step_by(images) {
         let r = images.min(b - first);
         let t = r * per_image;
-        // V [16, cin, t]
-        // SAFETY: `input_row` writes every (ξ, channel, tile) value.
-        let mut v = unsafe { output_buffer(16 * cin * t) };
-        {
-            // one task per (image, channel): its tiles are columns
-            // `i·per_image ..` of its channel's rows in every V[ξ]
-            let vp = SendPtr(v.as_mut_ptr());
-            (0..r * cin).into_par_iter().for_each_init(
-                || (vec![0f32; 4 * wp], vec![0f32; 4 * wp], vec![0f32; 16 * tw]),
-                |(padded, e, tile_row), job| {
-                    let (i, ci) = (job / cin, job % cin);
-                    let plane = &x[((first + i) * cin + ci) * h * w..][..h * w];
-                    for ty in 0..th {
-                        // input rows 2ty − 1 .. 2ty + 3
-                        for (k, row) in padded.chunks_mut(wp).enumerate() {
-                            row.fill(0.0);
-                            if let Some(y) = (2 * ty + k).checked_sub(1).filter(|&y| y < h) {
-                                row[1..=w].copy_from_slice(&plane[y * w..][..w]);
-                            }
-                        }
-                        let rows: [&[f32]; 4] = [
-                            &padded[..wp],
-                            &padded[wp..2 * wp],
-                            &padded[2 * wp..3 * wp],
-                            &padded[3 * wp..],
-                        ];
-                        input_row(rows, tw, e, tile_row, tw);
-                        let col = i * per_image + ty * tw;
-                        for (xi, vals) in tile_row.chunks(tw).enumerate() {
-                            // SAFETY: this job alone writes columns `col ..
-                            // col + tw` of row `ci` of V[ξ]; `(ξ·cin + ci)·t
-                            // + col + tw ≤ 16·cin·t`, inside `v`.
-                            unsafe {
-                                let dst = vp.get().add((xi * cin + ci) * t + col);
-                                std::ptr::copy_nonoverlapping(vals.as_ptr(), dst, tw);
-                            }
-                        }
-                    }
-                },
-            );
-        }
+        let v = transform_input(x, (cin, h, w), first, r);
         // M[ξ] = U[ξ] · V[ξ]: [cout, cin] × [cin, t], the 16 products on the threads
         // SAFETY: every M[ξ] is written by its GEMM (no accumulation).
         let mut m = unsafe { output_buffer(16 * cout * t) };
@@ -377,6 +506,39 @@ mod tests {
                 let e = max_rel(&got, &expected);
                 assert!(e < 1e-5, "{shape:?} {name}: {e}");
             }
+        }
+    }
+
+    /// [`weight_grad`] itself against candle's gradients of conv2d, on the
+    /// shapes of `forward_matches_candle` (several chunks in the last).
+    #[test]
+    fn weight_grad_matches_candle() {
+        let dev = Device::Cpu;
+        for &(b, cin, cout, h, w) in &[
+            (1, 3, 5, 4, 4),
+            (2, 4, 3, 5, 7),
+            (3, 2, 2, 6, 9),
+            (1, 1, 1, 4, 5),
+            (7, 3, 4, 30, 30),
+        ] {
+            let shape = (b, cin, cout, h, w);
+            let x = Tensor::randn(0f32, 1.0, (b, cin, h, w), &dev).unwrap();
+            let wt = Var::from_tensor(&Tensor::randn(0f32, 0.5, (cout, cin, 3, 3), &dev).unwrap()).unwrap();
+            let bias = Var::from_tensor(&Tensor::randn(0f32, 0.5, cout, &dev).unwrap()).unwrap();
+            let dy = Tensor::randn(0f32, 1.0, (b, cout, h, w), &dev).unwrap();
+            let g = (reference(&x, &wt, &bias) * &dy)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let (dw, db) = weight_grad(&data(&x), &data(&dy), (b, cin, h, w, cout));
+            let dw = Tensor::from_vec(dw, (cout, cin, 3, 3), &dev).unwrap();
+            let db = Tensor::from_vec(db, cout, &dev).unwrap();
+            let e = max_rel(&dw, g.get(wt.as_tensor()).unwrap());
+            assert!(e < 1e-5, "{shape:?} dw: {e}");
+            let e = max_rel(&db, g.get(bias.as_tensor()).unwrap());
+            assert!(e < 1e-5, "{shape:?} db: {e}");
         }
     }
 
