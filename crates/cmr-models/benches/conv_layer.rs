@@ -4,8 +4,9 @@
 //! of this machine hits all of them alike; the minimum over the rounds.
 //! This is what chose where the direct kernel runs (forward pass and input
 //! gradient; a direct weight-gradient kernel, tried, was slower than the
-//! GEMMs from 32 channels up and is not kept), and, in a second table at
-//! small images' shapes, where their backward pass runs batch-wide.
+//! GEMMs from 32 channels up and is not kept), in a second table at small
+//! images' shapes, where their backward pass runs batch-wide, and in a third
+//! what Winograd's F(2×2, 3×3) does for layers with many channels.
 //!
 //! `cargo bench -p cmr-models --bench conv_layer [-- --rounds N]` (one thread
 //! unless `RAYON_NUM_THREADS` says otherwise).
@@ -58,10 +59,27 @@ fn main() {
         (4, 512, 512, 6),
         (8, 1024, 1024, 6),
     ];
+    // (without Winograd, which would take some of these layers)
+    fast::set_winograd(false);
     table(&small, rounds, ["by image", "batch-wide"], |on| {
         fast::set_batched(if on { Batched::Always } else { Batched::Off })
     });
     fast::set_batched(Batched::Auto);
+    // Layers with many channels: im2col and one GEMM under 32×32, the
+    // direct kernel from there up, or Winograd's F(2×2, 3×3)
+    // (`fast/winograd.rs`), where it applies by default.
+    let winograd = [
+        (4, 512, 512, 12),
+        (8, 512, 512, 12),
+        (8, 256, 512, 12),
+        (4, 256, 256, 24),
+        (8, 256, 256, 24),
+        (4, 128, 128, 48),
+        (4, 256, 256, 48),
+        (1, 256, 256, 96),
+    ];
+    table(&winograd, rounds, ["im2col", "Winograd"], fast::set_winograd);
+    fast::set_winograd(true);
 }
 
 /// One line per shape: the layer's fwd+bwd time in each of two modes (`set`

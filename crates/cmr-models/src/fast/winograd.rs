@@ -1,5 +1,5 @@
-//! 3×3 convolution by Winograd's minimal filtering, F(2×2, 3×3), for small
-//! images.
+//! 3×3 convolution by Winograd's minimal filtering, F(2×2, 3×3), for layers
+//! with many channels.
 //!
 //! Each 2×2 block of outputs is `Aᵀ [(G g Gᵀ) ⊙ (Bᵀ d B)] A`, `d` the 4×4
 //! input patch around it and `g` the 3×3 kernel: 16 products per input and
@@ -11,9 +11,11 @@
 //! only. The arithmetic falls by 16/36; the transforms cost a pass over the
 //! input and one over the output, 4× the size of each.
 //!
-//! It runs for images under 32×32 (where the direct kernel does not) with
-//! many channels ([`applies`]); `CMR_WINOGRAD=0` or [`set_winograd`] turns
-//! it off. The results equal the
+//! It runs for 3×3 layers with many channels ([`applies`]), instead of
+//! im2col under 32×32 and of the direct kernel from there up;
+//! `CMR_WINOGRAD=0` or [`set_winograd`] turns it off. Large images go
+//! through in bands of tile rows, so that the transformed patches of one
+//! round stay a few MB. The results equal the
 //! direct sum's to rounding (the transforms add and subtract values of the
 //! input's magnitude, so the error is a few units in the last place of the
 //! largest of them).
@@ -41,8 +43,9 @@ fn enabled() -> bool {
     }
 }
 
-/// Convolve small images by Winograd's F(2×2, 3×3) (`true`, the default)
-/// or by im2col and one GEMM (`false`; for comparison).
+/// Convolve 3×3 layers with many channels by Winograd's F(2×2, 3×3)
+/// (`true`, the default) or by the direct kernel or GEMMs (`false`; for
+/// comparison).
 pub fn set_winograd(on: bool) {
     ON.store(if on { 1 } else { 2 }, Ordering::Relaxed);
 }
@@ -52,26 +55,33 @@ pub fn set_winograd(on: bool) {
 const TILES: usize = 1152;
 
 /// Whether a `k × k` convolution of `b` images `[cin, h, w]` to `cout`
-/// channels runs here: 3×3 kernels on images under 32×32 (from 8×8 up), with
-/// enough channels and tiles for the GEMMs' savings to pay for the
-/// transforms. Measured layer by layer (forward, two threads, against im2col
-/// and one GEMM): 512 → 512 at 12×12 0.74× at batch 8, 0.85× at 4, 1.21× at 1
-/// (36 tiles: the weight transform, 1.8× the weights' size, costs more than
-/// the GEMMs save); 256 → 256 at 24×24 0.74–0.78× at batch 1 to 8; 128 → 128
-/// at 24×24 1.06×, 64 → 64 1.35×; 512 → 512 at 6×6 and batch 20 1.01× (the
-/// batch-wide GEMMs of `batched.rs` run those).
+/// channels runs here: 3×3 kernels on images from 8×8 up with enough
+/// channels and tiles for the GEMMs' savings to pay for the transforms.
+/// Measured layer by layer (`benches/conv_layer.rs`'s third table and a
+/// scratch comparison, two threads), forward and forward+backward against
+/// the default otherwise:
+/// - under 32×32 (against im2col and one GEMM): 512 → 512 at 12×12 0.76–0.81×
+///   at batch 4 and 8, but 1.21× at batch 1 (36 tiles: transforming the
+///   weights, 1.8× their size, costs more than the GEMMs save); 256 → 256 at
+///   24×24 0.74–0.80×; 128 → 128 at 24×24 0.96–1.06×, 64 → 64 1.3×; at
+///   6×6 and batch 20 1.01× (the batch-wide GEMMs of `batched.rs` run those);
+/// - from 32×32 (against the direct kernel): 256 → 256 at 96×96 and 48×48
+///   0.64–0.73×, 256 → 128 at 48×48 0.71×, 128 → 128 0.77–0.87×, but 128 →
+///   64 0.91–1.14×, 64 → 128 1.02–1.04×, 64 → 64 1.1–1.3×.
 pub(super) fn applies(b: usize, cin: usize, h: usize, w: usize, cout: usize, k: usize) -> bool {
+    let min_weights = if h * w < super::conv::SHIFTED_MIN_PIXELS {
+        256 * 256
+    } else {
+        128 * 128
+    };
     k == 3
         && h >= 8
         && w >= 8
-        && h * w < super::conv::SHIFTED_MIN_PIXELS
-        && cin * cout >= MIN_WEIGHTS
+        && cin * cout >= min_weights
         && b * h.div_ceil(2) * w.div_ceil(2) >= MIN_TILES
         && enabled()
 }
 
-/// The fewest `cin·cout` that [`applies`] takes.
-const MIN_WEIGHTS: usize = 256 * 256;
 /// The fewest 2×2 output tiles (over the batch) that [`applies`] takes.
 const MIN_TILES: usize = 128;
 
@@ -214,13 +224,65 @@ simd_fn! {
     }
 }
 
-/// The transformed input patches of images `first .. first + r` of `x [b,
-/// cin, h, w]`: `V [16, cin, r·tiles]`, `Bᵀ d B` of each 4×4 patch, tiles
-/// image by image, row by row; one task per (image, channel).
-fn transform_input(x: &[f32], (cin, h, w): (usize, usize, usize), first: usize, r: usize) -> Vec<f32> {
-    let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
-    let per_image = th * tw;
-    let t = r * per_image;
+/// A piece of the batch that one round of the 16 GEMMs takes: tile rows
+/// `ty0 .. ty1` of images `first .. first + r` (whole images when several
+/// fit in [`TILES`], else bands of tile rows of one image).
+#[derive(Clone, Copy, Debug)]
+struct Chunk {
+    first: usize,
+    r: usize,
+    ty0: usize,
+    ty1: usize,
+}
+
+impl Chunk {
+    /// The chunks of `b` images of `th × tw` tiles, in order.
+    fn all(b: usize, th: usize, tw: usize) -> Vec<Chunk> {
+        let per_image = th * tw;
+        if per_image <= TILES {
+            let images = TILES / per_image;
+            (0..b)
+                .step_by(images)
+                .map(|first| Chunk {
+                    first,
+                    r: images.min(b - first),
+                    ty0: 0,
+                    ty1: th,
+                })
+                .collect()
+        } else {
+            let band = (TILES / tw).max(1);
+            (0..b)
+                .flat_map(|first| {
+                    (0..th).step_by(band).map(move |ty0| Chunk {
+                        first,
+                        r: 1,
+                        ty0,
+                        ty1: (ty0 + band).min(th),
+                    })
+                })
+                .collect()
+        }
+    }
+
+    /// Tiles in the chunk: the columns of its GEMMs.
+    fn tiles(&self, tw: usize) -> usize {
+        self.r * (self.ty1 - self.ty0) * tw
+    }
+
+    /// The column of the first tile of tile row `ty` of the chunk's image `i`.
+    fn col(&self, i: usize, ty: usize, tw: usize) -> usize {
+        (i * (self.ty1 - self.ty0) + ty - self.ty0) * tw
+    }
+}
+
+/// The transformed input patches of a chunk of `x [b, cin, h, w]`: `V [16,
+/// cin, tiles]`, `Bᵀ d B` of each 4×4 patch, tiles image by image, row by
+/// row ([`Chunk::col`]); one task per (image, channel).
+fn transform_input(x: &[f32], (cin, h, w): (usize, usize, usize), c: Chunk) -> Vec<f32> {
+    let tw = w.div_ceil(2);
+    let (first, r) = (c.first, c.r);
+    let t = c.tiles(tw);
     // padded rows: one zero column on the left, the rest on the right
     let wp = 2 * tw + 2;
     // SAFETY: every (ξ, channel, tile) value is written below.
@@ -231,7 +293,7 @@ fn transform_input(x: &[f32], (cin, h, w): (usize, usize, usize), first: usize, 
         |(padded, e, tile_row), job| {
             let (i, ci) = (job / cin, job % cin);
             let plane = &x[((first + i) * cin + ci) * h * w..][..h * w];
-            for ty in 0..th {
+            for ty in c.ty0..c.ty1 {
                 // input rows 2ty − 1 .. 2ty + 3
                 for (k, row) in padded.chunks_mut(wp).enumerate() {
                     row.fill(0.0);
@@ -246,7 +308,7 @@ fn transform_input(x: &[f32], (cin, h, w): (usize, usize, usize), first: usize, 
                     &padded[3 * wp..],
                 ];
                 input_row(rows, tw, e, tile_row, tw);
-                let col = i * per_image + ty * tw;
+                let col = c.col(i, ty, tw);
                 for (xi, vals) in tile_row.chunks(tw).enumerate() {
                     // SAFETY: this job alone writes columns `col .. col + tw`
                     // of row `ci` of V[ξ]; `(ξ·cin + ci)·t + col + tw ≤
@@ -273,8 +335,6 @@ pub(super) fn weight_grad(
     (b, cin, h, w, cout): (usize, usize, usize, usize, usize),
 ) -> (Vec<f32>, Vec<f32>) {
     let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
-    let per_image = th * tw;
-    let images = (TILES / per_image).max(1);
     let hw = h * w;
     let db: Vec<f32> = (0..cout)
         .into_par_iter()
@@ -286,10 +346,10 @@ pub(super) fn weight_grad(
         .collect();
     // SAFETY: the first chunk's GEMMs write every value (no accumulation).
     let mut du = unsafe { output_buffer(16 * cout * cin) };
-    for first in (0..b).step_by(images) {
-        let r = images.min(b - first);
-        let t = r * per_image;
-        let v = transform_input(x, (cin, h, w), first, r);
+    for (ci_, c) in Chunk::all(b, th, tw).into_iter().enumerate() {
+        let (first, r) = (c.first, c.r);
+        let t = c.tiles(tw);
+        let v = transform_input(x, (cin, h, w), c);
         // dM [16, cout, t]
         // SAFETY: every (ξ, channel, tile) value is written below.
         let mut dm = unsafe { output_buffer(16 * cout * t) };
@@ -299,11 +359,11 @@ pub(super) fn weight_grad(
             |tile_row, job| {
                 let (i, co) = (job / cout, job % cout);
                 let plane = &dy[((first + i) * cout + co) * hw..][..hw];
-                for ty in 0..th {
+                for ty in c.ty0..c.ty1 {
                     let top = &plane[2 * ty * w..][..w];
                     let bottom = (2 * ty + 1 < h).then(|| &plane[(2 * ty + 1) * w..][..w]);
                     gradient_row(top, bottom, tw, tile_row);
-                    let col = i * per_image + ty * tw;
+                    let col = c.col(i, ty, tw);
                     for (xi, vals) in tile_row.chunks(tw).enumerate() {
                         // SAFETY: this job alone writes columns `col .. col
                         // + tw` of row `co` of dM[ξ], inside `dm`.
@@ -316,7 +376,7 @@ pub(super) fn weight_grad(
             },
         );
         // dU[ξ] (+)= dM[ξ] · V[ξ]ᵀ: [cout, t] × [t, cin]
-        let accumulate = first > 0;
+        let accumulate = ci_ > 0;
         du.par_chunks_mut(cout * cin)
             .zip(dm.par_chunks(cout * t).zip(v.par_chunks(cin * t)))
             .for_each(|(dux, (dmx, vx))| {
@@ -372,13 +432,12 @@ pub(super) fn forward(
     out: &mut [f32],
 ) {
     let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
-    let per_image = th * tw;
     let u = transform_weights(weight, cout, cin);
-    let images = (TILES / per_image).max(1);
-    for first in (0..b).step_by(images) {
-        let r = images.min(b - first);
-        let t = r * per_image;
-        let v = transform_input(x, (cin, h, w), first, r);
+    let hw = h * w;
+    for c in Chunk::all(b, th, tw) {
+        let (first, r) = (c.first, c.r);
+        let t = c.tiles(tw);
+        let v = transform_input(x, (cin, h, w), c);
         // M[ξ] = U[ξ] · V[ξ]: [cout, cin] × [cin, t], the 16 products on the threads
         // SAFETY: every M[ξ] is written by its GEMM (no accumulation).
         let mut m = unsafe { output_buffer(16 * cout * t) };
@@ -396,12 +455,14 @@ pub(super) fn forward(
                     Parallelism::None,
                 );
             });
-        // outputs, one task per (image, output channel)
-        let hw = h * w;
+        // outputs, one task per (image, output channel): output rows 2·ty0
+        // .. 2·ty1 of each plane
+        let (y0, y1) = (2 * c.ty0, (2 * c.ty1).min(h));
         out[first * cout * hw..(first + r) * cout * hw]
             .par_chunks_mut(hw)
             .enumerate()
             .for_each(|(job, plane)| {
+                let plane = &mut plane[y0 * w..y1 * w];
                 let (i, co) = (job / cout, job % cout);
                 let e = (
                     epi.bias.map_or(0.0, |b| b[co]),
@@ -409,10 +470,10 @@ pub(super) fn forward(
                     epi.affine.map_or(0.0, |(_, s)| s[co]),
                     epi.relu,
                 );
-                for ty in 0..th {
-                    let col = i * per_image + ty * tw;
+                for ty in c.ty0..c.ty1 {
+                    let col = c.col(i, ty, tw);
                     let mrows: [&[f32]; 16] = std::array::from_fn(|xi| &m[(xi * cout + co) * t + col..][..tw]);
-                    let (top, bottom) = plane[2 * ty * w..].split_at_mut(w);
+                    let (top, bottom) = plane[(2 * ty - y0) * w..].split_at_mut(w);
                     let bottom = if 2 * ty + 1 < h {
                         &mut bottom[..w]
                     } else {
@@ -456,8 +517,8 @@ mod tests {
     }
 
     /// [`forward`] itself (whatever [`applies`] says) against candle: odd and
-    /// even sizes, the smallest image, several chunks of images, each
-    /// epilogue.
+    /// even sizes, the smallest image, several chunks of images, an image in
+    /// bands of tile rows, each epilogue.
     #[test]
     fn forward_matches_candle() {
         let dev = Device::Cpu;
@@ -468,6 +529,8 @@ mod tests {
             (1, 1, 1, 4, 5),
             // 225 tiles per image: chunks of 5 images, the last one of 2
             (7, 3, 4, 30, 30),
+            // 35 × 35 tiles per image: bands of 32 tile rows and of 3
+            (2, 2, 3, 69, 70),
         ] {
             let shape = (b, cin, cout, h, w);
             let x = Tensor::randn(0f32, 1.0, (b, cin, h, w), &dev).unwrap();
@@ -510,7 +573,7 @@ mod tests {
     }
 
     /// [`weight_grad`] itself against candle's gradients of conv2d, on the
-    /// shapes of `forward_matches_candle` (several chunks in the last).
+    /// shapes of `forward_matches_candle` (chunks of images, bands of rows).
     #[test]
     fn weight_grad_matches_candle() {
         let dev = Device::Cpu;
@@ -520,6 +583,7 @@ mod tests {
             (3, 2, 2, 6, 9),
             (1, 1, 1, 4, 5),
             (7, 3, 4, 30, 30),
+            (2, 2, 3, 69, 70),
         ] {
             let shape = (b, cin, cout, h, w);
             let x = Tensor::randn(0f32, 1.0, (b, cin, h, w), &dev).unwrap();
