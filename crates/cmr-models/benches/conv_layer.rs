@@ -78,7 +78,7 @@ fn main() {
         (4, 256, 256, 48),
         (1, 256, 256, 96),
     ];
-    table(&winograd, rounds, ["im2col", "Winograd"], fast::set_winograd);
+    table(&winograd, rounds, ["without", "Winograd"], fast::set_winograd);
     fast::set_winograd(true);
 }
 
