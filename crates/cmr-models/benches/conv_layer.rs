@@ -43,6 +43,9 @@ fn main() {
         "# conv layer fwd+bwd, {} thread(s), min of {rounds} alternating rounds (ms)",
         rayon::current_num_threads()
     );
+    // The first two tables without Winograd, which would take some of
+    // their layers (the third compares it).
+    fast::set_winograd(false);
     table(&shapes, rounds, ["GEMMs", "direct"], fast::set_direct);
     fast::set_direct(true);
     // Small images: the backward pass image by image or batch-wide
@@ -59,8 +62,6 @@ fn main() {
         (4, 512, 512, 6),
         (8, 1024, 1024, 6),
     ];
-    // (without Winograd, which would take some of these layers)
-    fast::set_winograd(false);
     table(&small, rounds, ["by image", "batch-wide"], |on| {
         fast::set_batched(if on { Batched::Always } else { Batched::Off })
     });

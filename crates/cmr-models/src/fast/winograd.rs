@@ -133,11 +133,13 @@ simd_fn! {
     /// One channel's patches of one row of tiles, `Bᵀ d B` with `Bᵀ = [[1, 0,
     /// −1, 0], [0, 1, 1, 0], [0, −1, 1, 0], [0, 1, 0, −1]]`: `rows` are the
     /// four input rows the tiles cover, zero-padded by one column on the left
-    /// and enough on the right (`2·tw + 2` values each); tile `tx`'s value at
-    /// position `ξ` goes to `v[ξ·stride + tx]`.
+    /// and enough on the right to `2·tw + 2` columns, each stored as its even
+    /// columns then its odd ones (`tw + 1` each), so that every step below
+    /// reads contiguous values; tile `tx`'s value at position `ξ` goes to
+    /// `v[ξ·stride + tx]`.
     fn input_row(rows: [&[f32]; 4], tw: usize, e: &mut [f32], v: &mut [f32], stride: usize) {
         let n = 2 * tw + 2;
-        // Bᵀ d: the four row combinations, over the whole row
+        // Bᵀ d: the four row combinations, over the whole (deinterleaved) row
         let (e0, rest) = e.split_at_mut(n);
         let (e1, rest) = rest.split_at_mut(n);
         let (e2, e3) = rest.split_at_mut(n);
@@ -148,14 +150,25 @@ simd_fn! {
             e2[x] = d2 - d1;
             e3[x] = d1 - d3;
         }
-        // (·) B along each row, tile by tile
+        // (·) B along each row: with a, b, c, d = columns 2tx .. 2tx + 3,
+        // a = even[tx], b = odd[tx], c = even[tx + 1], d = odd[tx + 1]
+        let h1 = tw + 1;
         for (r, er) in [&*e0, &*e1, &*e2, &*e3].into_iter().enumerate() {
-            for tx in 0..tw {
-                let (a, b, c, d) = (er[2 * tx], er[2 * tx + 1], er[2 * tx + 2], er[2 * tx + 3]);
-                v[(r * 4) * stride + tx] = a - c;
-                v[(r * 4 + 1) * stride + tx] = b + c;
-                v[(r * 4 + 2) * stride + tx] = c - b;
-                v[(r * 4 + 3) * stride + tx] = b - d;
+            let (ev, od) = er.split_at(h1);
+            let (a, c) = (&ev[..tw], &ev[1..=tw]);
+            let (b, d) = (&od[..tw], &od[1..=tw]);
+            let base = r * 4 * stride;
+            for (o, (&a, &c)) in v[base..][..tw].iter_mut().zip(a.iter().zip(c)) {
+                *o = a - c;
+            }
+            for (o, (&b, &c)) in v[base + stride..][..tw].iter_mut().zip(b.iter().zip(c)) {
+                *o = b + c;
+            }
+            for (o, (&b, &c)) in v[base + 2 * stride..][..tw].iter_mut().zip(b.iter().zip(c)) {
+                *o = c - b;
+            }
+            for (o, (&b, &d)) in v[base + 3 * stride..][..tw].iter_mut().zip(b.iter().zip(d)) {
+                *o = b - d;
             }
         }
     }
@@ -288,25 +301,37 @@ fn transform_input(x: &[f32], (cin, h, w): (usize, usize, usize), c: Chunk) -> V
     // SAFETY: every (ξ, channel, tile) value is written below.
     let mut v = unsafe { output_buffer(16 * cin * t) };
     let vp = SendPtr(v.as_mut_ptr());
+    // the band's input rows, 2·ty0 − 1 ..= 2·ty1, zero-padded
+    let band_rows = 2 * (c.ty1 - c.ty0) + 2;
     (0..r * cin).into_par_iter().for_each_init(
-        || (vec![0f32; 4 * wp], vec![0f32; 4 * wp], vec![0f32; 16 * tw]),
-        |(padded, e, tile_row), job| {
+        || (Vec::new(), vec![0f32; 4 * wp], vec![0f32; 16 * tw]),
+        |(padded, e, tile_row): &mut (Vec<f32>, Vec<f32>, Vec<f32>), job| {
             let (i, ci) = (job / cin, job % cin);
             let plane = &x[((first + i) * cin + ci) * h * w..][..h * w];
-            for ty in c.ty0..c.ty1 {
-                // input rows 2ty − 1 .. 2ty + 3
-                for (k, row) in padded.chunks_mut(wp).enumerate() {
-                    row.fill(0.0);
-                    if let Some(y) = (2 * ty + k).checked_sub(1).filter(|&y| y < h) {
-                        row[1..=w].copy_from_slice(&plane[y * w..][..w]);
+            // each input row copied once (the tiles' rows overlap by two)
+            padded.resize(band_rows * wp, 0.0);
+            // (stored as [even columns | odd columns], see `input_row`)
+            let half = tw + 1;
+            for (k, row) in padded.chunks_mut(wp).enumerate() {
+                row.fill(0.0);
+                if let Some(y) = (2 * c.ty0 + k).checked_sub(1).filter(|&y| y < h) {
+                    let (even, odd) = row.split_at_mut(half);
+                    // padded column x + 1 holds input column x: odd padded
+                    // columns the even input ones, even padded columns from
+                    // 2 on the odd input ones
+                    let src = &plane[y * w..][..w];
+                    for (o, &val) in odd.iter_mut().zip(src.iter().step_by(2)) {
+                        *o = val;
+                    }
+                    for (o, &val) in even[1..].iter_mut().zip(src.iter().skip(1).step_by(2)) {
+                        *o = val;
                     }
                 }
-                let rows: [&[f32]; 4] = [
-                    &padded[..wp],
-                    &padded[wp..2 * wp],
-                    &padded[2 * wp..3 * wp],
-                    &padded[3 * wp..],
-                ];
+            }
+            for ty in c.ty0..c.ty1 {
+                // input rows 2ty − 1 .. 2ty + 3
+                let k0 = 2 * (ty - c.ty0) * wp;
+                let rows: [&[f32]; 4] = std::array::from_fn(|k| &padded[k0 + k * wp..][..wp]);
                 input_row(rows, tw, e, tile_row, tw);
                 let col = c.col(i, ty, tw);
                 for (xi, vals) in tile_row.chunks(tw).enumerate() {
