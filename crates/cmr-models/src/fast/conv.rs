@@ -899,31 +899,31 @@ pub(super) fn backward(
         Some((a, b)) => Tensor::from_vec(db.into_iter().chain(a).chain(b).collect(), 3 * cout, dev),
         None => Tensor::from_vec(db, cout, dev),
     };
-    if let Source::Upsampled(f) = source {
-        let d = upsampled::Dims {
-            b,
-            cin,
-            h,
-            w,
-            cout,
-            k,
-            f,
-        };
-        let (dx, dw, db) = with_data(x, |xs| {
-            with_data(weight, |wt| upsampled::backward(xs, wt, g, d, x.track_op()))
-        })??;
-        let dx = dx.map(|dx| Tensor::from_vec(dx, (b, cin, h, w), dev)).transpose()?;
-        return Ok((
-            dx,
-            Some(Tensor::from_vec(dw, (cout, cin, k, k), dev)?),
-            Some(bias_grad(db)?),
-        ));
-    }
-    if batched::applies(cin, h, w, cout, k) {
-        let dims = (b, cin, h, w, cout, k);
-        let (dx, dw, db) = with_data(x, |xs| {
-            with_data(weight, |wt| batched::backward(xs, wt, g, dims, x.track_op()))
-        })??;
+    // The two paths that compute all three gradients in one go.
+    let together = match source {
+        Source::Upsampled(f) => {
+            let d = upsampled::Dims {
+                b,
+                cin,
+                h,
+                w,
+                cout,
+                k,
+                f,
+            };
+            Some(with_data(x, |xs| {
+                with_data(weight, |wt| upsampled::backward(xs, wt, g, d, x.track_op()))
+            })??)
+        }
+        Source::Input if batched::applies(cin, h, w, cout, k) => {
+            let dims = (b, cin, h, w, cout, k);
+            Some(with_data(x, |xs| {
+                with_data(weight, |wt| batched::backward(xs, wt, g, dims, x.track_op()))
+            })??)
+        }
+        Source::Input => None,
+    };
+    if let Some((dx, dw, db)) = together {
         let dx = dx.map(|dx| Tensor::from_vec(dx, (b, cin, h, w), dev)).transpose()?;
         return Ok((
             dx,

@@ -541,22 +541,26 @@ mod tests {
         t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
     }
 
-    /// [`forward`] itself (whatever [`applies`] says) against candle: odd and
-    /// even sizes, the smallest image, several chunks of images, an image in
-    /// bands of tile rows, each epilogue.
+    /// (batch, cin, cout, h, w) for the tests of [`forward`] and
+    /// [`weight_grad`] themselves (whatever [`applies`] says): odd and even
+    /// sizes, the smallest image, several chunks of images, an image in bands
+    /// of tile rows.
+    const SHAPES: &[(usize, usize, usize, usize, usize)] = &[
+        (1, 3, 5, 4, 4),
+        (2, 4, 3, 5, 7),
+        (3, 2, 2, 6, 9),
+        (1, 1, 1, 4, 5),
+        // 225 tiles per image: chunks of 5 images, the last one of 2
+        (7, 3, 4, 30, 30),
+        // 35 × 35 tiles per image: bands of 32 tile rows and of 3
+        (2, 2, 3, 69, 70),
+    ];
+
+    /// [`forward`] against candle, with each epilogue.
     #[test]
     fn forward_matches_candle() {
         let dev = Device::Cpu;
-        for &(b, cin, cout, h, w) in &[
-            (1, 3, 5, 4, 4),
-            (2, 4, 3, 5, 7),
-            (3, 2, 2, 6, 9),
-            (1, 1, 1, 4, 5),
-            // 225 tiles per image: chunks of 5 images, the last one of 2
-            (7, 3, 4, 30, 30),
-            // 35 × 35 tiles per image: bands of 32 tile rows and of 3
-            (2, 2, 3, 69, 70),
-        ] {
+        for &(b, cin, cout, h, w) in SHAPES {
             let shape = (b, cin, cout, h, w);
             let x = Tensor::randn(0f32, 1.0, (b, cin, h, w), &dev).unwrap();
             let wt = Tensor::randn(0f32, 0.5, (cout, cin, 3, 3), &dev).unwrap();
@@ -597,19 +601,11 @@ mod tests {
         }
     }
 
-    /// [`weight_grad`] itself against candle's gradients of conv2d, on the
-    /// shapes of `forward_matches_candle` (chunks of images, bands of rows).
+    /// [`weight_grad`] against candle's gradients of conv2d.
     #[test]
     fn weight_grad_matches_candle() {
         let dev = Device::Cpu;
-        for &(b, cin, cout, h, w) in &[
-            (1, 3, 5, 4, 4),
-            (2, 4, 3, 5, 7),
-            (3, 2, 2, 6, 9),
-            (1, 1, 1, 4, 5),
-            (7, 3, 4, 30, 30),
-            (2, 2, 3, 69, 70),
-        ] {
+        for &(b, cin, cout, h, w) in SHAPES {
             let shape = (b, cin, cout, h, w);
             let x = Tensor::randn(0f32, 1.0, (b, cin, h, w), &dev).unwrap();
             let wt = Var::from_tensor(&Tensor::randn(0f32, 0.5, (cout, cin, 3, 3), &dev).unwrap()).unwrap();
