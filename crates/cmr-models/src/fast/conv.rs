@@ -1,8 +1,10 @@
-//! 2-D convolution, stride 1, odd kernel `k`, padding `k / 2`, with bias,
-//! one image at a time, images in parallel: from 32×32 up by the direct
-//! kernel ([`super::direct`]) where the CPU has AVX-512, else by shifted
-//! views of the padded input (nine GEMMs); smaller images by im2col and one
-//! GEMM.
+//! 2-D convolution, stride 1, odd kernel `k`, padding `k / 2`, with bias:
+//! 3×3 layers with many channels by Winograd's F(2×2, 3×3)
+//! ([`super::winograd`]); otherwise one image at a time, images in
+//! parallel: from 32×32 up by the direct kernel ([`super::direct`]) where
+//! the CPU has AVX-512, else by shifted views of the padded input (nine
+//! GEMMs); smaller images by im2col and one GEMM (or batch-wide,
+//! [`super::batched`]).
 //!
 //! Backward: the input gradient is the same convolution of the output
 //! gradient with the kernel flipped and its channel axes swapped; the weight
