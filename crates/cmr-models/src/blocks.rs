@@ -175,24 +175,8 @@ impl ConvBnRelu {
 impl ModuleT for ConvBnRelu {
     /// `[B, in, H, W] -> [B, out, H, W]`
     fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        if !train && fast::applies(xs) {
-            // Inference: BatchNorm (running statistics) and ReLU applied to
-            // each image's output while it is in cache.
-            let (scale, shift) = self.bn.folded()?;
-            return fast::conv2d_affine_relu(xs, &self.conv.weight, &self.conv.bias, &scale, &shift);
-        }
-        if train && fast::applies(xs) {
-            // Training: the whole layer as one op (see `fast::conv_bn_relu_train`).
-            let (ys, stats) = fast::conv_bn_relu_train(
-                xs,
-                &self.conv.weight,
-                &self.conv.bias,
-                &self.bn.weight,
-                &self.bn.bias,
-                BN_EPS,
-            )?;
-            self.bn.update_running(&stats)?;
-            return Ok(ys);
+        if fast::applies(xs) {
+            return self.fast_forward(xs, 1, train);
         }
         self.bn.forward_relu(&self.conv.forward(xs)?, train)
     }
@@ -206,24 +190,32 @@ impl ConvBnRelu {
     /// `CMR_UPSAMPLED=0` turns that off).
     pub fn forward_upsampled(&self, xs: &Tensor, factor: usize, train: bool) -> Result<Tensor> {
         if factor > 1 && fast::applies(xs) && fast::upsampled::enabled() {
-            let conv = &self.conv;
-            if !train {
-                let (scale, shift) = self.bn.folded()?;
-                return fast::upsampled_conv2d_affine_relu(xs, factor, &conv.weight, &conv.bias, &scale, &shift);
-            }
-            let (ys, stats) = fast::upsampled_conv_bn_relu_train(
-                xs,
-                factor,
-                &conv.weight,
-                &conv.bias,
-                &self.bn.weight,
-                &self.bn.bias,
-                BN_EPS,
-            )?;
-            self.bn.update_running(&stats)?;
-            return Ok(ys);
+            return self.fast_forward(xs, factor, train);
         }
         self.forward_t(&crate::ops::upsample_bilinear(xs, factor)?, train)
+    }
+
+    /// The layer on the fast CPU kernels, of `xs` up-sampled `factor` times
+    /// (1: as it is). Inference: BatchNorm (running statistics) and ReLU
+    /// applied to each image's output while it is in cache. Training: the
+    /// whole layer as one op (see `fast::conv_bn_relu_train`).
+    fn fast_forward(&self, xs: &Tensor, factor: usize, train: bool) -> Result<Tensor> {
+        let conv = &self.conv;
+        if !train {
+            let (scale, shift) = self.bn.folded()?;
+            return fast::upsampled_conv2d_affine_relu(xs, factor, &conv.weight, &conv.bias, &scale, &shift);
+        }
+        let (ys, stats) = fast::upsampled_conv_bn_relu_train(
+            xs,
+            factor,
+            &conv.weight,
+            &conv.bias,
+            &self.bn.weight,
+            &self.bn.bias,
+            BN_EPS,
+        )?;
+        self.bn.update_running(&stats)?;
+        Ok(ys)
     }
 }
 

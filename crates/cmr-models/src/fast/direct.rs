@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 
 use rayon::prelude::*;
 
+use super::SendPtr;
 use super::conv::Epilogue;
 
 /// Output positions per micro-kernel tile: three 16-float vectors.
@@ -241,19 +242,6 @@ pub(super) fn convolve(
         (0..blocks).into_par_iter().for_each(block);
     } else {
         (0..blocks).for_each(block);
-    }
-}
-
-/// A raw pointer the threads of [`convolve`] share (each writes its own
-/// positions).
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: see `convolve`: the threads write disjoint elements.
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-impl SendPtr {
-    fn get(self) -> *mut f32 {
-        self.0
     }
 }
 

@@ -260,6 +260,21 @@ pub fn keep_freed_memory() -> bool {
 }
 
 /// Threads the kernels may use.
+/// A raw output pointer that the threads of one kernel share, each writing
+/// its own elements only (`direct::convolve`'s tiles, `winograd`'s jobs):
+/// each use states why its writes are disjoint.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: the pointer is only written through, by threads that write
+// disjoint elements (see each use).
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+impl SendPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 fn threads() -> usize {
     rayon::current_num_threads().max(1)
 }

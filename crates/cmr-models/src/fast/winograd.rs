@@ -26,7 +26,7 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::conv::{Epilogue, matmul, rows};
-use super::output_buffer;
+use super::{SendPtr, output_buffer};
 
 /// 0: not yet decided, 1: on, 2: off.
 static ON: AtomicU8 = AtomicU8::new(0);
@@ -507,18 +507,6 @@ pub(super) fn forward(
                     output_row(mrows, tw, top, bottom, e);
                 }
             });
-    }
-}
-
-/// A raw pointer the jobs of [`forward`] share (each writes its own values).
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: see `forward`: the jobs write disjoint elements.
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-impl SendPtr {
-    fn get(self) -> *mut f32 {
-        self.0
     }
 }
 
