@@ -6,17 +6,20 @@
 //! gradient; a direct weight-gradient kernel, tried, was slower than the
 //! GEMMs from 32 channels up and is not kept), in a second table at small
 //! images' shapes, where their backward pass runs batch-wide, and in a third
-//! what Winograd's F(2×2, 3×3) does for layers with many channels.
+//! what Winograd's minimal filtering does for layers with many channels;
+//! the fourth compares its two tiles there: F(2×2, 3×3) everywhere, or the
+//! default's choice (F(4×4, 3×3) from 24×24 up).
 //!
-//! `cargo bench -p cmr-models --bench conv_layer [-- --rounds N]` (one thread
-//! unless `RAYON_NUM_THREADS` says otherwise).
+//! `cargo bench -p cmr-models --bench conv_layer [-- --rounds N] [TABLE…]`
+//! (one thread unless `RAYON_NUM_THREADS` says otherwise); `TABLE` is one
+//! of `direct`, `batched`, `winograd`, `tiles` (default: all four).
 
 #![allow(clippy::print_stdout, clippy::unwrap_used)]
 
 use std::time::Instant;
 
 use candle_core::{Device, Tensor, Var};
-use cmr_models::fast::{self, Batched};
+use cmr_models::fast::{self, Batched, Winograd};
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
@@ -26,6 +29,19 @@ fn main() {
         .and_then(|i| args.get(i + 1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(7);
+    const TABLES: [&str; 4] = ["direct", "batched", "winograd", "tiles"];
+    let mut chosen: Vec<&str> = Vec::new();
+    let mut rest = args.iter();
+    while let Some(a) = rest.next() {
+        if a == "--rounds" {
+            rest.next();
+        } else if let Some(t) = TABLES.iter().find(|t| **t == a) {
+            chosen.push(t);
+        } else {
+            panic!("unknown argument {a:?} (--rounds N, or tables: {TABLES:?})");
+        }
+    }
+    let wanted = |t: &str| chosen.is_empty() || chosen.contains(&t);
     fast::keep_freed_memory();
     // (batch, cin, cout, side): the narrow widths' layers, then the report's
     let shapes = [
@@ -46,8 +62,10 @@ fn main() {
     // The first two tables without Winograd, which would take some of
     // their layers (the third compares it).
     fast::set_winograd(false);
-    table(&shapes, rounds, ["GEMMs", "direct"], fast::set_direct);
-    fast::set_direct(true);
+    if wanted("direct") {
+        table(&shapes, rounds, ["GEMMs", "direct"], fast::set_direct);
+        fast::set_direct(true);
+    }
     // Small images: the backward pass image by image or batch-wide
     // (`fast/batched.rs`), wherever the default would choose.
     let small = [
@@ -62,10 +80,12 @@ fn main() {
         (4, 512, 512, 6),
         (8, 1024, 1024, 6),
     ];
-    table(&small, rounds, ["by image", "batch-wide"], |on| {
-        fast::set_batched(if on { Batched::Always } else { Batched::Off })
-    });
-    fast::set_batched(Batched::Auto);
+    if wanted("batched") {
+        table(&small, rounds, ["by image", "batch-wide"], |on| {
+            fast::set_batched(if on { Batched::Always } else { Batched::Off })
+        });
+        fast::set_batched(Batched::Auto);
+    }
     // Layers with many channels: im2col and one GEMM under 32×32, the
     // direct kernel from there up, or Winograd's F(2×2, 3×3)
     // (`fast/winograd.rs`), where it applies by default.
@@ -79,7 +99,16 @@ fn main() {
         (4, 256, 256, 48),
         (1, 256, 256, 96),
     ];
-    table(&winograd, rounds, ["without", "Winograd"], fast::set_winograd);
+    if wanted("winograd") {
+        table(&winograd, rounds, ["without", "Winograd"], fast::set_winograd);
+    }
+    // Its two tiles on the layers it takes: F(2×2) everywhere, or the
+    // default (F(4×4) from 24×24 up).
+    if wanted("tiles") {
+        table(&winograd, rounds, ["F(2×2)", "default"], |on| {
+            fast::set_winograd_mode(if on { Winograd::Auto } else { Winograd::F2x2 })
+        });
+    }
     fast::set_winograd(true);
 }
 

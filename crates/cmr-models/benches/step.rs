@@ -11,7 +11,8 @@
 //! A filter keeps the rows whose label contains it, e.g. `unet3plus/small`;
 //! `--json` prints one JSON object per row instead of the table; `--what
 //! "train b8"` keeps only the rows of that kind (to measure one case's peak
-//! memory with `/usr/bin/time -v`). `--compare batched` (or `direct`, `upsampled`, `winograd`) times
+//! memory with `/usr/bin/time -v`). `--compare batched` (or `direct`, `upsampled`, `winograd`, `f4`: F(2×2)
+//! everywhere Winograd runs against the default's tiles) times
 //! each case with that switch of the fast kernels off and on, alternating
 //! run by run in one process, so that a slow minute of the machine hits both
 //! alike: two rows per case, the mode in brackets.
@@ -76,7 +77,15 @@ fn switch(name: &str) -> fn(bool) {
         "direct" => cmr_models::fast::set_direct,
         "upsampled" => cmr_models::fast::set_upsampled,
         "winograd" => cmr_models::fast::set_winograd,
-        other => panic!("--compare: unknown switch {other:?} (batched, direct, upsampled, winograd)"),
+        // off: F(2×2) on every layer Winograd takes; on: the default's tiles
+        "f4" => |on| {
+            cmr_models::fast::set_winograd_mode(if on {
+                cmr_models::fast::Winograd::Auto
+            } else {
+                cmr_models::fast::Winograd::F2x2
+            })
+        },
+        other => panic!("--compare: unknown switch {other:?} (batched, direct, upsampled, winograd, f4)"),
     }
 }
 

@@ -278,8 +278,8 @@ pub(super) fn conv_forward(
     let hw = h * w;
     let kk = cin * k * k;
     let bias = epi.bias;
-    if winograd::applies(b, cin, h, w, cout, k) {
-        winograd::forward(x, weight, (b, cin, h, w, cout), epi, out);
+    if let Some(tile) = winograd::choose(b, cin, h, w, cout, k) {
+        winograd::forward(tile, x, weight, (b, cin, h, w, cout), epi, out);
         return;
     }
     if b > 1 && batched::applies(cin, h, w, cout, k) {
@@ -943,8 +943,8 @@ pub(super) fn backward(
         None
     };
     let (dw, db) = with_data(x, |xs| {
-        if winograd::applies(b, cin, h, w, cout, k) {
-            winograd::weight_grad(xs, g, (b, cin, h, w, cout))
+        if let Some(tile) = winograd::choose(b, cin, h, w, cout, k) {
+            winograd::weight_grad(tile, xs, g, (b, cin, h, w, cout))
         } else {
             conv_weight_grad(xs, g, b, cin, h, w, cout, k)
         }

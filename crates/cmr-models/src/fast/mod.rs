@@ -82,7 +82,7 @@ pub use tape::{Tape, cat, forward_backward, record};
 pub use upconv::upconv2x2;
 pub use upsample::upsample_bilinear;
 pub use upsampled::set_upsampled;
-pub use winograd::set_winograd;
+pub use winograd::{Winograd, set_winograd, set_winograd_mode};
 
 /// 0: not yet read from the environment, 1: on, 2: off.
 static STATE: AtomicU8 = AtomicU8::new(0);
