@@ -202,14 +202,8 @@ fn transform_weights(tile: Tile, weight: &[f32], cout: usize, cin: usize) -> Vec
     let mut u = unsafe { output_buffer(p * n) };
     let up = SendPtr(u.as_mut_ptr());
     weight.par_chunks(cin * 9).enumerate().for_each_init(
-        || {
-            (
-                vec![0f32; 9 * cin],
-                vec![0f32; p * KERNEL_BLOCK],
-                vec![0f32; 18 * KERNEL_BLOCK],
-            )
-        },
-        |(taps, out, tmp), (co, kernels)| {
+        || (vec![0f32; 9 * cin], vec![0f32; 18 * KERNEL_BLOCK]),
+        |(taps, tmp), (co, kernels)| {
             // [cin, 9] → [9, cin]
             for (ci, g) in kernels.chunks_exact(9).enumerate() {
                 for (k, &v) in g.iter().enumerate() {
@@ -219,17 +213,12 @@ fn transform_weights(tile: Tile, weight: &[f32], cout: usize, cin: usize) -> Vec
             for c0 in (0..cin).step_by(KERNEL_BLOCK) {
                 let len = KERNEL_BLOCK.min(cin - c0);
                 let g: [&[f32]; 9] = std::array::from_fn(|k| &taps[k * cin + c0..][..len]);
+                // SAFETY: this job alone writes row `co` of each U[ξ]:
+                // `(ξ·cout + co)·cin + c0 + len ≤ positions·n`.
+                let mut out = unsafe { rows_at(&up, p, len, |xi| (xi * cout + co) * cin + c0) };
                 match tile {
-                    Tile::F2 => kernels_forward2(g, len, tmp, out),
-                    Tile::F4 => kernels_forward4(g, len, tmp, out),
-                }
-                for (xi, row) in out.chunks(KERNEL_BLOCK).enumerate() {
-                    // SAFETY: this job alone writes row `co` of U[ξ]:
-                    // `(ξ·cout + co)·cin + c0 + len ≤ positions·n`.
-                    unsafe {
-                        let dst = up.get().add((xi * cout + co) * cin + c0);
-                        std::ptr::copy_nonoverlapping(row.as_ptr(), dst, len);
-                    }
+                    Tile::F2 => kernels_forward2(g, len, tmp, &mut out[..p]),
+                    Tile::F4 => kernels_forward4(g, len, tmp, &mut out[..p]),
                 }
             }
         },
@@ -241,7 +230,13 @@ fn transform_weights(tile: Tile, weight: &[f32], cout: usize, cin: usize) -> Vec
 /// j)` of each: value `ξ` of kernel `l` to `out[ξ·KERNEL_BLOCK + l]`, `tmp`
 /// (`3N` rows) holding `G g`.
 #[inline(always)]
-fn kernels_forward<const N: usize>(gm: &[[f32; 3]; N], g: [&[f32]; 9], len: usize, tmp: &mut [f32], out: &mut [f32]) {
+fn kernels_forward<const N: usize>(
+    gm: &[[f32; 3]; N],
+    g: [&[f32]; 9],
+    len: usize,
+    tmp: &mut [f32],
+    out: &mut [&mut [f32]],
+) {
     // tmp[r·3 + j] = Σᵢ G[r][i]·g[i][j]
     for (r, &[ga, gb, gc]) in gm.iter().enumerate() {
         for j in 0..3 {
@@ -260,7 +255,7 @@ fn kernels_forward<const N: usize>(gm: &[[f32; 3]; N], g: [&[f32]; 9], len: usiz
             &tmp[(r * 3 + 2) * KERNEL_BLOCK..][..len],
         );
         for (cc, &[ga, gb, gc]) in gm.iter().enumerate() {
-            let o = &mut out[(r * N + cc) * KERNEL_BLOCK..][..len];
+            let o = &mut out[r * N + cc][..len];
             for l in 0..len {
                 o[l] = ga * a[l] + gb * b[l] + gc * c[l];
             }
@@ -307,12 +302,12 @@ fn kernels_adjoint<const N: usize>(gm: &[[f32; 3]; N], d: &[&[f32]], len: usize,
 
 simd_fn! {
     /// [`kernels_forward`] with F(2×2)'s `G`.
-    fn kernels_forward2(g: [&[f32]; 9], len: usize, tmp: &mut [f32], out: &mut [f32]) {
+    fn kernels_forward2(g: [&[f32]; 9], len: usize, tmp: &mut [f32], out: &mut [&mut [f32]]) {
         kernels_forward(&G2, g, len, tmp, out);
     }
 
     /// [`kernels_forward`] with F(4×4)'s `G`.
-    fn kernels_forward4(g: [&[f32]; 9], len: usize, tmp: &mut [f32], out: &mut [f32]) {
+    fn kernels_forward4(g: [&[f32]; 9], len: usize, tmp: &mut [f32], out: &mut [&mut [f32]]) {
         kernels_forward(&G4, g, len, tmp, out);
     }
 
@@ -326,13 +321,24 @@ simd_fn! {
         kernels_adjoint(&G4, d, len, tmp, g);
     }
 
+    /// An input row into its padded row of column phases (see
+    /// [`transform_input`]), for F(2×2) tiles; `row` is zero.
+    fn split_phases2(src: &[f32], row: &mut [f32], q: usize) {
+        split_phases::<2>(src, row, q);
+    }
+
+    /// As [`split_phases2`] for F(4×4) tiles.
+    fn split_phases4(src: &[f32], row: &mut [f32], q: usize) {
+        split_phases::<4>(src, row, q);
+    }
+
     /// One channel's patches of one row of F(2×2) tiles, `Bᵀ d B` with `Bᵀ =
     /// [[1, 0, −1, 0], [0, 1, 1, 0], [0, −1, 1, 0], [0, 1, 0, −1]]`: `rows`
     /// are the four input rows the tiles cover, in the layout of
     /// [`transform_input`] (each column phase contiguous, `tw + 1` values
     /// per phase); tile `tx`'s value at position `ξ` goes to `v[ξ·stride +
     /// tx]`.
-    fn input_row2(rows: &[&[f32]], tw: usize, e: &mut [f32], v: &mut [f32], stride: usize) {
+    fn input_row2(rows: &[&[f32]], tw: usize, e: &mut [f32], v: &mut [&mut [f32]], off: usize) {
         let q = tw + 1;
         let n = 2 * q;
         let (d0, d1, d2, d3) = (&rows[0][..n], &rows[1][..n], &rows[2][..n], &rows[3][..n]);
@@ -353,11 +359,11 @@ simd_fn! {
         for (r, er) in [&*e0, &*e1, &*e2, &*e3].into_iter().enumerate() {
             let (p0, p1) = er.split_at(q);
             let (a, b, c, d) = (&p0[..tw], &p1[..tw], &p0[1..=tw], &p1[1..=tw]);
-            let out = &mut v[r * 4 * stride..];
-            let (o0, rest) = out.split_at_mut(stride);
-            let (o1, rest) = rest.split_at_mut(stride);
-            let (o2, o3) = rest.split_at_mut(stride);
-            let (o0, o1, o2, o3) = (&mut o0[..tw], &mut o1[..tw], &mut o2[..tw], &mut o3[..tw]);
+            let [o0, o1, o2, o3] = &mut v[r * 4..][..4] else {
+                unreachable!()
+            };
+            let (o0, o1) = (&mut o0[off..][..tw], &mut o1[off..][..tw]);
+            let (o2, o3) = (&mut o2[off..][..tw], &mut o3[off..][..tw]);
             for x in 0..tw {
                 o0[x] = a[x] - c[x];
                 o1[x] = b[x] + c[x];
@@ -371,7 +377,7 @@ simd_fn! {
     /// [[4, 0, −5, 0, 1, 0], [0, −4, −4, 1, 1, 0], [0, 4, −4, −1, 1, 0],
     /// [0, −2, −1, 2, 1, 0], [0, 2, −1, −2, 1, 0], [0, 4, 0, −5, 0, 1]]`:
     /// as [`input_row2`], with six input rows and four column phases.
-    fn input_row4(rows: &[&[f32]], tw: usize, e: &mut [f32], v: &mut [f32], stride: usize) {
+    fn input_row4(rows: &[&[f32]], tw: usize, e: &mut [f32], v: &mut [&mut [f32]], off: usize) {
         let q = tw + 1;
         let n = 4 * q;
         let d: [&[f32]; 6] = std::array::from_fn(|i| &rows[i][..n]);
@@ -395,14 +401,11 @@ simd_fn! {
             let p: [&[f32]; 4] = std::array::from_fn(|k| &er[k * q..][..q]);
             let (a, b, c, f) = (&p[0][..tw], &p[1][..tw], &p[2][..tw], &p[3][..tw]);
             let (g, h) = (&p[0][1..=tw], &p[1][1..=tw]);
-            let out = &mut v[r * 6 * stride..];
-            let (o0, rest) = out.split_at_mut(stride);
-            let (o1, rest) = rest.split_at_mut(stride);
-            let (o2, rest) = rest.split_at_mut(stride);
-            let (o3, rest) = rest.split_at_mut(stride);
-            let (o4, o5) = rest.split_at_mut(stride);
-            let (o0, o1, o2) = (&mut o0[..tw], &mut o1[..tw], &mut o2[..tw]);
-            let (o3, o4, o5) = (&mut o3[..tw], &mut o4[..tw], &mut o5[..tw]);
+            let [o0, o1, o2, o3, o4, o5] = &mut v[r * 6..][..6] else {
+                unreachable!()
+            };
+            let (o0, o1, o2) = (&mut o0[off..][..tw], &mut o1[off..][..tw], &mut o2[off..][..tw]);
+            let (o3, o4, o5) = (&mut o3[off..][..tw], &mut o4[off..][..tw], &mut o5[off..][..tw]);
             for x in 0..tw {
                 o0[x] = 4.0 * a[x] - 5.0 * c[x] + g[x];
                 o1[x] = (f[x] + g[x]) - 4.0 * (b[x] + c[x]);
@@ -418,22 +421,22 @@ simd_fn! {
     /// `A dY Aᵀ` of each 2×2 block (`rows` the block's rows, `None` past the
     /// image; columns past the row are zero): tile `tx`'s value at `ξ` to
     /// `out[ξ·tw + tx]`.
-    fn gradient_row2(rows: &[Option<&[f32]>], tw: usize, out: &mut [f32]) {
+    fn gradient_row2(rows: &[Option<&[f32]>], tw: usize, out: &mut [&mut [f32]], off: usize) {
         // A = [[1, 0], [1, 1], [1, −1], [0, −1]]
         let a = |u: f32, v: f32| [u, u + v, u - v, -v];
-        gradient_row(rows, tw, out, |u: [f32; 2]| a(u[0], u[1]));
+        gradient_row(rows, tw, out, off, |u: [f32; 2]| a(u[0], u[1]));
     }
 
     /// As [`gradient_row2`] for F(4×4) tiles: `A dY Aᵀ` (6×6) of each 4×4
     /// block, `A = [[1, 0, 0, 0], [1, 1, 1, 1], [1, −1, 1, −1], [1, 2, 4, 8],
     /// [1, −2, 4, −8], [0, 0, 0, 1]]`.
-    fn gradient_row4(rows: &[Option<&[f32]>], tw: usize, out: &mut [f32]) {
+    fn gradient_row4(rows: &[Option<&[f32]>], tw: usize, out: &mut [&mut [f32]], off: usize) {
         let a = |u: [f32; 4]| {
             let (even, odd) = (u[0] + u[2], u[1] + u[3]);
             let (even2, odd2) = (u[0] + 4.0 * u[2], 2.0 * u[1] + 8.0 * u[3]);
             [u[0], even + odd, even - odd, even2 + odd2, even2 - odd2, u[3]]
         };
-        gradient_row(rows, tw, out, a);
+        gradient_row(rows, tw, out, off, a);
     }
 
     /// One output channel's row of F(2×2) tiles back to outputs, `Aᵀ m A`
@@ -460,6 +463,28 @@ simd_fn! {
     }
 }
 
+/// The body of `split_phases2` and `split_phases4`: input column `x` is
+/// padded column `p = x + 1`, stored at `(p mod M)·q + p div M`.
+#[inline(always)]
+fn split_phases<const M: usize>(src: &[f32], row: &mut [f32], q: usize) {
+    let full = src.len() / M;
+    let mut parts = row.chunks_mut(q);
+    let mut phases: [&mut [f32]; M] = std::array::from_fn(|_| parts.next().unwrap_or_default());
+    // whole groups of M columns: columns M·k .. M·k + M − 2 to phases 1 ..
+    // M at k, column M·k + M − 1 to phase 0 at k + 1
+    let (first, rest) = phases.split_at_mut(1);
+    let first = &mut first[0][1..=full];
+    for (k, group) in src.chunks_exact(M).enumerate() {
+        for j in 0..M - 1 {
+            rest[j][k] = group[j];
+        }
+        first[k] = group[M - 1];
+    }
+    for (j, &v) in src[full * M..].iter().enumerate() {
+        rest[j][full] = v;
+    }
+}
+
 /// The body of `gradient_row2` and `gradient_row4`: each `m × m` block of
 /// the rows (zero past the image) through `a` down its columns, then along
 /// its rows.
@@ -467,7 +492,8 @@ simd_fn! {
 fn gradient_row<const M: usize, const N: usize>(
     rows: &[Option<&[f32]>],
     tw: usize,
-    out: &mut [f32],
+    out: &mut [&mut [f32]],
+    off: usize,
     a: impl Fn([f32; M]) -> [f32; N],
 ) {
     let Some(w) = rows[0].map(<[f32]>::len) else {
@@ -481,7 +507,7 @@ fn gradient_row<const M: usize, const N: usize>(
         for i in 0..N {
             let vals = a(std::array::from_fn(|j| cols[j][i]));
             for (j, v) in vals.into_iter().enumerate() {
-                out[(i * N + j) * tw + tx] = v;
+                out[i * N + j][off + tx] = v;
             }
         }
     }
@@ -522,6 +548,25 @@ fn output_row<const M: usize, const N: usize, const P: usize>(
             }
         }
     }
+}
+
+/// Rows `at(ξ) .. at(ξ) + len` of the buffer `base` points into, for the
+/// first `n` positions `ξ` (the rest empty): where a job writes its values
+/// of each transformed matrix.
+///
+/// # Safety
+/// The rows lie inside the buffer, do not overlap, and no other thread
+/// reads or writes them while the slices live.
+#[allow(clippy::mut_from_ref)]
+unsafe fn rows_at<'a>(base: &SendPtr, n: usize, len: usize, at: impl Fn(usize) -> usize) -> [&'a mut [f32]; 36] {
+    std::array::from_fn(|xi| {
+        if xi < n {
+            // SAFETY: the caller's promise.
+            unsafe { std::slice::from_raw_parts_mut(base.get().add(at(xi)), len) }
+        } else {
+            &mut []
+        }
+    })
 }
 
 /// A piece of the batch that one round of the GEMMs takes: tile rows `ty0
@@ -600,24 +645,27 @@ fn transform_input(tile: Tile, x: &[f32], (cin, h, w): (usize, usize, usize), c:
     // the band's input rows, m·ty0 − 1 ..= m·ty1, zero-padded
     let band_rows = m * (c.ty1 - c.ty0) + 2;
     (0..r * cin).into_par_iter().for_each_init(
-        || (vec![0f32; band_rows * wp], vec![0f32; n * wp], vec![0f32; p * tw]),
-        |(padded, e, tile_row): &mut (Vec<f32>, Vec<f32>, Vec<f32>), job| {
+        || (vec![0f32; band_rows * wp], vec![0f32; n * wp]),
+        |(padded, e): &mut (Vec<f32>, Vec<f32>), job| {
             let (i, ci) = (job / cin, job % cin);
             let plane = &x[((first + i) * cin + ci) * h * w..][..h * w];
             for (k, row) in padded.chunks_mut(wp).enumerate() {
                 row.fill(0.0);
                 if let Some(y) = (m * c.ty0 + k).checked_sub(1).filter(|&y| y < h) {
                     let src = &plane[y * w..][..w];
-                    for (phase, dst) in row.chunks_mut(q).enumerate() {
-                        // input column x is padded column x + 1
-                        let x0 = (phase + m - 1) % m;
-                        let at = (x0 + 1) / m;
-                        for (o, &val) in dst[at..].iter_mut().zip(src.iter().skip(x0).step_by(m)) {
-                            *o = val;
-                        }
+                    match tile {
+                        Tile::F2 => split_phases2(src, row, q),
+                        Tile::F4 => split_phases4(src, row, q),
                     }
                 }
             }
+            // the image's tile rows are side by side in the columns of V:
+            // this job alone writes columns `col .. col + (ty1 − ty0)·tw` of
+            // row `ci` of each V[ξ], `(ξ·cin + ci)·t + col + (ty1 − ty0)·tw ≤
+            // positions·cin·t`
+            let col = c.col(i, c.ty0, tw);
+            // SAFETY: as said above; inside `v`.
+            let mut out = unsafe { rows_at(&vp, p, (c.ty1 - c.ty0) * tw, |xi| (xi * cin + ci) * t + col) };
             for ty in c.ty0..c.ty1 {
                 // input rows m·ty − 1 .. m·ty + m + 1
                 let k0 = m * (ty - c.ty0) * wp;
@@ -625,19 +673,10 @@ fn transform_input(tile: Tile, x: &[f32], (cin, h, w): (usize, usize, usize), c:
                 for (k, row) in rows.iter_mut().enumerate().take(n) {
                     *row = &padded[k0 + k * wp..][..wp];
                 }
+                let off = (ty - c.ty0) * tw;
                 match tile {
-                    Tile::F2 => input_row2(&rows[..n], tw, e, tile_row, tw),
-                    Tile::F4 => input_row4(&rows[..n], tw, e, tile_row, tw),
-                }
-                let col = c.col(i, ty, tw);
-                for (xi, vals) in tile_row.chunks(tw).enumerate() {
-                    // SAFETY: this job alone writes columns `col .. col + tw`
-                    // of row `ci` of V[ξ]; `(ξ·cin + ci)·t + col + tw ≤
-                    // positions·cin·t`, inside `v`.
-                    unsafe {
-                        let dst = vp.get().add((xi * cin + ci) * t + col);
-                        std::ptr::copy_nonoverlapping(vals.as_ptr(), dst, tw);
-                    }
+                    Tile::F2 => input_row2(&rows[..n], tw, e, &mut out[..p], off),
+                    Tile::F4 => input_row4(&rows[..n], tw, e, &mut out[..p], off),
                 }
             }
         },
@@ -677,30 +716,23 @@ pub(super) fn weight_grad(
         // SAFETY: every (ξ, channel, tile) value is written below.
         let mut dm = unsafe { output_buffer(p * cout * t) };
         let dp = SendPtr(dm.as_mut_ptr());
-        (0..r * cout).into_par_iter().for_each_init(
-            || vec![0f32; p * tw],
-            |tile_row, job| {
-                let (i, co) = (job / cout, job % cout);
-                let plane = &dy[((first + i) * cout + co) * hw..][..hw];
-                for ty in c.ty0..c.ty1 {
-                    let rows: [Option<&[f32]>; 4] =
-                        std::array::from_fn(|k| (k < m && m * ty + k < h).then(|| &plane[(m * ty + k) * w..][..w]));
-                    match tile {
-                        Tile::F2 => gradient_row2(&rows[..m], tw, tile_row),
-                        Tile::F4 => gradient_row4(&rows[..m], tw, tile_row),
-                    }
-                    let col = c.col(i, ty, tw);
-                    for (xi, vals) in tile_row.chunks(tw).enumerate() {
-                        // SAFETY: this job alone writes columns `col .. col
-                        // + tw` of row `co` of dM[ξ], inside `dm`.
-                        unsafe {
-                            let dst = dp.get().add((xi * cout + co) * t + col);
-                            std::ptr::copy_nonoverlapping(vals.as_ptr(), dst, tw);
-                        }
-                    }
+        (0..r * cout).into_par_iter().for_each(|job| {
+            let (i, co) = (job / cout, job % cout);
+            let plane = &dy[((first + i) * cout + co) * hw..][..hw];
+            let col = c.col(i, c.ty0, tw);
+            // SAFETY: this job alone writes columns `col .. col + (ty1 −
+            // ty0)·tw` of row `co` of each dM[ξ], inside `dm`.
+            let mut out = unsafe { rows_at(&dp, p, (c.ty1 - c.ty0) * tw, |xi| (xi * cout + co) * t + col) };
+            for ty in c.ty0..c.ty1 {
+                let rows: [Option<&[f32]>; 4] =
+                    std::array::from_fn(|k| (k < m && m * ty + k < h).then(|| &plane[(m * ty + k) * w..][..w]));
+                let off = (ty - c.ty0) * tw;
+                match tile {
+                    Tile::F2 => gradient_row2(&rows[..m], tw, &mut out[..p], off),
+                    Tile::F4 => gradient_row4(&rows[..m], tw, &mut out[..p], off),
                 }
-            },
-        );
+            }
+        });
         // dU[ξ] (+)= dM[ξ] · V[ξ]ᵀ: [cout, t] × [t, cin]
         let accumulate = ci_ > 0;
         du.par_chunks_mut(cout * cin)
