@@ -417,49 +417,59 @@ simd_fn! {
         }
     }
 
-    /// One output channel's row of F(2×2) output-gradient tiles transformed,
-    /// `A dY Aᵀ` of each 2×2 block (`rows` the block's rows, `None` past the
-    /// image; columns past the row are zero): tile `tx`'s value at `ξ` to
-    /// `out[ξ·tw + tx]`.
-    fn gradient_row2(rows: &[Option<&[f32]>], tw: usize, out: &mut [&mut [f32]], off: usize) {
-        // A = [[1, 0], [1, 1], [1, −1], [0, −1]]
-        let a = |u: f32, v: f32| [u, u + v, u - v, -v];
-        gradient_row(rows, tw, out, off, |u: [f32; 2]| a(u[0], u[1]));
+    /// One output channel's F(2×2) output-gradient tiles transformed, `A
+    /// dY Aᵀ` of each 2×2 block with `A = [[1, 0], [1, 1], [1, −1], [0,
+    /// −1]]`: see [`gradient_tiles`].
+    fn gradient_tiles2(dy: &[f32], w: usize, nty: usize, tw: usize, out: &mut [&mut [f32]], scratch: &mut [f32]) {
+        let a = |u: [f32; 2]| [u[0], u[0] + u[1], u[0] - u[1], -u[1]];
+        gradient_tiles::<2, 4, 4, 8>(dy, w, nty, tw, out, scratch, a);
     }
 
-    /// As [`gradient_row2`] for F(4×4) tiles: `A dY Aᵀ` (6×6) of each 4×4
+    /// As [`gradient_tiles2`] for F(4×4) tiles: `A dY Aᵀ` (6×6) of each 4×4
     /// block, `A = [[1, 0, 0, 0], [1, 1, 1, 1], [1, −1, 1, −1], [1, 2, 4, 8],
     /// [1, −2, 4, −8], [0, 0, 0, 1]]`.
-    fn gradient_row4(rows: &[Option<&[f32]>], tw: usize, out: &mut [&mut [f32]], off: usize) {
+    fn gradient_tiles4(dy: &[f32], w: usize, nty: usize, tw: usize, out: &mut [&mut [f32]], scratch: &mut [f32]) {
         let a = |u: [f32; 4]| {
             let (even, odd) = (u[0] + u[2], u[1] + u[3]);
             let (even2, odd2) = (u[0] + 4.0 * u[2], 2.0 * u[1] + 8.0 * u[3]);
             [u[0], even + odd, even - odd, even2 + odd2, even2 - odd2, u[3]]
         };
-        gradient_row(rows, tw, out, off, a);
+        gradient_tiles::<4, 6, 16, 24>(dy, w, nty, tw, out, scratch, a);
     }
 
-    /// One output channel's row of F(2×2) tiles back to outputs, `Aᵀ m A`
-    /// with `Aᵀ = [[1, 1, 1, 0], [0, 1, −1, −1]]`: `m[ξ]` the tiles'
-    /// values at position `ξ`, the 2×2 results written to `out[0]` and
-    /// `out[1]` (output rows `2ty`, `2ty + 1`; empty past the image) at
-    /// columns `2tx`, `2tx + 1` up to the row's length, with the epilogue
-    /// `(v + bias)·a + t`, then ReLU.
-    fn output_row2(m: &[&[f32]], tw: usize, out: &mut [&mut [f32]], epi: (f32, f32, f32, bool)) {
+    /// One output channel's F(2×2) tiles back to outputs, `Aᵀ m A` with `Aᵀ
+    /// = [[1, 1, 1, 0], [0, 1, −1, −1]]`, and the epilogue `(v + bias)·a +
+    /// t`, then ReLU: see [`output_tiles`].
+    fn output_tiles2(
+        m: &[&[f32]],
+        nty: usize,
+        tw: usize,
+        plane: &mut [f32],
+        w: usize,
+        epi: (f32, f32, f32, bool),
+        scratch: &mut [f32],
+    ) {
         let at = |s: [f32; 4]| [s[0] + s[1] + s[2], s[1] - s[2] - s[3]];
-        output_row::<2, 4, 16>(m, tw, out, epi, at);
+        output_tiles::<2, 4, 8, 4>(m, nty, tw, plane, w, epi, scratch, at);
     }
 
-    /// As [`output_row2`] for F(4×4) tiles: `Aᵀ m A`, `Aᵀ = [[1, 1, 1, 1, 1,
-    /// 0], [0, 1, −1, 2, −2, 0], [0, 1, 1, 4, 4, 0], [0, 1, −1, 8, −8, 1]]`,
-    /// output rows `4ty .. 4ty + 3`.
-    fn output_row4(m: &[&[f32]], tw: usize, out: &mut [&mut [f32]], epi: (f32, f32, f32, bool)) {
+    /// As [`output_tiles2`] for F(4×4) tiles: `Aᵀ = [[1, 1, 1, 1, 1, 0], [0,
+    /// 1, −1, 2, −2, 0], [0, 1, 1, 4, 4, 0], [0, 1, −1, 8, −8, 1]]`.
+    fn output_tiles4(
+        m: &[&[f32]],
+        nty: usize,
+        tw: usize,
+        plane: &mut [f32],
+        w: usize,
+        epi: (f32, f32, f32, bool),
+        scratch: &mut [f32],
+    ) {
         let at = |s: [f32; 6]| {
             let (p1, m1) = (s[1] + s[2], s[1] - s[2]);
             let (p2, m2) = (s[3] + s[4], s[3] - s[4]);
             [s[0] + p1 + p2, m1 + 2.0 * m2, p1 + 4.0 * p2, m1 + 8.0 * m2 + s[5]]
         };
-        output_row::<4, 6, 36>(m, tw, out, epi, at);
+        output_tiles::<4, 6, 24, 16>(m, nty, tw, plane, w, epi, scratch, at);
     }
 }
 
@@ -485,45 +495,139 @@ fn split_phases<const M: usize>(src: &[f32], row: &mut [f32], q: usize) {
     }
 }
 
-/// The body of `gradient_row2` and `gradient_row4`: each `m × m` block of
-/// the rows (zero past the image) through `a` down its columns, then along
-/// its rows.
+/// Rows of scratch the output and gradient transforms need per tile row
+/// (F(4×4): `(6 + 4)·4`).
+const SCRATCH_ROWS: usize = 40;
+
+/// `out[k][x] = a(rows[0][x], …, rows[M − 1][x])[k]` for `x < len`: a small
+/// matrix applied across `M` rows, element by element, 16 elements at a
+/// time through local arrays (so that it vectorises whatever the rows'
+/// addresses).
 #[inline(always)]
-fn gradient_row<const M: usize, const N: usize>(
-    rows: &[Option<&[f32]>],
-    tw: usize,
-    out: &mut [&mut [f32]],
-    off: usize,
-    a: impl Fn([f32; M]) -> [f32; N],
+fn across<const M: usize, const N: usize>(
+    rows: [&[f32]; M],
+    mut out: [&mut [f32]; N],
+    len: usize,
+    a: &impl Fn([f32; M]) -> [f32; N],
 ) {
-    let Some(w) = rows[0].map(<[f32]>::len) else {
-        return;
-    };
-    for tx in 0..tw {
-        let x = M * tx;
-        let at = |i: usize, j: usize| rows[i].map_or(0.0, |r| if x + j < w { r[x + j] } else { 0.0 });
-        // A applied down column j: N values
-        let cols: [[f32; N]; M] = std::array::from_fn(|j| a(std::array::from_fn(|i| at(i, j))));
-        for i in 0..N {
-            let vals = a(std::array::from_fn(|j| cols[j][i]));
-            for (j, v) in vals.into_iter().enumerate() {
-                out[i * N + j][off + tx] = v;
+    const L: usize = 16;
+    let blocks = len / L;
+    for blk in 0..blocks {
+        let at = blk * L;
+        let x: [[f32; L]; M] = std::array::from_fn(|i| {
+            let mut v = [0f32; L];
+            v.copy_from_slice(&rows[i][at..at + L]);
+            v
+        });
+        let mut y = [[0f32; L]; N];
+        for l in 0..L {
+            let v = a(std::array::from_fn(|i| x[i][l]));
+            for (yk, v) in y.iter_mut().zip(v) {
+                yk[l] = v;
             }
+        }
+        for (o, yk) in out.iter_mut().zip(&y) {
+            o[at..at + L].copy_from_slice(yk);
+        }
+    }
+    for x in blocks * L..len {
+        let v = a(std::array::from_fn(|i| rows[i][x]));
+        for (o, v) in out.iter_mut().zip(v) {
+            o[x] = v;
         }
     }
 }
 
-/// The body of `output_row2` and `output_row4`: `at` (Aᵀ, `N` values to `M`)
-/// down each column of a tile's `N × N` values, then along each of the `M`
-/// rows; then the epilogue.
-// `tx` indexes the `P` rows of `m` at once
-#[allow(clippy::needless_range_loop)]
+/// `K` rows of `len` from the front of `buf`, and what is left of it.
 #[inline(always)]
-fn output_row<const M: usize, const N: usize, const P: usize>(
-    m: &[&[f32]],
+fn take_rows<const K: usize>(buf: &mut [f32], len: usize) -> ([&mut [f32]; K], &mut [f32]) {
+    let (head, rest) = buf.split_at_mut(K * len);
+    let mut parts = head.chunks_mut(len);
+    (std::array::from_fn(|_| parts.next().unwrap_or_default()), rest)
+}
+
+/// `N` of `rows`, `rows[first + k·step]` for `k < N`, reborrowed.
+#[inline(always)]
+fn pick<'a, const N: usize>(rows: &'a mut [&mut [f32]], first: usize, step: usize) -> [&'a mut [f32]; N] {
+    let mut it = rows.iter_mut().skip(first).step_by(step);
+    std::array::from_fn(|_| it.next().map(|r| &mut **r).unwrap_or_default())
+}
+
+/// The body of `gradient_tiles2` and `gradient_tiles4`: one output
+/// channel's gradient rows `dy` (`w` wide; the job's tile rows start at its
+/// first row, and rows past `dy` are zero) split into `nty` rows of `tw`
+/// tiles, `ph[i·M + j][ty·tw + tx]` row `M·ty + i`, column `M·tx + j` (zero
+/// past the image); then `a` down the columns of every block (`M` values to
+/// `N`) and along its rows into the `N × N` rows `out[ξ][..nty·tw]`.
+/// `scratch` holds `(M + N)·M·nty·tw` values.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn gradient_tiles<const M: usize, const N: usize, const MM: usize, const NM: usize>(
+    dy: &[f32],
+    w: usize,
+    nty: usize,
     tw: usize,
     out: &mut [&mut [f32]],
+    scratch: &mut [f32],
+    a: impl Fn([f32; M]) -> [f32; N],
+) {
+    let len = nty * tw;
+    let (mut ph, rest) = take_rows::<MM>(scratch, len);
+    let (mut cols, _) = take_rows::<NM>(rest, len);
+    let rows = dy.len() / w;
+    let full = w / M;
+    for ty in 0..nty {
+        for i in 0..M {
+            let y = M * ty + i;
+            let phases = &mut ph[i * M..(i + 1) * M];
+            let seg = ty * tw..(ty + 1) * tw;
+            if y >= rows {
+                phases.iter_mut().for_each(|p| p[seg.clone()].fill(0.0));
+                continue;
+            }
+            let r = &dy[y * w..][..w];
+            for (tx, group) in r.chunks_exact(M).enumerate() {
+                for (p, &v) in phases.iter_mut().zip(group) {
+                    p[ty * tw + tx] = v;
+                }
+            }
+            // the last, partial block: zeros past the row
+            for (j, p) in phases.iter_mut().enumerate() {
+                for tx in full..tw {
+                    let x = M * tx + j;
+                    p[ty * tw + tx] = if x < w { r[x] } else { 0.0 };
+                }
+            }
+        }
+    }
+    // down the columns: cols[k·M + j] = a(ph[0·M + j], …)[k]
+    for j in 0..M {
+        let input: [&[f32]; M] = std::array::from_fn(|i| &*ph[i * M + j]);
+        across(input, pick::<N>(&mut cols, j, M), len, &a);
+    }
+    // along the rows: out[k·N + l] = a(cols[k·M + 0], …)[l]
+    for k in 0..N {
+        let input: [&[f32]; M] = std::array::from_fn(|j| &*cols[k * M + j]);
+        across(input, pick::<N>(out, k * N, 1), len, &a);
+    }
+}
+
+/// The body of `output_tiles2` and `output_tiles4`: one output channel's
+/// `N × N` rows `m[ξ][..nty·tw]` (its tiles, `nty` rows of `tw`) through
+/// `at` (Aᵀ, `N` values to `M`) down the columns of every tile, then along
+/// its rows, the epilogue, and each `M × M` block to its place in `plane`
+/// (the tile rows' output rows, `w` wide, as many as lie inside the image).
+/// `scratch` holds `(N + M)·M·nty·tw` values.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn output_tiles<const M: usize, const N: usize, const NM: usize, const MM: usize>(
+    m: &[&[f32]],
+    nty: usize,
+    tw: usize,
+    plane: &mut [f32],
+    w: usize,
     epi: (f32, f32, f32, bool),
+    scratch: &mut [f32],
     at: impl Fn([f32; N]) -> [f32; M],
 ) {
     let (bias, a, t, relu) = epi;
@@ -531,21 +635,32 @@ fn output_row<const M: usize, const N: usize, const P: usize>(
         let v = (v + bias) * a + t;
         if relu { v.max(0.0) } else { v }
     };
-    let m: [&[f32]; P] = std::array::from_fn(|xi| &m[xi][..tw]);
-    let w = out[0].len();
-    for tx in 0..tw {
-        let cols: [[f32; M]; N] = std::array::from_fn(|j| at(std::array::from_fn(|i| m[i * N + j][tx])));
-        let x = M * tx;
-        for (r, row) in out.iter_mut().enumerate().take(M) {
-            if row.is_empty() {
-                break;
+    let len = nty * tw;
+    let (mut s, rest) = take_rows::<NM>(scratch, len);
+    let (mut y, _) = take_rows::<MM>(rest, len);
+    // down the columns: s[r·N + j] = at(m[0·N + j], …)[r]
+    for j in 0..N {
+        let input: [&[f32]; N] = std::array::from_fn(|i| m[i * N + j]);
+        across(input, pick::<M>(&mut s, j, N), len, &at);
+    }
+    // along the rows: y[r·M + c] = at(s[r·N + 0], …)[c], then the epilogue
+    for r in 0..M {
+        let input: [&[f32]; N] = std::array::from_fn(|j| &*s[r * N + j]);
+        across(input, pick::<M>(&mut y, r * M, 1), len, &|v| at(v).map(finish));
+    }
+    // output row M·ty + r, column M·tx + c is y[r·M + c][ty·tw + tx]
+    let full = w / M;
+    for (k, row) in plane.chunks_exact_mut(w).enumerate() {
+        let (ty, r) = (k / M, k % M);
+        let blocks = &y[r * M..(r + 1) * M];
+        let base = ty * tw;
+        for (tx, group) in row.chunks_exact_mut(M).enumerate() {
+            for (o, b) in group.iter_mut().zip(blocks) {
+                *o = b[base + tx];
             }
-            let y = at(std::array::from_fn(|j| cols[j][r]));
-            for (j, v) in y.into_iter().enumerate() {
-                if x + j < w {
-                    row[x + j] = finish(v);
-                }
-            }
+        }
+        for (c, o) in row[full * M..].iter_mut().enumerate() {
+            *o = blocks[c][base + full];
         }
     }
 }
@@ -716,23 +831,24 @@ pub(super) fn weight_grad(
         // SAFETY: every (ξ, channel, tile) value is written below.
         let mut dm = unsafe { output_buffer(p * cout * t) };
         let dp = SendPtr(dm.as_mut_ptr());
-        (0..r * cout).into_par_iter().for_each(|job| {
-            let (i, co) = (job / cout, job % cout);
-            let plane = &dy[((first + i) * cout + co) * hw..][..hw];
-            let col = c.col(i, c.ty0, tw);
-            // SAFETY: this job alone writes columns `col .. col + (ty1 −
-            // ty0)·tw` of row `co` of each dM[ξ], inside `dm`.
-            let mut out = unsafe { rows_at(&dp, p, (c.ty1 - c.ty0) * tw, |xi| (xi * cout + co) * t + col) };
-            for ty in c.ty0..c.ty1 {
-                let rows: [Option<&[f32]>; 4] =
-                    std::array::from_fn(|k| (k < m && m * ty + k < h).then(|| &plane[(m * ty + k) * w..][..w]));
-                let off = (ty - c.ty0) * tw;
+        let nty = c.ty1 - c.ty0;
+        // the chunk's rows of each plane of dy
+        let (y0, y1) = (m * c.ty0, (m * c.ty1).min(h));
+        (0..r * cout).into_par_iter().for_each_init(
+            || vec![0f32; SCRATCH_ROWS * nty * tw],
+            |scratch, job| {
+                let (i, co) = (job / cout, job % cout);
+                let plane = &dy[((first + i) * cout + co) * hw..][y0 * w..y1 * w];
+                let col = c.col(i, c.ty0, tw);
+                // SAFETY: this job alone writes columns `col .. col + (ty1 −
+                // ty0)·tw` of row `co` of each dM[ξ], inside `dm`.
+                let mut out = unsafe { rows_at(&dp, p, nty * tw, |xi| (xi * cout + co) * t + col) };
                 match tile {
-                    Tile::F2 => gradient_row2(&rows[..m], tw, &mut out[..p], off),
-                    Tile::F4 => gradient_row4(&rows[..m], tw, &mut out[..p], off),
+                    Tile::F2 => gradient_tiles2(plane, w, nty, tw, &mut out[..p], scratch),
+                    Tile::F4 => gradient_tiles4(plane, w, nty, tw, &mut out[..p], scratch),
                 }
-            }
-        });
+            },
+        );
         // dU[ξ] (+)= dM[ξ] · V[ξ]ᵀ: [cout, t] × [t, cin]
         let accumulate = ci_ > 0;
         du.par_chunks_mut(cout * cin)
@@ -821,33 +937,29 @@ pub(super) fn forward(
         out[first * cout * hw..(first + r) * cout * hw]
             .par_chunks_mut(hw)
             .enumerate()
-            .for_each(|(job, plane)| {
-                let plane = &mut plane[y0 * w..y1 * w];
-                let (i, co) = (job / cout, job % cout);
-                let e = (
-                    epi.bias.map_or(0.0, |b| b[co]),
-                    epi.affine.map_or(1.0, |(a, _)| a[co]),
-                    epi.affine.map_or(0.0, |(_, s)| s[co]),
-                    epi.relu,
-                );
-                let mut mrows: [&[f32]; 36] = [&[]; 36];
-                for ty in c.ty0..c.ty1 {
-                    let col = c.col(i, ty, tw);
+            .for_each_init(
+                || vec![0f32; SCRATCH_ROWS * (c.ty1 - c.ty0) * tw],
+                |scratch, (job, plane)| {
+                    let plane = &mut plane[y0 * w..y1 * w];
+                    let (i, co) = (job / cout, job % cout);
+                    let e = (
+                        epi.bias.map_or(0.0, |b| b[co]),
+                        epi.affine.map_or(1.0, |(a, _)| a[co]),
+                        epi.affine.map_or(0.0, |(_, s)| s[co]),
+                        epi.relu,
+                    );
+                    // the job's tiles, side by side in the columns of M
+                    let (nty, col) = (c.ty1 - c.ty0, c.col(i, c.ty0, tw));
+                    let mut mrows: [&[f32]; 36] = [&[]; 36];
                     for (xi, row) in mrows.iter_mut().enumerate().take(p) {
-                        *row = &mm[(xi * cout + co) * t + col..][..tw];
-                    }
-                    // output rows m·ty .. m·ty + m, those inside the image
-                    let mut outs: [&mut [f32]; 4] = Default::default();
-                    let start = (m * ty - y0) * w;
-                    for (o, row) in outs.iter_mut().zip(plane[start..].chunks_mut(w).take(m)) {
-                        *o = row;
+                        *row = &mm[(xi * cout + co) * t + col..][..nty * tw];
                     }
                     match tile {
-                        Tile::F2 => output_row2(&mrows[..p], tw, &mut outs[..m], e),
-                        Tile::F4 => output_row4(&mrows[..p], tw, &mut outs[..m], e),
+                        Tile::F2 => output_tiles2(&mrows[..p], nty, tw, plane, w, e, scratch),
+                        Tile::F4 => output_tiles4(&mrows[..p], nty, tw, plane, w, e, scratch),
                     }
-                }
-            });
+                },
+            );
     }
 }
 
