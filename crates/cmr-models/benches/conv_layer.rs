@@ -8,7 +8,7 @@
 //! images' shapes, where their backward pass runs batch-wide, and in a third
 //! what Winograd's minimal filtering does for layers with many channels;
 //! the fourth compares its two tiles there: F(2×2, 3×3) everywhere, or the
-//! default's choice (F(4×4, 3×3) from 24×24 up).
+//! default's choice (F(4×4, 3×3) where the batch has 144 of its tiles).
 //!
 //! `cargo bench -p cmr-models --bench conv_layer [-- --rounds N] [TABLE…]`
 //! (one thread unless `RAYON_NUM_THREADS` says otherwise); `TABLE` is one
@@ -103,7 +103,7 @@ fn main() {
         table(&winograd, rounds, ["without", "Winograd"], fast::set_winograd);
     }
     // Its two tiles on the layers it takes: F(2×2) everywhere, or the
-    // default (F(4×4) from 24×24 up).
+    // default (F(4×4) where the batch has 144 of its tiles).
     if wanted("tiles") {
         table(&winograd, rounds, ["F(2×2)", "default"], |on| {
             fast::set_winograd_mode(if on { Winograd::Auto } else { Winograd::F2x2 })

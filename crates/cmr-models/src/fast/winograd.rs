@@ -16,7 +16,8 @@
 //!
 //! It runs for 3×3 layers with many channels ([`choose`]), instead of
 //! im2col under 32×32 and of the direct kernel from there up, with F(4×4)
-//! tiles from 24×24 up; `CMR_WINOGRAD=0` or [`set_winograd`] turns it off
+//! tiles where the batch has at least 144 of them (`F4_MIN_TILES`: from
+//! 48×48 at batch 1, 24×24 at batch 4, 12×12 at batch 16); `CMR_WINOGRAD=0` or [`set_winograd`] turns it off
 //! (`=2` gives F(2×2) tiles everywhere it runs, [`set_winograd_mode`]).
 //! Large images go through in bands of tile rows, so that the transformed
 //! patches of one round stay a few MB. The results equal the direct sum's
@@ -39,8 +40,8 @@ pub enum Winograd {
     /// Nowhere: the direct kernel or GEMMs.
     Off,
     /// Where it was measured faster, with the tile measured faster there
-    /// (the default: from 8×8 up with many channels, F(4×4) tiles from
-    /// 24×24 up; `choose` in `fast/winograd.rs`).
+    /// (the default: from 8×8 up with many channels, F(4×4) tiles where
+    /// the batch has 144 of them; `choose` in `fast/winograd.rs`).
     Auto,
     /// F(2×2, 3×3) on the layers that [`Winograd::Auto`] takes (for
     /// comparisons).
@@ -164,13 +165,20 @@ pub(super) fn choose(b: usize, cin: usize, h: usize, w: usize, cout: usize, k: u
     Some(match mode {
         Winograd::F2x2 => Tile::F2,
         Winograd::F4x4 => Tile::F4,
-        _ if h.min(w) >= F4_MIN_SIDE => Tile::F4,
+        _ if b * h.div_ceil(4) * w.div_ceil(4) >= F4_MIN_TILES => Tile::F4,
         _ => Tile::F2,
     })
 }
 
-/// The smallest image side that [`choose`] gives F(4×4) tiles.
-const F4_MIN_SIDE: usize = 24;
+/// The fewest 4×4 output tiles (over the batch) that [`choose`] gives F(4×4)
+/// tiles: each of its GEMMs reads a transformed weight matrix 2.25× the
+/// size of F(2×2)'s (4× the kernels'), and with fewer tiles that traffic
+/// costs more than the products save. Measured fwd+bwd against F(2×2)
+/// (a scratch comparison, two threads): 36 tiles (batch 1 at
+/// 24×24) 1.10–2.3×, 72 (batch 8 at 12×12) 0.96–1.11×, 144 (batch 1 at
+/// 48×48, batch 4 at 24×24, batch 16 at 12×12) 0.82–1.02×, 288 (batch 8 at
+/// 24×24) 0.87×.
+const F4_MIN_TILES: usize = 144;
 
 /// The fewest 2×2 output tiles (over the batch) that [`choose`] takes.
 const MIN_TILES: usize = 128;
@@ -1093,9 +1101,9 @@ mod tests {
     /// differences at sampled coordinates.
     #[test]
     fn convolution_op_matches_candle_and_finite_differences() {
-        // F(2×2) at 16×16, F(4×4) at 24×24 (as `choose` takes them)
+        // F(2×2) at 16×16, F(4×4) at 48×48 (as `choose` takes them)
         op_check((2, 256, 256, 16, 16), Tile::F2);
-        op_check((1, 256, 256, 24, 24), Tile::F4);
+        op_check((1, 128, 128, 48, 48), Tile::F4);
     }
 
     fn op_check((b, cin, cout, h, w): (usize, usize, usize, usize, usize), tile: Tile) {
