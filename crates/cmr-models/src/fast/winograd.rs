@@ -138,26 +138,28 @@ impl Tile {
 /// How a `k × k` convolution of `b` images `[cin, h, w]` to `cout` channels
 /// runs here, if it does: 3×3 kernels on images from 8×8 up with enough
 /// channels and tiles for the GEMMs' savings to pay for the transforms.
-/// Measured layer by layer (`benches/conv_layer.rs`'s third table and a
-/// scratch comparison, two threads), forward and forward+backward against
-/// the default otherwise:
-/// - under 32×32 (against im2col and one GEMM): 512 → 512 at 12×12 0.76–0.81×
-///   at batch 4 and 8, but 1.21× at batch 1 (36 tiles: transforming the
-///   weights, 1.8× their size, costs more than the GEMMs save); 256 → 256 at
-///   24×24 0.74–0.80×; 128 → 128 at 24×24 0.96–1.06×, 64 → 64 1.3×; at
-///   6×6 and batch 20 1.01× (the batch-wide GEMMs of `batched.rs` run those);
-/// - from 32×32 (against the direct kernel): 256 → 256 at 96×96 and 48×48
-///   0.64–0.73×, 256 → 128 at 48×48 0.71×, 128 → 128 0.77–0.87×, but 128 →
-///   64 0.91–1.14×, 64 → 128 1.02–1.04×, 64 → 64 1.1–1.3×.
+/// Measured layer by layer (`benches/conv_layer.rs`'s third table and
+/// scratch comparisons, two threads), forward+backward against the default
+/// otherwise:
+/// - under 32×32 (against im2col and one GEMM, or at 6×6 the batch-wide
+///   GEMMs of `batched.rs`): 512 → 512 at 12×12 0.76–0.81× at batch 4 and
+///   8, but 1.21× at batch 1 (36 tiles: transforming the weights costs more
+///   than the GEMMs save); 256 → 256 at 24×24 0.74–0.80×; with F(4×4)
+///   tiles 128 → 256 and 256 → 128 at 24×24 0.76×, 128 → 128 0.82–0.88×,
+///   but 64 → 64 1.10×; 256 → 256 at 12×12 0.89–0.97×; at 6×6 1.06–1.12×;
+/// - from 32×32 (against the direct kernel), with F(4×4) tiles: 80 → 80
+///   0.67–0.76×, 64 → 64 at 96×96 0.78–0.93×, 128 → 64 and 64 → 128 at
+///   48×48 0.84–0.87×, 48 → 48 0.94×, but 64 → 32 1.13×, 32 → 32
+///   1.3×, 16 → 16 1.6×.
 pub(super) fn choose(b: usize, cin: usize, h: usize, w: usize, cout: usize, k: usize) -> Option<Tile> {
     let mode = mode();
     if mode == Winograd::Off || k != 3 || h < 8 || w < 8 {
         return None;
     }
     let min_weights = if h * w < super::conv::SHIFTED_MIN_PIXELS {
-        256 * 256
-    } else {
         128 * 128
+    } else {
+        64 * 64
     };
     if cin * cout < min_weights || b * h.div_ceil(2) * w.div_ceil(2) < MIN_TILES {
         return None;
