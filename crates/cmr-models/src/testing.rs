@@ -1,7 +1,7 @@
 //! Test helpers shared by the op and kernel tests: relative error and
 //! central-difference gradient checks.
 
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
 
 /// `max |a − b| / max |b|` (the denominator at least 1e-6).
 pub fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
@@ -75,4 +75,13 @@ pub fn fixed_values(n: usize, seed: u64) -> Vec<f32> {
             ((s >> 40) as f32 / (1u64 << 23) as f32) - 1.0
         })
         .collect()
+}
+
+/// A tensor of [`fixed_values`] scaled to `mean ± half` (inputs of tests
+/// that pass through a ReLU: with random ones a value now and then lands
+/// within rounding of the kink, where the two sides' gradients differ).
+pub fn fixed_tensor(shape: &[usize], seed: u64, mean: f32, half: f32) -> Tensor {
+    let n = shape.iter().product();
+    let v: Vec<f32> = fixed_values(n, seed).into_iter().map(|v| mean + half * v).collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).expect("shape of n values")
 }

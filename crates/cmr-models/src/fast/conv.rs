@@ -1154,7 +1154,7 @@ fn conv2d_op(x: &Tensor, weight: &Tensor, bias: &Tensor, relu: bool) -> Result<T
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{FiniteDiff, assert_gradient, fixed_values, max_rel, narrow, widen};
+    use crate::testing::{FiniteDiff, assert_gradient, fixed_tensor, fixed_values, max_rel, narrow, widen};
     use candle_core::{Device, Var};
 
     fn reference(x: &Tensor, w: &Tensor, b: &Tensor) -> Tensor {
@@ -1227,7 +1227,9 @@ mod tests {
     }
 
     /// The ReLU variant: values and gradients against candle's conv + relu
-    /// (inputs shifted so that about half the outputs are clipped).
+    /// (about half the outputs clipped). Fixed inputs ([`fixed_tensor`]):
+    /// random ones failed about one run in twenty, a value within rounding
+    /// of the kink.
     #[test]
     fn relu_variant_matches_candle() {
         relu_variant();
@@ -1236,12 +1238,13 @@ mod tests {
     }
 
     fn relu_variant() {
-        let dev = Device::Cpu;
-        for &(b, cin, cout, h, w) in &[(1, 3, 5, 7, 9), (4, 8, 6, 12, 10), (1, 4, 3, 36, 30), (2, 4, 3, 40, 33)] {
-            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, cin, h, w), &dev).unwrap()).unwrap();
-            let wt = Var::from_tensor(&Tensor::randn(0f32, 0.3, (cout, cin, 3, 3), &dev).unwrap()).unwrap();
-            let bias = Var::from_tensor(&Tensor::randn(0f32, 0.3, cout, &dev).unwrap()).unwrap();
-            let probe = Tensor::randn(0f32, 1.0, (b, cout, h, w), &dev).unwrap();
+        let shapes = [(1, 3, 5, 7, 9), (4, 8, 6, 12, 10), (1, 4, 3, 36, 30), (2, 4, 3, 40, 33)];
+        for (i, &(b, cin, cout, h, w)) in shapes.iter().enumerate() {
+            let seed = 10 * i as u64;
+            let x = Var::from_tensor(&fixed_tensor(&[b, cin, h, w], seed, 0.0, 1.7)).unwrap();
+            let wt = Var::from_tensor(&fixed_tensor(&[cout, cin, 3, 3], seed + 1, 0.0, 0.5)).unwrap();
+            let bias = Var::from_tensor(&fixed_tensor(&[cout], seed + 2, 0.0, 0.5)).unwrap();
+            let probe = fixed_tensor(&[b, cout, h, w], seed + 3, 0.0, 1.7);
             let fast = conv2d_relu(&x, &wt, &bias).unwrap();
             let slow = reference(&x, &wt, &bias).relu().unwrap();
             assert!(max_rel(&fast, &slow) < 1e-5, "{:?} forward", (b, cin, cout, h, w));

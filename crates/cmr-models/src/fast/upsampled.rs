@@ -372,7 +372,7 @@ mod tests {
     use candle_core::{Device, Tensor, Var};
 
     use crate::fast::{upsampled_conv_bn_relu_train, upsampled_conv2d_affine_relu};
-    use crate::testing::{FiniteDiff, assert_gradient, fixed_values, max_rel, narrow, widen};
+    use crate::testing::{FiniteDiff, assert_gradient, fixed_tensor, fixed_values, max_rel, narrow, widen};
 
     /// candle's ops: the matrix-product up-sampling, then conv2d + bias.
     fn reference(x: &Tensor, f: usize, w: &Tensor, b: &Tensor) -> Tensor {
@@ -442,18 +442,23 @@ mod tests {
     }
 
     /// Training variant: values, batch statistics and gradients against
-    /// candle's up-sampling, conv2d, BatchNorm and ReLU.
+    /// candle's up-sampling, conv2d, BatchNorm and ReLU. Fixed inputs: with
+    /// random ones a normalised value now and then lands within rounding of
+    /// the ReLU's kink, and the two sides' gradients differ there (seen
+    /// once in about ten runs at the smallest shape).
     #[test]
     fn train_matches_candle() {
         let dev = Device::Cpu;
-        for &(b, cin, cout, h, w, k, f) in SHAPES {
+        let fixed = fixed_tensor;
+        for (i, &(b, cin, cout, h, w, k, f)) in SHAPES.iter().enumerate() {
             let shape = (b, cin, cout, h, w, k, f);
-            let x = var(Tensor::randn(0f32, 1.0, (b, cin, h, w), &dev).unwrap());
-            let wt = var(Tensor::randn(0f32, 0.3, (cout, cin, k, k), &dev).unwrap());
-            let bias = var(Tensor::randn(0f32, 0.3, cout, &dev).unwrap());
-            let gamma = var(Tensor::randn(1f32, 0.3, cout, &dev).unwrap());
-            let beta = var(Tensor::randn(0f32, 0.3, cout, &dev).unwrap());
-            let probe = Tensor::randn(0f32, 1.0, (b, cout, h * f, w * f), &dev).unwrap();
+            let seed = 10 * i as u64;
+            let x = var(fixed(&[b, cin, h, w], seed, 0.0, 1.7));
+            let wt = var(fixed(&[cout, cin, k, k], seed + 1, 0.0, 0.5));
+            let bias = var(fixed(&[cout], seed + 2, 0.0, 0.5));
+            let gamma = var(fixed(&[cout], seed + 3, 1.0, 0.5));
+            let beta = var(fixed(&[cout], seed + 4, 0.0, 0.5));
+            let probe = fixed(&[b, cout, h * f, w * f], seed + 5, 0.0, 1.7);
             let (fast, stats) = upsampled_conv_bn_relu_train(&x, f, &wt, &bias, &gamma, &beta, 1e-5).unwrap();
             let bn = candle_nn::BatchNorm::new_with_momentum(
                 cout,
