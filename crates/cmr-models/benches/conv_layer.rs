@@ -87,7 +87,7 @@ fn main() {
         fast::set_batched(Batched::Auto);
     }
     // Layers with many channels: im2col and one GEMM under 32×32, the
-    // direct kernel from there up, or Winograd's F(2×2, 3×3)
+    // direct kernel from there up, or Winograd's minimal filtering
     // (`fast/winograd.rs`), where it applies by default.
     let winograd = [
         (4, 512, 512, 12),
@@ -98,6 +98,10 @@ fn main() {
         (4, 128, 128, 48),
         (4, 256, 256, 48),
         (1, 256, 256, 96),
+        (8, 128, 128, 24),
+        (8, 128, 64, 48),
+        (8, 64, 64, 96),
+        (4, 80, 80, 96),
     ];
     if wanted("winograd") {
         table(&winograd, rounds, ["without", "Winograd"], fast::set_winograd);
