@@ -349,7 +349,7 @@ simd_fn! {
     /// [[1, 0, −1, 0], [0, 1, 1, 0], [0, −1, 1, 0], [0, 1, 0, −1]]`: `rows`
     /// are the four input rows the tiles cover, in the layout of
     /// [`transform_input`] (each column phase contiguous, `tw + 1` values
-    /// per phase); tile `tx`'s value at position `ξ` goes to `v[ξ·stride +
+    /// per phase); tile `tx`'s value at position `ξ` goes to `v[ξ][off +
     /// tx]`.
     fn input_row2(rows: &[&[f32]], tw: usize, e: &mut [f32], v: &mut [&mut [f32]], off: usize) {
         let q = tw + 1;
@@ -508,8 +508,8 @@ fn split_phases<const M: usize>(src: &[f32], row: &mut [f32], q: usize) {
     }
 }
 
-/// Rows of scratch the output and gradient transforms need per tile row
-/// (F(4×4): `(6 + 4)·4`).
+/// Rows of scratch, each as long as a job's tiles, that the output and
+/// gradient transforms need (F(4×4): `(6 + 4)·4`).
 const SCRATCH_ROWS: usize = 40;
 
 /// `out[k][x] = a(rows[0][x], …, rows[M − 1][x])[k]` for `x < len`: a small
