@@ -103,8 +103,8 @@ pub(super) enum Tile {
     /// additions only, results exact to a few units in the last place.
     F2,
     /// F(4×4, 3×3): 36 products for 16 outputs (4× fewer); the transforms
-    /// scale by up to 8 (points 0, ±1, ±2), so rounding grows to about
-    /// 1e-6 of the largest value.
+    /// scale by up to 8 (points 0, ±1, ±2), so rounding grows to a few
+    /// 1e-6 of the largest value (measured up to 1.0e-5 at 256 channels).
     F4,
 }
 
