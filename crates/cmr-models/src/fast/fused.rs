@@ -154,11 +154,18 @@ fn train_of(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{FiniteDiff, assert_gradient, fixed_values, max_rel, narrow, widen};
+    use crate::testing::{FiniteDiff, assert_gradient, fixed_values, max_rel, narrow, off_the_kink, widen};
     use candle_core::{Device, ModuleT, Var};
 
-    /// candle's own ops: conv2d + bias, candle-nn's BatchNorm, relu.
-    fn reference(x: &Tensor, w: &Tensor, b: &Tensor, gamma: &Tensor, beta: &Tensor) -> (Tensor, candle_nn::BatchNorm) {
+    /// candle's own ops: conv2d + bias, candle-nn's BatchNorm (its output is
+    /// the pre-activation, returned first), relu.
+    fn reference(
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+    ) -> (Tensor, Tensor, candle_nn::BatchNorm) {
         let (c, _, k, _) = w.dims4().unwrap();
         let dev = x.device();
         let bn = candle_nn::BatchNorm::new_with_momentum(
@@ -176,7 +183,9 @@ mod tests {
             .unwrap()
             .broadcast_add(&b.reshape((1, (), 1, 1)).unwrap())
             .unwrap();
-        (bn.forward_t(&z, true).unwrap().relu().unwrap(), bn)
+        let pre = bn.forward_t(&z, true).unwrap();
+        let y = pre.relu().unwrap();
+        (pre, y, bn)
     }
 
     fn max_abs(t: &Tensor) -> f32 {
@@ -207,7 +216,8 @@ mod tests {
             let beta = Var::from_tensor(&Tensor::randn(0f32, 0.3, cout, &dev).unwrap()).unwrap();
             let probe = Tensor::randn(0f32, 1.0, (bsz, cout, h, w), &dev).unwrap();
             let (fast, stats) = conv_bn_relu_train(&x, &wt, &bias, &gamma, &beta, 1e-5).unwrap();
-            let (slow, bn) = reference(&x, &wt, &bias, &gamma, &beta);
+            let (pre, slow, bn) = reference(&x, &wt, &bias, &gamma, &beta);
+            let probe = off_the_kink(&pre, &probe);
             assert!(
                 max_rel(&fast, &slow) < 1e-4,
                 "{shape:?} forward {}",
