@@ -107,3 +107,19 @@ pub fn off_the_kink(pre: &Tensor, probe: &Tensor) -> Tensor {
         .and_then(|m| m * probe)
         .expect("pre-activation and probe of one shape")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Only values within 1e-3 of the largest magnitude of zero lose their
+    /// probe, on either side of the kink; the rest keep it as it was.
+    #[test]
+    fn off_the_kink_by_hand() {
+        let dev = Device::Cpu;
+        let pre = Tensor::new(&[-4.0f32, 3.9e-3, -3.9e-3, 4.1e-3, 0.0, 1.0], &dev).expect("tensor");
+        let probe = Tensor::new(&[2.0f32, 3.0, 4.0, 5.0, 6.0, -7.0], &dev).expect("tensor");
+        let got = off_the_kink(&pre, &probe).to_vec1::<f32>().expect("f32 vector");
+        assert_eq!(got, [2.0, 0.0, 0.0, 5.0, 0.0, -7.0]);
+    }
+}
