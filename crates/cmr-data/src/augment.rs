@@ -1,20 +1,28 @@
 //! Augmentation: the report's five transforms (horizontal and vertical flip,
-//! rotation by 90°, brightness, contrast) plus random affine, gamma and
-//! Gaussian noise.
+//! rotation by 90°, brightness, contrast) and the ones that cover what
+//! scanners and hearts do: rotation by any angle, scaling and shift, elastic
+//! deformation, a smooth multiplicative bias field, Gaussian blur,
+//! low-resolution simulation, gamma and Gaussian noise.
 //!
 //! Each sample draws from its own stream keyed by (seed, epoch, sample id), so
 //! an epoch's augmented batch is the same whatever ran before it. Geometric
-//! transforms move image and mask together (bilinear for the image, nearest for
-//! the mask, zero outside); intensity transforms act on `[0, 1]` values and the
-//! result is clamped to `[0, 1]`.
+//! transforms move image and mask together through one warp (bilinear for the
+//! image, nearest for the mask, zero outside); intensity transforms act on
+//! `[0, 1]` values and the result is clamped to `[0, 1]`.
+//!
+//! [`AugmentConfig::deformed_test`] is the fixed, strong deformation used to
+//! build deformed copies of validation data ([`deform_sample`]).
 
 use rand::Rng;
 use rand_distr::{Distribution, StandardNormal};
 use serde::{Deserialize, Serialize};
 
+use crate::dataset::Sample;
 use crate::error::{DataError, Result};
+use crate::normalize::to_unit;
 use crate::plane::{Mask, Plane};
 use crate::rng::{StreamRng, hash_str, purpose, stream};
+use crate::transforms::{AffineParams, Warp, flip_h, flip_v, gaussian_blur, low_resolution, rot90, smooth_field};
 
 /// A transform applied with probability `p`, with a value drawn uniformly from
 /// `[min, max]`.
@@ -30,6 +38,10 @@ impl Ranged {
     const fn off(min: f64, max: f64) -> Self {
         Self { p: 0.0, min, max }
     }
+
+    const fn on(p: f64, min: f64, max: f64) -> Self {
+        Self { p, min, max }
+    }
 }
 
 /// Random affine transform about the image centre.
@@ -37,7 +49,8 @@ impl Ranged {
 #[serde(deny_unknown_fields)]
 pub struct Affine {
     pub p: f64,
-    /// Rotation drawn from `[-max_rotation_deg, max_rotation_deg]`.
+    /// Rotation drawn from `[-max_rotation_deg, max_rotation_deg]` (up to 180:
+    /// any angle).
     pub max_rotation_deg: f64,
     /// Isotropic scale drawn from `[min_scale, max_scale]`.
     pub min_scale: f64,
@@ -47,10 +60,30 @@ pub struct Affine {
     pub max_translate: f64,
 }
 
+/// Elastic deformation: a smooth random displacement field through a
+/// `grid × grid` lattice of knots spanning the image, each knot displaced by
+/// Gaussian values (per axis) whose standard deviation in pixels is drawn from
+/// `[min, max]`.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Elastic {
+    pub p: f64,
+    pub min: f64,
+    pub max: f64,
+    /// Knots per side (at least 2; 5 on a 96-pixel image puts one every 24
+    /// pixels).
+    pub grid: usize,
+}
+
+/// Knots per side of the bias field (a slow variation across the image).
+const BIAS_KNOTS: usize = 3;
+
 /// Which transforms run, how often, and how strongly.
 ///
 /// The default applies nothing. [`AugmentConfig::report`] is the report's
-/// recipe; [`AugmentConfig::strong`] adds affine, gamma and noise.
+/// recipe; [`AugmentConfig::strong`] adds affine, gamma and noise;
+/// [`AugmentConfig::robust`] adds rotation by any angle, elastic deformation,
+/// bias field, blur and low resolution.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AugmentConfig {
@@ -69,6 +102,14 @@ pub struct AugmentConfig {
     pub gamma: Ranged,
     /// Add Gaussian noise with a standard deviation from `[min, max]`.
     pub noise: Ranged,
+    pub elastic: Elastic,
+    /// Multiply by `exp(a · f)`, `f` a smooth field through 3×3 standard
+    /// normal knots and `a` from `[min, max]`.
+    pub bias_field: Ranged,
+    /// Gaussian blur with a standard deviation in pixels from `[min, max]`.
+    pub blur: Ranged,
+    /// Down-sample by a factor from `[min, max]` (at least 1) and back up.
+    pub low_res: Ranged,
 }
 
 impl Default for AugmentConfig {
@@ -95,6 +136,15 @@ impl AugmentConfig {
             },
             gamma: Ranged::off(0.7, 1.5),
             noise: Ranged::off(0.0, 0.03),
+            elastic: Elastic {
+                p: 0.0,
+                min: 0.0,
+                max: 2.0,
+                grid: 5,
+            },
+            bias_field: Ranged::off(0.0, 0.3),
+            blur: Ranged::off(0.5, 1.0),
+            low_res: Ranged::off(1.0, 2.0),
         }
     }
 
@@ -118,26 +168,60 @@ impl AugmentConfig {
         c
     }
 
-    /// Whether any transform can fire.
-    pub fn is_active(&self) -> bool {
-        [
-            self.hflip,
-            self.vflip,
-            self.rot90,
-            self.brightness.p,
-            self.contrast.p,
-            self.affine.p,
-            self.gamma.p,
-            self.noise.p,
-        ]
-        .iter()
-        .any(|&p| p > 0.0)
+    /// What scanners and hearts do, in ranges a little wider than
+    /// [`Self::deformed_test`] reaches: rotation by any angle, scale
+    /// 0.75–1.25, elastic deformation, bias field, blur, low resolution,
+    /// gamma, noise, on top of the report's five.
+    pub const fn robust() -> Self {
+        let mut c = Self::report();
+        c.affine = Affine {
+            p: 0.8,
+            max_rotation_deg: 180.0,
+            min_scale: 0.75,
+            max_scale: 1.25,
+            max_translate: 0.08,
+        };
+        c.elastic = Elastic {
+            p: 0.5,
+            min: 0.0,
+            max: 3.0,
+            grid: 5,
+        };
+        c.bias_field = Ranged::on(0.4, 0.0, 0.4);
+        c.blur = Ranged::on(0.15, 0.3, 1.2);
+        c.low_res = Ranged::on(0.15, 1.0, 2.0);
+        c.gamma = Ranged::on(0.4, 0.6, 1.6);
+        c.noise = Ranged::on(0.3, 0.0, 0.06);
+        c
     }
 
-    /// Reject probabilities outside `[0, 1]` and empty or non-finite ranges.
-    pub fn validate(&self) -> Result<()> {
-        let bad = |what: &str, why: String| Err(DataError::Config(format!("augment.{what}: {why}")));
-        for (name, p) in [
+    /// The deformation of the deformed test copies: every image elastically
+    /// warped (knot SD 2.5 px), rotated by up to ±30°, scaled by 0.8–1.2,
+    /// gamma 0.7–1.5, noise SD up to 0.05 and a bias field of strength up to
+    /// 0.3, all at once.
+    pub const fn deformed_test() -> Self {
+        let mut c = Self::none();
+        c.affine = Affine {
+            p: 1.0,
+            max_rotation_deg: 30.0,
+            min_scale: 0.8,
+            max_scale: 1.2,
+            max_translate: 0.0,
+        };
+        c.elastic = Elastic {
+            p: 1.0,
+            min: 2.5,
+            max: 2.5,
+            grid: 5,
+        };
+        c.gamma = Ranged::on(1.0, 0.7, 1.5);
+        c.noise = Ranged::on(1.0, 0.0, 0.05);
+        c.bias_field = Ranged::on(1.0, 0.0, 0.3);
+        c
+    }
+
+    fn probabilities(&self) -> [(&'static str, f64); 12] {
+        [
             ("hflip", self.hflip),
             ("vflip", self.vflip),
             ("rot90", self.rot90),
@@ -146,19 +230,39 @@ impl AugmentConfig {
             ("affine.p", self.affine.p),
             ("gamma.p", self.gamma.p),
             ("noise.p", self.noise.p),
-        ] {
+            ("elastic.p", self.elastic.p),
+            ("bias_field.p", self.bias_field.p),
+            ("blur.p", self.blur.p),
+            ("low_res.p", self.low_res.p),
+        ]
+    }
+
+    /// Whether any transform can fire.
+    pub fn is_active(&self) -> bool {
+        self.probabilities().iter().any(|&(_, p)| p > 0.0)
+    }
+
+    /// Reject probabilities outside `[0, 1]` and empty or non-finite ranges.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |what: &str, why: String| Err(DataError::Config(format!("augment.{what}: {why}")));
+        for (name, p) in self.probabilities() {
             if !(0.0..=1.0).contains(&p) {
                 return bad(name, format!("probability {p} is not in [0, 1]"));
             }
         }
-        for (name, r) in [
-            ("brightness", self.brightness),
-            ("contrast", self.contrast),
-            ("gamma", self.gamma),
-            ("noise", self.noise),
+        let e = self.elastic;
+        for (name, (min, max)) in [
+            ("brightness", (self.brightness.min, self.brightness.max)),
+            ("contrast", (self.contrast.min, self.contrast.max)),
+            ("gamma", (self.gamma.min, self.gamma.max)),
+            ("noise", (self.noise.min, self.noise.max)),
+            ("elastic", (e.min, e.max)),
+            ("bias_field", (self.bias_field.min, self.bias_field.max)),
+            ("blur", (self.blur.min, self.blur.max)),
+            ("low_res", (self.low_res.min, self.low_res.max)),
         ] {
-            if !(r.min.is_finite() && r.max.is_finite() && r.min <= r.max) {
-                return bad(name, format!("range [{}, {}] is empty or not finite", r.min, r.max));
+            if !(min.is_finite() && max.is_finite() && min <= max) {
+                return bad(name, format!("range [{min}, {max}] is empty or not finite"));
             }
         }
         if self.contrast.min < 0.0 || self.gamma.min <= 0.0 || self.noise.min < 0.0 {
@@ -167,11 +271,33 @@ impl AugmentConfig {
                 "contrast and noise must be non-negative and gamma positive".into(),
             );
         }
+        if e.min < 0.0 || e.max > 20.0 || !(2..=32).contains(&e.grid) {
+            return bad(
+                "elastic",
+                format!(
+                    "need 0 <= min <= max <= 20 pixels and 2 <= grid <= 32, got [{}, {}], grid {}",
+                    e.min, e.max, e.grid
+                ),
+            );
+        }
+        if self.bias_field.min < 0.0 || self.bias_field.max > 2.0 {
+            return bad("bias_field", "strength must be in [0, 2]".into());
+        }
+        if self.blur.min < 0.0 || self.blur.max > 5.0 {
+            return bad("blur", "sigma must be in [0, 5] pixels".into());
+        }
+        if self.low_res.min < 1.0 || self.low_res.max > 8.0 {
+            return bad("low_res", "factor must be in [1, 8]".into());
+        }
         let a = self.affine;
-        if !(a.min_scale > 0.0 && a.min_scale <= a.max_scale && a.max_translate >= 0.0 && a.max_rotation_deg >= 0.0) {
+        if !(a.min_scale > 0.0
+            && a.min_scale <= a.max_scale
+            && a.max_translate >= 0.0
+            && (0.0..=180.0).contains(&a.max_rotation_deg))
+        {
             return bad(
                 "affine",
-                "need 0 < min_scale <= max_scale, max_translate >= 0, max_rotation_deg >= 0".into(),
+                "need 0 < min_scale <= max_scale, max_translate >= 0, 0 <= max_rotation_deg <= 180".into(),
             );
         }
         Ok(())
@@ -198,7 +324,9 @@ impl AugmentConfig {
         rng: &mut StreamRng,
     ) -> (Plane<f32>, Option<Mask>) {
         // Every decision is drawn whether or not it fires, so that turning one
-        // transform off does not change what the others do.
+        // transform off does not change what the others do (the report's
+        // transforms and affine, gamma and noise draw as they did before the
+        // others existed).
         let hflip = rng.random::<f64>() < self.hflip;
         let vflip = rng.random::<f64>() < self.vflip;
         let rot = rng.random::<f64>() < self.rot90;
@@ -212,6 +340,14 @@ impl AugmentConfig {
         let (contrast, contrast_v) = draw(rng, &self.contrast);
         let (gamma, gamma_v) = draw(rng, &self.gamma);
         let (noise, noise_v) = draw(rng, &self.noise);
+        let e = self.elastic;
+        let (elastic, elastic_v) = draw(rng, &Ranged::on(e.p, e.min, e.max));
+        let (bias, bias_v) = draw(rng, &self.bias_field);
+        let (blur, blur_v) = draw(rng, &self.blur);
+        let (low, low_v) = draw(rng, &self.low_res);
+        let knots = e.grid.max(2);
+        let elastic_knots = normals(rng, 2 * knots * knots);
+        let bias_knots = normals(rng, BIAS_KNOTS * BIAS_KNOTS);
 
         if hflip {
             image = flip_h(&image);
@@ -225,17 +361,45 @@ impl AugmentConfig {
             image = rot90(&image, quarter_turns);
             mask = mask.map(|m| rot90(&m, quarter_turns));
         }
-        if affine {
-            let t = AffineParams {
+        let (h, w) = (image.height(), image.width());
+        let t = if affine {
+            AffineParams {
                 angle_deg: angle,
                 scale,
-                translate_y: ty * image.height() as f64,
-                translate_x: tx * image.width() as f64,
-            };
-            image = affine_bilinear(&image, t);
-            mask = mask.map(|m| affine_nearest(&m, t));
+                translate_y: ty * h as f64,
+                translate_x: tx * w as f64,
+            }
+        } else {
+            AffineParams::IDENTITY
+        };
+        let warp = if elastic && elastic_v > 0.0 {
+            let (ky, kx) = elastic_knots.split_at(knots * knots);
+            let scaled = |k: &[f64]| k.iter().map(|v| v * elastic_v).collect::<Vec<_>>();
+            Some(Warp::with_field(
+                t,
+                smooth_field(&scaled(ky), knots, h, w),
+                smooth_field(&scaled(kx), knots, h, w),
+            ))
+        } else {
+            affine.then(|| Warp::affine(t))
+        };
+        if let Some(warp) = warp {
+            image = warp.image(&image);
+            mask = mask.map(|m| warp.mask(&m));
         }
-        let intensity = bright || contrast || gamma || noise;
+        let intensity = bright || contrast || gamma || noise || bias || blur || low;
+        if bias && bias_v > 0.0 {
+            let field = smooth_field(&bias_knots, BIAS_KNOTS, h, w);
+            for (v, f) in image.data_mut().iter_mut().zip(field.data()) {
+                *v *= (bias_v as f32 * f).exp();
+            }
+        }
+        if blur {
+            image = gaussian_blur(&image, blur_v);
+        }
+        if low {
+            image = low_resolution(&image, low_v);
+        }
         if bright {
             for v in image.data_mut() {
                 *v += bright_v as f32;
@@ -268,6 +432,20 @@ impl AugmentConfig {
     }
 }
 
+/// A deformed copy of `sample` (image and mask warped together) by `config`,
+/// drawn from the stream of (seed, id) kept for deformed copies: the same
+/// seed gives the same copy on every machine. The image is quantised back to
+/// 8 bits, as a PNG of the copy would be.
+pub fn deform_sample(sample: &Sample, config: &AugmentConfig, seed: u64) -> Sample {
+    let mut rng = stream(seed, &[purpose::DEFORM, hash_str(&sample.id)]);
+    let (image, mask) = config.apply_with(to_unit(&sample.image), sample.mask.clone(), &mut rng);
+    Sample {
+        image: image.map(|v| (v * 255.0).round().clamp(0.0, 255.0) as u8),
+        mask,
+        ..sample.clone()
+    }
+}
+
 fn uniform(rng: &mut StreamRng, lo: f64, hi: f64) -> f64 {
     lo + (hi - lo) * rng.random::<f64>()
 }
@@ -277,89 +455,9 @@ fn draw(rng: &mut StreamRng, r: &Ranged) -> (bool, f64) {
     (fire, uniform(rng, r.min, r.max))
 }
 
-/// Mirror left-right.
-pub fn flip_h<T: Copy>(p: &Plane<T>) -> Plane<T> {
-    let w = p.width();
-    Plane::from_fn(p.height(), w, |y, x| p.get(y, w - 1 - x))
-}
-
-/// Mirror up-down.
-pub fn flip_v<T: Copy>(p: &Plane<T>) -> Plane<T> {
-    let h = p.height();
-    Plane::from_fn(h, p.width(), |y, x| p.get(h - 1 - y, x))
-}
-
-/// Rotate by `k` quarter turns counter-clockwise (as `numpy.rot90`).
-pub fn rot90<T: Copy>(p: &Plane<T>, k: u32) -> Plane<T> {
-    let (h, w) = (p.height(), p.width());
-    match k % 4 {
-        0 => p.clone(),
-        // out[y][x] = in[x][w-1-y], shape w×h
-        1 => Plane::from_fn(w, h, |y, x| p.get(x, w - 1 - y)),
-        2 => Plane::from_fn(h, w, |y, x| p.get(h - 1 - y, w - 1 - x)),
-        _ => Plane::from_fn(w, h, |y, x| p.get(h - 1 - x, y)),
-    }
-}
-
-/// Rotation (degrees, counter-clockwise), isotropic scale and shift (pixels)
-/// about the plane's centre.
-#[derive(Clone, Copy, Debug)]
-pub struct AffineParams {
-    pub angle_deg: f64,
-    pub scale: f64,
-    pub translate_y: f64,
-    pub translate_x: f64,
-}
-
-/// For each output pixel, the source position: the inverse transform.
-fn inverse_map(t: AffineParams, h: usize, w: usize) -> impl Fn(usize, usize) -> (f64, f64) {
-    let (cy, cx) = ((h as f64 - 1.0) / 2.0, (w as f64 - 1.0) / 2.0);
-    let (s, c) = t.angle_deg.to_radians().sin_cos();
-    move |y, x| {
-        let dy = y as f64 - cy - t.translate_y;
-        let dx = x as f64 - cx - t.translate_x;
-        // inverse rotation by angle, then inverse scale
-        let sx = (c * dx - s * dy) / t.scale;
-        let sy = (s * dx + c * dy) / t.scale;
-        (sy + cy, sx + cx)
-    }
-}
-
-/// Affine warp with bilinear interpolation; zero outside the source.
-pub fn affine_bilinear(p: &Plane<f32>, t: AffineParams) -> Plane<f32> {
-    let (h, w) = (p.height(), p.width());
-    let map = inverse_map(t, h, w);
-    let at = |y: isize, x: isize| -> f32 {
-        if y < 0 || x < 0 || y >= h as isize || x >= w as isize {
-            0.0
-        } else {
-            p.get(y as usize, x as usize)
-        }
-    };
-    Plane::from_fn(h, w, |y, x| {
-        let (sy, sx) = map(y, x);
-        let (y0, x0) = (sy.floor(), sx.floor());
-        let (fy, fx) = ((sy - y0) as f32, (sx - x0) as f32);
-        let (y0, x0) = (y0 as isize, x0 as isize);
-        let top = at(y0, x0) * (1.0 - fx) + at(y0, x0 + 1) * fx;
-        let bottom = at(y0 + 1, x0) * (1.0 - fx) + at(y0 + 1, x0 + 1) * fx;
-        top * (1.0 - fy) + bottom * fy
-    })
-}
-
-/// Affine warp with nearest-neighbour sampling (for masks); zero outside.
-pub fn affine_nearest(p: &Mask, t: AffineParams) -> Mask {
-    let (h, w) = (p.height(), p.width());
-    let map = inverse_map(t, h, w);
-    Plane::from_fn(h, w, |y, x| {
-        let (sy, sx) = map(y, x);
-        let (ry, rx) = (sy.round(), sx.round());
-        if ry < 0.0 || rx < 0.0 || ry >= h as f64 || rx >= w as f64 {
-            0
-        } else {
-            p.get(ry as usize, rx as usize)
-        }
-    })
+/// `n` standard normal values.
+fn normals(rng: &mut StreamRng, n: usize) -> Vec<f64> {
+    (0..n).map(|_| StandardNormal.sample(rng)).collect()
 }
 
 #[cfg(test)]
@@ -385,36 +483,6 @@ mod tests {
 
     fn image_of(mask: &Mask) -> Plane<f32> {
         mask.map(|c| f32::from(c) * 0.25)
-    }
-
-    #[test]
-    fn two_flips_are_the_identity() {
-        let (img, mask) = pair(12);
-        assert_eq!(flip_h(&flip_h(&img)), img);
-        assert_eq!(flip_v(&flip_v(&mask)), mask);
-        assert_ne!(flip_h(&mask), mask);
-    }
-
-    #[test]
-    fn four_quarter_turns_are_the_identity() {
-        let p = Plane::from_fn(3, 5, |y, x| (y * 5 + x) as u8);
-        let mut q = p.clone();
-        for _ in 0..4 {
-            q = rot90(&q, 1);
-        }
-        assert_eq!(q, p);
-        assert_eq!(rot90(&rot90(&p, 1), 3), p);
-        assert_eq!(rot90(&p, 2), rot90(&rot90(&p, 1), 1));
-        // counter-clockwise: the top-right corner goes to the top-left
-        assert_eq!(rot90(&p, 1).get(0, 0), p.get(0, 4));
-    }
-
-    #[test]
-    fn quarter_turn_by_hand() {
-        // [[1,2],[3,4]] turned counter-clockwise is [[2,4],[1,3]]
-        let p = Plane::from_vec(2, 2, vec![1u8, 2, 3, 4]).unwrap();
-        assert_eq!(rot90(&p, 1).data(), &[2, 4, 1, 3]);
-        assert_eq!(rot90(&p, 3).data(), &[3, 1, 4, 2]);
     }
 
     #[test]
@@ -526,6 +594,162 @@ mod tests {
         assert!(cfg.validate().is_err());
         let mut cfg = AugmentConfig::report();
         cfg.contrast.min = 2.0;
+        assert!(cfg.validate().is_err());
+    }
+
+    /// Every transform at full probability, one at a time and all together.
+    fn each_transform() -> Vec<(&'static str, AugmentConfig)> {
+        let full = AugmentConfig::robust();
+        let mut out = Vec::new();
+        let mut one = |name: &'static str, f: &dyn Fn(&mut AugmentConfig)| {
+            let mut c = AugmentConfig::none();
+            f(&mut c);
+            out.push((name, c));
+        };
+        one("affine", &|c| c.affine = Affine { p: 1.0, ..full.affine });
+        one("elastic", &|c| c.elastic = Elastic { p: 1.0, ..full.elastic });
+        one("bias_field", &|c| {
+            c.bias_field = Ranged {
+                p: 1.0,
+                ..full.bias_field
+            }
+        });
+        one("blur", &|c| c.blur = Ranged { p: 1.0, ..full.blur });
+        one("low_res", &|c| c.low_res = Ranged { p: 1.0, ..full.low_res });
+        one("gamma", &|c| c.gamma = Ranged { p: 1.0, ..full.gamma });
+        one("noise", &|c| c.noise = Ranged { p: 1.0, ..full.noise });
+        out.push(("robust", full));
+        out.push(("deformed_test", AugmentConfig::deformed_test()));
+        out
+    }
+
+    #[test]
+    fn every_transform_keeps_mask_and_image_aligned_in_range_and_repeats() {
+        let (img, mask) = pair(48);
+        for (name, cfg) in each_transform() {
+            cfg.validate().unwrap();
+            let geometric = cfg.affine.p > 0.0 || cfg.elastic.p > 0.0;
+            for epoch in 0..6 {
+                let (ai, am) = cfg.apply(img.clone(), Some(mask.clone()), 9, epoch, "cmr3");
+                let am = am.unwrap();
+                assert!(ai.data().iter().all(|v| (0.0..=1.0).contains(v)), "{name}");
+                assert!(am.data().iter().all(|&c| c <= 3), "{name}");
+                if !geometric {
+                    assert_eq!(am, mask, "{name}: an intensity transform moved the mask");
+                }
+                let again = cfg.apply(img.clone(), Some(mask.clone()), 9, epoch, "cmr3");
+                assert_eq!((ai.clone(), Some(am.clone())), again, "{name}: not deterministic");
+                assert_ne!(ai, img, "{name}: changed nothing");
+            }
+            // geometry only: the warped encoded image decodes to the warped mask
+            // wherever the mask is locally uniform
+            if geometric {
+                let mut only_geometry = cfg;
+                for r in [
+                    &mut only_geometry.gamma,
+                    &mut only_geometry.noise,
+                    &mut only_geometry.bias_field,
+                    &mut only_geometry.blur,
+                    &mut only_geometry.low_res,
+                    &mut only_geometry.brightness,
+                    &mut only_geometry.contrast,
+                ] {
+                    r.p = 0.0;
+                }
+                let mut checked = 0;
+                for epoch in 0..6 {
+                    let (ai, am) = only_geometry.apply(img.clone(), Some(mask.clone()), 9, epoch, "cmr3");
+                    let am = am.unwrap();
+                    assert_ne!(am, mask, "{name}: the mask did not move");
+                    for y in 2..46 {
+                        for x in 2..46 {
+                            let c = am.get(y, x);
+                            if (0..5).all(|dy| (0..5).all(|dx| am.get(y + dy - 2, x + dx - 2) == c)) {
+                                assert_eq!((ai.get(y, x) / 0.25).round() as u8, c, "{name} at ({y},{x})");
+                                checked += 1;
+                            }
+                        }
+                    }
+                }
+                assert!(checked > 6 * 1000, "{name}: {checked}");
+            }
+        }
+    }
+
+    #[test]
+    fn zero_strength_is_the_identity() {
+        let (img, mask) = pair(32);
+        let mut cfg = AugmentConfig::none();
+        cfg.affine = Affine {
+            p: 1.0,
+            max_rotation_deg: 0.0,
+            min_scale: 1.0,
+            max_scale: 1.0,
+            max_translate: 0.0,
+        };
+        cfg.elastic = Elastic {
+            p: 1.0,
+            min: 0.0,
+            max: 0.0,
+            grid: 4,
+        };
+        cfg.bias_field = Ranged::on(1.0, 0.0, 0.0);
+        cfg.blur = Ranged::on(1.0, 0.0, 0.0);
+        cfg.low_res = Ranged::on(1.0, 1.0, 1.0);
+        cfg.gamma = Ranged::on(1.0, 1.0, 1.0);
+        cfg.noise = Ranged::on(1.0, 0.0, 0.0);
+        let (ai, am) = cfg.apply(img.clone(), Some(mask.clone()), 4, 2, "cmr9");
+        assert_eq!(am.unwrap(), mask);
+        for (a, b) in ai.data().iter().zip(img.data()) {
+            assert!((a - b).abs() < 1e-6, "{a} {b}");
+        }
+    }
+
+    #[test]
+    fn turning_a_new_transform_on_leaves_the_old_draws_alone() {
+        let (img, mask) = pair(24);
+        let base = AugmentConfig::report();
+        let mut more = base;
+        more.blur = Ranged::on(0.0, 0.5, 1.0); // drawn, never fires
+        assert_eq!(
+            base.apply(img.clone(), Some(mask.clone()), 1, 3, "a"),
+            more.apply(img, Some(mask), 1, 3, "a")
+        );
+    }
+
+    #[test]
+    fn deformed_copies_are_seeded_and_keep_their_id() {
+        let (img, mask) = pair(40);
+        let sample = Sample {
+            id: "cmr5".into(),
+            image: img.map(|v| (v * 255.0) as u8),
+            mask: Some(mask.clone()),
+            original: crate::plane::Size { height: 40, width: 40 },
+            path: "cmr5.png".into(),
+        };
+        let cfg = AugmentConfig::deformed_test();
+        let a = deform_sample(&sample, &cfg, 7);
+        let b = deform_sample(&sample, &cfg, 7);
+        let c = deform_sample(&sample, &cfg, 8);
+        assert_eq!((a.image.clone(), a.mask.clone()), (b.image.clone(), b.mask.clone()));
+        assert_ne!(a.image, c.image);
+        assert_eq!(a.id, "cmr5");
+        assert_ne!(a.mask, Some(mask));
+    }
+
+    #[test]
+    fn validation_rejects_bad_new_values() {
+        let mut cfg = AugmentConfig::robust();
+        cfg.elastic.grid = 1;
+        assert!(cfg.validate().is_err());
+        let mut cfg = AugmentConfig::robust();
+        cfg.low_res.min = 0.5;
+        assert!(cfg.validate().is_err());
+        let mut cfg = AugmentConfig::robust();
+        cfg.affine.max_rotation_deg = 200.0;
+        assert!(cfg.validate().is_err());
+        let mut cfg = AugmentConfig::robust();
+        cfg.blur.p = -0.1;
         assert!(cfg.validate().is_err());
     }
 }

@@ -15,11 +15,10 @@ mod png;
 mod rle;
 mod rng;
 mod split;
+mod transforms;
 
 pub use atomic::{write_atomic, write_atomic_with};
-pub use augment::{
-    Affine, AffineParams, AugmentConfig, Ranged, affine_bilinear, affine_nearest, flip_h, flip_v, rot90,
-};
+pub use augment::{Affine, AugmentConfig, Elastic, Ranged, deform_sample};
 pub use batch::{Batch, BatchPlan};
 pub use dataset::{
     Dataset, Labels, LoadOptions, Sample, list_pngs, load_images, load_split, mask_file_name, natural_cmp,
@@ -30,4 +29,8 @@ pub use plane::{Image, Mask, Plane, Size};
 pub use png::{CLASS_COLOURS, NUM_CLASSES, overlay, read_image, read_mask, write_image, write_mask, write_overlay};
 pub use rle::{FOREGROUND, Row, read_submission, rle_decode, rle_encode, submission_rows, write_submission};
 pub use rng::{StreamRng, hash_str, purpose, stream};
-pub use split::{Splits, ValSource, hold_out};
+pub use split::{Folds, Grouping, Splits, ValSource, hold_out};
+pub use transforms::{
+    AffineParams, Warp, affine_bilinear, affine_nearest, flip_h, flip_v, gaussian_blur, low_resolution,
+    resize_bilinear, rot90, smooth_field,
+};

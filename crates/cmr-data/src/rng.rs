@@ -40,6 +40,8 @@ pub mod purpose {
     pub const SHUFFLE: u64 = 2;
     pub const AUGMENT: u64 = 3;
     pub const INIT: u64 = 4;
+    pub const FOLDS: u64 = 5;
+    pub const DEFORM: u64 = 6;
 }
 
 #[cfg(test)]

@@ -209,7 +209,7 @@ fn the_shared_dataset_loads() {
     for c in 1..=3u8 {
         assert!(ds.train.iter().any(|s| s.mask.as_ref().unwrap().data().contains(&c)));
     }
-    let splits = Splits::from_dataset(&ds, 0.2, 42).unwrap();
+    let splits = Splits::from_dataset(&ds, 0.2, 42, cmr_data::Grouping::Slice).unwrap();
     assert_eq!((splits.train.len(), splits.val.len()), (80, 20));
     assert!(matches!(splits.source, ValSource::HeldOut { .. }));
     let plan = BatchPlan::eval(8, Normalization::UnitRange);
