@@ -185,6 +185,11 @@ impl MetricsAccumulator {
         &self.images
     }
 
+    /// Append the images of `other` (to pool folds into one out-of-fold score).
+    pub fn extend(&mut self, other: &Self) {
+        self.images.extend_from_slice(&other.images);
+    }
+
     pub fn len(&self) -> usize {
         self.images.len()
     }

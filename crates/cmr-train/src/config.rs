@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use cmr_data::{AugmentConfig, Normalization};
+use cmr_data::{AugmentConfig, Grouping, Normalization};
 use cmr_loss::Loss;
 use cmr_models::{Architecture, ModelConfig, Preset};
 use serde::{Deserialize, Serialize};
@@ -33,6 +33,11 @@ pub struct DataConfig {
     /// Fraction of `train/` held out for validation when there is no `val/`.
     #[serde(default = "default_val_fraction")]
     pub val_fraction: f64,
+    /// Which slices come from one patient: hold-outs and folds take whole
+    /// patients. Configs that do not say split by slice, as runs made before
+    /// grouping existed did.
+    #[serde(default)]
+    pub grouping: Grouping,
     #[serde(default)]
     pub normalization: Normalization,
     #[serde(default)]
@@ -44,6 +49,7 @@ impl Default for DataConfig {
         Self {
             size: default_size(),
             val_fraction: default_val_fraction(),
+            grouping: Grouping::Consecutive { size: 2 },
             normalization: Normalization::default(),
             augment: AugmentConfig::none(),
         }
@@ -185,6 +191,7 @@ impl TrainConfig {
         self.optim.validate()?;
         self.schedule.validate()?;
         self.data.augment.validate()?;
+        self.data.grouping.validate()?;
         self.model
             .check_input_size(self.data.size, self.data.size)
             .map_err(|e| TrainError::Config(format!("data.size: {e}")))?;

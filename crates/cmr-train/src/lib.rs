@@ -3,13 +3,15 @@
 //! [`TrainConfig`] is the whole recipe (model, data, augmentation, loss,
 //! optimiser, schedule, epochs, seed, device), written next to every model.
 //! [`Trainer`] runs the loop in a run folder ([`RunDir`]) and can resume it
-//! exactly; [`Predictor`] runs a trained model (with optional flip TTA and
-//! largest-component clean-up) and evaluates it. The optimisers are our own
+//! exactly, and [`train_folds`] runs a k-fold cross-validation ([`CvDir`]);
+//! [`Predictor`] runs a trained model or an ensemble (with optional flip or
+//! flip-and-rotation TTA and largest-component clean-up) and evaluates it. The optimisers are our own
 //! ([`Optimizer`]) so that their state is checkpointed. This crate chooses no
 //! paths: callers give it the run folder and the data root.
 
 mod checkpoint;
 mod config;
+mod cv;
 mod device;
 mod error;
 mod init;
@@ -24,13 +26,17 @@ mod trainer;
 
 pub use checkpoint::{load_tensors, load_varmap, save_tensors, save_varmap, varmap_tensors};
 pub use config::{DataConfig, EarlyStopping, TrainConfig, TrainPreset};
+pub use cv::{
+    CvDir, CvOutcome, CvReport, CvSpec, CvSummary, FoldStatus, FoldSummary, MeanSd, ensemble_members, evaluate_folds,
+    train_folds,
+};
 pub use device::{DeviceSpec, HAS_CUDA, HAS_METAL, device_name};
 pub use error::{Result, TrainError};
 pub use init::seeded_var_builder;
 pub use log::{CSV_HEADER, EpochRecord, MetricsLog};
 pub use optim::{OptimConfig, Optimizer};
 pub use plot::draw_curves;
-pub use predict::{Evaluation, PredictOptions, Predictor, resolve_model};
+pub use predict::{Evaluation, PredictOptions, Predictor, Tta, resolve_model};
 pub use run::{Best, RunDir, TrainState};
 pub use schedule::Schedule;
 pub use strategy::{is_improvement, should_stop_early, validates_at};

@@ -1,5 +1,6 @@
-//! Inference: probabilities (optionally averaged over flips), label masks
-//! (optionally cleaned to the largest component per class), evaluation.
+//! Inference: probabilities (averaged over an ensemble's members and over the
+//! views of test-time augmentation), label masks (optionally cleaned to the
+//! largest component per class), evaluation.
 
 use std::path::{Path, PathBuf};
 
@@ -8,6 +9,7 @@ use candle_nn::{VarMap, ops::softmax};
 use cmr_data::{BatchPlan, Mask, Plane, Sample};
 use cmr_loss::{LabelMap, Loss, MetricsAccumulator, keep_largest_components};
 use cmr_models::{Model, build};
+use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::load_varmap;
 use crate::config::TrainConfig;
@@ -15,12 +17,115 @@ use crate::error::{Result, TrainError};
 use crate::init::seeded_var_builder;
 use crate::run::RunDir;
 
+/// Test-time augmentation: the views of an image whose softmax outputs are
+/// averaged, each mapped back to the image's own frame first.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Tta {
+    /// The image as it is.
+    #[default]
+    None,
+    /// The four flips: none, left-right, up-down, both.
+    Flips,
+    /// The eight symmetries of the square: the four flips, each with and
+    /// without a transpose (every rotation by a multiple of 90° and every
+    /// mirror). Needs square inputs, which fitted images are.
+    Dihedral,
+}
+
+/// One view: transpose, then mirror left-right, then up-down.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct View {
+    transpose: bool,
+    hflip: bool,
+    vflip: bool,
+}
+
+impl View {
+    /// `[B, C, H, W]` → the view.
+    fn forward(self, x: &Tensor) -> Result<Tensor> {
+        // flips take contiguous tensors: transpose into a copy first
+        let mut y = if self.transpose {
+            x.transpose(2, 3)?.contiguous()?
+        } else {
+            x.clone()
+        };
+        if self.hflip {
+            y = y.flip(&[3])?;
+        }
+        if self.vflip {
+            y = y.flip(&[2])?;
+        }
+        Ok(y.contiguous()?)
+    }
+
+    /// The view's output → the image's frame (the inverse of `forward`).
+    fn back(self, y: &Tensor) -> Result<Tensor> {
+        let mut x = y.clone();
+        if self.vflip {
+            x = x.flip(&[2])?;
+        }
+        if self.hflip {
+            x = x.flip(&[3])?;
+        }
+        if self.transpose {
+            x = x.transpose(2, 3)?;
+        }
+        Ok(x.contiguous()?)
+    }
+}
+
+impl Tta {
+    fn views(self) -> Vec<View> {
+        let transposes: &[bool] = match self {
+            Self::None => {
+                return vec![View {
+                    transpose: false,
+                    hflip: false,
+                    vflip: false,
+                }];
+            }
+            Self::Flips => &[false],
+            Self::Dihedral => &[false, true],
+        };
+        let mut out = Vec::new();
+        for &transpose in transposes {
+            for (hflip, vflip) in [(false, false), (true, false), (false, true), (true, true)] {
+                out.push(View {
+                    transpose,
+                    hflip,
+                    vflip,
+                });
+            }
+        }
+        out
+    }
+
+    /// How many forward passes per image and member.
+    pub fn num_views(self) -> usize {
+        self.views().len()
+    }
+
+    pub fn is_active(self) -> bool {
+        self != Self::None
+    }
+}
+
+impl std::fmt::Display for Tta {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::None => "none",
+            Self::Flips => "flips (4 views)",
+            Self::Dihedral => "flips and rotations (8 views)",
+        })
+    }
+}
+
 /// Inference options.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PredictOptions {
-    /// Average the softmax over the four flips (none, left-right, up-down,
-    /// both).
-    pub tta: bool,
+    /// Test-time augmentation.
+    pub tta: Tta,
     /// Keep only the largest 8-connected component of each class.
     pub clean: bool,
     pub batch_size: usize,
@@ -29,7 +134,7 @@ pub struct PredictOptions {
 impl Default for PredictOptions {
     fn default() -> Self {
         Self {
-            tta: false,
+            tta: Tta::None,
             clean: false,
             batch_size: 8,
         }
@@ -65,19 +170,48 @@ pub fn resolve_model(path: &Path) -> Result<(PathBuf, PathBuf)> {
     Ok((weights, config))
 }
 
-/// A trained network ready for inference.
+/// A trained network, or an ensemble of them, ready for inference.
+///
+/// An ensemble's prediction is the mean of its members' softmax outputs (each
+/// already averaged over the TTA views); the members must agree on the input
+/// size, normalisation and classes, and may differ in architecture.
 #[derive(Clone, Debug)]
 pub struct Predictor {
-    model: Model,
+    members: Vec<Model>,
+    /// The first member's configuration (input size and normalisation, which
+    /// every member shares).
     config: TrainConfig,
     device: Device,
     options: PredictOptions,
 }
 
+/// Read one model's configuration and weights.
+fn load_member(path: &Path, device: &Device) -> Result<(Model, TrainConfig)> {
+    let (weights, config_path) = resolve_model(path)?;
+    let config = TrainConfig::read_json(&config_path)?;
+    config.model.validate()?;
+    let varmap = VarMap::new();
+    let model = build(&config.model, seeded_var_builder(&varmap, 0, DType::F32, device))?;
+    load_varmap(&weights, &varmap)?;
+    Ok((model, config))
+}
+
 impl Predictor {
     pub fn new(model: Model, config: TrainConfig, device: Device, options: PredictOptions) -> Self {
         Self {
-            model,
+            members: vec![model],
+            config,
+            device,
+            options,
+        }
+    }
+
+    /// An ensemble of `members` sharing `config`'s input size and
+    /// normalisation. Panics on an empty list (a programming error).
+    pub fn from_members(members: Vec<Model>, config: TrainConfig, device: Device, options: PredictOptions) -> Self {
+        assert!(!members.is_empty(), "an ensemble needs at least one member");
+        Self {
+            members,
             config,
             device,
             options,
@@ -86,13 +220,45 @@ impl Predictor {
 
     /// Load the model at `path` (see [`resolve_model`]) onto `device`.
     pub fn load(path: &Path, device: &Device, options: PredictOptions) -> Result<Self> {
-        let (weights, config_path) = resolve_model(path)?;
-        let config = TrainConfig::read_json(&config_path)?;
-        config.model.validate()?;
-        let varmap = VarMap::new();
-        let model = build(&config.model, seeded_var_builder(&varmap, 0, DType::F32, device))?;
-        load_varmap(&weights, &varmap)?;
-        Ok(Self::new(model, config, device.clone(), options))
+        Self::load_ensemble(&[path.to_path_buf()], device, options)
+    }
+
+    /// Load an ensemble of the models at `paths` (each as [`resolve_model`]
+    /// takes it). Members that disagree on input size, normalisation or
+    /// number of classes are refused, naming the first that does.
+    pub fn load_ensemble(paths: &[PathBuf], device: &Device, options: PredictOptions) -> Result<Self> {
+        let Some((first, rest)) = paths.split_first() else {
+            return Err(TrainError::Config("an ensemble needs at least one model".into()));
+        };
+        let (model, config) = load_member(first, device)?;
+        let mut members = vec![model];
+        for path in rest {
+            let (model, other) = load_member(path, device)?;
+            let key = |c: &TrainConfig| (c.data.size, c.data.normalization, c.model.num_classes());
+            if key(&other) != key(&config) {
+                return Err(TrainError::Run {
+                    path: path.clone(),
+                    message: format!(
+                        "cannot join an ensemble with {}: input size, normalisation or classes differ ({:?} against {:?})",
+                        first.display(),
+                        key(&other),
+                        key(&config)
+                    ),
+                });
+            }
+            members.push(model);
+        }
+        Ok(Self {
+            members,
+            config,
+            device: device.clone(),
+            options,
+        })
+    }
+
+    /// The models averaged.
+    pub fn members(&self) -> &[Model] {
+        &self.members
     }
 
     pub fn config(&self) -> &TrainConfig {
@@ -107,18 +273,24 @@ impl Predictor {
         BatchPlan::eval(self.options.batch_size.max(1), self.config.data.normalization)
     }
 
-    /// Class probabilities `[B, C, H, W]` of normalised images `[B, 1, H, W]`;
-    /// with TTA the mean over the four flips, each flipped back.
+    /// Class probabilities `[B, C, H, W]` of normalised images `[B, 1, H, W]`:
+    /// the mean over members and TTA views of the softmax, each view mapped
+    /// back to the image's frame.
     pub fn probabilities(&self, images: &Tensor) -> Result<Tensor> {
-        let forward = |x: &Tensor| -> Result<Tensor> { Ok(softmax(&self.model.forward_t(x, false)?, 1)?) };
-        if !self.options.tta {
-            return forward(images);
+        let views = self.options.tta.views();
+        let mut sum: Option<Tensor> = None;
+        for model in &self.members {
+            for &view in &views {
+                let p = view.back(&softmax(&model.forward_t(&view.forward(images)?, false)?, 1)?)?;
+                sum = Some(match sum {
+                    Some(s) => (s + p)?,
+                    None => p,
+                });
+            }
         }
-        let mut sum = forward(images)?;
-        for dims in [&[3usize][..], &[2], &[2, 3]] {
-            sum = (sum + forward(&images.flip(dims)?)?.flip(dims)?)?;
-        }
-        Ok((sum / 4.0)?)
+        let sum = sum.expect("an ensemble has at least one member and one view");
+        let n = (self.members.len() * views.len()) as f64;
+        if n == 1.0 { Ok(sum) } else { Ok((sum / n)?) }
     }
 
     /// Label masks from probabilities, cleaned if asked.
@@ -152,7 +324,7 @@ impl Predictor {
     }
 
     /// Metrics of the predictions of labelled `samples` and, when `loss` is
-    /// given (and TTA is off), the mean batch loss.
+    /// given (for a single model without TTA), the mean batch loss.
     pub fn evaluate(&self, samples: &[Sample], loss: Option<&Loss>) -> Result<Evaluation> {
         let plan = self.plan();
         let mut acc = MetricsAccumulator::new();
@@ -163,8 +335,8 @@ impl Predictor {
             let batch = batch?;
             let masks = batch.masks()?;
             let probs = match loss {
-                Some(loss) if !self.options.tta => {
-                    let logits = self.model.forward_t(&batch.images, false)?;
+                Some(loss) if !self.options.tta.is_active() && self.members.len() == 1 => {
+                    let logits = self.members[0].forward_t(&batch.images, false)?;
                     loss_sum += f64::from(loss.compute(&logits, masks)?.to_dtype(DType::F32)?.to_scalar::<f32>()?);
                     batches += 1;
                     softmax(&logits, 1)?

@@ -31,6 +31,9 @@ pub trait Observer {
     fn batch_end(&mut self, _batch: usize, _loss: f64) {}
     /// An epoch finished; `improved` when it is the new best model.
     fn epoch_end(&mut self, _record: &EpochRecord, _improved: bool) {}
+    /// Cross-validation: fold `fold` (0-based) of `k` starts, with
+    /// `epochs_done` of its epochs already done.
+    fn fold_start(&mut self, _fold: usize, _k: usize, _epochs_done: usize) {}
 }
 
 /// An observer that ignores everything.
@@ -54,7 +57,12 @@ pub enum Outcome {
 /// validation split from `val/` or held out of `train/` by the seed.
 pub fn load_splits(root: &Path, config: &TrainConfig) -> Result<Splits> {
     let dataset = Dataset::open(root, LoadOptions { size: config.data.size })?;
-    Ok(Splits::from_dataset(&dataset, config.data.val_fraction, config.seed)?)
+    Ok(Splits::from_dataset(
+        &dataset,
+        config.data.val_fraction,
+        config.seed,
+        config.data.grouping,
+    )?)
 }
 
 /// A training run in progress.

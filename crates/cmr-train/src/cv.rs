@@ -1,0 +1,359 @@
+//! k-fold cross-validation: `k` runs of one recipe in one folder, trained and
+//! resumed fold by fold, and their cross-validated scores.
+//!
+//! ```text
+//! CV/cv.json        the recipe and the folds (validation ids of each), written first
+//! CV/fold-0/ …      one run folder per fold (see RunDir)
+//! CV/summary.json   each finished fold's best validation score, and their mean ± SD
+//! ```
+//! A CV folder is also an ensemble: its fold models, averaged.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use candle_core::Device;
+use cmr_data::{Folds, Sample};
+use cmr_loss::{MetricsAccumulator, MetricsReport};
+use serde::{Deserialize, Serialize};
+
+use crate::config::TrainConfig;
+use crate::error::{Result, TrainError};
+use crate::predict::{PredictOptions, Predictor};
+use crate::run::RunDir;
+use crate::trainer::{Observer, Outcome, Trainer};
+
+/// What `cv.json` holds: the recipe every fold trains with and the folds.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CvSpec {
+    pub config: TrainConfig,
+    pub folds: Folds,
+}
+
+/// A cross-validation folder.
+#[derive(Clone, Debug)]
+pub struct CvDir {
+    root: PathBuf,
+}
+
+/// Where a fold stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FoldStatus {
+    NotStarted,
+    /// Started, with this many epochs done.
+    InProgress(usize),
+    Finished,
+}
+
+impl CvDir {
+    pub const SPEC: &'static str = "cv.json";
+    pub const SUMMARY: &'static str = "summary.json";
+
+    /// Whether `path` is a cross-validation folder (holds `cv.json`).
+    pub fn is_cv(path: &Path) -> bool {
+        path.join(Self::SPEC).is_file()
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Start a cross-validation in the new folder `root`: validate the recipe
+    /// and write `cv.json`. A folder that already holds a run or a CV is
+    /// refused.
+    pub fn create(root: &Path, spec: &CvSpec) -> Result<Self> {
+        spec.config.validate()?;
+        if root.join(Self::SPEC).exists() || root.join(RunDir::CONFIG).exists() {
+            return Err(TrainError::Run {
+                path: root.to_path_buf(),
+                message: "already holds a run (resume it, or choose another output folder)".into(),
+            });
+        }
+        std::fs::create_dir_all(root).map_err(|e| TrainError::io(root, e))?;
+        let text = serde_json::to_string_pretty(spec).expect("a CvSpec always serialises");
+        cmr_data::write_atomic(&root.join(Self::SPEC), text.as_bytes())?;
+        Ok(Self {
+            root: root.to_path_buf(),
+        })
+    }
+
+    /// Open a cross-validation folder and read `cv.json`.
+    pub fn open(root: &Path) -> Result<(Self, CvSpec)> {
+        let path = root.join(Self::SPEC);
+        if !path.is_file() {
+            return Err(TrainError::Run {
+                path: root.to_path_buf(),
+                message: format!("not a cross-validation folder (no {})", Self::SPEC),
+            });
+        }
+        let text = std::fs::read_to_string(&path).map_err(|e| TrainError::io(&path, e))?;
+        let spec: CvSpec = serde_json::from_str(&text).map_err(|e| TrainError::ConfigFile {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        if spec.folds.val.len() != spec.folds.k {
+            return Err(TrainError::ConfigFile {
+                path,
+                message: format!("{} folds listed for k = {}", spec.folds.val.len(), spec.folds.k),
+            });
+        }
+        Ok((
+            Self {
+                root: root.to_path_buf(),
+            },
+            spec,
+        ))
+    }
+
+    /// The run folder of fold `fold` (0-based).
+    pub fn fold_dir(&self, fold: usize) -> PathBuf {
+        self.root.join(format!("fold-{fold}"))
+    }
+
+    /// The run folders of the `k` folds, in order.
+    pub fn fold_dirs(&self, k: usize) -> Vec<PathBuf> {
+        (0..k).map(|f| self.fold_dir(f)).collect()
+    }
+
+    pub fn fold_status(&self, fold: usize) -> Result<FoldStatus> {
+        let dir = self.fold_dir(fold);
+        if !dir.join(RunDir::CONFIG).is_file() {
+            return Ok(FoldStatus::NotStarted);
+        }
+        Ok(match RunDir::at(&dir).read_state()? {
+            None => FoldStatus::NotStarted,
+            Some(s) if s.finished => FoldStatus::Finished,
+            Some(s) => FoldStatus::InProgress(s.epochs_done),
+        })
+    }
+
+    /// Write `summary.json` from the folds' states.
+    fn write_summary(&self, spec: &CvSpec) -> Result<CvSummary> {
+        let mut folds = Vec::new();
+        for f in 0..spec.folds.k {
+            let state = RunDir::at(&self.fold_dir(f)).read_state()?;
+            folds.push(FoldSummary {
+                fold: f,
+                validation_images: spec.folds.val[f].len(),
+                finished: state.as_ref().is_some_and(|s| s.finished),
+                epochs_done: state.as_ref().map_or(0, |s| s.epochs_done),
+                best_epoch: state.as_ref().and_then(|s| s.best.as_ref()).map(|b| b.epoch),
+                best_mean_dice: state.as_ref().and_then(|s| s.best.as_ref()).map(|b| b.mean_dice),
+            });
+        }
+        let scores: Vec<f64> = folds
+            .iter()
+            .filter(|f| f.finished)
+            .filter_map(|f| f.best_mean_dice)
+            .collect();
+        let summary = CvSummary {
+            k: spec.folds.k,
+            folds_finished: folds.iter().filter(|f| f.finished).count(),
+            best_mean_dice: MeanSd::of(&scores),
+            folds,
+        };
+        let text = serde_json::to_string_pretty(&summary).expect("a summary serialises");
+        cmr_data::write_atomic(&self.root.join(Self::SUMMARY), text.as_bytes())?;
+        Ok(summary)
+    }
+}
+
+/// One fold in `summary.json`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FoldSummary {
+    pub fold: usize,
+    pub validation_images: usize,
+    pub finished: bool,
+    pub epochs_done: usize,
+    pub best_epoch: Option<usize>,
+    /// Best mean foreground Dice on the fold's validation images (no TTA).
+    pub best_mean_dice: Option<f64>,
+}
+
+/// `summary.json`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CvSummary {
+    pub k: usize,
+    pub folds_finished: usize,
+    /// Over the finished folds.
+    pub best_mean_dice: Option<MeanSd>,
+    pub folds: Vec<FoldSummary>,
+}
+
+/// Mean and sample standard deviation (n − 1; 0 for one value).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MeanSd {
+    pub mean: f64,
+    pub sd: f64,
+    pub n: usize,
+}
+
+impl MeanSd {
+    /// `None` for no values.
+    pub fn of(values: &[f64]) -> Option<Self> {
+        let n = values.len();
+        if n == 0 {
+            return None;
+        }
+        let mean = values.iter().sum::<f64>() / n as f64;
+        let sd = if n > 1 {
+            (values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1) as f64).sqrt()
+        } else {
+            0.0
+        };
+        Some(Self { mean, sd, n })
+    }
+}
+
+impl std::fmt::Display for MeanSd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:.4} ± {:.4}", self.mean, self.sd)
+    }
+}
+
+/// How [`train_folds`] ended.
+#[derive(Clone, Debug, PartialEq)]
+pub enum CvOutcome {
+    /// Every fold is trained.
+    Finished(CvSummary),
+    /// The stop flag was raised in fold `fold`; it is saved and resumes there.
+    Interrupted { fold: usize },
+}
+
+/// Train every fold that is not finished, in order: a fold never started is
+/// created (one started but stopped before its first checkpoint is started
+/// again), one in progress is resumed, a finished one is skipped. `samples`
+/// must be the data the folds were made from. `summary.json` is rewritten
+/// after each fold.
+pub fn train_folds(
+    cv: &CvDir,
+    spec: &CvSpec,
+    samples: &[Sample],
+    device: &Device,
+    observer: &mut dyn Observer,
+    stop: &AtomicBool,
+) -> Result<CvOutcome> {
+    for fold in 0..spec.folds.k {
+        let splits = spec.folds.split(samples, fold)?;
+        let dir = cv.fold_dir(fold);
+        let mut trainer = match cv.fold_status(fold)? {
+            FoldStatus::Finished => continue,
+            FoldStatus::InProgress(_) => Trainer::resume(&dir, device.clone(), None)?,
+            FoldStatus::NotStarted => {
+                if dir.exists() {
+                    std::fs::remove_dir_all(&dir).map_err(|e| TrainError::io(&dir, e))?;
+                }
+                Trainer::create(spec.config.clone(), &dir, device.clone())?
+            }
+        };
+        if *trainer.config() != spec.config {
+            // `resume` keeps the fold's own config; a CV's folds share one recipe
+            return Err(TrainError::Run {
+                path: dir,
+                message: format!("its {} differs from the recipe in {}", RunDir::CONFIG, CvDir::SPEC),
+            });
+        }
+        observer.fold_start(fold, spec.folds.k, trainer.state().epochs_done);
+        let outcome = trainer.fit(&splits, observer, stop)?;
+        cv.write_summary(spec)?;
+        if matches!(outcome, Outcome::Interrupted { .. }) || stop.load(Ordering::SeqCst) {
+            if cv.fold_status(fold)? != FoldStatus::Finished {
+                return Ok(CvOutcome::Interrupted { fold });
+            }
+            if fold + 1 < spec.folds.k {
+                return Ok(CvOutcome::Interrupted { fold: fold + 1 });
+            }
+        }
+    }
+    Ok(CvOutcome::Finished(cv.write_summary(spec)?))
+}
+
+/// Cross-validated scores: each fold's model on its own validation images.
+#[derive(Clone, Debug)]
+pub struct CvReport {
+    /// Per fold, in order.
+    pub folds: Vec<MetricsReport>,
+    /// Every image scored by the model of the fold that validates on it.
+    pub out_of_fold: MetricsAccumulator,
+}
+
+impl CvReport {
+    /// Mean ± SD over folds of the Dice of RV, Myo, LV and their mean.
+    pub fn fold_dice(&self) -> [MeanSd; 4] {
+        let of = |f: &dyn Fn(&MetricsReport) -> f64| {
+            MeanSd::of(&self.folds.iter().map(f).collect::<Vec<_>>()).unwrap_or(MeanSd {
+                mean: f64::NAN,
+                sd: f64::NAN,
+                n: 0,
+            })
+        };
+        [
+            of(&|r| r.classes[0].dice),
+            of(&|r| r.classes[1].dice),
+            of(&|r| r.classes[2].dice),
+            of(&|r| r.mean_dice),
+        ]
+    }
+}
+
+/// Score each finished fold's best model on its validation images of
+/// `samples` (the data the folds were made from), after `transform` (the
+/// identity, or a deformed copy). Refuses a CV with unfinished folds.
+pub fn evaluate_folds(
+    cv: &CvDir,
+    spec: &CvSpec,
+    samples: &[Sample],
+    device: &Device,
+    options: PredictOptions,
+    transform: &dyn Fn(&Sample) -> Sample,
+    mut progress: impl FnMut(usize),
+) -> Result<CvReport> {
+    let mut folds = Vec::new();
+    let mut out_of_fold = MetricsAccumulator::new();
+    let mut done = 0;
+    for fold in 0..spec.folds.k {
+        if cv.fold_status(fold)? != FoldStatus::Finished {
+            return Err(TrainError::Run {
+                path: cv.fold_dir(fold),
+                message: format!(
+                    "fold {fold} of {} is not trained yet (resume the cross-validation first)",
+                    spec.folds.k
+                ),
+            });
+        }
+        let splits = spec.folds.split(samples, fold)?;
+        let val: Vec<Sample> = splits.val.iter().map(transform).collect();
+        let predictor = Predictor::load(&cv.fold_dir(fold), device, options)?;
+        let eval = predictor.evaluate(&val, None)?;
+        done += val.len();
+        progress(done);
+        folds.push(eval.metrics.report());
+        out_of_fold.extend(&eval.metrics);
+    }
+    Ok(CvReport { folds, out_of_fold })
+}
+
+/// The models a `--model` path stands for: the fold models of a CV folder, or
+/// the path itself.
+pub fn ensemble_members(path: &Path) -> Result<Vec<PathBuf>> {
+    if CvDir::is_cv(path) {
+        let (cv, spec) = CvDir::open(path)?;
+        Ok(cv.fold_dirs(spec.folds.k))
+    } else {
+        Ok(vec![path.to_path_buf()])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mean_and_sd_by_hand() {
+        let m = MeanSd::of(&[0.8, 0.9, 1.0]).unwrap();
+        assert!((m.mean - 0.9).abs() < 1e-12);
+        assert!((m.sd - 0.1).abs() < 1e-12);
+        assert_eq!(MeanSd::of(&[0.5]).unwrap().sd, 0.0);
+        assert!(MeanSd::of(&[]).is_none());
+    }
+}
