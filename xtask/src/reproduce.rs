@@ -251,7 +251,7 @@ pub fn run(opts: &ReproduceOptions) -> anyhow::Result<Vec<NetworkResult>> {
     if let Some(n) = opts.test_limit {
         test.truncate(n);
     }
-    let splits = Splits::from_dataset(&dataset, first.data.val_fraction, first.seed)?;
+    let splits = Splits::from_dataset(&dataset, first.data.val_fraction, first.seed, first.data.grouping)?;
     tracing::info!(
         "{} training, {} validation ({}), {} test images",
         splits.train.len(),
@@ -272,7 +272,7 @@ pub fn run(opts: &ReproduceOptions) -> anyhow::Result<Vec<NetworkResult>> {
         let plain = Predictor::load(&dir, &device, PredictOptions::default())?;
         let val = plain.evaluate(&splits.val, None)?.metrics.report();
         let tta_opts = PredictOptions {
-            tta: true,
+            tta: cmr_train::Tta::Dihedral,
             clean: true,
             ..PredictOptions::default()
         };

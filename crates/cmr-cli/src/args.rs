@@ -61,6 +61,21 @@ pub enum AugmentChoice {
     Report,
     /// The report's five plus random affine, gamma and noise.
     Strong,
+    /// What scanners and hearts do: rotation by any angle, scale, elastic
+    /// deformation, bias field, blur, low resolution, gamma, noise, on top of
+    /// the report's five.
+    Robust,
+}
+
+/// Test-time augmentation for `--tta`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum TtaChoice {
+    /// The eight flips and rotations of the square (what a bare --tta means).
+    All,
+    /// The four flips only.
+    Flips,
+    /// No test-time augmentation.
+    None,
 }
 
 /// Losses for `--loss`.
@@ -100,6 +115,11 @@ pub struct TrainArgs {
     /// Number of epochs (with --resume: the new total).
     #[arg(long)]
     pub epochs: Option<usize>,
+    /// k-fold cross-validation over train/: K runs in one folder (fold-0 …
+    /// fold-K-1, cv.json, summary.json), folds seeded and by patient. Resume
+    /// it with --resume FOLDER; `cmr eval --model FOLDER` scores it.
+    #[arg(long, value_name = "K", conflicts_with = "resume")]
+    pub folds: Option<usize>,
     #[arg(long)]
     pub batch_size: Option<usize>,
     /// Base learning rate.
@@ -129,9 +149,11 @@ fn parse_train_preset(s: &str) -> Result<TrainPreset, String> {
 /// How predictions are made.
 #[derive(Debug, Args)]
 pub struct InferenceArgs {
-    /// Average the softmax over flips (test-time augmentation).
-    #[arg(long)]
-    pub tta: bool,
+    /// Test-time augmentation: average the softmax over the eight flips and
+    /// rotations of the square (`--tta` or `--tta all`) or the four flips
+    /// (`--tta flips`).
+    #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "all", value_name = "VIEWS")]
+    pub tta: Option<TtaChoice>,
     /// Keep only the largest connected component of each class.
     #[arg(long)]
     pub clean: bool,
@@ -142,15 +164,28 @@ pub struct InferenceArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(after_help = "Examples:
+  cmr eval --model runs/unet3plus-cpu-cv5 --data data/cmr-2021 --tta     cross-validated scores
+  cmr eval --model runs/unet3plus-cpu-cv5 --data data/cmr-2021 --deform 1  the same on deformed copies
+  cmr eval --model runs/a,runs/b --data data/cmr-2021/val                an ensemble of two runs
+  cmr eval --model unet3plus --data some/labelled/split --json --tta --clean")]
 pub struct EvalArgs {
-    /// A run folder, a .safetensors with config.json beside it, or a shipped
-    /// model's name (segnet, unet, unet3plus).
+    /// A run folder, a cross-validation folder, a .safetensors with
+    /// config.json beside it, or a shipped model's name (segnet, unet,
+    /// unet3plus); several, comma-separated, make an ensemble.
     #[arg(long, value_name = "M")]
     pub model: String,
-    /// A labelled split folder (image/, mask/), or a dataset root: then its
-    /// val/ split, or the model's own held-out part of train/.
+    /// A labelled split folder (image/, mask/), or a dataset root: then, for a
+    /// cross-validation folder, each fold's model on its own validation
+    /// slices of train/; otherwise its val/ split, or the model's own
+    /// held-out part of train/.
     #[arg(long, value_name = "DIR")]
     pub data: PathBuf,
+    /// Score deformed copies of the images instead (elastic warp, rotation up
+    /// to ±30°, scale 0.8–1.2, gamma, noise, bias field; image and mask warped
+    /// together), drawn from this seed.
+    #[arg(long, value_name = "SEED")]
+    pub deform: Option<u64>,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -163,8 +198,9 @@ pub struct EvalArgs {
 
 #[derive(Debug, Args)]
 pub struct PredictArgs {
-    /// A run folder, a .safetensors with config.json beside it, or a shipped
-    /// model's name (segnet, unet, unet3plus).
+    /// A run folder, a cross-validation folder (its folds' ensemble), a
+    /// .safetensors with config.json beside it, or a shipped model's name
+    /// (segnet, unet, unet3plus); several, comma-separated, make an ensemble.
     #[arg(long, value_name = "M")]
     pub model: String,
     /// A PNG, a folder of PNGs, or a split folder (its image/).

@@ -16,6 +16,11 @@ fn model_dirs() -> Vec<PathBuf> {
     dirs
 }
 
+/// A run folder (its best model) or a cross-validation folder (an ensemble).
+fn is_model_folder(dir: &Path) -> bool {
+    dir.join("model.safetensors").is_file() || dir.join("cv.json").is_file()
+}
+
 /// Resolve `--model`: an existing path as it is, else a shipped model's name
 /// (`unet3plus` → `models/unet3plus/`).
 pub fn resolve(model: &str) -> anyhow::Result<PathBuf> {
@@ -27,7 +32,7 @@ pub fn resolve(model: &str) -> anyhow::Result<PathBuf> {
     if is_name {
         for dir in model_dirs() {
             let candidate = dir.join(model);
-            if candidate.join("model.safetensors").is_file() {
+            if is_model_folder(&candidate) {
                 return Ok(candidate);
             }
         }
@@ -37,7 +42,7 @@ pub fn resolve(model: &str) -> anyhow::Result<PathBuf> {
         .filter_map(|d| std::fs::read_dir(d).ok())
         .flatten()
         .filter_map(|e| e.ok())
-        .filter(|e| e.path().join("model.safetensors").is_file())
+        .filter(|e| is_model_folder(&e.path()))
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
     if shipped.is_empty() {

@@ -39,6 +39,8 @@ pub struct TrainProgress {
     epochs: usize,
     loss_sum: f64,
     losses: usize,
+    /// `(fold, k)` during a cross-validation, 0-based fold.
+    fold: Option<(usize, usize)>,
 }
 
 impl TrainProgress {
@@ -69,6 +71,7 @@ impl TrainProgress {
             epochs,
             loss_sum: 0.0,
             losses: 0,
+            fold: None,
         }
     }
 
@@ -111,8 +114,22 @@ impl Observer for TrainProgress {
         }
     }
 
+    fn fold_start(&mut self, fold: usize, k: usize, epochs_done: usize) {
+        self.fold = Some((fold, k));
+        self.println(&format!("fold {}/{k}: training", fold + 1));
+        if let Some((_, e, _)) = &self.bars {
+            e.set_prefix(format!("fold {}", fold + 1));
+            e.reset_elapsed();
+            e.reset_eta();
+            e.set_position(epochs_done as u64);
+        }
+    }
+
     fn epoch_end(&mut self, record: &EpochRecord, improved: bool) {
-        let line = epoch_line(record, self.epochs, improved);
+        let mut line = epoch_line(record, self.epochs, improved);
+        if let Some((fold, k)) = self.fold {
+            line = format!("fold {}/{k} {line}", fold + 1);
+        }
         self.println(&line);
         if let Some((_, e, _)) = &self.bars {
             e.set_position(record.epoch as u64);

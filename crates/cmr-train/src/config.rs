@@ -66,6 +66,19 @@ pub struct EarlyStopping {
     pub min_delta: f64,
 }
 
+/// Which weights a run keeps as its model (`model.safetensors`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Keep {
+    /// The weights of the best validation score. Scoring that model on the
+    /// same validation slices is optimistic: it was chosen on them.
+    #[default]
+    Best,
+    /// The weights after the last epoch (cross-validation keeps these, so that
+    /// each fold's score comes from slices that chose nothing).
+    Last,
+}
+
 /// A training recipe. Written to `config.json` before the first step and
 /// read back by `resume`, `eval` and `predict`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -91,6 +104,9 @@ pub struct TrainConfig {
     pub val_every: usize,
     #[serde(default)]
     pub early_stopping: Option<EarlyStopping>,
+    /// Which weights become `model.safetensors`.
+    #[serde(default)]
+    pub keep: Keep,
 }
 
 /// Named recipes.
@@ -156,6 +172,7 @@ impl TrainConfig {
                 device: DeviceSpec::Auto,
                 val_every: 1,
                 early_stopping: None,
+                keep: Keep::Best,
             },
             TrainPreset::Cpu => Self {
                 model: ModelConfig::preset(arch, Preset::Small),
@@ -180,6 +197,7 @@ impl TrainConfig {
                 device: DeviceSpec::Auto,
                 val_every: 1,
                 early_stopping: None,
+                keep: Keep::Best,
             },
         }
     }

@@ -25,7 +25,7 @@ mod strategy;
 mod trainer;
 
 pub use checkpoint::{load_tensors, load_varmap, save_tensors, save_varmap, varmap_tensors};
-pub use config::{DataConfig, EarlyStopping, TrainConfig, TrainPreset};
+pub use config::{DataConfig, EarlyStopping, Keep, TrainConfig, TrainPreset};
 pub use cv::{
     CvDir, CvOutcome, CvReport, CvSpec, CvSummary, FoldStatus, FoldSummary, MeanSd, ensemble_members, evaluate_folds,
     train_folds,

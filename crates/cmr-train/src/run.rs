@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! RUN/config.json           the TrainConfig, written before the first step
-//! RUN/model.safetensors     the best model on validation
+//! RUN/model.safetensors     the model: best on validation, or the last (config `keep`)
 //! RUN/last.safetensors      the latest weights (for resume)
 //! RUN/optimizer.safetensors the optimiser state (for resume)
 //! RUN/state.json            progress: epochs done, best score, steps

@@ -12,7 +12,7 @@ use cmr_data::{BatchPlan, Dataset, LoadOptions, Splits};
 use cmr_models::{Model, build, is_running_stat};
 
 use crate::checkpoint::{load_tensors, load_varmap, save_tensors, save_varmap, varmap_tensors};
-use crate::config::TrainConfig;
+use crate::config::{Keep, TrainConfig};
 use crate::error::{Result, TrainError};
 use crate::init::seeded_var_builder;
 use crate::log::{EpochRecord, MetricsLog};
@@ -287,13 +287,18 @@ impl Trainer {
                 record.val_dice = Some([report.classes[0].dice, report.classes[1].dice, report.classes[2].dice]);
                 record.val_mean_dice = Some(report.mean_dice);
                 let min_delta = cfg.early_stopping.as_ref().map_or(0.0, |e| e.min_delta);
+                if cfg.keep == Keep::Last {
+                    save_varmap(&self.run.file(RunDir::BEST), &self.varmap)?;
+                }
                 if is_improvement(
                     self.state.best.as_ref().map(|b| b.mean_dice),
                     report.mean_dice,
                     min_delta,
                 ) {
                     improved = true;
-                    save_varmap(&self.run.file(RunDir::BEST), &self.varmap)?;
+                    if cfg.keep == Keep::Best {
+                        save_varmap(&self.run.file(RunDir::BEST), &self.varmap)?;
+                    }
                     self.state.best = Some(Best {
                         epoch: epoch + 1,
                         mean_dice: report.mean_dice,

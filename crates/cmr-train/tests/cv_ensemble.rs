@@ -12,7 +12,7 @@ use candle_nn::VarMap;
 use cmr_data::{AugmentConfig, Folds, Grouping, Plane, Sample, Size};
 use cmr_models::{Model, ModelConfig, UNetConfig, build};
 use cmr_train::{
-    CvDir, CvOutcome, CvSpec, EpochRecord, FoldStatus, Observer, OptimConfig, PredictOptions, Predictor, Quiet,
+    CvDir, CvOutcome, CvSpec, EpochRecord, FoldStatus, Keep, Observer, OptimConfig, PredictOptions, Predictor, Quiet,
     Schedule, TrainConfig, Tta, evaluate_folds, seeded_var_builder, train_folds, varmap_tensors,
 };
 
@@ -69,6 +69,7 @@ fn config(epochs: usize) -> TrainConfig {
         device: cmr_train::DeviceSpec::Cpu,
         val_every: 1,
         early_stopping: None,
+        keep: Keep::Last,
     }
 }
 
@@ -166,6 +167,17 @@ fn a_cross_validation_interrupted_in_its_second_fold_resumes_there_exactly() {
     assert_eq!(obs.started, vec![(1, 0)]);
     for f in 0..2 {
         assert_eq!(weights(&cv.fold_dir(f)), weights(&straight.fold_dir(f)), "fold {f}");
+        // a fold keeps its last weights as its model
+        let best = cmr_train::load_tensors(&cv.fold_dir(f).join(cmr_train::RunDir::BEST), &Device::Cpu)
+            .unwrap()
+            .0;
+        let last = cmr_train::load_tensors(&cv.fold_dir(f).join(cmr_train::RunDir::LAST), &Device::Cpu)
+            .unwrap()
+            .0;
+        for (name, t) in &last {
+            let b = best[name].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(b, t.flatten_all().unwrap().to_vec1::<f32>().unwrap(), "{name}");
+        }
     }
 
     // out of fold: every slice scored once, by the fold that validates on it

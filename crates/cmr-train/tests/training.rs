@@ -71,6 +71,7 @@ fn config(epochs: usize) -> TrainConfig {
         device: cmr_train::DeviceSpec::Cpu,
         val_every: 1,
         early_stopping: None,
+        keep: cmr_train::Keep::Best,
     }
 }
 

@@ -1,18 +1,35 @@
-//! `cmr eval`: metrics of a model on a labelled split.
+//! `cmr eval`: metrics of a model, an ensemble or a cross-validation on a
+//! labelled split, optionally on deformed copies of it.
 
 #![allow(clippy::print_stdout)]
 
+use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use cmr_data::{Labels, LoadOptions, load_split};
-use cmr_train::load_splits;
+use cmr_data::{AugmentConfig, Dataset, Labels, LoadOptions, Sample, deform_sample, load_split};
+use cmr_train::{CvDir, DeviceSpec, evaluate_folds, load_splits};
 
 use crate::args::EvalArgs;
-use crate::commands::load_predictor;
+use crate::commands::{load_predictor, open_device, predict_options};
 use crate::progress::image_bar;
 
+/// The identity, or the deformed copy of `--deform SEED`.
+fn transform(deform: Option<u64>) -> impl Fn(&Sample) -> Sample {
+    let config = AugmentConfig::deformed_test();
+    move |s: &Sample| match deform {
+        Some(seed) => deform_sample(s, &config, seed),
+        None => s.clone(),
+    }
+}
+
 pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
+    if !args.model.contains(',') && !args.data.join("image").is_dir() {
+        let path = crate::models::resolve(&args.model)?;
+        if CvDir::is_cv(&path) {
+            return run_cv(&path, &args);
+        }
+    }
     let predictor = load_predictor(&args.model, &args.inference)?;
     let config = predictor.config().clone();
     let opts = LoadOptions { size: config.data.size };
@@ -31,17 +48,27 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
         let what = format!("{} ({})", args.data.display(), splits.source);
         (splits.val, what)
     };
-    tracing::info!("evaluating on {} images of {split}", samples.len());
+    let samples: Vec<Sample> = samples.iter().map(transform(args.deform)).collect();
+    tracing::info!(
+        "evaluating on {} images of {split}{}",
+        samples.len(),
+        args.deform
+            .map(|s| format!(", deformed (seed {s})"))
+            .unwrap_or_default()
+    );
     let bar = image_bar(samples.len(), "eval");
     let eval = predictor.evaluate(&samples, None)?;
     bar.finish_and_clear();
     let report = eval.metrics.report();
+    let options = predict_options(&args.inference);
     if args.json {
         let mut value = serde_json::to_value(&report)?;
         value["model"] = args.model.clone().into();
         value["data"] = split.into();
-        value["tta"] = args.inference.tta.into();
+        value["members"] = predictor.members().len().into();
+        value["tta"] = serde_json::to_value(options.tta)?;
         value["clean"] = args.inference.clean.into();
+        value["deform_seed"] = serde_json::to_value(args.deform)?;
         for c in &report.classes {
             value[format!("dice_{}", c.class.to_lowercase())] = c.dice.into();
         }
@@ -51,20 +78,111 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&value)?);
     } else {
         if args.per_image {
-            println!("{:<12} {:>8} {:>8} {:>8} {:>8}", "image", "RV", "Myo", "LV", "mean");
-            for m in eval.metrics.images() {
-                println!(
-                    "{:<12} {:>8.4} {:>8.4} {:>8.4} {:>8.4}",
-                    m.id,
-                    m.dice[0],
-                    m.dice[1],
-                    m.dice[2],
-                    m.mean_dice()
-                );
-            }
-            println!();
+            print_per_image(eval.metrics.images());
         }
         println!("{report}");
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_per_image(images: &[cmr_loss::ImageMetrics]) {
+    println!("{:<12} {:>8} {:>8} {:>8} {:>8}", "image", "RV", "Myo", "LV", "mean");
+    for m in images {
+        println!(
+            "{:<12} {:>8.4} {:>8.4} {:>8.4} {:>8.4}",
+            m.id,
+            m.dice[0],
+            m.dice[1],
+            m.dice[2],
+            m.mean_dice()
+        );
+    }
+    println!();
+}
+
+/// Cross-validated scores of a CV folder: each fold's model on its own
+/// validation slices of `train/`.
+fn run_cv(path: &Path, args: &EvalArgs) -> anyhow::Result<ExitCode> {
+    let (cv, spec) = CvDir::open(path)?;
+    let dataset = Dataset::open(
+        &args.data,
+        LoadOptions {
+            size: spec.config.data.size,
+        },
+    )
+    .with_context(|| format!("loading {}", args.data.display()))?;
+    let device = open_device(&args.inference.device, DeviceSpec::Auto)?;
+    let options = predict_options(&args.inference);
+    tracing::info!(
+        "cross-validation {}: {} folds ({}), each fold's model on its own validation slices of {}/train{}",
+        path.display(),
+        spec.folds.k,
+        spec.folds.grouping,
+        args.data.display(),
+        args.deform
+            .map(|s| format!(", deformed (seed {s})"))
+            .unwrap_or_default()
+    );
+    let bar = image_bar(dataset.train.len(), "eval");
+    let report = evaluate_folds(
+        &cv,
+        &spec,
+        &dataset.train,
+        &device,
+        options,
+        &transform(args.deform),
+        |done| bar.set_position(done as u64),
+    )
+    .with_context(|| format!("evaluating {}", path.display()))?;
+    bar.finish_and_clear();
+    let stats = report.fold_dice();
+    let oof = report.out_of_fold.report();
+    if args.json {
+        let names = ["rv", "myo", "lv", "mean"];
+        let fold_stats: serde_json::Map<String, serde_json::Value> = names
+            .iter()
+            .zip(stats)
+            .map(|(n, s)| Ok((n.to_string(), serde_json::to_value(s)?)))
+            .collect::<Result<_, serde_json::Error>>()?;
+        let mut value = serde_json::json!({
+            "model": args.model,
+            "data": args.data.display().to_string(),
+            "k": spec.folds.k,
+            "grouping": spec.folds.grouping,
+            "tta": options.tta,
+            "clean": args.inference.clean,
+            "deform_seed": args.deform,
+            "dice_over_folds": fold_stats,
+            "folds": report.folds,
+            "out_of_fold": oof,
+        });
+        if args.per_image {
+            value["per_image"] = serde_json::to_value(report.out_of_fold.images())?;
+        }
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if args.per_image {
+        print_per_image(report.out_of_fold.images());
+    }
+    println!(
+        "{:<10} {:>8} {:>8} {:>8} {:>8} {:>7}",
+        "fold", "RV", "Myo", "LV", "mean", "images"
+    );
+    for (f, r) in report.folds.iter().enumerate() {
+        println!(
+            "{:<10} {:>8.4} {:>8.4} {:>8.4} {:>8.4} {:>7}",
+            f, r.classes[0].dice, r.classes[1].dice, r.classes[2].dice, r.mean_dice, r.images
+        );
+    }
+    println!(
+        "{:<10} {:>8} {:>8} {:>8} {:>8}",
+        "mean ± SD",
+        format!("{:.3}±{:.3}", stats[0].mean, stats[0].sd),
+        format!("{:.3}±{:.3}", stats[1].mean, stats[1].sd),
+        format!("{:.3}±{:.3}", stats[2].mean, stats[2].sd),
+        format!("{:.3}±{:.3}", stats[3].mean, stats[3].sd),
+    );
+    println!("\nout of fold (every slice scored once, by the model that did not train on it):\n{oof}");
     Ok(ExitCode::SUCCESS)
 }

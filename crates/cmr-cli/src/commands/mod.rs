@@ -8,9 +8,9 @@ pub mod train;
 
 use anyhow::Context;
 use candle_core::Device;
-use cmr_train::{DeviceSpec, PredictOptions, Predictor, device_name};
+use cmr_train::{DeviceSpec, PredictOptions, Predictor, Tta, device_name, ensemble_members};
 
-use crate::args::{DeviceArg, InferenceArgs};
+use crate::args::{DeviceArg, InferenceArgs, TtaChoice};
 
 /// Open the device of `--device` (or `fallback`), saying which.
 pub fn open_device(arg: &DeviceArg, fallback: DeviceSpec) -> anyhow::Result<Device> {
@@ -20,22 +20,48 @@ pub fn open_device(arg: &DeviceArg, fallback: DeviceSpec) -> anyhow::Result<Devi
     Ok(device)
 }
 
-/// Load `--model` for inference with the options of `args`.
-pub fn load_predictor(model: &str, args: &InferenceArgs) -> anyhow::Result<Predictor> {
-    let path = crate::models::resolve(model)?;
-    let device = open_device(&args.device, DeviceSpec::Auto)?;
-    let options = PredictOptions {
-        tta: args.tta,
+/// The inference options of `args`.
+pub fn predict_options(args: &InferenceArgs) -> PredictOptions {
+    PredictOptions {
+        tta: match args.tta {
+            None | Some(TtaChoice::None) => Tta::None,
+            Some(TtaChoice::Flips) => Tta::Flips,
+            Some(TtaChoice::All) => Tta::Dihedral,
+        },
         clean: args.clean,
         batch_size: args.batch_size.max(1),
-    };
+    }
+}
+
+/// Load `--model` for inference with the options of `args`: one model, or an
+/// ensemble of every model a comma-separated list names (a cross-validation
+/// folder stands for its fold models).
+pub fn load_predictor(model: &str, args: &InferenceArgs) -> anyhow::Result<Predictor> {
+    let mut members = Vec::new();
+    for name in model.split(',').map(str::trim) {
+        let path = crate::models::resolve(name)?;
+        members.extend(ensemble_members(&path).with_context(|| format!("reading {}", path.display()))?);
+    }
+    let device = open_device(&args.device, DeviceSpec::Auto)?;
+    let options = predict_options(args);
     let predictor =
-        Predictor::load(&path, &device, options).with_context(|| format!("loading model {}", path.display()))?;
-    tracing::info!(
-        "model {} ({}, {} px)",
-        path.display(),
-        predictor.config().model.architecture().display_name(),
-        predictor.config().data.size
-    );
+        Predictor::load_ensemble(&members, &device, options).with_context(|| format!("loading model {model}"))?;
+    let arch = predictor.config().model.architecture().display_name();
+    if members.len() == 1 {
+        tracing::info!(
+            "model {} ({arch}, {} px)",
+            members[0].display(),
+            predictor.config().data.size
+        );
+    } else {
+        tracing::info!(
+            "ensemble of {} models from {model} ({arch} first, {} px)",
+            members.len(),
+            predictor.config().data.size
+        );
+    }
+    if options.tta.is_active() {
+        tracing::info!("test-time augmentation: {}", options.tta);
+    }
     Ok(predictor)
 }

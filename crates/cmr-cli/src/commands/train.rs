@@ -6,10 +6,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, bail};
-use cmr_data::AugmentConfig;
+use cmr_data::{AugmentConfig, Dataset, Folds, LoadOptions};
 use cmr_loss::Loss;
 use cmr_models::Architecture;
-use cmr_train::{EarlyStopping, Outcome, TrainConfig, Trainer, device_name, load_splits};
+use cmr_train::{
+    CvDir, CvOutcome, CvSpec, EarlyStopping, Outcome, TrainConfig, Trainer, device_name, load_splits, train_folds,
+};
 
 use crate::args::{AugmentChoice, LossChoice, TrainArgs};
 use crate::commands::open_device;
@@ -87,13 +89,18 @@ fn apply_flags(cfg: &mut TrainConfig, args: &TrainArgs) {
         Some(AugmentChoice::None) => cfg.data.augment = AugmentConfig::none(),
         Some(AugmentChoice::Report) => cfg.data.augment = AugmentConfig::report(),
         Some(AugmentChoice::Strong) => cfg.data.augment = AugmentConfig::strong(),
+        Some(AugmentChoice::Robust) => cfg.data.augment = AugmentConfig::robust(),
         None => {}
     }
 }
 
-/// `runs/<arch>-<preset>`, or the first free `-2`, `-3` … after it.
+/// `runs/<arch>-<preset>` (`-cv<K>` for a cross-validation), or the first
+/// free `-2`, `-3` … after it.
 fn default_out(cfg: &TrainConfig, args: &TrainArgs) -> PathBuf {
-    let base = format!("{}-{}", cfg.model.architecture(), args.preset);
+    let mut base = format!("{}-{}", cfg.model.architecture(), args.preset);
+    if let Some(k) = args.folds {
+        base = format!("{base}-cv{k}");
+    }
     let runs = PathBuf::from("runs");
     let mut candidate = runs.join(&base);
     let mut n = 2;
@@ -120,6 +127,23 @@ fn stop_flag() -> anyhow::Result<Arc<AtomicBool>> {
 }
 
 pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
+    if let Some(dir) = args.resume.as_ref().filter(|d| CvDir::is_cv(d)) {
+        let (cv, spec) = CvDir::open(dir)?;
+        return run_cv(&cv, &spec, &args);
+    }
+    if let Some(k) = args.folds {
+        let mut cfg = build_config(&args)?;
+        // each fold is scored on its validation slices: they must choose nothing
+        cfg.keep = cmr_train::Keep::Last;
+        let samples = train_samples(&args.data, &cfg)?;
+        let folds = Folds::new(&samples, k, cfg.seed, cfg.data.grouping)
+            .with_context(|| format!("making {k} folds of {}", args.data.display()))?;
+        let out = args.out.clone().unwrap_or_else(|| default_out(&cfg, &args));
+        let spec = CvSpec { config: cfg, folds };
+        let cv = CvDir::create(&out, &spec)
+            .with_context(|| format!("starting the cross-validation in {}", out.display()))?;
+        return run_cv(&cv, &spec, &args);
+    }
     // Read and validate the data before anything is written.
     let (mut trainer, splits) = match &args.resume {
         Some(run) => {
@@ -179,6 +203,75 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
             tracing::warn!(
                 "interrupted in epoch {epoch} after {batches_done} batches; saved. Continue with: cmr train --resume {} --data {}",
                 run_dir.display(),
+                args.data.display()
+            );
+            Ok(ExitCode::from(130))
+        }
+    }
+}
+
+/// The labelled `train/` slices of the dataset at `root`, fitted to the
+/// recipe's size (a cross-validation runs over these; `val/`, if any, is
+/// left for a final check).
+fn train_samples(root: &Path, cfg: &TrainConfig) -> anyhow::Result<Vec<cmr_data::Sample>> {
+    let dataset = Dataset::open(root, LoadOptions { size: cfg.data.size })
+        .with_context(|| format!("loading {}", root.display()))?;
+    if dataset.val.is_some() {
+        tracing::info!(
+            "{}: cross-validating over train/ only (val/ is not used)",
+            root.display()
+        );
+    }
+    Ok(dataset.train)
+}
+
+/// Train (or continue) every fold of a cross-validation.
+fn run_cv(cv: &CvDir, spec: &CvSpec, args: &TrainArgs) -> anyhow::Result<ExitCode> {
+    if args.resume.is_some() && (args.epochs.is_some() || args.arch.is_some()) {
+        bail!("a cross-validation resumes with its own recipe (cv.json): drop --epochs and --arch");
+    }
+    let samples = train_samples(&args.data, &spec.config)?;
+    let device = open_device(&args.device, spec.config.device)?;
+    let cfg = &spec.config;
+    tracing::info!(
+        "{}-fold cross-validation of {} ({} epochs each) over {} slices ({}) on {}: {}",
+        spec.folds.k,
+        cfg.model.architecture().display_name(),
+        cfg.epochs,
+        samples.len(),
+        spec.folds.grouping,
+        device_name(&device),
+        cv.root().display()
+    );
+    let stop = stop_flag()?;
+    let mut progress = TrainProgress::new(cfg.epochs, 0);
+    let outcome = train_folds(cv, spec, &samples, &device, &mut progress, &stop);
+    progress.finish();
+    match outcome.with_context(|| format!("training {}", cv.root().display()))? {
+        CvOutcome::Finished(summary) => {
+            for f in &summary.folds {
+                tracing::info!(
+                    "fold {}: best validation Dice {} at epoch {} ({} images)",
+                    f.fold,
+                    f.best_mean_dice.map_or("-".into(), |d| format!("{d:.4}")),
+                    f.best_epoch.map_or("-".into(), |e| e.to_string()),
+                    f.validation_images
+                );
+            }
+            if let Some(m) = summary.best_mean_dice {
+                tracing::info!(
+                    "cross-validated best validation Dice {m} over {} folds; full scores: cmr eval --model {} --data {}",
+                    m.n,
+                    cv.root().display(),
+                    args.data.display()
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        CvOutcome::Interrupted { fold } => {
+            tracing::warn!(
+                "interrupted in fold {fold}; saved. Continue with: cmr train --resume {} --data {}",
+                cv.root().display(),
                 args.data.display()
             );
             Ok(ExitCode::from(130))
