@@ -2,5 +2,6 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod cv;
 mod errors;
 mod pipeline;

@@ -51,7 +51,11 @@ fn train_eval_predict_submit() {
     let mean = v["mean_dice"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&mean), "{mean}");
     assert_eq!(v["classes"].as_array().unwrap().len(), 3);
-    assert_eq!(v["per_image"].as_array().unwrap().len(), 3, "20 % of 16 held out");
+    assert_eq!(
+        v["per_image"].as_array().unwrap().len(),
+        4,
+        "20 % of 16 held out, whole patients (pairs): 3 → 4"
+    );
     assert!(v["dice_lv"].as_f64().is_some());
     // the table form
     let table = ok(cmr()

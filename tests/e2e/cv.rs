@@ -1,0 +1,110 @@
+//! A short cross-validation through the binary: two folds, two epochs, twelve
+//! slices; its scores, deformed scores, and the folder as an ensemble.
+
+use cmr_data::read_mask;
+use cmr_tests::{cmr, fails, ok, shared_data, subset};
+
+#[test]
+fn cross_validate_score_and_predict_with_the_folds() {
+    let Some(data) = shared_data() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let root = subset(&data, dir.path(), 12, 2);
+    let cv = dir.path().join("cv");
+    ok(cmr()
+        .args([
+            "train",
+            "--arch",
+            "unet",
+            "--folds",
+            "2",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "4",
+        ])
+        .args(["--device", "cpu", "--augment", "robust", "--data"])
+        .arg(&root)
+        .arg("--out")
+        .arg(&cv));
+    for f in [
+        "cv.json",
+        "summary.json",
+        "fold-0/model.safetensors",
+        "fold-1/metrics.csv",
+    ] {
+        assert!(cv.join(f).is_file(), "{f} missing");
+    }
+    let spec: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(cv.join("cv.json")).unwrap()).unwrap();
+    let folds = spec["folds"]["val"].as_array().unwrap();
+    assert_eq!(folds.len(), 2);
+    assert_eq!(folds.iter().map(|f| f.as_array().unwrap().len()).sum::<usize>(), 12);
+    assert_eq!(spec["config"]["keep"], "last");
+    // a finished cross-validation resumes to nothing new
+    ok(cmr().args(["train", "--resume"]).arg(&cv).arg("--data").arg(&root));
+    // another folder's data does not fit the folds
+    let other = subset(&data, &dir.path().join("other"), 10, 0);
+    let err = fails(cmr().args(["train", "--resume"]).arg(&cv).arg("--data").arg(&other));
+    assert!(err.contains("does not have"), "{err}");
+
+    let score = |extra: &[&str]| -> serde_json::Value {
+        let json = ok(cmr()
+            .args(["eval", "--json", "--per-image", "--model"])
+            .arg(&cv)
+            .arg("--data")
+            .arg(&root)
+            .args(extra));
+        serde_json::from_str(&json).unwrap()
+    };
+    let clean = score(&[]);
+    assert_eq!(clean["k"], 2);
+    assert_eq!(clean["folds"].as_array().unwrap().len(), 2);
+    assert_eq!(clean["out_of_fold"]["images"], 12);
+    assert_eq!(clean["per_image"].as_array().unwrap().len(), 12);
+    let mean = clean["dice_over_folds"]["mean"]["mean"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&mean), "{mean}");
+    let deformed = score(&["--deform", "1"]);
+    assert_eq!(deformed["deform_seed"], 1);
+    // (two epochs predict mostly background, so the scores may not move:
+    // what the deformation does is tested in cmr-data)
+    assert_eq!(
+        score(&["--deform", "1"])["out_of_fold"],
+        deformed["out_of_fold"],
+        "seeded"
+    );
+    let table = ok(cmr()
+        .args(["eval", "--tta", "--model"])
+        .arg(&cv)
+        .arg("--data")
+        .arg(&root));
+    assert!(table.contains("mean ± SD") && table.contains("out of fold"), "{table}");
+
+    // the folder is an ensemble of its folds; a list of runs is one too
+    let masks = dir.path().join("masks");
+    ok(cmr()
+        .args(["predict", "--tta", "--model"])
+        .arg(&cv)
+        .arg("--input")
+        .arg(root.join("test"))
+        .arg("--out")
+        .arg(&masks));
+    assert!(read_mask(&masks.join("cmr121_mask.png")).is_ok());
+    let pair = format!("{},{}", cv.join("fold-0").display(), cv.join("fold-1").display());
+    let listed = dir.path().join("listed");
+    ok(cmr()
+        .args(["predict", "--tta", "--model", &pair, "--input"])
+        .arg(root.join("test"))
+        .arg("--out")
+        .arg(&listed));
+    for i in [121, 122] {
+        let name = format!("cmr{i}_mask.png");
+        assert_eq!(
+            read_mask(&masks.join(&name)).unwrap(),
+            read_mask(&listed.join(&name)).unwrap()
+        );
+    }
+    let json = ok(cmr()
+        .args(["eval", "--json", "--model", &pair, "--data"])
+        .arg(root.join("train")));
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["members"], 2);
+}
