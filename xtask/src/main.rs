@@ -76,6 +76,9 @@ struct ReproduceArgs {
     /// Output folder [default: target/reproduce/<preset>].
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Folds of the cross-validation of each network.
+    #[arg(long, default_value_t = 5)]
+    folds: usize,
     /// Epochs per network instead of the preset's (short runs).
     #[arg(long)]
     epochs: Option<usize>,
@@ -161,6 +164,7 @@ fn reproduce(args: ReproduceArgs) -> anyhow::Result<()> {
         archs: args.archs.clone(),
         data,
         out,
+        folds: args.folds,
         epochs: args.epochs,
         train_limit: args.train_limit,
         test_limit: args.test_limit,

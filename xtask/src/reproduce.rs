@@ -1,10 +1,12 @@
-//! `cargo xtask reproduce`: data → train each network → evaluate on
-//! validation → predict the test images → `submission.csv` → `REPORT.md`.
+//! `cargo xtask reproduce`: data → a k-fold cross-validation of each network
+//! → cross-validated scores (clean, with TTA, on deformed copies) → the test
+//! images predicted by each network's fold ensemble → `submission.csv` →
+//! `REPORT.md`.
 //!
 //! Everything is built in `<out>.partial/` and moved to `<out>` only when
 //! complete. An interrupted reproduction picks up where it stopped: finished
-//! runs are kept, unfinished ones resumed, as long as their configuration is
-//! the one asked for.
+//! folds are kept, an unfinished one resumed, as long as the recipe and the
+//! folds are the ones asked for.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -12,13 +14,16 @@ use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use cmr_data::{Dataset, LoadOptions, Splits, write_submission};
+use cmr_data::{AugmentConfig, Dataset, Folds, LoadOptions, Sample, deform_sample, write_submission};
 use cmr_loss::MetricsReport;
 use cmr_models::{Architecture, model_stats};
 use cmr_train::{
-    DeviceSpec, EpochRecord, Observer, PredictOptions, Predictor, RunDir, TrainConfig, TrainPreset, Trainer,
-    device_name,
+    CvDir, CvReport, CvSpec, DeviceSpec, EpochRecord, Keep, MeanSd, Observer, PredictOptions, Predictor, RunDir,
+    TrainConfig, TrainPreset, Tta, device_name, ensemble_members, evaluate_folds, train_folds,
 };
+
+/// The seed of the deformed copies scored in the report.
+pub const DEFORM_SEED: u64 = 1;
 
 /// What to reproduce.
 #[derive(Clone, Debug)]
@@ -28,12 +33,32 @@ pub struct ReproduceOptions {
     /// The installed dataset root.
     pub data: PathBuf,
     pub out: PathBuf,
+    /// Folds of the cross-validation.
+    pub folds: usize,
     /// Override the preset's epochs (short runs, CI).
     pub epochs: Option<usize>,
     /// Use only the first N training slices / test images (short runs, CI).
     pub train_limit: Option<usize>,
     pub test_limit: Option<usize>,
     pub device: DeviceSpec,
+}
+
+/// Cross-validated scores of one way of predicting.
+#[derive(Clone, Debug)]
+pub struct CvScores {
+    /// Mean ± SD over folds of RV, Myo, LV and their mean.
+    pub folds: [MeanSd; 4],
+    /// Every slice once, by the fold model that did not train on it.
+    pub out_of_fold: MetricsReport,
+}
+
+impl From<&CvReport> for CvScores {
+    fn from(r: &CvReport) -> Self {
+        Self {
+            folds: r.fold_dice(),
+            out_of_fold: r.out_of_fold.report(),
+        }
+    }
 }
 
 /// What one network reached.
@@ -44,25 +69,46 @@ pub struct NetworkResult {
     pub parameters: usize,
     pub size_mb: f64,
     pub gflops: f64,
-    pub best_epoch: usize,
-    pub epochs_run: usize,
+    pub folds: usize,
+    pub epochs: usize,
     pub mean_epoch_seconds: f64,
     pub train_seconds: f64,
-    pub val: MetricsReport,
-    pub val_tta: MetricsReport,
+    pub plain: CvScores,
+    /// Eight-view TTA.
+    pub tta: CvScores,
+    /// Eight-view TTA and largest-component clean-up.
+    pub tta_clean: CvScores,
+    /// Eight-view TTA on deformed copies of each validation fold.
+    pub deformed: CvScores,
+    /// Whether clean-up helped out of fold (and so is used for the test set).
+    pub clean_helps: bool,
+}
+
+impl NetworkResult {
+    /// The scores of the way the test set is predicted.
+    pub fn chosen(&self) -> &CvScores {
+        if self.clean_helps { &self.tta_clean } else { &self.tta }
+    }
 }
 
 /// Logs one line per epoch.
 struct EpochLog {
     arch: Architecture,
     epochs: usize,
+    fold: (usize, usize),
 }
 
 impl Observer for EpochLog {
+    fn fold_start(&mut self, fold: usize, k: usize, _epochs_done: usize) {
+        self.fold = (fold, k);
+    }
+
     fn epoch_end(&mut self, r: &EpochRecord, improved: bool) {
         tracing::info!(
-            "{} epoch {}/{}: train loss {:.4}, val Dice {}, {:.1} s{}",
+            "{} fold {}/{} epoch {}/{}: train loss {:.4}, val Dice {}, {:.1} s{}",
             self.arch,
+            self.fold.0 + 1,
+            self.fold.1,
             r.epoch,
             self.epochs,
             r.train_loss,
@@ -79,52 +125,48 @@ fn config_for(opts: &ReproduceOptions, arch: Architecture) -> TrainConfig {
         cfg.epochs = e;
     }
     cfg.device = opts.device;
+    // each fold is scored on its validation slices: they must choose nothing
+    cfg.keep = Keep::Last;
     cfg
 }
 
-/// Train (or resume, or reuse) the run of `arch` in `dir`.
-fn train(
-    opts: &ReproduceOptions,
-    arch: Architecture,
-    cfg: &TrainConfig,
-    splits: &Splits,
-    dir: &Path,
-) -> anyhow::Result<f64> {
+/// Train (or resume, or reuse) the cross-validation of `spec` in `dir`.
+fn train(spec: &CvSpec, samples: &[Sample], dir: &Path) -> anyhow::Result<f64> {
     let started = Instant::now();
-    let mut trainer = if dir.join(RunDir::CONFIG).exists() {
-        let (run, existing) = RunDir::open(dir)?;
-        let state = run.read_state()?;
-        if existing != *cfg || state.is_none() {
-            tracing::info!("{}: another or unstarted configuration; starting again", dir.display());
+    let arch = spec.config.model.architecture();
+    if CvDir::is_cv(dir) {
+        let (_, existing) = CvDir::open(dir)?;
+        if existing != *spec {
+            tracing::info!("{}: another recipe or other folds; starting again", dir.display());
             std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
-            Trainer::create(cfg.clone(), dir, cfg.device.open()?)?
-        } else if state.as_ref().is_some_and(|s| s.finished) {
-            tracing::info!("{}: already trained", dir.display());
-            return Ok(0.0);
-        } else {
-            tracing::info!("{}: resuming", dir.display());
-            Trainer::resume(dir, cfg.device.open()?, None)?
         }
+    } else if dir.exists() {
+        std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
+    }
+    let cv = if CvDir::is_cv(dir) {
+        CvDir::open(dir)?.0
     } else {
-        Trainer::create(cfg.clone(), dir, cfg.device.open()?)?
+        CvDir::create(dir, spec)?
     };
+    let device = spec.config.device.open()?;
     tracing::info!(
-        "training {} ({} preset, {} epochs) on {}",
+        "training {} ({} folds of {} epochs) on {}",
         arch.display_name(),
-        opts.preset,
-        cfg.epochs,
-        device_name(trainer.device())
+        spec.folds.k,
+        spec.config.epochs,
+        device_name(&device)
     );
     let mut log = EpochLog {
         arch,
-        epochs: cfg.epochs,
+        epochs: spec.config.epochs,
+        fold: (0, spec.folds.k),
     };
-    trainer.fit(splits, &mut log, &AtomicBool::new(false))?;
+    train_folds(&cv, spec, samples, &device, &mut log, &AtomicBool::new(false))?;
     Ok(started.elapsed().as_secs_f64())
 }
 
-fn fmt_dice(v: f64) -> String {
-    format!("{v:.3}")
+fn fmt_sd(m: &MeanSd) -> String {
+    format!("{:.3} ± {:.3}", m.mean, m.sd)
 }
 
 /// The report's own figures (validation Dice), for the side-by-side table.
@@ -137,12 +179,18 @@ const REPORT_FIGURES: [(&str, &str); 6] = [
     ("U-Net 3+, hidden test set", "0.8998"),
 ];
 
-fn report_md(opts: &ReproduceOptions, splits: &Splits, results: &[NetworkResult], best: Architecture) -> String {
+fn report_md(
+    opts: &ReproduceOptions,
+    samples: usize,
+    folds: &Folds,
+    results: &[NetworkResult],
+    best: Architecture,
+) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "# cmr reproduction: `{}` preset\n", opts.preset);
     let _ = writeln!(
         s,
-        "Made by `cargo xtask reproduce --preset {}{}{}{}` on {}, {} threads. Validation: {} ({} images; {} training images).\n",
+        "Made by `cargo xtask reproduce --preset {}{}{}{}{}` on {}, {} threads. Accuracy: {}-fold cross-validation over {} labelled training slices, folds {} (seed {}); every figure comes from slices the scoring model did not train on.\n",
         opts.preset,
         if opts.archs.len() == 3 {
             String::new()
@@ -152,76 +200,109 @@ fn report_md(opts: &ReproduceOptions, splits: &Splits, results: &[NetworkResult]
                 opts.archs.iter().map(|a| a.name()).collect::<Vec<_>>().join(",")
             )
         },
+        if opts.folds == 5 {
+            String::new()
+        } else {
+            format!(" --folds {}", opts.folds)
+        },
         opts.epochs.map(|e| format!(" --epochs {e}")).unwrap_or_default(),
         opts.train_limit
             .map(|n| format!(" --train-limit {n}"))
             .unwrap_or_default(),
         std::env::consts::ARCH,
         candle_core::utils::get_num_threads(),
-        splits.source,
-        splits.val.len(),
-        splits.train.len()
+        opts.folds,
+        samples,
+        folds.grouping,
+        folds.seed
     );
     let _ = writeln!(
         s,
-        "| network | depth | loss | optimiser | lr | parameters | size (MB) | GFLOPs | epochs (best) | epoch (s) | training (min) | Dice RV | Dice Myo | Dice LV | **mean Dice** | + TTA, clean | noise |"
+        "| network | parameters | GFLOPs | epochs | epoch (s) | training (min) | Dice RV | Dice Myo | Dice LV | **mean Dice** | out of fold | + TTA | + TTA, clean | deformed, TTA |"
     );
-    let _ = writeln!(
-        s,
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
-    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in results {
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {:.1} | {:.2} | {} ({}) | {:.1} | {:.1} | {} | {} | {} | **{}** | {} | {:.2} |",
+            "| {} | {} | {:.2} | {} × {} | {:.1} | {:.1} | {} | {} | {} | **{}** | {:.3} | {} | {} | {} |",
             r.arch.display_name(),
-            r.config.model.depth(),
-            r.config.loss.name(),
-            r.config.optim.name(),
-            r.config.optim.lr(),
             r.parameters,
-            r.size_mb,
             r.gflops,
-            r.epochs_run,
-            r.best_epoch,
+            r.folds,
+            r.epochs,
             r.mean_epoch_seconds,
             r.train_seconds / 60.0,
-            fmt_dice(r.val.classes[0].dice),
-            fmt_dice(r.val.classes[1].dice),
-            fmt_dice(r.val.classes[2].dice),
-            fmt_dice(r.val.mean_dice),
-            fmt_dice(r.val_tta.mean_dice),
-            r.val.noise_number
+            fmt_sd(&r.plain.folds[0]),
+            fmt_sd(&r.plain.folds[1]),
+            fmt_sd(&r.plain.folds[2]),
+            fmt_sd(&r.plain.folds[3]),
+            r.plain.out_of_fold.mean_dice,
+            fmt_sd(&r.tta.folds[3]),
+            fmt_sd(&r.tta_clean.folds[3]),
+            fmt_sd(&r.deformed.folds[3]),
         );
     }
     let _ = writeln!(
         s,
-        "\n`noise`: connected components per image beyond the largest of each class (8-connectivity), summed over the classes, without clean-up. `+ TTA, clean`: the same model with flip test-time augmentation and largest-component clean-up. `training (min)`: wall time of this invocation's training (0 when an earlier invocation trained it).\n"
+        "\nDice: mean ± SD over the folds, each fold's model (its last weights) on its own validation slices. `out of fold`: the mean over all slices, each scored once. `+ TTA`: the softmax averaged over the eight flips and rotations of the square; `clean`: largest connected component per class. `deformed`: a deformed copy of each validation fold (`cmr eval --deform {DEFORM_SEED}`: elastic warp, rotation up to ±30°, scale 0.8–1.2, gamma, noise, bias field). `training (min)`: wall time of this invocation's training, all folds (0 when an earlier invocation trained them).\n"
     );
     let _ = writeln!(
         s,
-        "`submission.csv` holds the test predictions of {} (best mean validation Dice), with TTA and clean-up; `submission-<arch>.csv` those of each network.\n",
-        best.display_name()
+        "`submission.csv` holds the test predictions of the {} fold ensemble (best cross-validated mean Dice with TTA{}); `submission-<arch>.csv` those of each network's ensemble, with TTA, and clean-up where it helped out of fold.\n",
+        best.display_name(),
+        if results.iter().any(|r| r.arch == best && r.clean_helps) {
+            " and clean-up"
+        } else {
+            ""
+        }
     );
     let _ = writeln!(
         s,
-        "## The seed report's figures (validation mean Dice, full-width networks, 200 epochs)\n"
+        "## The seed report's figures (one 20-slice validation split, full-width networks, 200 epochs)\n"
     );
     let _ = writeln!(s, "| setting | mean Dice |\n|---|---|");
     for (k, v) in REPORT_FIGURES {
         let _ = writeln!(s, "| {k} | {v} |");
     }
-    let _ = writeln!(s, "\n## Curves\n");
+    let _ = writeln!(s, "\n## Curves (fold 0)\n");
     for r in results {
         let _ = writeln!(
             s,
-            "### {}\n\n![{} curves](runs/{}/curves.png)\n",
+            "### {}\n\n![{} curves](runs/{}/fold-0/curves.png)\n",
             r.arch.display_name(),
             r.arch.name(),
             r.arch.name()
         );
     }
     s
+}
+
+/// Score the CV folder at `dir` on `samples` (optionally deformed).
+fn score(
+    dir: &Path,
+    spec: &CvSpec,
+    samples: &[Sample],
+    device: &candle_core::Device,
+    tta: Tta,
+    clean: bool,
+    deform: bool,
+) -> anyhow::Result<CvScores> {
+    let (cv, _) = CvDir::open(dir)?;
+    let options = PredictOptions {
+        tta,
+        clean,
+        ..PredictOptions::default()
+    };
+    let config = AugmentConfig::deformed_test();
+    let transform = |s: &Sample| {
+        if deform {
+            deform_sample(s, &config, DEFORM_SEED)
+        } else {
+            s.clone()
+        }
+    };
+    let report = evaluate_folds(&cv, spec, samples, device, options, &transform, |_| {})?;
+    Ok(CvScores::from(&report))
 }
 
 /// Run the whole pipeline; the finished output folder.
@@ -251,41 +332,47 @@ pub fn run(opts: &ReproduceOptions) -> anyhow::Result<Vec<NetworkResult>> {
     if let Some(n) = opts.test_limit {
         test.truncate(n);
     }
-    let splits = Splits::from_dataset(&dataset, first.data.val_fraction, first.seed, first.data.grouping)?;
+    let samples = dataset.train;
+    let folds = Folds::new(&samples, opts.folds, first.seed, first.data.grouping)?;
     tracing::info!(
-        "{} training, {} validation ({}), {} test images",
-        splits.train.len(),
-        splits.val.len(),
-        splits.source,
+        "{}-fold cross-validation over {} training slices ({}), {} test images",
+        opts.folds,
+        samples.len(),
+        folds.grouping,
         test.len()
     );
 
     let mut results = Vec::new();
     for &arch in &opts.archs {
         let cfg = config_for(opts, arch);
-        let dir = partial.join("runs").join(arch.name());
-        let train_seconds = train(opts, arch, &cfg, &splits, &dir)?;
-        let run = RunDir::at(&dir);
-        let state = run.read_state()?.context("a trained run has a state")?;
-        let records = cmr_train::MetricsLog::read(&run.file(RunDir::METRICS))?.records;
-        let device = cfg.device.open()?;
-        let plain = Predictor::load(&dir, &device, PredictOptions::default())?;
-        let val = plain.evaluate(&splits.val, None)?.metrics.report();
-        let tta_opts = PredictOptions {
-            tta: cmr_train::Tta::Dihedral,
-            clean: true,
-            ..PredictOptions::default()
+        let spec = CvSpec {
+            config: cfg.clone(),
+            folds: Folds::new(&samples, opts.folds, cfg.seed, cfg.data.grouping)?,
         };
-        let tta = Predictor::load(&dir, &device, tta_opts)?;
-        let val_tta = tta.evaluate(&splits.val, None)?.metrics.report();
+        let dir = partial.join("runs").join(arch.name());
+        let train_seconds = train(&spec, &samples, &dir)?;
+        let device = cfg.device.open()?;
+        let plain = score(&dir, &spec, &samples, &device, Tta::None, false, false)?;
+        let tta = score(&dir, &spec, &samples, &device, Tta::Dihedral, false, false)?;
+        let tta_clean = score(&dir, &spec, &samples, &device, Tta::Dihedral, true, false)?;
+        let clean_helps = tta_clean.out_of_fold.mean_dice > tta.out_of_fold.mean_dice;
+        let deformed = score(&dir, &spec, &samples, &device, Tta::Dihedral, clean_helps, true)?;
         tracing::info!(
-            "{}: validation mean Dice {:.4} (TTA + clean {:.4})",
+            "{}: cross-validated mean Dice {} (TTA {}, TTA + clean {}, deformed {})",
             arch.display_name(),
-            val.mean_dice,
-            val_tta.mean_dice
+            fmt_sd(&plain.folds[3]),
+            fmt_sd(&tta.folds[3]),
+            fmt_sd(&tta_clean.folds[3]),
+            fmt_sd(&deformed.folds[3])
         );
         if !test.is_empty() {
-            let masks = tta.predict(&test, |_| {})?;
+            let options = PredictOptions {
+                tta: Tta::Dihedral,
+                clean: clean_helps,
+                ..PredictOptions::default()
+            };
+            let ensemble = Predictor::load_ensemble(&ensemble_members(&dir)?, &device, options)?;
+            let masks = ensemble.predict(&test, |_| {})?;
             let rows: Vec<(String, cmr_data::Mask)> = test
                 .iter()
                 .zip(masks)
@@ -293,24 +380,37 @@ pub fn run(opts: &ReproduceOptions) -> anyhow::Result<Vec<NetworkResult>> {
                 .collect();
             write_submission(&partial.join(format!("submission-{}.csv", arch.name())), &rows)?;
         }
+        let mut seconds = Vec::new();
+        for f in 0..opts.folds {
+            let log = cmr_train::MetricsLog::read(&dir.join(format!("fold-{f}")).join(RunDir::METRICS))?;
+            seconds.extend(log.records.iter().map(|r| r.seconds));
+        }
         let stats = model_stats(&cfg.model, cfg.data.size, cfg.data.size)?;
         results.push(NetworkResult {
             arch,
             parameters: stats.parameters,
             size_mb: stats.size_mb,
             gflops: stats.gflops,
-            best_epoch: state.best.as_ref().map_or(0, |b| b.epoch),
-            epochs_run: state.epochs_done,
-            mean_epoch_seconds: records.iter().map(|r| r.seconds).sum::<f64>() / records.len().max(1) as f64,
+            folds: opts.folds,
+            epochs: cfg.epochs,
+            mean_epoch_seconds: seconds.iter().sum::<f64>() / seconds.len().max(1) as f64,
             train_seconds,
             config: cfg,
-            val,
-            val_tta,
+            plain,
+            tta,
+            tta_clean,
+            deformed,
+            clean_helps,
         });
     }
     let best = results
         .iter()
-        .max_by(|a, b| a.val_tta.mean_dice.total_cmp(&b.val_tta.mean_dice))
+        .max_by(|a, b| {
+            a.chosen()
+                .out_of_fold
+                .mean_dice
+                .total_cmp(&b.chosen().out_of_fold.mean_dice)
+        })
         .map(|r| r.arch)
         .expect("at least one network");
     if !test.is_empty() {
@@ -324,7 +424,7 @@ pub fn run(opts: &ReproduceOptions) -> anyhow::Result<Vec<NetworkResult>> {
     }
     cmr_data::write_atomic(
         &partial.join("REPORT.md"),
-        report_md(opts, &splits, &results, best).as_bytes(),
+        report_md(opts, samples.len(), &folds, &results, best).as_bytes(),
     )?;
 
     // Swap the finished folder into place.
@@ -362,47 +462,69 @@ pub fn today() -> String {
     format!("{y:04}-{m:02}-{d:02}")
 }
 
-/// Copy each network's best model and its configuration from the finished
+/// Copy each network's fold ensemble (the fold models, their
+/// configurations and logs, `cv.json`, `summary.json`) from the finished
 /// output folder into `models/<arch>/`, with a README recording the command,
-/// the date and the held-out scores.
+/// the date and the cross-validated scores.
 pub fn ship(opts: &ReproduceOptions, results: &[NetworkResult], models: &Path, command: &str) -> anyhow::Result<()> {
+    let copy = |from: &Path, to: &Path| -> anyhow::Result<()> {
+        let bytes = std::fs::read(from).with_context(|| format!("reading {}", from.display()))?;
+        cmr_data::write_atomic(to, &bytes)?;
+        Ok(())
+    };
     for r in results {
         let from = opts.out.join("runs").join(r.arch.name());
-        let to = models.join(r.arch.name());
-        std::fs::create_dir_all(&to).with_context(|| format!("creating {}", to.display()))?;
-        for file in [RunDir::BEST, RunDir::CONFIG, RunDir::METRICS] {
-            let bytes =
-                std::fs::read(from.join(file)).with_context(|| format!("reading {}", from.join(file).display()))?;
-            cmr_data::write_atomic(&to.join(file), &bytes)?;
+        let staged = models.join(format!("{}.partial", r.arch.name()));
+        if staged.exists() {
+            std::fs::remove_dir_all(&staged).with_context(|| format!("removing {}", staged.display()))?;
         }
+        for file in [CvDir::SPEC, CvDir::SUMMARY] {
+            std::fs::create_dir_all(&staged).with_context(|| format!("creating {}", staged.display()))?;
+            copy(&from.join(file), &staged.join(file))?;
+        }
+        for f in 0..r.folds {
+            let fold = format!("fold-{f}");
+            std::fs::create_dir_all(staged.join(&fold)).with_context(|| format!("creating {}", staged.display()))?;
+            for file in [RunDir::BEST, RunDir::CONFIG, RunDir::METRICS] {
+                copy(&from.join(&fold).join(file), &staged.join(&fold).join(file))?;
+            }
+        }
+        let to = models.join(r.arch.name());
+        if to.exists() {
+            std::fs::remove_dir_all(&to).with_context(|| format!("removing {}", to.display()))?;
+        }
+        std::fs::rename(&staged, &to).with_context(|| format!("placing {}", to.display()))?;
     }
     let mut s = String::from("# Shipped models\n\n");
     let _ = writeln!(
         s,
-        "Trained by `{command}` on {} (2 CPU threads). `cmr predict --model <name> …` finds them by name (`segnet`, `unet`, `unet3plus`). Each folder holds the best model on validation (`model.safetensors`), the full training configuration (`config.json`) and the per-epoch log (`metrics.csv`).\n",
-        today()
+        "Trained by `{command}` on {} (2 CPU threads). `cmr predict --model <name> …` finds them by name. Each folder is a {}-fold cross-validation: `cv.json` (recipe and folds), `fold-N/` (each fold's last weights, `config.json`, `metrics.csv`); as a model it is the ensemble of its folds.\n",
+        today(),
+        opts.folds
     );
     let _ = writeln!(
         s,
-        "Validation: the seeded 20 % hold-out of `train/` (seed 42), which the shared copy of the data needs since it has no `val/`.\n"
+        "Scores: cross-validation over the training slices, each fold's model on its own validation slices (folds by patient); mean ± SD over folds, with eight-view TTA.\n"
     );
     let _ = writeln!(
         s,
-        "| model | parameters | epochs | Dice RV | Dice Myo | Dice LV | mean Dice | + TTA, clean |\n|---|---|---|---|---|---|---|---|"
+        "| model | parameters | epochs | Dice RV | Dice Myo | Dice LV | mean Dice | out of fold | deformed |\n|---|---|---|---|---|---|---|---|---|"
     );
     for r in results {
+        let c = r.chosen();
         let _ = writeln!(
             s,
-            "| {} | {} | {} (best {}) | {:.4} | {:.4} | {:.4} | {:.4} | {:.4} |",
+            "| {} | {} | {} × {} | {} | {} | {} | {} | {:.4} | {} |",
             r.arch.name(),
             r.parameters,
-            r.epochs_run,
-            r.best_epoch,
-            r.val.classes[0].dice,
-            r.val.classes[1].dice,
-            r.val.classes[2].dice,
-            r.val.mean_dice,
-            r.val_tta.mean_dice
+            r.folds,
+            r.epochs,
+            fmt_sd(&c.folds[0]),
+            fmt_sd(&c.folds[1]),
+            fmt_sd(&c.folds[2]),
+            fmt_sd(&c.folds[3]),
+            c.out_of_fold.mean_dice,
+            fmt_sd(&r.deformed.folds[3])
         );
     }
     cmr_data::write_atomic(&models.join("README.md"), s.as_bytes())?;
