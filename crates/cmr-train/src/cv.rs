@@ -166,7 +166,9 @@ pub struct FoldSummary {
     pub finished: bool,
     pub epochs_done: usize,
     pub best_epoch: Option<usize>,
-    /// Best mean foreground Dice on the fold's validation images (no TTA).
+    /// Best mean foreground Dice on the fold's validation images during
+    /// training (no TTA). Optimistic: the epoch is chosen on those images;
+    /// [`evaluate_folds`] scores the model the fold keeps.
     pub best_mean_dice: Option<f64>,
 }
 

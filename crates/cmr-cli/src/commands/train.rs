@@ -260,7 +260,7 @@ fn run_cv(cv: &CvDir, spec: &CvSpec, args: &TrainArgs) -> anyhow::Result<ExitCod
             }
             if let Some(m) = summary.best_mean_dice {
                 tracing::info!(
-                    "cross-validated best validation Dice {m} over {} folds; full scores: cmr eval --model {} --data {}",
+                    "best validation Dice during training {m} over {} folds (optimistic: chosen on those slices); the kept models' scores: cmr eval --model {} --data {}",
                     m.n,
                     cv.root().display(),
                     args.data.display()
