@@ -78,6 +78,48 @@ fn cross_validate_score_and_predict_with_the_folds() {
         .arg(&root));
     assert!(table.contains("mean ± SD") && table.contains("out of fold"), "{table}");
 
+    // a second seed on the same folds: their fold ensembles, cross-validated
+    let cv2 = dir.path().join("cv2");
+    ok(cmr()
+        .args([
+            "train",
+            "--arch",
+            "unet",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "4",
+            "--seed",
+            "7",
+        ])
+        .args(["--device", "cpu", "--folds-from"])
+        .arg(&cv)
+        .arg("--data")
+        .arg(&root)
+        .arg("--out")
+        .arg(&cv2));
+    let spec2: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(cv2.join("cv.json")).unwrap()).unwrap();
+    assert_eq!(spec2["folds"], spec["folds"]);
+    assert_eq!(spec2["config"]["seed"], 7);
+    let both = format!("{},{}", cv.display(), cv2.display());
+    let json = ok(cmr().args(["eval", "--json", "--model", &both, "--data"]).arg(&root));
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["cross_validations"], 2);
+    assert_eq!(v["out_of_fold"]["images"], 12);
+    // other folds cannot join
+    let cv3 = dir.path().join("cv3");
+    ok(cmr()
+        .args([
+            "train", "--arch", "unet", "--epochs", "1", "--folds", "3", "--device", "cpu", "--data",
+        ])
+        .arg(&root)
+        .arg("--out")
+        .arg(&cv3));
+    let mixed = format!("{},{}", cv.display(), cv3.display());
+    let err = fails(cmr().args(["eval", "--model", &mixed, "--data"]).arg(&root));
+    assert!(err.contains("folds differ"), "{err}");
+
     // the folder is an ensemble of its folds; a list of runs is one too
     let masks = dir.path().join("masks");
     ok(cmr()

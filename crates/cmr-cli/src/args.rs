@@ -120,6 +120,11 @@ pub struct TrainArgs {
     /// it with --resume FOLDER; `cmr eval --model FOLDER` scores it.
     #[arg(long, value_name = "K", conflicts_with = "resume")]
     pub folds: Option<usize>,
+    /// Cross-validate with the folds of this cross-validation folder (another
+    /// seed or recipe on the same folds: `cmr eval --model CV1,CV2` then
+    /// scores their fold ensembles, cross-validated).
+    #[arg(long, value_name = "CV", conflicts_with = "resume")]
+    pub folds_from: Option<PathBuf>,
     #[arg(long)]
     pub batch_size: Option<usize>,
     /// Base learning rate.
@@ -167,6 +172,7 @@ pub struct InferenceArgs {
 #[command(after_help = "Examples:
   cmr eval --model runs/unet3plus-cpu-cv5 --data data/cmr-2021 --tta     cross-validated scores
   cmr eval --model runs/unet3plus-cpu-cv5 --data data/cmr-2021 --deform 1  the same on deformed copies
+  cmr eval --model runs/cv-a,runs/cv-b --data data/cmr-2021              fold ensembles of two CVs on the same folds
   cmr eval --model runs/a,runs/b --data data/cmr-2021/val                an ensemble of two runs
   cmr eval --model unet3plus --data some/labelled/split --json --tta --clean")]
 pub struct EvalArgs {
@@ -176,9 +182,9 @@ pub struct EvalArgs {
     #[arg(long, value_name = "M")]
     pub model: String,
     /// A labelled split folder (image/, mask/), or a dataset root: then, for a
-    /// cross-validation folder, each fold's model on its own validation
-    /// slices of train/; otherwise its val/ split, or the model's own
-    /// held-out part of train/.
+    /// cross-validation folder (or several on the same folds), each fold's
+    /// model (ensemble) on its own validation slices of train/; otherwise its
+    /// val/ split, or the model's own held-out part of train/.
     #[arg(long, value_name = "DIR")]
     pub data: PathBuf,
     /// Score deformed copies of the images instead (elastic warp, rotation up

@@ -298,9 +298,9 @@ impl CvReport {
     }
 }
 
-/// Score each finished fold's best model on its validation images of
-/// `samples` (the data the folds were made from), after `transform` (the
-/// identity, or a deformed copy). Refuses a CV with unfinished folds.
+/// Score each finished fold's model on its validation images of `samples`
+/// (the data the folds were made from), after `transform` (the identity, or
+/// a deformed copy). Refuses a CV with unfinished folds.
 pub fn evaluate_folds(
     cv: &CvDir,
     spec: &CvSpec,
@@ -308,31 +308,72 @@ pub fn evaluate_folds(
     device: &Device,
     options: PredictOptions,
     transform: &dyn Fn(&Sample) -> Sample,
+    progress: impl FnMut(usize),
+) -> Result<CvReport> {
+    evaluate_fold_ensembles(
+        &[(cv.clone(), spec.clone())],
+        samples,
+        device,
+        options,
+        transform,
+        progress,
+    )
+}
+
+/// Cross-validated scores of ensembles: several cross-validations with the
+/// same folds (other seeds or recipes, e.g. `cmr train --folds-from`), fold
+/// `f` scored by the ensemble of every CV's fold-`f` model, none of which
+/// trained on it. Refuses CVs whose folds differ, and unfinished folds.
+pub fn evaluate_fold_ensembles(
+    cvs: &[(CvDir, CvSpec)],
+    samples: &[Sample],
+    device: &Device,
+    options: PredictOptions,
+    transform: &dyn Fn(&Sample) -> Sample,
     mut progress: impl FnMut(usize),
 ) -> Result<CvReport> {
-    let mut folds = Vec::new();
+    let Some((first_cv, first)) = cvs.first() else {
+        return Err(TrainError::Config("no cross-validation to evaluate".into()));
+    };
+    if let Some((cv, _)) = cvs.iter().find(|(_, s)| s.folds != first.folds) {
+        return Err(TrainError::Run {
+            path: cv.root().to_path_buf(),
+            message: format!(
+                "its folds differ from those of {}: an ensemble of cross-validations needs the same folds (train it with --folds-from)",
+                first_cv.root().display()
+            ),
+        });
+    }
+    let folds = &first.folds;
+    let mut reports = Vec::new();
     let mut out_of_fold = MetricsAccumulator::new();
     let mut done = 0;
-    for fold in 0..spec.folds.k {
-        if cv.fold_status(fold)? != FoldStatus::Finished {
-            return Err(TrainError::Run {
-                path: cv.fold_dir(fold),
-                message: format!(
-                    "fold {fold} of {} is not trained yet (resume the cross-validation first)",
-                    spec.folds.k
-                ),
-            });
+    for fold in 0..folds.k {
+        for (cv, _) in cvs {
+            if cv.fold_status(fold)? != FoldStatus::Finished {
+                return Err(TrainError::Run {
+                    path: cv.fold_dir(fold),
+                    message: format!(
+                        "fold {fold} of {} is not trained yet (resume the cross-validation first)",
+                        folds.k
+                    ),
+                });
+            }
         }
-        let splits = spec.folds.split(samples, fold)?;
+        let splits = folds.split(samples, fold)?;
         let val: Vec<Sample> = splits.val.iter().map(transform).collect();
-        let predictor = Predictor::load(&cv.fold_dir(fold), device, options)?;
+        let members: Vec<PathBuf> = cvs.iter().map(|(cv, _)| cv.fold_dir(fold)).collect();
+        let predictor = Predictor::load_ensemble(&members, device, options)?;
         let eval = predictor.evaluate(&val, None)?;
         done += val.len();
         progress(done);
-        folds.push(eval.metrics.report());
+        reports.push(eval.metrics.report());
         out_of_fold.extend(&eval.metrics);
     }
-    Ok(CvReport { folds, out_of_fold })
+    Ok(CvReport {
+        folds: reports,
+        out_of_fold,
+    })
 }
 
 /// The models a `--model` path stands for: the fold models of a CV folder, or

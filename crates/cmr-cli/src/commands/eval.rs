@@ -3,12 +3,12 @@
 
 #![allow(clippy::print_stdout)]
 
-use std::path::Path;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
 use cmr_data::{AugmentConfig, Dataset, Labels, LoadOptions, Sample, deform_sample, load_split};
-use cmr_train::{CvDir, DeviceSpec, evaluate_folds, load_splits};
+use cmr_train::{CvDir, DeviceSpec, evaluate_fold_ensembles, load_splits};
 
 use crate::args::EvalArgs;
 use crate::commands::{load_predictor, open_device, predict_options};
@@ -24,10 +24,14 @@ fn transform(deform: Option<u64>) -> impl Fn(&Sample) -> Sample {
 }
 
 pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
-    if !args.model.contains(',') && !args.data.join("image").is_dir() {
-        let path = crate::models::resolve(&args.model)?;
-        if CvDir::is_cv(&path) {
-            return run_cv(&path, &args);
+    if !args.data.join("image").is_dir() {
+        let paths = args
+            .model
+            .split(',')
+            .map(|m| crate::models::resolve(m.trim()))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        if paths.iter().all(|p| CvDir::is_cv(p)) {
+            return run_cv(&paths, &args);
         }
     }
     let predictor = load_predictor(&args.model, &args.inference)?;
@@ -100,10 +104,16 @@ fn print_per_image(images: &[cmr_loss::ImageMetrics]) {
     println!();
 }
 
-/// Cross-validated scores of a CV folder: each fold's model on its own
-/// validation slices of `train/`.
-fn run_cv(path: &Path, args: &EvalArgs) -> anyhow::Result<ExitCode> {
-    let (cv, spec) = CvDir::open(path)?;
+/// Cross-validated scores of CV folders on the same folds: each fold's model
+/// (or the ensemble of the folders' fold models) on its own validation slices
+/// of `train/`.
+fn run_cv(paths: &[PathBuf], args: &EvalArgs) -> anyhow::Result<ExitCode> {
+    let cvs = paths
+        .iter()
+        .map(|p| CvDir::open(p).with_context(|| format!("reading {}", p.display())))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let spec = cvs[0].1.clone();
+    let path = &paths[0];
     let dataset = Dataset::open(
         &args.data,
         LoadOptions {
@@ -114,8 +124,13 @@ fn run_cv(path: &Path, args: &EvalArgs) -> anyhow::Result<ExitCode> {
     let device = open_device(&args.inference.device, DeviceSpec::Auto)?;
     let options = predict_options(&args.inference);
     tracing::info!(
-        "cross-validation {}: {} folds ({}), each fold's model on its own validation slices of {}/train{}",
+        "cross-validation {}{}: {} folds ({}), each fold's model on its own validation slices of {}/train{}",
         path.display(),
+        if cvs.len() > 1 {
+            format!(" and {} more (fold ensembles)", cvs.len() - 1)
+        } else {
+            String::new()
+        },
         spec.folds.k,
         spec.folds.grouping,
         args.data.display(),
@@ -124,16 +139,15 @@ fn run_cv(path: &Path, args: &EvalArgs) -> anyhow::Result<ExitCode> {
             .unwrap_or_default()
     );
     let bar = image_bar(dataset.train.len(), "eval");
-    let report = evaluate_folds(
-        &cv,
-        &spec,
+    let report = evaluate_fold_ensembles(
+        &cvs,
         &dataset.train,
         &device,
         options,
         &transform(args.deform),
         |done| bar.set_position(done as u64),
     )
-    .with_context(|| format!("evaluating {}", path.display()))?;
+    .with_context(|| format!("evaluating {}", args.model))?;
     bar.finish_and_clear();
     let stats = report.fold_dice();
     let oof = report.out_of_fold.report();
@@ -148,6 +162,7 @@ fn run_cv(path: &Path, args: &EvalArgs) -> anyhow::Result<ExitCode> {
             "model": args.model,
             "data": args.data.display().to_string(),
             "k": spec.folds.k,
+            "cross_validations": cvs.len(),
             "grouping": spec.folds.grouping,
             "tta": options.tta,
             "clean": args.inference.clean,

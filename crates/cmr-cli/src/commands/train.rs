@@ -94,12 +94,15 @@ fn apply_flags(cfg: &mut TrainConfig, args: &TrainArgs) {
     }
 }
 
-/// `runs/<arch>-<preset>` (`-cv<K>` for a cross-validation), or the first
+/// `runs/<arch>-<preset>` (`-cv<K>`, or `-cv` with `--folds-from`, for a
+/// cross-validation), or the first
 /// free `-2`, `-3` … after it.
 fn default_out(cfg: &TrainConfig, args: &TrainArgs) -> PathBuf {
     let mut base = format!("{}-{}", cfg.model.architecture(), args.preset);
-    if let Some(k) = args.folds {
-        base = format!("{base}-cv{k}");
+    match args.folds {
+        Some(k) => base = format!("{base}-cv{k}"),
+        None if args.folds_from.is_some() => base = format!("{base}-cv"),
+        None => {}
     }
     let runs = PathBuf::from("runs");
     let mut candidate = runs.join(&base);
@@ -131,13 +134,33 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         let (cv, spec) = CvDir::open(dir)?;
         return run_cv(&cv, &spec, &args);
     }
-    if let Some(k) = args.folds {
+    if args.folds.is_some() || args.folds_from.is_some() {
         let mut cfg = build_config(&args)?;
         // each fold is scored on its validation slices: they must choose nothing
         cfg.keep = cmr_train::Keep::Last;
         let samples = train_samples(&args.data, &cfg)?;
-        let folds = Folds::new(&samples, k, cfg.seed, cfg.data.grouping)
-            .with_context(|| format!("making {k} folds of {}", args.data.display()))?;
+        let folds = match (&args.folds_from, args.folds) {
+            (Some(from), k) => {
+                let (_, other) = CvDir::open(from)?;
+                if k.is_some_and(|k| k != other.folds.k) {
+                    bail!(
+                        "--folds {} disagrees with the {} folds of {}",
+                        k.unwrap_or(0),
+                        other.folds.k,
+                        from.display()
+                    );
+                }
+                // the same ids, or training a fold would fail half-way
+                other
+                    .folds
+                    .split(&samples, 0)
+                    .with_context(|| format!("the folds of {}", from.display()))?;
+                other.folds
+            }
+            (None, Some(k)) => Folds::new(&samples, k, cfg.seed, cfg.data.grouping)
+                .with_context(|| format!("making {k} folds of {}", args.data.display()))?,
+            (None, None) => unreachable!("checked above"),
+        };
         let out = args.out.clone().unwrap_or_else(|| default_out(&cfg, &args));
         let spec = CvSpec { config: cfg, folds };
         let cv = CvDir::create(&out, &spec)
