@@ -150,3 +150,38 @@ fn cross_validate_score_and_predict_with_the_folds() {
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!(v["members"], 2);
 }
+
+#[test]
+fn deform_writes_a_seeded_aligned_copy() {
+    let Some(data) = shared_data() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let root = subset(&data, dir.path(), 4, 0);
+    let copy = |out: &str, seed: &str| {
+        let out = dir.path().join(out);
+        ok(cmr()
+            .args(["deform", "--seed", seed, "--data"])
+            .arg(&root)
+            .arg("--out")
+            .arg(&out));
+        out
+    };
+    let (a, b, c) = (copy("a", "1"), copy("b", "1"), copy("c", "2"));
+    for i in 1..=4 {
+        let image = format!("image/cmr{i}.png");
+        let mask = format!("mask/cmr{i}_mask.png");
+        let read = |d: &std::path::Path, f: &str| std::fs::read(d.join(f)).unwrap();
+        assert_eq!(read(&a, &image), read(&b, &image), "seeded");
+        assert_eq!(read(&a, &mask), read(&b, &mask), "seeded");
+        assert_ne!(read(&a, &image), read(&c, &image), "another seed, another copy");
+        let original = read_mask(&root.join(format!("train/{mask}"))).unwrap();
+        let deformed = read_mask(&a.join(&mask)).unwrap();
+        assert_eq!(deformed.size(), original.size());
+        assert_ne!(deformed, original);
+    }
+    assert_eq!(std::fs::read_dir(a.join("image")).unwrap().count(), 4);
+    assert!(
+        !std::fs::read_dir(&a)
+            .unwrap()
+            .any(|e| e.unwrap().file_name().to_string_lossy().starts_with(".cmr"))
+    );
+}

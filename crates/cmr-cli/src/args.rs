@@ -34,6 +34,29 @@ pub enum Command {
     Submit(SubmitArgs),
     /// Parameters, size and forward FLOPs of a network.
     Info(InfoArgs),
+    /// Write a seeded deformed copy of a labelled split (the one `eval
+    /// --deform` scores): elastic warp, rotation up to ±30°, scale 0.8–1.2,
+    /// gamma, noise and bias field, image and mask warped together.
+    Deform(DeformArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Example:\n  cmr deform --data data/cmr-2021/train --out deformed --seed 1\n  cmr eval --model unet3plus --data deformed"
+)]
+pub struct DeformArgs {
+    /// A labelled split folder (image/, mask/), or a dataset root (its train/).
+    #[arg(long, value_name = "DIR")]
+    pub data: PathBuf,
+    /// Output folder: image/<id>.png and mask/<id>_mask.png.
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Seed of the deformations (the same seed gives the same copy).
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Images are padded/cropped to this side before deforming and back after.
+    #[arg(long, default_value_t = 96)]
+    pub size: usize,
 }
 
 /// Where to run.

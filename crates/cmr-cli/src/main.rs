@@ -37,5 +37,6 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Predict(args) => commands::predict::run(args),
         Command::Submit(args) => commands::submit::run(args),
         Command::Info(args) => commands::info::run(args),
+        Command::Deform(args) => commands::deform::run(args),
     }
 }

@@ -29,16 +29,24 @@ impl Staged {
         })
     }
 
-    /// Where to write the file `name` now; it lands in `dest` at commit.
-    pub fn path(&mut self, name: &str) -> PathBuf {
+    /// Where to write the file `name` (a relative path, sub-folders
+    /// allowed) now; it lands in `dest` at commit.
+    pub fn path(&mut self, name: &str) -> anyhow::Result<PathBuf> {
+        let path = self.tmp.join(name);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        }
         self.files.push(name.to_string());
-        self.tmp.join(name)
+        Ok(path)
     }
 
     /// Move every file into `dest`, replacing files of the same name.
     pub fn commit(mut self) -> anyhow::Result<usize> {
         for name in &self.files {
             let (from, to) = (self.tmp.join(name), self.dest.join(name));
+            if let Some(parent) = to.parent() {
+                std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+            }
             std::fs::rename(&from, &to).with_context(|| format!("moving {} into place", to.display()))?;
         }
         self.committed = true;

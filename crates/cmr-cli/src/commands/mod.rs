@@ -1,5 +1,6 @@
 //! One module per subcommand.
 
+pub mod deform;
 pub mod eval;
 pub mod info;
 pub mod predict;

@@ -47,10 +47,10 @@ pub fn run(args: PredictArgs) -> anyhow::Result<ExitCode> {
     for (sample, mask) in samples.iter().zip(masks) {
         let mask = mask.unfit(sample.original);
         let name = format!("{}_mask", sample.id);
-        write_mask(&staged.path(&format!("{name}.png")), &mask)?;
+        write_mask(&staged.path(&format!("{name}.png"))?, &mask)?;
         if args.overlay {
             let image = read_image(&sample.path)?;
-            write_overlay(&staged.path(&format!("{}_overlay.png", sample.id)), &image, &mask)?;
+            write_overlay(&staged.path(&format!("{}_overlay.png", sample.id))?, &image, &mask)?;
         }
         rows.push((name, mask));
     }
