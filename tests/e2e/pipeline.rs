@@ -86,20 +86,11 @@ fn train_eval_predict_submit() {
     }
     assert_eq!(std::fs::read_dir(&masks).unwrap().count(), 8, "only masks and overlays");
 
-    // submit from the masks only (move the overlays away first)
-    let only_masks = dir.path().join("only-masks");
-    std::fs::create_dir_all(&only_masks).unwrap();
-    for (name, _) in &predicted {
-        std::fs::copy(
-            masks.join(format!("{name}.png")),
-            only_masks.join(format!("{name}.png")),
-        )
-        .unwrap();
-    }
+    // submit straight from predict's folder: the overlays are left out
     let submission = dir.path().join("sub/submission.csv");
     ok(cmr()
         .args(["submit", "--masks"])
-        .arg(&only_masks)
+        .arg(&masks)
         .arg("--out")
         .arg(&submission));
     let text = std::fs::read_to_string(&submission).unwrap();

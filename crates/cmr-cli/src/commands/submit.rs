@@ -18,9 +18,28 @@ pub fn row_name(stem: &str) -> String {
 }
 
 pub fn run(args: SubmitArgs) -> anyhow::Result<ExitCode> {
-    let files = list_pngs(&args.masks)?;
-    if files.is_empty() {
+    let all = list_pngs(&args.masks)?;
+    if all.is_empty() {
         bail!("{}: no mask PNGs", args.masks.display());
+    }
+    // A predict folder also holds overlays: take the `*_mask.png` files where
+    // there are any, every PNG otherwise (masks named like their images).
+    let is_mask = |p: &std::path::PathBuf| {
+        p.file_stem()
+            .and_then(|s| s.to_str())
+            .is_some_and(|s| s.ends_with("_mask"))
+    };
+    let files: Vec<_> = if all.iter().any(is_mask) {
+        all.iter().filter(|p| is_mask(p)).cloned().collect()
+    } else {
+        all.clone()
+    };
+    if files.len() < all.len() {
+        tracing::info!(
+            "{}: {} PNGs that are not *_mask.png left out (overlays)",
+            args.masks.display(),
+            all.len() - files.len()
+        );
     }
     let mut masks = Vec::with_capacity(files.len());
     for path in &files {
