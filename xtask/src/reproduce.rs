@@ -464,8 +464,8 @@ pub fn today() -> String {
 
 /// Copy each network's fold ensemble (the fold models, their
 /// configurations and logs, `cv.json`, `summary.json`) from the finished
-/// output folder into `models/<arch>/`, with a README recording the command,
-/// the date and the cross-validated scores.
+/// output folder into `models/<arch>/`, with a README there recording the
+/// command, the date and the cross-validated scores.
 pub fn ship(opts: &ReproduceOptions, results: &[NetworkResult], models: &Path, command: &str) -> anyhow::Result<()> {
     let copy = |from: &Path, to: &Path| -> anyhow::Result<()> {
         let bytes = std::fs::read(from).with_context(|| format!("reading {}", from.display()))?;
@@ -495,38 +495,65 @@ pub fn ship(opts: &ReproduceOptions, results: &[NetworkResult], models: &Path, c
         }
         std::fs::rename(&staged, &to).with_context(|| format!("placing {}", to.display()))?;
     }
-    let mut s = String::from("# Shipped models\n\n");
-    let _ = writeln!(
-        s,
-        "Trained by `{command}` on {} (2 CPU threads). `cmr predict --model <name> …` finds them by name. Each folder is a {}-fold cross-validation: `cv.json` (recipe and folds), `fold-N/` (each fold's last weights, `config.json`, `metrics.csv`); as a model it is the ensemble of its folds.\n",
-        today(),
-        opts.folds
-    );
-    let _ = writeln!(
-        s,
-        "Scores: cross-validation over the training slices, each fold's model on its own validation slices (folds by patient); mean ± SD over folds, with eight-view TTA.\n"
-    );
-    let _ = writeln!(
-        s,
-        "| model | parameters | epochs | Dice RV | Dice Myo | Dice LV | mean Dice | out of fold | deformed |\n|---|---|---|---|---|---|---|---|---|"
-    );
     for r in results {
-        let c = r.chosen();
+        cmr_data::write_atomic(
+            &models.join(r.arch.name()).join("README.md"),
+            model_readme(r, command).as_bytes(),
+        )?;
+    }
+    Ok(())
+}
+
+/// `models/<arch>/README.md`: how the shipped ensemble was made and what it
+/// scores, cross-validated.
+fn model_readme(r: &NetworkResult, command: &str) -> String {
+    let mut s = format!(
+        "# {}: a {}-fold ensemble
+
+",
+        r.arch.display_name(),
+        r.folds
+    );
+    let _ = writeln!(
+        s,
+        "Trained by `{command}` on {} ({} CPU threads; {:.1} s an epoch). `cmr predict --model {} …` uses the ensemble of its folds: `cv.json` (recipe and folds), `fold-N/` (each fold's last weights, `config.json`, `metrics.csv`).
+",
+        today(),
+        candle_core::utils::get_num_threads(),
+        r.mean_epoch_seconds,
+        r.arch.name()
+    );
+    let _ = writeln!(
+        s,
+        "Cross-validated over {} training slices, folds by patient: each fold's model on its own validation slices, mean ± SD over folds (and the mean over all slices, out of fold).
+",
+        r.plain.out_of_fold.images
+    );
+    let _ = writeln!(
+        s,
+        "| prediction | Dice RV | Dice Myo | Dice LV | mean Dice | out of fold |\n|---|---|---|---|---|---|"
+    );
+    for (name, c) in [
+        ("one model", &r.plain),
+        ("+ TTA (8 views)", &r.tta),
+        ("+ TTA, clean-up", &r.tta_clean),
+        ("deformed copies, as shipped", &r.deformed),
+    ] {
         let _ = writeln!(
             s,
-            "| {} | {} | {} × {} | {} | {} | {} | {} | {:.4} | {} |",
-            r.arch.name(),
-            r.parameters,
-            r.folds,
-            r.epochs,
+            "| {name} | {} | {} | {} | {} | {:.4} |",
             fmt_sd(&c.folds[0]),
             fmt_sd(&c.folds[1]),
             fmt_sd(&c.folds[2]),
             fmt_sd(&c.folds[3]),
-            c.out_of_fold.mean_dice,
-            fmt_sd(&r.deformed.folds[3])
+            c.out_of_fold.mean_dice
         );
     }
-    cmr_data::write_atomic(&models.join("README.md"), s.as_bytes())?;
-    Ok(())
+    let _ = writeln!(
+        s,
+        "\nShipped with TTA{}: clean-up {} out of fold.",
+        if r.clean_helps { " and clean-up" } else { "" },
+        if r.clean_helps { "helped" } else { "did not help" }
+    );
+    s
 }
