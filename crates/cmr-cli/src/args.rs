@@ -192,12 +192,7 @@ pub struct InferenceArgs {
 }
 
 #[derive(Debug, Args)]
-#[command(after_help = "Examples:
-  cmr eval --model runs/unet3plus-cpu-cv5 --data data/cmr-2021 --tta     cross-validated scores
-  cmr eval --model runs/unet3plus-cpu-cv5 --data data/cmr-2021 --deform 1  the same on deformed copies
-  cmr eval --model runs/cv-a,runs/cv-b --data data/cmr-2021              fold ensembles of two CVs on the same folds
-  cmr eval --model runs/a,runs/b --data data/cmr-2021/val                an ensemble of two runs
-  cmr eval --model unet3plus --data some/labelled/split --json --tta --clean")]
+#[command(after_help = eval_help())]
 pub struct EvalArgs {
     /// A run folder, a cross-validation folder, a .safetensors with
     /// config.json beside it, or a shipped model's name (segnet, unet,
@@ -273,6 +268,17 @@ pub struct InfoArgs {
     pub json: bool,
     #[command(flatten)]
     pub device: DeviceArg,
+}
+
+/// `cmr eval --help`'s epilogue: examples, then what each column means.
+fn eval_help() -> String {
+    let examples = "Examples:
+  cmr eval --model runs/unet3plus-cpu-cv5 --data data/cmr-2021 --tta     cross-validated scores
+  cmr eval --model runs/unet3plus-cpu-cv5 --data data/cmr-2021 --deform 1  the same on deformed copies
+  cmr eval --model runs/cv-a,runs/cv-b --data data/cmr-2021              two CVs' fold ensembles
+  cmr eval --model runs/a,runs/b --data data/cmr-2021/val                an ensemble of two runs
+  cmr eval --model unet3plus --data some/labelled/split --json --tta --clean";
+    format!("{examples}\n\nMetrics:\n{}", cmr_loss::DEFINITIONS)
 }
 
 fn parse_preset(s: &str) -> Result<Preset, String> {

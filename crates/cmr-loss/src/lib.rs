@@ -16,5 +16,6 @@ pub use components::{extra_components, keep_largest_components, label_components
 pub use error::{LossError, Result};
 pub use loss::{Loss, cross_entropy, one_hot, soft_dice_loss, soft_dice_per_class};
 pub use metrics::{
-    CLASS_NAMES, ClassMetrics, ImageMetrics, LabelMap, MetricsAccumulator, MetricsReport, dice, hd95, iou, percentile,
+    CLASS_NAMES, ClassMetrics, DEFINITIONS, ImageMetrics, LabelMap, MetricsAccumulator, MetricsReport, dice, hd95, iou,
+    percentile,
 };

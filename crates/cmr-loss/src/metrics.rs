@@ -23,6 +23,15 @@ use serde::Serialize;
 use crate::components::extra_components;
 use crate::error::{LossError, Result};
 
+/// The definitions behind every column, as one text for `--help`, table
+/// footers and JSON (`definitions`).
+pub const DEFINITIONS: &str = "Dice, IoU: per image and class; 1 when prediction and truth are both empty.
+HD95: 95th percentile of the boundary distances both ways, in pixels;
+  0 when both are empty, the image diagonal when only one is.
+noise: 8-connected components of the class in the prediction beyond the
+  largest, per image; the noise number sums it over the classes.
+Means: over images, and over the three classes with equal weight.";
+
 /// Names of the foreground classes 1, 2, 3.
 pub const CLASS_NAMES: [&str; 3] = ["RV", "Myo", "LV"];
 
@@ -259,20 +268,30 @@ impl std::fmt::Display for MetricsReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(
             f,
-            "{:<6} {:>8} {:>8} {:>8} {:>8}",
-            "class", "Dice", "IoU", "HD95", "noise"
+            "{:<6} {:>8} {:>8} {:>9} {:>8}",
+            "class", "Dice", "IoU", "HD95 (px)", "noise"
         )?;
         for c in &self.classes {
             writeln!(
                 f,
-                "{:<6} {:>8.4} {:>8.4} {:>8.2} {:>8.2}",
+                "{:<6} {:>8.4} {:>8.4} {:>9.2} {:>8.2}",
                 c.class, c.dice, c.iou, c.hd95, c.noise
             )?;
         }
+        writeln!(
+            f,
+            "{:<6} {:>8.4} {:>8.4} {:>9.2} {:>8.2}   ({} images)",
+            "mean",
+            self.mean_dice,
+            self.mean_iou,
+            self.mean_hd95,
+            self.noise_number / 3.0,
+            self.images
+        )?;
         write!(
             f,
-            "{:<6} {:>8.4} {:>8.4} {:>8.2} {:>8.2}   ({} images)",
-            "mean", self.mean_dice, self.mean_iou, self.mean_hd95, self.noise_number, self.images
+            "noise number (the classes' noise summed) {:.2}\n{DEFINITIONS}",
+            self.noise_number
         )
     }
 }
@@ -388,5 +407,22 @@ mod tests {
         let b = [0u8; 6];
         assert!(ImageMetrics::compute("x", map(&a, 2, 2), map(&b, 2, 3)).is_err());
         assert!(LabelMap::new(&a, 3, 3).is_err());
+    }
+
+    #[test]
+    fn the_table_names_its_units_and_its_noise_row_is_a_mean() {
+        // RV predicted as two components (one extra), truth one component
+        let p = [1, 0, 1, 0];
+        let g = [1, 0, 0, 0];
+        let mut acc = MetricsAccumulator::new();
+        acc.add("a", map(&p, 1, 4), map(&g, 1, 4)).unwrap();
+        let r = acc.report();
+        assert_eq!(r.noise_number, 1.0);
+        let text = r.to_string();
+        assert!(text.contains("HD95 (px)"), "{text}");
+        let mean_row = text.lines().find(|l| l.starts_with("mean")).unwrap();
+        assert!(mean_row.contains(" 0.33 "), "{mean_row}");
+        assert!(text.contains("noise number (the classes' noise summed) 1.00"), "{text}");
+        assert!(text.contains("both empty"), "{text}");
     }
 }

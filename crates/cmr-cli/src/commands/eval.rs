@@ -73,6 +73,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
         value["tta"] = serde_json::to_value(options.tta)?;
         value["clean"] = args.inference.clean.into();
         value["deform_seed"] = serde_json::to_value(args.deform)?;
+        value["definitions"] = cmr_loss::DEFINITIONS.into();
         for c in &report.classes {
             value[format!("dice_{}", c.class.to_lowercase())] = c.dice.into();
         }
@@ -170,6 +171,7 @@ fn run_cv(paths: &[PathBuf], args: &EvalArgs) -> anyhow::Result<ExitCode> {
             "dice_over_folds": fold_stats,
             "folds": report.folds,
             "out_of_fold": oof,
+            "definitions": cmr_loss::DEFINITIONS,
         });
         if args.per_image {
             value["per_image"] = serde_json::to_value(report.out_of_fold.images())?;
