@@ -2,7 +2,7 @@
 //! to exactly the predicted masks.
 
 use cmr_data::{Size, read_mask, read_submission};
-use cmr_tests::{cmr, ok, shared_data, subset};
+use cmr_tests::{cmr, fails, ok, output, shared_data, subset};
 
 #[test]
 fn train_eval_predict_submit() {
@@ -57,13 +57,63 @@ fn train_eval_predict_submit() {
         "20 % of 16 held out, whole patients (pairs): 3 → 4"
     );
     assert!(v["dice_lv"].as_f64().is_some());
-    // the table form
-    let table = ok(cmr()
-        .args(["eval", "--model"])
+    // the table form, on slices the model trained on: said so
+    let (status, table, stderr) = output(
+        cmr()
+            .args(["eval", "--model"])
+            .arg(&run)
+            .arg("--data")
+            .arg(root.join("train")),
+    );
+    assert!(status.success(), "{stderr}");
+    assert!(table.contains("Myo") && table.contains("(16 images)"), "{table}");
+    assert!(
+        stderr.contains("12 of the 16 slices scored trained") && stderr.contains("optimistic"),
+        "{stderr}"
+    );
+    // its own validation slices, as splits.json recorded them
+    let splits: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("splits.json")).unwrap()).unwrap();
+    assert_eq!(splits["train"].as_array().unwrap().len(), 12);
+    assert_eq!(splits["sha256"].as_str().unwrap().len(), 64);
+    let own = ok(cmr()
+        .args(["eval", "--json", "--per-image", "--split", "val", "--model"])
         .arg(&run)
         .arg("--data")
         .arg(root.join("train")));
-    assert!(table.contains("Myo") && table.contains("(16 images)"), "{table}");
+    let own: serde_json::Value = serde_json::from_str(&own).unwrap();
+    let ids: Vec<&str> = own["per_image"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    let recorded: Vec<&str> = splits["val"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(ids, recorded);
+    assert_eq!(
+        own["mean_dice"], v["mean_dice"],
+        "the hold-out recomputed and the recorded one agree"
+    );
+    // resuming on other data is refused unless allowed
+    let other = subset(&data, &dir.path().join("other"), 20, 0);
+    let err = fails(cmr().args(["train", "--resume"]).arg(&run).arg("--data").arg(&other));
+    assert!(err.contains("other data"), "{err}");
+    ok(cmr()
+        .args(["train", "--allow-other-data", "--resume"])
+        .arg(&run)
+        .arg("--data")
+        .arg(&other));
+    let moved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("splits.json")).unwrap()).unwrap();
+    assert_eq!(
+        moved["train"].as_array().unwrap().len() + moved["val"].as_array().unwrap().len(),
+        20
+    );
 
     // predict the test images, with overlays, TTA, clean-up and a CSV
     let masks = dir.path().join("masks");

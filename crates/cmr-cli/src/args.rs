@@ -90,6 +90,15 @@ pub enum AugmentChoice {
     Robust,
 }
 
+/// Which slices `eval` scores.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SplitChoice {
+    /// Every slice of --data.
+    All,
+    /// The model's recorded validation slices only.
+    Val,
+}
+
 /// Test-time augmentation for `--tta`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum TtaChoice {
@@ -135,6 +144,11 @@ pub struct TrainArgs {
     /// Continue the run in this folder from its last checkpoint.
     #[arg(long, value_name = "RUN")]
     pub resume: Option<PathBuf>,
+    /// With --resume: continue even if --data is not the data the run
+    /// recorded in splits.json (the new split is recorded, and the best
+    /// score forgotten when the validation slices changed).
+    #[arg(long, requires = "resume")]
+    pub allow_other_data: bool,
     /// Number of epochs (with --resume: the new total).
     #[arg(long)]
     pub epochs: Option<usize>,
@@ -210,6 +224,11 @@ pub struct EvalArgs {
     /// together), drawn from this seed.
     #[arg(long, value_name = "SEED")]
     pub deform: Option<u64>,
+    /// `val`: only the model's own validation slices (from its splits.json)
+    /// among those of --data; `all`: every slice given (a model's training
+    /// slices among them are warned about).
+    #[arg(long, value_enum, default_value = "all")]
+    pub split: SplitChoice,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,

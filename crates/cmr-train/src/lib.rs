@@ -40,4 +40,4 @@ pub use predict::{Evaluation, PredictOptions, Predictor, Tta, resolve_model};
 pub use run::{Best, RunDir, TrainState};
 pub use schedule::Schedule;
 pub use strategy::{is_improvement, should_stop_early, validates_at};
-pub use trainer::{Observer, Outcome, Quiet, Trainer, load_splits};
+pub use trainer::{Observer, OtherData, Outcome, Quiet, Trainer, load_splits};

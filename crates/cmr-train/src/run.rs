@@ -5,6 +5,7 @@
 //! RUN/model.safetensors     the model: best on validation, or the last (config `keep`)
 //! RUN/last.safetensors      the latest weights (for resume)
 //! RUN/optimizer.safetensors the optimiser state (for resume)
+//! RUN/splits.json           the training and validation ids and their fingerprint
 //! RUN/state.json            progress: epochs done, best score, steps
 //! RUN/metrics.csv           one row per epoch
 //! RUN/curves.png            loss and Dice curves
@@ -30,6 +31,7 @@ impl RunDir {
     pub const LAST: &'static str = "last.safetensors";
     pub const OPTIMIZER: &'static str = "optimizer.safetensors";
     pub const STATE: &'static str = "state.json";
+    pub const SPLITS: &'static str = "splits.json";
     pub const METRICS: &'static str = "metrics.csv";
     pub const CURVES: &'static str = "curves.png";
 

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, ModuleT};
 use candle_nn::VarMap;
-use cmr_data::{BatchPlan, Dataset, LoadOptions, Splits};
+use cmr_data::{BatchPlan, Dataset, LoadOptions, SplitRecord, Splits};
 use cmr_models::{Model, build, is_running_stat};
 
 use crate::checkpoint::{load_tensors, load_varmap, save_tensors, save_varmap, varmap_tensors};
@@ -76,6 +76,19 @@ pub struct Trainer {
     optim: Optimizer,
     state: TrainState,
     log: MetricsLog,
+    other_data: OtherData,
+}
+
+/// What `fit` does when the run's `splits.json` names other data than it is
+/// given.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OtherData {
+    /// Stop with an error saying how the data differ.
+    #[default]
+    Refuse,
+    /// Go on: record the new split, and forget the best score when the
+    /// validation slices changed (it was measured on others).
+    Allow,
 }
 
 fn trainable(varmap: &VarMap) -> BTreeMap<String, candle_core::Var> {
@@ -107,6 +120,7 @@ impl Trainer {
             optim,
             state: TrainState::default(),
             log: MetricsLog::default(),
+            other_data: OtherData::Refuse,
         })
     }
 
@@ -157,6 +171,7 @@ impl Trainer {
             optim,
             state,
             log,
+            other_data: OtherData::Refuse,
         };
         trainer.log.records.truncate(trainer.state.epochs_done);
         if trainer.state.finished && trainer.state.epochs_done < trainer.config.epochs && epochs.is_some() {
@@ -169,6 +184,40 @@ impl Trainer {
 
     pub fn config(&self) -> &TrainConfig {
         &self.config
+    }
+
+    /// Whether `fit` may continue on data other than the run recorded.
+    pub fn set_other_data(&mut self, other: OtherData) {
+        self.other_data = other;
+    }
+
+    /// Record the split in `splits.json` on the first call; later, compare
+    /// with the record and refuse (or, if allowed, accept) other data.
+    fn check_split(&mut self, splits: &Splits) -> Result<()> {
+        let path = self.run.file(RunDir::SPLITS);
+        let record = SplitRecord::of(splits);
+        let Some(old) = SplitRecord::read(&path)? else {
+            return Ok(record.write(&path)?);
+        };
+        let Some(diff) = old.difference(&record) else {
+            return Ok(());
+        };
+        match self.other_data {
+            OtherData::Refuse => Err(TrainError::Run {
+                path: path.clone(),
+                message: format!(
+                    "this run trained on other data: {diff} (give the data it trained on, or allow other data)"
+                ),
+            }),
+            OtherData::Allow => {
+                tracing::warn!("{}: continuing on other data: {diff}", path.display());
+                if old.val != record.val && self.state.best.take().is_some() {
+                    tracing::warn!("the validation slices changed: the best score so far is forgotten");
+                    self.state.validations_since_best = 0;
+                }
+                Ok(record.write(&path)?)
+            }
+        }
     }
 
     pub fn device(&self) -> &Device {
@@ -205,8 +254,11 @@ impl Trainer {
     }
 
     /// Train until the configured number of epochs, early stopping, or
-    /// `stop` being raised (checked after every step).
+    /// `stop` being raised (checked after every step). The first call records
+    /// the split in `splits.json`; a later one (a resume) on other data is
+    /// refused unless [`OtherData::Allow`] was set.
     pub fn fit(&mut self, splits: &Splits, observer: &mut dyn Observer, stop: &AtomicBool) -> Result<Outcome> {
+        self.check_split(splits)?;
         let cfg = self.config.clone();
         let plan = BatchPlan {
             batch_size: cfg.batch_size,

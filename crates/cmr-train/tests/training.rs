@@ -212,3 +212,33 @@ fn a_non_finite_loss_stops_with_a_clear_error() {
     assert!(matches!(err, cmr_train::TrainError::NonFinite { .. }), "{err}");
     assert!(err.to_string().contains("last good checkpoint"));
 }
+
+#[test]
+fn a_resume_on_other_data_is_refused_unless_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = train(dir.path(), 1);
+    assert!(first.run().file(RunDir::SPLITS).is_file());
+    drop(first);
+    let mut other = splits();
+    other.val = (13..16).map(sample).collect();
+    let mut t = Trainer::resume(dir.path(), Device::Cpu, Some(2)).unwrap();
+    let err = t
+        .fit(&other, &mut Quiet, &AtomicBool::new(false))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("other data") && err.contains("0 training and 3 validation ids of the record"),
+        "{err}"
+    );
+    // the same data resumes; other data when allowed, forgetting the best score
+    let mut t = Trainer::resume(dir.path(), Device::Cpu, Some(2)).unwrap();
+    assert!(t.state().best.is_some());
+    t.set_other_data(cmr_train::OtherData::Allow);
+    t.fit(&other, &mut Quiet, &AtomicBool::new(false)).unwrap();
+    assert_eq!(t.state().best.as_ref().map(|b| b.epoch), Some(2));
+    let record = cmr_data::SplitRecord::read(&t.run().file(RunDir::SPLITS))
+        .unwrap()
+        .unwrap();
+    assert_eq!(record.val, vec!["s13", "s14", "s15"]);
+}

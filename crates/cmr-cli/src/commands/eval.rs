@@ -6,12 +6,12 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use cmr_data::{AugmentConfig, Dataset, Labels, LoadOptions, Sample, deform_sample, load_split};
 use cmr_train::{CvDir, DeviceSpec, evaluate_fold_ensembles, load_splits};
 
-use crate::args::EvalArgs;
-use crate::commands::{load_predictor, open_device, predict_options};
+use crate::args::{EvalArgs, SplitChoice};
+use crate::commands::{load_members, member_split, model_members, open_device, predict_options};
 use crate::progress::image_bar;
 
 /// The identity, or the deformed copy of `--deform SEED`.
@@ -34,10 +34,17 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
             return run_cv(&paths, &args);
         }
     }
-    let predictor = load_predictor(&args.model, &args.inference)?;
+    let members = model_members(&args.model)?;
+    let predictor = load_members(&members, &args.model, &args.inference)?;
     let config = predictor.config().clone();
     let opts = LoadOptions { size: config.data.size };
-    let (samples, split) = if args.data.join("image").is_dir() {
+    let records = members
+        .iter()
+        .map(|m| member_split(m))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let (samples, split) = if args.split == SplitChoice::Val {
+        own_validation(&args, &members, &records, opts)?
+    } else if args.data.join("image").is_dir() {
         (
             load_split(&args.data, Labels::Required, opts)?,
             args.data.display().to_string(),
@@ -52,6 +59,17 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
         let what = format!("{} ({})", args.data.display(), splits.source);
         (splits.val, what)
     };
+    for (member, record) in members.iter().zip(&records) {
+        let Some(record) = record else { continue };
+        let seen = record.trained_on(samples.iter().map(|s| s.id.as_str()));
+        if seen > 0 {
+            tracing::warn!(
+                "{seen} of the {} slices scored trained {}: the score is optimistic (--split val scores its validation slices only)",
+                samples.len(),
+                member.display()
+            );
+        }
+    }
     let samples: Vec<Sample> = samples.iter().map(transform(args.deform)).collect();
     tracing::info!(
         "evaluating on {} images of {split}{}",
@@ -88,6 +106,59 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
         println!("{report}");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `--split val`: the recorded validation slices of a single model, found
+/// among the labelled slices of `--data` (a split folder, or a dataset root's
+/// train/ and val/).
+fn own_validation(
+    args: &EvalArgs,
+    members: &[PathBuf],
+    records: &[Option<cmr_data::SplitRecord>],
+    opts: LoadOptions,
+) -> anyhow::Result<(Vec<Sample>, String)> {
+    let ([member], [record]) = (members, records) else {
+        bail!("--split val needs one model (an ensemble's members validated on different slices)");
+    };
+    let record = record.as_ref().with_context(|| {
+        format!(
+            "{}: no splits.json (trained before splits were recorded)",
+            member.display()
+        )
+    })?;
+    let all = if args.data.join("image").is_dir() {
+        load_split(&args.data, Labels::Required, opts)?
+    } else {
+        let dataset = Dataset::open(&args.data, opts).with_context(|| format!("loading {}", args.data.display()))?;
+        dataset
+            .train
+            .into_iter()
+            .chain(dataset.val.unwrap_or_default())
+            .collect()
+    };
+    let wanted: std::collections::BTreeSet<&str> = record.val.iter().map(String::as_str).collect();
+    let samples: Vec<Sample> = all.into_iter().filter(|s| wanted.contains(s.id.as_str())).collect();
+    if samples.is_empty() {
+        bail!(
+            "{}: none of the model's {} validation slices",
+            args.data.display(),
+            record.val.len()
+        );
+    }
+    if samples.len() < record.val.len() {
+        tracing::warn!(
+            "{}: {} of the model's {} validation slices are not there",
+            args.data.display(),
+            record.val.len() - samples.len(),
+            record.val.len()
+        );
+    }
+    let what = format!(
+        "{} (the model's validation slices, {})",
+        args.data.display(),
+        record.source
+    );
+    Ok((samples, what))
 }
 
 fn print_per_image(images: &[cmr_loss::ImageMetrics]) {

@@ -7,6 +7,8 @@ pub mod predict;
 pub mod submit;
 pub mod train;
 
+use std::path::{Path, PathBuf};
+
 use anyhow::Context;
 use candle_core::Device;
 use cmr_train::{DeviceSpec, PredictOptions, Predictor, Tta, device_name, ensemble_members};
@@ -34,15 +36,37 @@ pub fn predict_options(args: &InferenceArgs) -> PredictOptions {
     }
 }
 
-/// Load `--model` for inference with the options of `args`: one model, or an
-/// ensemble of every model a comma-separated list names (a cross-validation
-/// folder stands for its fold models).
-pub fn load_predictor(model: &str, args: &InferenceArgs) -> anyhow::Result<Predictor> {
+/// The models `--model` names: each comma-separated entry resolved (a
+/// shipped name, a path), a cross-validation folder expanded to its folds.
+pub fn model_members(model: &str) -> anyhow::Result<Vec<PathBuf>> {
     let mut members = Vec::new();
     for name in model.split(',').map(str::trim) {
         let path = crate::models::resolve(name)?;
         members.extend(ensemble_members(&path).with_context(|| format!("reading {}", path.display()))?);
     }
+    Ok(members)
+}
+
+/// The recorded split of the run a member path (run folder or weights file)
+/// belongs to, if it has one.
+pub fn member_split(member: &Path) -> anyhow::Result<Option<cmr_data::SplitRecord>> {
+    let run = if member.is_dir() {
+        member
+    } else {
+        member.parent().unwrap_or(Path::new("."))
+    };
+    Ok(cmr_data::SplitRecord::read(&run.join(cmr_train::RunDir::SPLITS))?)
+}
+
+/// Load `--model` for inference with the options of `args`: one model, or an
+/// ensemble of every model a comma-separated list names (a cross-validation
+/// folder stands for its fold models).
+pub fn load_predictor(model: &str, args: &InferenceArgs) -> anyhow::Result<Predictor> {
+    load_members(&model_members(model)?, model, args)
+}
+
+/// Load the models `members` (what `model` named) as one predictor.
+pub fn load_members(members: &[PathBuf], model: &str, args: &InferenceArgs) -> anyhow::Result<Predictor> {
     let device = open_device(&args.device, DeviceSpec::Auto)?;
     let options = predict_options(args);
     let predictor =

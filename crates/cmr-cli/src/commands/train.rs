@@ -131,6 +131,9 @@ fn stop_flag() -> anyhow::Result<Arc<AtomicBool>> {
 
 pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     if let Some(dir) = args.resume.as_ref().filter(|d| CvDir::is_cv(d)) {
+        if args.allow_other_data {
+            bail!("a cross-validation's folds fix its data: --allow-other-data does not apply");
+        }
         let (cv, spec) = CvDir::open(dir)?;
         return run_cv(&cv, &spec, &args);
     }
@@ -173,7 +176,11 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
             let (_, cfg) = cmr_train::RunDir::open(run)?;
             let splits = load_splits(&args.data, &cfg).with_context(|| format!("loading {}", args.data.display()))?;
             let device = open_device(&args.device, cfg.device)?;
-            let t = Trainer::resume(run, device, args.epochs).with_context(|| format!("resuming {}", run.display()))?;
+            let mut t =
+                Trainer::resume(run, device, args.epochs).with_context(|| format!("resuming {}", run.display()))?;
+            if args.allow_other_data {
+                t.set_other_data(cmr_train::OtherData::Allow);
+            }
             tracing::info!(
                 "resuming {} after epoch {} (batch {})",
                 run.display(),
