@@ -70,7 +70,7 @@ pub fn load_members(members: &[PathBuf], model: &str, args: &InferenceArgs) -> a
     let device = open_device(&args.device, DeviceSpec::Auto)?;
     let options = predict_options(args);
     let predictor =
-        Predictor::load_ensemble(&members, &device, options).with_context(|| format!("loading model {model}"))?;
+        Predictor::load_ensemble(members, &device, options).with_context(|| format!("loading model {model}"))?;
     let arch = predictor.config().model.architecture().display_name();
     if members.len() == 1 {
         tracing::info!(
