@@ -78,6 +78,23 @@ fn cross_validate_score_and_predict_with_the_folds() {
         .arg(&root));
     assert!(table.contains("mean ± SD") && table.contains("out of fold"), "{table}");
 
+    // clean-up decided per class and recorded; --clean then applies it
+    let json = ok(cmr()
+        .args(["eval", "--json", "--decide-clean", "--model"])
+        .arg(&cv)
+        .arg("--data")
+        .arg(&root));
+    let decision: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(decision["images"], 12);
+    assert!(cv.join("postprocess.json").is_file());
+    let cleaned: serde_json::Value = serde_json::from_str(&ok(cmr()
+        .args(["eval", "--json", "--clean", "--model"])
+        .arg(&cv)
+        .arg("--data")
+        .arg(&root)))
+    .unwrap();
+    assert_eq!(cleaned["clean"], decision["chosen"]);
+
     // a second seed on the same folds: their fold ensembles, cross-validated
     let cv2 = dir.path().join("cv2");
     ok(cmr()

@@ -15,11 +15,11 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use cmr_data::{AugmentConfig, Dataset, Folds, LoadOptions, Sample, deform_sample, write_submission};
-use cmr_loss::MetricsReport;
+use cmr_loss::{MetricsReport, PostProcess};
 use cmr_models::{Architecture, model_stats};
 use cmr_train::{
     CvDir, CvReport, CvSpec, DeviceSpec, EpochRecord, Keep, MeanSd, Observer, PredictOptions, Predictor, RunDir,
-    TrainConfig, TrainPreset, Tta, device_name, ensemble_members, evaluate_folds, train_folds,
+    TrainConfig, TrainPreset, Tta, decide_clean_up, device_name, ensemble_members, evaluate_folds, train_folds,
 };
 
 /// The seed of the deformed copies scored in the report.
@@ -76,18 +76,22 @@ pub struct NetworkResult {
     pub plain: CvScores,
     /// Eight-view TTA.
     pub tta: CvScores,
-    /// Eight-view TTA and largest-component clean-up.
+    /// Eight-view TTA and the clean-up decided per class out of fold.
     pub tta_clean: CvScores,
     /// Eight-view TTA on deformed copies of each validation fold.
     pub deformed: CvScores,
-    /// Whether clean-up helped out of fold (and so is used for the test set).
-    pub clean_helps: bool,
+    /// The clean-up chosen per class out of fold (used for the test set).
+    pub clean: PostProcess,
 }
 
 impl NetworkResult {
     /// The scores of the way the test set is predicted.
     pub fn chosen(&self) -> &CvScores {
-        if self.clean_helps { &self.tta_clean } else { &self.tta }
+        if self.clean.is_none() {
+            &self.tta
+        } else {
+            &self.tta_clean
+        }
     }
 }
 
@@ -244,13 +248,13 @@ fn report_md(
     }
     let _ = writeln!(
         s,
-        "\nDice: mean ± SD over the folds, each fold's model (its last weights) on its own validation slices. `out of fold`: the mean over all slices, each scored once. `+ TTA`: the softmax averaged over the eight flips and rotations of the square; `clean`: largest connected component per class. `deformed`: a deformed copy of each validation fold (`cmr eval --deform {DEFORM_SEED}`: elastic warp, rotation up to ±30°, scale 0.8–1.2, gamma, noise, bias field). `training (min)`: wall time of this invocation's training, all folds (0 when an earlier invocation trained them).\n"
+        "\nDice: mean ± SD over the folds, each fold's model (its last weights) on its own validation slices. `out of fold`: the mean over all slices, each scored once. `+ TTA`: the softmax averaged over the eight flips and rotations of the square; `clean`: the clean-up of connected components decided per class out of fold (keep all, the largest, or those touching the myocardium; `postprocess.json`). `deformed`: a deformed copy of each validation fold (`cmr eval --deform {DEFORM_SEED}`: elastic warp, rotation up to ±30°, scale 0.8–1.2, gamma, noise, bias field). `training (min)`: wall time of this invocation's training, all folds (0 when an earlier invocation trained them).\n"
     );
     let _ = writeln!(
         s,
         "`submission.csv` holds the test predictions of the {} fold ensemble (best cross-validated mean Dice with TTA{}); `submission-<arch>.csv` those of each network's ensemble, with TTA, and clean-up where it helped out of fold.\n",
         best.display_name(),
-        if results.iter().any(|r| r.arch == best && r.clean_helps) {
+        if results.iter().any(|r| r.arch == best && !r.clean.is_none()) {
             " and clean-up"
         } else {
             ""
@@ -284,7 +288,7 @@ fn score(
     samples: &[Sample],
     device: &candle_core::Device,
     tta: Tta,
-    clean: bool,
+    clean: PostProcess,
     deform: bool,
 ) -> anyhow::Result<CvScores> {
     let (cv, _) = CvDir::open(dir)?;
@@ -352,13 +356,20 @@ pub fn run(opts: &ReproduceOptions) -> anyhow::Result<Vec<NetworkResult>> {
         let dir = partial.join("runs").join(arch.name());
         let train_seconds = train(&spec, &samples, &dir)?;
         let device = cfg.device.open()?;
-        let plain = score(&dir, &spec, &samples, &device, Tta::None, false, false)?;
-        let tta = score(&dir, &spec, &samples, &device, Tta::Dihedral, false, false)?;
-        let tta_clean = score(&dir, &spec, &samples, &device, Tta::Dihedral, true, false)?;
-        let clean_helps = tta_clean.out_of_fold.mean_dice > tta.out_of_fold.mean_dice;
-        let deformed = score(&dir, &spec, &samples, &device, Tta::Dihedral, clean_helps, true)?;
+        let plain = score(&dir, &spec, &samples, &device, Tta::None, PostProcess::NONE, false)?;
+        let tta = score(&dir, &spec, &samples, &device, Tta::Dihedral, PostProcess::NONE, false)?;
+        let (cv, _) = CvDir::open(&dir)?;
+        let eight = PredictOptions {
+            tta: Tta::Dihedral,
+            ..PredictOptions::default()
+        };
+        let decision = decide_clean_up(&[(cv.clone(), spec.clone())], &samples, &device, eight, |_| {})?;
+        cv.write_clean(&decision)?;
+        let clean = decision.chosen;
+        let tta_clean = score(&dir, &spec, &samples, &device, Tta::Dihedral, clean, false)?;
+        let deformed = score(&dir, &spec, &samples, &device, Tta::Dihedral, clean, true)?;
         tracing::info!(
-            "{}: cross-validated mean Dice {} (TTA {}, TTA + clean {}, deformed {})",
+            "{}: cross-validated mean Dice {} (TTA {}, TTA + clean-up ({clean}) {}, deformed {})",
             arch.display_name(),
             fmt_sd(&plain.folds[3]),
             fmt_sd(&tta.folds[3]),
@@ -368,7 +379,7 @@ pub fn run(opts: &ReproduceOptions) -> anyhow::Result<Vec<NetworkResult>> {
         if !test.is_empty() {
             let options = PredictOptions {
                 tta: Tta::Dihedral,
-                clean: clean_helps,
+                clean,
                 ..PredictOptions::default()
             };
             let ensemble = Predictor::load_ensemble(&ensemble_members(&dir)?, &device, options)?;
@@ -400,7 +411,7 @@ pub fn run(opts: &ReproduceOptions) -> anyhow::Result<Vec<NetworkResult>> {
             tta,
             tta_clean,
             deformed,
-            clean_helps,
+            clean,
         });
     }
     let best = results
@@ -478,7 +489,7 @@ pub fn ship(opts: &ReproduceOptions, results: &[NetworkResult], models: &Path, c
         if staged.exists() {
             std::fs::remove_dir_all(&staged).with_context(|| format!("removing {}", staged.display()))?;
         }
-        for file in [CvDir::SPEC, CvDir::SUMMARY] {
+        for file in [CvDir::SPEC, CvDir::SUMMARY, CvDir::CLEAN] {
             std::fs::create_dir_all(&staged).with_context(|| format!("creating {}", staged.display()))?;
             copy(&from.join(file), &staged.join(file))?;
         }
@@ -551,9 +562,8 @@ fn model_readme(r: &NetworkResult, command: &str) -> String {
     }
     let _ = writeln!(
         s,
-        "\nShipped with TTA{}: clean-up {} out of fold.",
-        if r.clean_helps { " and clean-up" } else { "" },
-        if r.clean_helps { "helped" } else { "did not help" }
+        "\nShipped with TTA; clean-up decided per class out of fold (`postprocess.json`, applied by `--clean`): {}.",
+        r.clean
     );
     s
 }

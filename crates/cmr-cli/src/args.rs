@@ -196,7 +196,9 @@ pub struct InferenceArgs {
     /// (`--tta flips`).
     #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "all", value_name = "VIEWS")]
     pub tta: Option<TtaChoice>,
-    /// Keep only the largest connected component of each class.
+    /// Clean up connected components: the rule per class that a
+    /// cross-validation decided for its model (`eval --decide-clean`), or
+    /// else keep the largest component of each class.
     #[arg(long)]
     pub clean: bool,
     #[arg(long, default_value_t = 8)]
@@ -229,6 +231,12 @@ pub struct EvalArgs {
     /// slices among them are warned about).
     #[arg(long, value_enum, default_value = "all")]
     pub split: SplitChoice,
+    /// For a cross-validation folder: decide per class, out of fold, which
+    /// clean-up helps (keep all, the largest component, or for RV and LV the
+    /// components touching the myocardium), print the table and record the
+    /// choice in the folder (postprocess.json), which --clean then applies.
+    #[arg(long)]
+    pub decide_clean: bool,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,

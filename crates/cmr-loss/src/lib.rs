@@ -11,6 +11,7 @@ mod error;
 mod fused;
 mod loss;
 mod metrics;
+mod postprocess;
 
 pub use components::{extra_components, keep_largest_components, label_components};
 pub use error::{LossError, Result};
@@ -19,3 +20,4 @@ pub use metrics::{
     CLASS_NAMES, ClassMetrics, DEFINITIONS, ImageMetrics, LabelMap, MetricsAccumulator, MetricsReport, dice, hd95, iou,
     percentile,
 };
+pub use postprocess::{Clean, PostProcess};

@@ -5,6 +5,7 @@
 //! CV/cv.json        the recipe and the folds (validation ids of each), written first
 //! CV/fold-0/ …      one run folder per fold (see RunDir)
 //! CV/summary.json   each finished fold's best validation score, and their mean ± SD
+//! CV/postprocess.json  the clean-up each class gets, decided out of fold (optional)
 //! ```
 //! A CV folder is also an ensemble: its fold models, averaged.
 
@@ -13,12 +14,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::Device;
 use cmr_data::{Folds, Sample};
-use cmr_loss::{MetricsAccumulator, MetricsReport};
+use cmr_loss::{Clean, LabelMap, MetricsAccumulator, MetricsReport, PostProcess, dice};
 use serde::{Deserialize, Serialize};
 
 use crate::config::TrainConfig;
 use crate::error::{Result, TrainError};
-use crate::predict::{PredictOptions, Predictor};
+use crate::predict::{PredictOptions, Predictor, Tta};
 use crate::run::RunDir;
 use crate::trainer::{Observer, Outcome, Trainer};
 
@@ -374,6 +375,117 @@ pub fn evaluate_fold_ensembles(
         folds: reports,
         out_of_fold,
     })
+}
+
+/// The out-of-fold Dice of each class under each clean-up rule, and the
+/// rules chosen from them.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CleanDecision {
+    /// Per class and rule: `(class, rule, out-of-fold mean Dice)`.
+    pub dice: Vec<(u8, Clean, f64)>,
+    /// For each class the rule with the best out-of-fold Dice, where it beats
+    /// keeping everything (strictly); keep everything otherwise.
+    pub chosen: PostProcess,
+    /// The test-time augmentation the predictions were made with.
+    pub tta: Tta,
+    /// Images scored.
+    pub images: usize,
+}
+
+/// Decide, class by class, which clean-up helps (as nnU-Net does): predict
+/// every fold's validation slices once (by the ensemble of the CVs' fold
+/// models, with `options`' TTA), apply each rule of [`Clean::candidates`] and
+/// compare the out-of-fold Dice. The choice is made on the same slices it is
+/// scored on, so its gain is slightly optimistic.
+pub fn decide_clean_up(
+    cvs: &[(CvDir, CvSpec)],
+    samples: &[Sample],
+    device: &Device,
+    options: PredictOptions,
+    mut progress: impl FnMut(usize),
+) -> Result<CleanDecision> {
+    let Some((_, first)) = cvs.first() else {
+        return Err(TrainError::Config("no cross-validation to decide on".into()));
+    };
+    let folds = &first.folds;
+    let options = PredictOptions {
+        clean: PostProcess::NONE,
+        ..options
+    };
+    let mut sums: Vec<(u8, Clean, f64)> = (1..=3u8)
+        .flat_map(|c| Clean::candidates(c).iter().map(move |&r| (c, r, 0.0)))
+        .collect();
+    let mut images = 0;
+    for fold in 0..folds.k {
+        let val = folds.split(samples, fold)?.val;
+        let members: Vec<PathBuf> = cvs.iter().map(|(cv, _)| cv.fold_dir(fold)).collect();
+        let predictor = Predictor::load_ensemble(&members, device, options)?;
+        let preds = predictor.predict(&val, |_| {})?;
+        for (pred, sample) in preds.iter().zip(&val) {
+            let gt = sample.mask.as_ref().ok_or_else(|| TrainError::Run {
+                path: sample.path.clone(),
+                message: "cannot score an image without its mask".into(),
+            })?;
+            let (h, w) = (pred.height(), pred.width());
+            let truth = LabelMap::new(gt.data(), h, w)?;
+            for (class, rule, sum) in &mut sums {
+                let mut cleaned = pred.data().to_vec();
+                rule.apply(&mut cleaned, h, w, *class);
+                *sum += dice(LabelMap::new(&cleaned, h, w)?, truth, *class);
+            }
+        }
+        images += val.len();
+        progress(images);
+    }
+    let dice_of: Vec<(u8, Clean, f64)> = sums
+        .into_iter()
+        .map(|(c, r, s)| (c, r, s / images.max(1) as f64))
+        .collect();
+    let mut chosen = PostProcess::NONE;
+    for class in 1..=3u8 {
+        let keep = dice_of
+            .iter()
+            .find(|(c, r, _)| *c == class && *r == Clean::Keep)
+            .map_or(0.0, |x| x.2);
+        if let Some(&(_, rule, d)) = dice_of
+            .iter()
+            .filter(|(c, _, _)| *c == class)
+            .max_by(|a, b| a.2.total_cmp(&b.2))
+            && d > keep
+        {
+            chosen.set(class, rule);
+        }
+    }
+    Ok(CleanDecision {
+        dice: dice_of,
+        chosen,
+        tta: options.tta,
+        images,
+    })
+}
+
+impl CvDir {
+    pub const CLEAN: &'static str = "postprocess.json";
+
+    /// The clean-up decision recorded in the folder, if any.
+    pub fn read_clean(&self) -> Result<Option<CleanDecision>> {
+        let path = self.root.join(Self::CLEAN);
+        if !path.exists() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(&path).map_err(|e| TrainError::io(&path, e))?;
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| TrainError::ConfigFile {
+                path,
+                message: e.to_string(),
+            })
+    }
+
+    pub fn write_clean(&self, decision: &CleanDecision) -> Result<()> {
+        let text = serde_json::to_string_pretty(decision).expect("a decision serialises");
+        Ok(cmr_data::write_atomic(&self.root.join(Self::CLEAN), text.as_bytes())?)
+    }
 }
 
 /// The models a `--model` path stands for: the fold models of a CV folder, or

@@ -27,8 +27,8 @@ mod trainer;
 pub use checkpoint::{load_tensors, load_varmap, save_tensors, save_varmap, varmap_tensors};
 pub use config::{DataConfig, EarlyStopping, Keep, TrainConfig, TrainPreset};
 pub use cv::{
-    CvDir, CvOutcome, CvReport, CvSpec, CvSummary, FoldStatus, FoldSummary, MeanSd, ensemble_members,
-    evaluate_fold_ensembles, evaluate_folds, train_folds,
+    CleanDecision, CvDir, CvOutcome, CvReport, CvSpec, CvSummary, FoldStatus, FoldSummary, MeanSd, decide_clean_up,
+    ensemble_members, evaluate_fold_ensembles, evaluate_folds, train_folds,
 };
 pub use device::{DeviceSpec, HAS_CUDA, HAS_METAL, device_name};
 pub use error::{Result, TrainError};

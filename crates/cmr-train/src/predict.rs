@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, ModuleT, Tensor};
 use candle_nn::{VarMap, ops::softmax};
 use cmr_data::{BatchPlan, Mask, Plane, Sample};
-use cmr_loss::{LabelMap, Loss, MetricsAccumulator, keep_largest_components};
+use cmr_loss::{LabelMap, Loss, MetricsAccumulator, PostProcess};
 use cmr_models::{Model, build};
 use serde::{Deserialize, Serialize};
 
@@ -126,8 +126,9 @@ impl std::fmt::Display for Tta {
 pub struct PredictOptions {
     /// Test-time augmentation.
     pub tta: Tta,
-    /// Keep only the largest 8-connected component of each class.
-    pub clean: bool,
+    /// Clean-up of each class's connected components
+    /// ([`PostProcess::LARGEST`] keeps the largest of each).
+    pub clean: PostProcess,
     pub batch_size: usize,
 }
 
@@ -135,7 +136,7 @@ impl Default for PredictOptions {
     fn default() -> Self {
         Self {
             tta: Tta::None,
-            clean: false,
+            clean: PostProcess::NONE,
             batch_size: 8,
         }
     }
@@ -256,6 +257,10 @@ impl Predictor {
         })
     }
 
+    pub fn options(&self) -> &PredictOptions {
+        &self.options
+    }
+
     /// The models averaged.
     pub fn members(&self) -> &[Model] {
         &self.members
@@ -301,9 +306,7 @@ impl Predictor {
         let mut out = Vec::with_capacity(b);
         for chunk in flat.chunks(h * w) {
             let mut data = chunk.to_vec();
-            if self.options.clean {
-                keep_largest_components(&mut data, h, w, &[1, 2, 3]);
-            }
+            self.options.clean.apply(&mut data, h, w);
             out.push(Plane::from_vec(h, w, data).expect("argmax has h × w labels"));
         }
         Ok(out)

@@ -13,7 +13,7 @@ use cmr_data::{AugmentConfig, Folds, Grouping, Plane, Sample, Size};
 use cmr_models::{Model, ModelConfig, UNetConfig, build};
 use cmr_train::{
     CvDir, CvOutcome, CvSpec, EpochRecord, FoldStatus, Keep, Observer, OptimConfig, PredictOptions, Predictor, Quiet,
-    Schedule, TrainConfig, Tta, evaluate_folds, seeded_var_builder, train_folds, varmap_tensors,
+    Schedule, TrainConfig, Tta, decide_clean_up, evaluate_folds, seeded_var_builder, train_folds, varmap_tensors,
 };
 
 fn sample(i: usize) -> Sample {
@@ -200,6 +200,34 @@ fn a_cross_validation_interrupted_in_its_second_fold_resumes_there_exactly() {
     let [_, _, _, mean] = report.fold_dice();
     let by_fold = (report.folds[0].mean_dice + report.folds[1].mean_dice) / 2.0;
     assert!((mean.mean - by_fold).abs() < 1e-12);
+    // the clean-up decided per class, out of fold: never worse than keeping all
+    let decision = decide_clean_up(
+        &[(cv.clone(), spec.clone())],
+        &samples,
+        &Device::Cpu,
+        PredictOptions::default(),
+        |_| {},
+    )
+    .unwrap();
+    assert_eq!(decision.images, 12);
+    assert_eq!(decision.dice.len(), 3 + 2 + 3);
+    for class in 1..=3u8 {
+        let of = |rule| {
+            decision
+                .dice
+                .iter()
+                .find(|(c, r, _)| *c == class && *r == rule)
+                .unwrap()
+                .2
+        };
+        let chosen = decision.chosen.rule(class);
+        assert!(of(chosen) >= of(cmr_loss::Clean::Keep), "class {class}");
+        if chosen != cmr_loss::Clean::Keep {
+            assert!(of(chosen) > of(cmr_loss::Clean::Keep));
+        }
+    }
+    cv.write_clean(&decision).unwrap();
+    assert_eq!(cv.read_clean().unwrap(), Some(decision));
     // other data than the folds were made from is refused
     assert!(
         evaluate_folds(

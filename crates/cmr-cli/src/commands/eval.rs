@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use cmr_data::{AugmentConfig, Dataset, Labels, LoadOptions, Sample, deform_sample, load_split};
-use cmr_train::{CvDir, DeviceSpec, evaluate_fold_ensembles, load_splits};
+use cmr_train::{CvDir, DeviceSpec, decide_clean_up, evaluate_fold_ensembles, load_splits};
 
 use crate::args::{EvalArgs, SplitChoice};
 use crate::commands::{load_members, member_split, model_members, open_device, predict_options};
@@ -82,14 +82,14 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
     let eval = predictor.evaluate(&samples, None)?;
     bar.finish_and_clear();
     let report = eval.metrics.report();
-    let options = predict_options(&args.inference);
+    let options = *predictor.options();
     if args.json {
         let mut value = serde_json::to_value(&report)?;
         value["model"] = args.model.clone().into();
         value["data"] = split.into();
         value["members"] = predictor.members().len().into();
         value["tta"] = serde_json::to_value(options.tta)?;
-        value["clean"] = args.inference.clean.into();
+        value["clean"] = serde_json::to_value(options.clean)?;
         value["deform_seed"] = serde_json::to_value(args.deform)?;
         value["definitions"] = cmr_loss::DEFINITIONS.into();
         for c in &report.classes {
@@ -104,6 +104,48 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
             print_per_image(eval.metrics.images());
         }
         println!("{report}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `--decide-clean`: the out-of-fold Dice of every clean-up rule per class,
+/// and the choice recorded in the (single) CV folder.
+fn decide_clean(
+    cvs: &[(CvDir, cmr_train::CvSpec)],
+    samples: &[Sample],
+    device: &candle_core::Device,
+    options: cmr_train::PredictOptions,
+    args: &EvalArgs,
+) -> anyhow::Result<ExitCode> {
+    let bar = image_bar(samples.len(), "clean-up");
+    let decision = decide_clean_up(cvs, samples, device, options, |done| bar.set_position(done as u64))?;
+    bar.finish_and_clear();
+    if cvs.len() == 1 {
+        cvs[0].0.write_clean(&decision)?;
+        tracing::info!("{}: recorded", cvs[0].0.root().join(CvDir::CLEAN).display());
+    } else {
+        tracing::warn!("an ensemble of cross-validations: the decision is printed, not recorded");
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&decision)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "out-of-fold Dice per clean-up rule ({} images, TTA {}):",
+        decision.images, decision.tta
+    );
+    for (class, name) in [(1u8, "RV"), (2, "Myo"), (3, "LV")] {
+        let row: Vec<String> = decision
+            .dice
+            .iter()
+            .filter(|(c, _, _)| *c == class)
+            .map(|(_, r, d)| format!("{} {d:.4}", r.name()))
+            .collect();
+        println!(
+            "{name:<4} {}   -> {}",
+            row.join(", "),
+            decision.chosen.rule(class).name()
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -194,7 +236,15 @@ fn run_cv(paths: &[PathBuf], args: &EvalArgs) -> anyhow::Result<ExitCode> {
     )
     .with_context(|| format!("loading {}", args.data.display()))?;
     let device = open_device(&args.inference.device, DeviceSpec::Auto)?;
-    let options = predict_options(&args.inference);
+    let recorded = if cvs.len() == 1 {
+        cvs[0].0.read_clean()?.map(|d| d.chosen)
+    } else {
+        None
+    };
+    let options = predict_options(&args.inference, recorded);
+    if args.decide_clean {
+        return decide_clean(&cvs, &dataset.train, &device, options, args);
+    }
     tracing::info!(
         "cross-validation {}{}: {} folds ({}), each fold's model on its own validation slices of {}/train{}",
         path.display(),
@@ -237,7 +287,7 @@ fn run_cv(paths: &[PathBuf], args: &EvalArgs) -> anyhow::Result<ExitCode> {
             "cross_validations": cvs.len(),
             "grouping": spec.folds.grouping,
             "tta": options.tta,
-            "clean": args.inference.clean,
+            "clean": options.clean,
             "deform_seed": args.deform,
             "dice_over_folds": fold_stats,
             "folds": report.folds,

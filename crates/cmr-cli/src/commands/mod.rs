@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use candle_core::Device;
-use cmr_train::{DeviceSpec, PredictOptions, Predictor, Tta, device_name, ensemble_members};
+use cmr_loss::PostProcess;
+use cmr_train::{CvDir, DeviceSpec, PredictOptions, Predictor, Tta, device_name, ensemble_members};
 
 use crate::args::{DeviceArg, InferenceArgs, TtaChoice};
 
@@ -23,15 +24,21 @@ pub fn open_device(arg: &DeviceArg, fallback: DeviceSpec) -> anyhow::Result<Devi
     Ok(device)
 }
 
-/// The inference options of `args`.
-pub fn predict_options(args: &InferenceArgs) -> PredictOptions {
+/// The inference options of `args`. `--clean` applies `recorded` (the
+/// clean-up a cross-validation decided for its model) where there is one, the
+/// largest component of every class otherwise.
+pub fn predict_options(args: &InferenceArgs, recorded: Option<PostProcess>) -> PredictOptions {
     PredictOptions {
         tta: match args.tta {
             None | Some(TtaChoice::None) => Tta::None,
             Some(TtaChoice::Flips) => Tta::Flips,
             Some(TtaChoice::All) => Tta::Dihedral,
         },
-        clean: args.clean,
+        clean: if args.clean {
+            recorded.unwrap_or(PostProcess::LARGEST)
+        } else {
+            PostProcess::NONE
+        },
         batch_size: args.batch_size.max(1),
     }
 }
@@ -45,6 +52,20 @@ pub fn model_members(model: &str) -> anyhow::Result<Vec<PathBuf>> {
         members.extend(ensemble_members(&path).with_context(|| format!("reading {}", path.display()))?);
     }
     Ok(members)
+}
+
+/// The clean-up recorded for `--model` when it names one cross-validation
+/// folder that has decided one (`cmr eval --decide-clean`).
+pub fn recorded_clean(model: &str) -> anyhow::Result<Option<PostProcess>> {
+    if model.contains(',') {
+        return Ok(None);
+    }
+    let path = crate::models::resolve(model.trim())?;
+    if !CvDir::is_cv(&path) {
+        return Ok(None);
+    }
+    let (cv, _) = CvDir::open(&path)?;
+    Ok(cv.read_clean()?.map(|d| d.chosen))
 }
 
 /// The recorded split of the run a member path (run folder or weights file)
@@ -68,7 +89,7 @@ pub fn load_predictor(model: &str, args: &InferenceArgs) -> anyhow::Result<Predi
 /// Load the models `members` (what `model` named) as one predictor.
 pub fn load_members(members: &[PathBuf], model: &str, args: &InferenceArgs) -> anyhow::Result<Predictor> {
     let device = open_device(&args.device, DeviceSpec::Auto)?;
-    let options = predict_options(args);
+    let options = predict_options(args, recorded_clean(model)?);
     let predictor =
         Predictor::load_ensemble(members, &device, options).with_context(|| format!("loading model {model}"))?;
     let arch = predictor.config().model.architecture().display_name();
@@ -87,6 +108,9 @@ pub fn load_members(members: &[PathBuf], model: &str, args: &InferenceArgs) -> a
     }
     if options.tta.is_active() {
         tracing::info!("test-time augmentation: {}", options.tta);
+    }
+    if !options.clean.is_none() {
+        tracing::info!("clean-up: {}", options.clean);
     }
     Ok(predictor)
 }
