@@ -128,6 +128,23 @@ impl CvDir {
         })
     }
 
+    /// Whether fold `fold` has a model to score: it finished training, or it
+    /// is a shipped fold (its model and config, without the files training
+    /// and resuming use).
+    pub fn fold_ready(&self, fold: usize) -> Result<bool> {
+        let dir = self.fold_dir(fold);
+        Ok(match self.fold_status(fold)? {
+            FoldStatus::Finished => true,
+            FoldStatus::InProgress(_) => false,
+            FoldStatus::NotStarted => {
+                dir.join(RunDir::BEST).is_file()
+                    && dir.join(RunDir::CONFIG).is_file()
+                    && !dir.join(RunDir::STATE).exists()
+                    && !dir.join(RunDir::LAST).exists()
+            }
+        })
+    }
+
     /// Write `summary.json` from the folds' states.
     fn write_summary(&self, spec: &CvSpec) -> Result<CvSummary> {
         let mut folds = Vec::new();
@@ -351,7 +368,7 @@ pub fn evaluate_fold_ensembles(
     let mut done = 0;
     for fold in 0..folds.k {
         for (cv, _) in cvs {
-            if cv.fold_status(fold)? != FoldStatus::Finished {
+            if !cv.fold_ready(fold)? {
                 return Err(TrainError::Run {
                     path: cv.fold_dir(fold),
                     message: format!(

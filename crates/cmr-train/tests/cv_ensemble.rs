@@ -227,6 +227,51 @@ fn a_cross_validation_interrupted_in_its_second_fold_resumes_there_exactly() {
         }
     }
     cv.write_clean(&decision).unwrap();
+    // a shipped copy (models, configs, cv.json; no training state) scores alike
+    let shipped = dir.path().join("shipped");
+    std::fs::create_dir_all(&shipped).unwrap();
+    std::fs::copy(cv.root().join(CvDir::SPEC), shipped.join(CvDir::SPEC)).unwrap();
+    for f in 0..2 {
+        let to = shipped.join(format!("fold-{f}"));
+        std::fs::create_dir_all(&to).unwrap();
+        for file in [cmr_train::RunDir::BEST, cmr_train::RunDir::CONFIG] {
+            std::fs::copy(cv.fold_dir(f).join(file), to.join(file)).unwrap();
+        }
+    }
+    let (shipped_cv, _) = CvDir::open(&shipped).unwrap();
+    let again = evaluate_folds(
+        &shipped_cv,
+        &spec,
+        &samples,
+        &Device::Cpu,
+        PredictOptions::default(),
+        &|s| s.clone(),
+        |_| {},
+    )
+    .unwrap();
+    assert_eq!(again.out_of_fold.report(), report.out_of_fold.report());
+    // a fold in progress is not scored
+    std::fs::copy(
+        cv.fold_dir(1).join(cmr_train::RunDir::STATE),
+        shipped.join("fold-1").join(cmr_train::RunDir::STATE),
+    )
+    .unwrap();
+    let mut state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(shipped.join("fold-1/state.json")).unwrap()).unwrap();
+    state["finished"] = false.into();
+    std::fs::write(shipped.join("fold-1/state.json"), state.to_string()).unwrap();
+    assert!(
+        evaluate_folds(
+            &shipped_cv,
+            &spec,
+            &samples,
+            &Device::Cpu,
+            PredictOptions::default(),
+            &|s| s.clone(),
+            |_| {}
+        )
+        .is_err()
+    );
     assert_eq!(cv.read_clean().unwrap(), Some(decision));
     // other data than the folds were made from is refused
     assert!(
