@@ -4,4 +4,5 @@
 
 mod cv;
 mod errors;
+mod models;
 mod pipeline;

@@ -212,7 +212,9 @@ pub struct InferenceArgs {
 pub struct EvalArgs {
     /// A run folder, a cross-validation folder, a .safetensors with
     /// config.json beside it, or a shipped model's name (segnet, unet,
-    /// unet3plus); several, comma-separated, make an ensemble.
+    /// unet3plus: embedded in the binary; $CMR_MODELS_DIR/<name> and
+    /// ./models/<name> come first); several, comma-separated, make an
+    /// ensemble.
     #[arg(long, value_name = "M")]
     pub model: String,
     /// A labelled split folder (image/, mask/), or a dataset root: then, for a
@@ -251,7 +253,9 @@ pub struct EvalArgs {
 pub struct PredictArgs {
     /// A run folder, a cross-validation folder (its folds' ensemble), a
     /// .safetensors with config.json beside it, or a shipped model's name
-    /// (segnet, unet, unet3plus); several, comma-separated, make an ensemble.
+    /// (segnet, unet, unet3plus: embedded in the binary; $CMR_MODELS_DIR/<name>
+    /// and ./models/<name> come first); several, comma-separated, make an
+    /// ensemble.
     #[arg(long, value_name = "M")]
     pub model: String,
     /// A PNG, a folder of PNGs, or a split folder (its image/).

@@ -1,0 +1,36 @@
+//! Shipped models are embedded in the binary: `--model <name>` works from any
+//! folder, with no source tree in sight, unpacked once into a cache folder.
+
+use cmr_tests::{cmr, ok, shared_data};
+
+#[test]
+fn a_shipped_model_works_from_anywhere() {
+    let Some(data) = shared_data() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let run = |out: &str| {
+        ok(cmr()
+            .current_dir(dir.path())
+            .env_remove("CMR_MODELS_DIR")
+            .env("CMR_CACHE_DIR", &cache)
+            .args(["predict", "--model", "unet", "--input"])
+            .arg(data.join("test/image/cmr121.png"))
+            .arg("--out")
+            .arg(dir.path().join(out)));
+    };
+    run("a");
+    assert!(dir.path().join("a/cmr121_mask.png").is_file());
+    let unpacked: Vec<_> = std::fs::read_dir(cache.join("models"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(unpacked.len(), 1, "{unpacked:?}");
+    assert!(unpacked[0].to_string_lossy().starts_with("unet-"));
+    // a second run reuses the unpacked copy and predicts the same mask
+    run("b");
+    assert_eq!(std::fs::read_dir(cache.join("models")).unwrap().count(), 1);
+    assert_eq!(
+        std::fs::read(dir.path().join("a/cmr121_mask.png")).unwrap(),
+        std::fs::read(dir.path().join("b/cmr121_mask.png")).unwrap()
+    );
+}
