@@ -37,7 +37,7 @@ fn main() {
     let models = manifest.join("../../models");
     println!("cargo:rerun-if-changed={}", models.display());
     let mut code = String::from(
-        "/// (name, content hash, [(relative path, bytes)]) of each shipped model.\npub static EMBEDDED: &[(&str, &str, &[(&str, &[u8])])] = &[\n",
+        "/// (name, content hash, [(relative path, bytes)]) of each shipped model.\npub static EMBEDDED: &[EmbeddedModel] = &[\n",
     );
     let mut names: Vec<PathBuf> = std::fs::read_dir(&models)
         .map(|rd| {

@@ -12,6 +12,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 
+/// One embedded file: its path inside the model's folder, and its bytes.
+type EmbeddedFile = (&'static str, &'static [u8]);
+/// One embedded model: its name, a hash of its files, and the files.
+type EmbeddedModel = (&'static str, &'static str, &'static [EmbeddedFile]);
+
 include!(concat!(env!("OUT_DIR"), "/embedded_models.rs"));
 
 /// The environment variable naming an extra folder of models.
