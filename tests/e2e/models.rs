@@ -34,3 +34,16 @@ fn a_shipped_model_works_from_anywhere() {
         std::fs::read(dir.path().join("b/cmr121_mask.png")).unwrap()
     );
 }
+
+#[test]
+fn info_speaks_the_presets_of_train() {
+    let params = |extra: &[&str]| -> u64 {
+        let json = ok(cmr().args(["info", "--arch", "unet", "--json"]).args(extra));
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        v["parameters"].as_u64().unwrap()
+    };
+    // the default is what `cmr train` trains by default
+    assert_eq!(params(&[]), params(&["--preset", "cpu"]));
+    assert_eq!(params(&["--preset", "seed"]), 7_702_020);
+    assert!(params(&[]) < 1_000_000);
+}

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use cmr_models::{Architecture, Preset};
+use cmr_models::Architecture;
 use cmr_train::{DeviceSpec, TrainPreset};
 
 /// Cardiac MR segmentation: train, evaluate and run SegNet, U-Net and U-Net 3+
@@ -286,11 +286,14 @@ pub struct SubmitArgs {
 
 #[derive(Debug, Args)]
 pub struct InfoArgs {
+    /// Network: segnet, unet or unet3plus.
     #[arg(long, value_parser = parse_arch)]
     pub arch: Architecture,
-    /// Widths: seed (the report's) or small.
-    #[arg(long, default_value = "seed", value_parser = parse_preset)]
-    pub preset: Preset,
+    /// The training preset whose network to describe, as `cmr train
+    /// --preset` names them: cpu (narrow widths, what `cmr train` trains by
+    /// default) or seed (the report's widths).
+    #[arg(long, default_value = "cpu", value_parser = parse_train_preset)]
+    pub preset: TrainPreset,
     /// Input side for the FLOP count.
     #[arg(long, default_value_t = 96)]
     pub size: usize,
@@ -310,8 +313,4 @@ fn eval_help() -> String {
   cmr eval --model runs/a,runs/b --data data/cmr-2021/val                an ensemble of two runs
   cmr eval --model unet3plus --data some/labelled/split --json --tta --clean";
     format!("{examples}\n\nMetrics:\n{}", cmr_loss::DEFINITIONS)
-}
-
-fn parse_preset(s: &str) -> Result<Preset, String> {
-    s.parse()
 }

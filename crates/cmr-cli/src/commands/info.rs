@@ -4,15 +4,15 @@
 
 use std::process::ExitCode;
 
-use cmr_models::{ModelConfig, model_stats};
-use cmr_train::{DeviceSpec, device_name};
+use cmr_models::model_stats;
+use cmr_train::{DeviceSpec, TrainConfig, device_name};
 
 use crate::args::InfoArgs;
 use crate::commands::open_device;
 
 pub fn run(args: InfoArgs) -> anyhow::Result<ExitCode> {
     let device = open_device(&args.device, DeviceSpec::Cpu)?;
-    let cfg = ModelConfig::preset(args.arch, args.preset);
+    let cfg = TrainConfig::preset(args.preset, args.arch).model;
     let stats = model_stats(&cfg, args.size, args.size)?;
     if args.json {
         let value = serde_json::json!({
@@ -27,7 +27,11 @@ pub fn run(args: InfoArgs) -> anyhow::Result<ExitCode> {
         });
         println!("{}", serde_json::to_string_pretty(&value)?);
     } else {
-        println!("network     {} ({} widths)", args.arch.display_name(), args.preset);
+        println!(
+            "network     {} (the {} preset's widths)",
+            args.arch.display_name(),
+            args.preset
+        );
         println!("parameters  {}", stats.parameters);
         println!("size        {:.2} MB (f32)", stats.size_mb);
         println!(
