@@ -47,3 +47,21 @@ fn info_speaks_the_presets_of_train() {
     assert_eq!(params(&["--preset", "seed"]), 7_702_020);
     assert!(params(&[]) < 1_000_000);
 }
+
+#[test]
+fn every_subcommand_has_examples_and_the_train_defaults_are_said() {
+    for sub in ["train", "eval", "predict", "submit", "info", "deform"] {
+        let help = ok(cmr().args([sub, "--help"]));
+        assert!(help.contains("Example"), "{sub} --help has no example:\n{help}");
+    }
+    let help = ok(cmr().args(["train", "--help"]));
+    for flag in ["--epochs", "--batch-size", "--lr", "--seed"] {
+        let line = help
+            .lines()
+            .skip_while(|l| !l.contains(flag))
+            .take(4)
+            .collect::<Vec<_>>()
+            .join(" ");
+        assert!(line.contains("default"), "{flag}: {line}");
+    }
+}

@@ -6,6 +6,7 @@ mod logging;
 mod models;
 mod progress;
 mod staged;
+mod text;
 
 use std::process::ExitCode;
 

@@ -280,13 +280,14 @@ impl std::fmt::Display for MetricsReport {
         }
         writeln!(
             f,
-            "{:<6} {:>8.4} {:>8.4} {:>9.2} {:>8.2}   ({} images)",
+            "{:<6} {:>8.4} {:>8.4} {:>9.2} {:>8.2}   ({} image{})",
             "mean",
             self.mean_dice,
             self.mean_iou,
             self.mean_hd95,
             self.noise_number / 3.0,
-            self.images
+            self.images,
+            if self.images == 1 { "" } else { "s" }
         )?;
         write!(
             f,
@@ -424,5 +425,6 @@ mod tests {
         assert!(mean_row.contains(" 0.33 "), "{mean_row}");
         assert!(text.contains("noise number (the classes' noise summed) 1.00"), "{text}");
         assert!(text.contains("both empty"), "{text}");
+        assert!(text.contains("(1 image)"), "{text}");
     }
 }

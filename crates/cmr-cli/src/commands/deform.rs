@@ -10,6 +10,7 @@ use cmr_data::{
 
 use crate::args::DeformArgs;
 use crate::staged::Staged;
+use crate::text::count;
 
 pub fn run(args: DeformArgs) -> anyhow::Result<ExitCode> {
     let split = if args.data.join("image").is_dir() {
@@ -35,9 +36,10 @@ pub fn run(args: DeformArgs) -> anyhow::Result<ExitCode> {
     }
     let n = staged.commit()?;
     tracing::info!(
-        "{}: {n} files, a deformed copy of the {} images of {} (seed {})",
+        "{}: {}, a deformed copy of the {} of {} (seed {})",
         args.out.display(),
-        samples.len(),
+        count(n, "file"),
+        count(samples.len(), "image"),
         split.display(),
         args.seed
     );

@@ -13,6 +13,7 @@ use cmr_train::{CvDir, DeviceSpec, decide_clean_up, evaluate_fold_ensembles, loa
 use crate::args::{EvalArgs, SplitChoice};
 use crate::commands::{load_members, member_split, model_members, open_device, predict_options};
 use crate::progress::image_bar;
+use crate::text::count;
 
 /// The identity, or the deformed copy of `--deform SEED`.
 fn transform(deform: Option<u64>) -> impl Fn(&Sample) -> Sample {
@@ -72,8 +73,8 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
     }
     let samples: Vec<Sample> = samples.iter().map(transform(args.deform)).collect();
     tracing::info!(
-        "evaluating on {} images of {split}{}",
-        samples.len(),
+        "evaluating on {} of {split}{}",
+        count(samples.len(), "image"),
         args.deform
             .map(|s| format!(", deformed (seed {s})"))
             .unwrap_or_default()

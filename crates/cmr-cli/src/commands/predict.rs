@@ -10,6 +10,7 @@ use crate::args::PredictArgs;
 use crate::commands::load_predictor;
 use crate::progress::image_bar;
 use crate::staged::Staged;
+use crate::text::count;
 
 /// The PNGs `--input` names: a file, a split folder's image/, or a folder.
 fn inputs(input: &std::path::Path) -> anyhow::Result<Vec<PathBuf>> {
@@ -63,10 +64,15 @@ pub fn run(args: PredictArgs) -> anyhow::Result<ExitCode> {
         std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
     }
     let n = staged.commit()?;
-    tracing::info!("{}: {n} files for {} images", args.out.display(), samples.len());
+    tracing::info!(
+        "{}: {} for {}",
+        args.out.display(),
+        count(n, "file"),
+        count(samples.len(), "image")
+    );
     if let Some(csv) = &args.csv {
         write_submission(csv, &rows)?;
-        tracing::info!("{}: {} rows", csv.display(), 3 * rows.len());
+        tracing::info!("{}: {}", csv.display(), count(3 * rows.len(), "row"));
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -6,6 +6,7 @@ use anyhow::{Context, bail};
 use cmr_data::{list_pngs, read_mask, write_submission};
 
 use crate::args::SubmitArgs;
+use crate::text::count;
 
 /// The CSV name of a mask file stem: `cmr121_mask` as it is, `cmr121` →
 /// `cmr121_mask`.
@@ -51,10 +52,10 @@ pub fn run(args: SubmitArgs) -> anyhow::Result<ExitCode> {
     }
     write_submission(&args.out, &masks)?;
     tracing::info!(
-        "{}: {} masks, {} rows",
+        "{}: {}, {}",
         args.out.display(),
-        masks.len(),
-        3 * masks.len()
+        count(masks.len(), "mask"),
+        count(3 * masks.len(), "row")
     );
     Ok(ExitCode::SUCCESS)
 }

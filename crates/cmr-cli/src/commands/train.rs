@@ -16,6 +16,7 @@ use cmr_train::{
 use crate::args::{AugmentChoice, LossChoice, TrainArgs};
 use crate::commands::open_device;
 use crate::progress::TrainProgress;
+use crate::text::count;
 
 /// The architecture named by `[model] arch` in a TOML file, if any.
 fn arch_in_toml(path: &Path) -> anyhow::Result<Option<Architecture>> {
@@ -202,14 +203,14 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     let cfg = trainer.config().clone();
     let run_dir = trainer.run().root().to_path_buf();
     tracing::info!(
-        "{} ({} parameters) on {}: {} training and {} validation images (validation: {}), {} epochs, run {}",
+        "{} ({} parameters) on {}: {} training and {} validation images (validation: {}), {}, run {}",
         cfg.model.architecture().display_name(),
         cmr_models::count_parameters(trainer.varmap()),
         device_name(trainer.device()),
         splits.train.len(),
         splits.val.len(),
         splits.source,
-        cfg.epochs,
+        count(cfg.epochs, "epoch"),
         run_dir.display()
     );
     let stop = stop_flag()?;
@@ -264,10 +265,10 @@ fn run_cv(cv: &CvDir, spec: &CvSpec, args: &TrainArgs) -> anyhow::Result<ExitCod
     let device = open_device(&args.device, spec.config.device)?;
     let cfg = &spec.config;
     tracing::info!(
-        "{}-fold cross-validation of {} ({} epochs each) over {} slices ({}) on {}: {}",
+        "{}-fold cross-validation of {} ({} each) over {} slices ({}) on {}: {}",
         spec.folds.k,
         cfg.model.architecture().display_name(),
-        cfg.epochs,
+        count(cfg.epochs, "epoch"),
         samples.len(),
         spec.folds.grouping,
         device_name(&device),
@@ -281,11 +282,11 @@ fn run_cv(cv: &CvDir, spec: &CvSpec, args: &TrainArgs) -> anyhow::Result<ExitCod
         CvOutcome::Finished(summary) => {
             for f in &summary.folds {
                 tracing::info!(
-                    "fold {}: best validation Dice {} at epoch {} ({} images)",
+                    "fold {}: best validation Dice {} at epoch {} ({})",
                     f.fold,
                     f.best_mean_dice.map_or("-".into(), |d| format!("{d:.4}")),
                     f.best_epoch.map_or("-".into(), |e| e.to_string()),
-                    f.validation_images
+                    count(f.validation_images, "image")
                 );
             }
             if let Some(m) = summary.best_mean_dice {
