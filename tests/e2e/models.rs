@@ -65,3 +65,20 @@ fn every_subcommand_has_examples_and_the_train_defaults_are_said() {
         assert!(line.contains("default"), "{flag}: {line}");
     }
 }
+
+#[test]
+fn info_describes_a_trained_model() {
+    let json = ok(cmr().args(["info", "--json", "--model", "unet3plus"]));
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["folds"], 5);
+    let members = v["members"].as_array().unwrap();
+    assert_eq!(members.len(), 5);
+    assert!(members.iter().all(|m| m["arch"] == "unet3plus" && m["keep"] == "last"));
+    let slices: u64 = members.iter().map(|m| m["validation_slices"].as_u64().unwrap()).sum();
+    assert_eq!(slices, 100, "each slice validated once");
+    let table = ok(cmr().args(["info", "--model", "unet"]));
+    assert!(
+        table.contains("one run") && table.contains("483204 parameters"),
+        "{table}"
+    );
+}

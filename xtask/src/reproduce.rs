@@ -496,7 +496,7 @@ pub fn ship(opts: &ReproduceOptions, results: &[NetworkResult], models: &Path, c
         for f in 0..r.folds {
             let fold = format!("fold-{f}");
             std::fs::create_dir_all(staged.join(&fold)).with_context(|| format!("creating {}", staged.display()))?;
-            for file in [RunDir::BEST, RunDir::CONFIG, RunDir::METRICS] {
+            for file in [RunDir::BEST, RunDir::CONFIG, RunDir::METRICS, RunDir::SPLITS] {
                 copy(&from.join(&fold).join(file), &staged.join(&fold).join(file))?;
             }
         }

@@ -301,11 +301,18 @@ pub struct SubmitArgs {
 }
 
 #[derive(Debug, Args)]
-#[command(after_help = "Examples:\n  cmr info --arch unet3plus\n  cmr info --arch segnet --preset seed --json")]
+#[command(
+    after_help = "Examples:\n  cmr info --arch unet3plus\n  cmr info --arch segnet --preset seed --json\n  cmr info --model unet3plus"
+)]
 pub struct InfoArgs {
     /// Network: segnet, unet or unet3plus.
-    #[arg(long, value_parser = parse_arch)]
-    pub arch: Architecture,
+    #[arg(long, value_parser = parse_arch, required_unless_present = "model", conflicts_with = "model")]
+    pub arch: Option<Architecture>,
+    /// Describe a trained model instead: a run or cross-validation folder, or
+    /// a shipped model's name (architecture, parameters, training data,
+    /// scores).
+    #[arg(long, value_name = "M")]
+    pub model: Option<String>,
     /// The training preset whose network to describe, as `cmr train
     /// --preset` names them: cpu (narrow widths, what `cmr train` trains by
     /// default) or seed (the report's widths).
