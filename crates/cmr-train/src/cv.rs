@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::TrainConfig;
 use crate::error::{Result, TrainError};
 use crate::predict::{PredictOptions, Predictor, Tta};
-use crate::run::RunDir;
+use crate::run::{RunDir, read_json_if_there};
 use crate::trainer::{Observer, Outcome, Trainer};
 
 /// What `cv.json` holds: the recipe every fold trains with and the folds.
@@ -486,17 +486,7 @@ impl CvDir {
 
     /// The clean-up decision recorded in the folder, if any.
     pub fn read_clean(&self) -> Result<Option<CleanDecision>> {
-        let path = self.root.join(Self::CLEAN);
-        if !path.exists() {
-            return Ok(None);
-        }
-        let text = std::fs::read_to_string(&path).map_err(|e| TrainError::io(&path, e))?;
-        serde_json::from_str(&text)
-            .map(Some)
-            .map_err(|e| TrainError::ConfigFile {
-                path,
-                message: e.to_string(),
-            })
+        read_json_if_there(&self.root.join(Self::CLEAN))
     }
 
     pub fn write_clean(&self, decision: &CleanDecision) -> Result<()> {

@@ -81,17 +81,7 @@ impl RunDir {
 
     /// Read `state.json`; `None` before the first checkpoint.
     pub fn read_state(&self) -> Result<Option<TrainState>> {
-        let path = self.file(Self::STATE);
-        if !path.exists() {
-            return Ok(None);
-        }
-        let text = std::fs::read_to_string(&path).map_err(|e| TrainError::io(&path, e))?;
-        serde_json::from_str(&text)
-            .map(Some)
-            .map_err(|e| TrainError::ConfigFile {
-                path,
-                message: e.to_string(),
-            })
+        read_json_if_there(&self.file(Self::STATE))
     }
 
     pub fn write_state(&self, state: &TrainState) -> Result<()> {
@@ -99,6 +89,21 @@ impl RunDir {
         cmr_data::write_atomic(&self.file(Self::STATE), text.as_bytes())?;
         Ok(())
     }
+}
+
+/// Read the JSON file at `path`; `None` when there is none, an error naming
+/// the file when it does not parse.
+pub(crate) fn read_json_if_there<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| TrainError::io(path, e))?;
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| TrainError::ConfigFile {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
 }
 
 /// The best validation score so far.
