@@ -138,19 +138,22 @@ fn config_for(opts: &ReproduceOptions, arch: Architecture) -> TrainConfig {
 fn train(spec: &CvSpec, samples: &[Sample], dir: &Path) -> anyhow::Result<f64> {
     let started = Instant::now();
     let arch = spec.config.model.architecture();
-    if CvDir::is_cv(dir) {
-        let (_, existing) = CvDir::open(dir)?;
-        if existing != *spec {
-            tracing::info!("{}: another recipe or other folds; starting again", dir.display());
-            std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
-        }
-    } else if dir.exists() {
-        std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
-    }
-    let cv = if CvDir::is_cv(dir) {
-        CvDir::open(dir)?.0
+    let existing = if CvDir::is_cv(dir) {
+        Some(CvDir::open(dir)?)
     } else {
-        CvDir::create(dir, spec)?
+        None
+    };
+    let cv = match existing {
+        Some((cv, recorded)) if recorded == *spec => cv,
+        other => {
+            if other.is_some() {
+                tracing::info!("{}: another recipe or other folds; starting again", dir.display());
+            }
+            if dir.exists() {
+                std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
+            }
+            CvDir::create(dir, spec)?
+        }
     };
     let device = spec.config.device.open()?;
     tracing::info!(
