@@ -2,6 +2,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod crash;
 mod cv;
 mod errors;
 mod models;

@@ -30,8 +30,7 @@ fn train_eval_predict_submit() {
     for f in [
         "config.json",
         "model.safetensors",
-        "last.safetensors",
-        "optimizer.safetensors",
+        "checkpoint.safetensors",
         "state.json",
         "metrics.csv",
         "curves.png",

@@ -143,7 +143,7 @@ fn train(spec: &CvSpec, samples: &[Sample], dir: &Path) -> anyhow::Result<f64> {
     } else {
         None
     };
-    let cv = match existing {
+    let mut cv = match existing {
         Some((cv, recorded)) if recorded == *spec => cv,
         other => {
             if other.is_some() {
@@ -168,7 +168,7 @@ fn train(spec: &CvSpec, samples: &[Sample], dir: &Path) -> anyhow::Result<f64> {
         epochs: spec.config.epochs,
         fold: (0, spec.folds.k),
     };
-    train_folds(&cv, spec, samples, &device, &mut log, &AtomicBool::new(false))?;
+    train_folds(&mut cv, spec, samples, &device, &mut log, &AtomicBool::new(false))?;
     Ok(started.elapsed().as_secs_f64())
 }
 
@@ -329,6 +329,8 @@ pub fn run(opts: &ReproduceOptions) -> anyhow::Result<Vec<NetworkResult>> {
         .unwrap_or(Path::new("."));
     let partial = parent.join(format!("{name}.partial"));
     std::fs::create_dir_all(partial.join("runs")).with_context(|| format!("creating {}", partial.display()))?;
+    // one reproduction per output folder: a second one fails here, naming the first
+    let lock = cmr_data::DirLock::acquire(&partial)?;
 
     let first = config_for(opts, opts.archs[0]);
     let mut dataset = Dataset::open(&opts.data, LoadOptions { size: first.data.size })?;
@@ -441,7 +443,10 @@ pub fn run(opts: &ReproduceOptions) -> anyhow::Result<Vec<NetworkResult>> {
         report_md(opts, samples.len(), &folds, &results, best).as_bytes(),
     )?;
 
-    // Swap the finished folder into place.
+    // Swap the finished folder into place (without the lock's file: the
+    // lock itself is held until this function returns).
+    std::fs::remove_file(partial.join(cmr_data::DirLock::FILE))
+        .with_context(|| format!("removing {}", partial.join(cmr_data::DirLock::FILE).display()))?;
     let old = parent.join(format!("{name}.old"));
     if old.exists() {
         std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
@@ -454,6 +459,7 @@ pub fn run(opts: &ReproduceOptions) -> anyhow::Result<Vec<NetworkResult>> {
         std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
     }
     tracing::info!("{}: REPORT.md, submission.csv, runs/", opts.out.display());
+    drop(lock);
     Ok(results)
 }
 

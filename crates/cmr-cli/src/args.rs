@@ -139,15 +139,18 @@ pub struct TrainArgs {
     pub data: PathBuf,
     /// Recipe to start from: `cpu` (narrow networks, minutes on a laptop) or
     /// `seed` (the report: full widths, 200 epochs).
-    #[arg(long, default_value = "cpu", value_parser = parse_train_preset)]
+    #[arg(long, default_value = "cpu", value_parser = parse_train_preset, conflicts_with = "resume")]
     pub preset: TrainPreset,
     /// TOML file laid over the preset (any TrainConfig key); flags win over it.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", conflicts_with = "resume")]
     pub config: Option<PathBuf>,
     /// New run folder [default: runs/<arch>-<preset>, numbered if taken].
     #[arg(long, value_name = "RUN", conflicts_with = "resume")]
     pub out: Option<PathBuf>,
-    /// Continue the run in this folder from its last checkpoint.
+    /// Continue the run in this folder from its last checkpoint. Its recipe
+    /// stays: only the number of epochs, the validation interval, the
+    /// patience and the device may change (recorded in its config.json); a
+    /// flag that would change anything else is refused.
     #[arg(long, value_name = "RUN")]
     pub resume: Option<PathBuf>,
     /// With --resume: continue even if --data is not the data the run

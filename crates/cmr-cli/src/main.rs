@@ -23,9 +23,10 @@ fn main() -> ExitCode {
     }
     match run(cli) {
         Ok(code) => code,
+        // the reader of our output went away (`cmr info | head`): nothing to say
+        Err(err) if text::is_broken_pipe(&err) => ExitCode::SUCCESS,
         Err(err) => {
-            // anyhow's alternate form prints the whole chain on one line
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", text::describe(&err));
             ExitCode::FAILURE
         }
     }

@@ -76,9 +76,20 @@ pub enum DataError {
     /// A configuration value out of its range.
     #[error("invalid data configuration: {0}")]
     Config(String),
+    /// Another process holds the folder's lock (it is training or writing
+    /// there).
+    #[error("{}: in use by {} (one writer per folder: wait for it to finish, or stop it)", dir.display(), holder(*pid))]
+    Locked { dir: PathBuf, pid: Option<u32> },
     /// A tensor operation failed while batching.
     #[error(transparent)]
     Tensor(#[from] candle_core::Error),
+}
+
+fn holder(pid: Option<u32>) -> String {
+    match pid {
+        Some(p) => format!("another process (pid {p})"),
+        None => "another process".to_string(),
+    }
 }
 
 /// `Result` with [`DataError`].

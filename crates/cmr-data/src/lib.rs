@@ -9,6 +9,7 @@ mod augment;
 mod batch;
 mod dataset;
 mod error;
+mod lock;
 mod normalize;
 mod plane;
 mod png;
@@ -18,13 +19,14 @@ mod rng;
 mod split;
 mod transforms;
 
-pub use atomic::{write_atomic, write_atomic_with};
+pub use atomic::{remove_stale_temps, write_atomic, write_atomic_with};
 pub use augment::{Affine, AugmentConfig, Elastic, Ranged, deform_sample};
 pub use batch::{Batch, BatchPlan};
 pub use dataset::{
     Dataset, Labels, LoadOptions, Sample, list_pngs, load_images, load_split, mask_file_name, natural_cmp,
 };
 pub use error::{DataError, Result};
+pub use lock::DirLock;
 pub use normalize::{Normalization, to_unit};
 pub use plane::{Image, Mask, Plane, Size};
 pub use png::{CLASS_COLOURS, NUM_CLASSES, overlay, read_image, read_mask, write_image, write_mask, write_overlay};

@@ -203,6 +203,11 @@ impl SegNetConfig {
     }
 }
 
+/// The most channels a layer may have: wide enough for any network of the
+/// report (1024), small enough that a typo (`100000`) is an error, not an
+/// allocation of hundreds of gigabytes.
+pub const MAX_WIDTH: usize = 4096;
+
 /// The configuration of any of the three networks. In JSON and TOML the
 /// architecture is the `arch` key: `{"arch": "unet", "filters": [...]}`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -290,6 +295,16 @@ impl ModelConfig {
         if filters.contains(&0) {
             return bad(format!("every filter width must be positive, got {filters:?}"));
         }
+        let widest = match self {
+            Self::UNet3Plus(c) => filters.iter().copied().chain([c.branch_channels]).max(),
+            _ => filters.iter().copied().max(),
+        };
+        if widest.is_some_and(|w| w > MAX_WIDTH) || self.in_channels() > MAX_WIDTH || self.num_classes() > MAX_WIDTH {
+            return bad(format!(
+                "widths are limited to {MAX_WIDTH} channels (the report's widest is 1024), got {}",
+                widest.unwrap_or(0).max(self.in_channels()).max(self.num_classes())
+            ));
+        }
         match self {
             Self::UNet(_) | Self::UNet3Plus(_) if !(4..=5).contains(&filters.len()) => {
                 bad(format!("depth must be 4 or 5 (filters has {} entries)", filters.len()))
@@ -298,11 +313,15 @@ impl ModelConfig {
             Self::SegNet(c) if c.filters.is_empty() || c.filters.len() > 6 => {
                 bad(format!("SegNet needs 1 to 6 blocks, got {}", c.filters.len()))
             }
-            Self::SegNet(c) if c.convs.len() != c.filters.len() || c.convs.contains(&0) => bad(format!(
-                "convs must give a positive count for each of the {} blocks, got {:?}",
-                c.filters.len(),
-                c.convs
-            )),
+            Self::SegNet(c)
+                if c.convs.len() != c.filters.len() || c.convs.contains(&0) || c.convs.iter().any(|&n| n > 8) =>
+            {
+                bad(format!(
+                    "convs must give a count from 1 to 8 for each of the {} blocks, got {:?}",
+                    c.filters.len(),
+                    c.convs
+                ))
+            }
             _ => Ok(()),
         }
     }
@@ -358,5 +377,22 @@ mod tests {
         let c = ModelConfig::preset(Architecture::SegNet, Preset::Seed);
         assert!(c.check_input_size(96, 96).is_ok());
         assert!(c.check_input_size(80, 96).is_err());
+        // widths past the bound are an error, not an allocation
+        let mut u = UNetConfig::small();
+        u.filters = vec![16, 32, 64, 100_000];
+        let err = ModelConfig::UNet(u).validate().unwrap_err().to_string();
+        assert!(err.contains("limited to 4096") && err.contains("100000"), "{err}");
+        let mut p = UNet3PlusConfig::small();
+        p.branch_channels = MAX_WIDTH + 1;
+        assert!(ModelConfig::UNet3Plus(p).validate().is_err());
+        let mut s = SegNetConfig::small();
+        s.convs[0] = 1000;
+        assert!(ModelConfig::SegNet(s).validate().is_err());
+        let mut u = UNetConfig::seed();
+        u.filters = vec![MAX_WIDTH; 4];
+        assert!(ModelConfig::UNet(u).validate().is_ok());
+        for a in Architecture::ALL {
+            ModelConfig::preset(a, Preset::Seed).validate().unwrap();
+        }
     }
 }

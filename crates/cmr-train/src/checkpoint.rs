@@ -11,6 +11,13 @@ use crate::error::{Result, TrainError};
 
 /// The metadata key holding the optimiser step a checkpoint was saved after.
 const STEPS_KEY: &str = "cmr.optimizer_steps";
+/// The metadata key of a training checkpoint's progress (`TrainState` JSON).
+const STATE_KEY: &str = "cmr.state";
+/// Name prefixes of a training checkpoint's two tensor sets.
+const WEIGHTS_PREFIX: &str = "weights/";
+const OPTIMIZER_PREFIX: &str = "optimizer/";
+/// The largest safetensors header read (the format's own bound is 100 MB).
+const MAX_HEADER: u64 = 100_000_000;
 
 /// Write `tensors` to `path` as safetensors, atomically (temp file + rename),
 /// recording the optimiser step count when given.
@@ -23,21 +30,126 @@ pub fn save_tensors(path: &Path, tensors: &HashMap<String, Tensor>, steps: Optio
     Ok(())
 }
 
-/// Read every tensor of a safetensors file onto `device`, and the optimiser
-/// step count it was saved with, if any. A missing, truncated or corrupt file
-/// is an error naming it.
-pub fn load_tensors(path: &Path, device: &Device) -> Result<(HashMap<String, Tensor>, Option<u64>)> {
+/// A training checkpoint: everything one optimiser step left, in one file, so
+/// that it is replaced by a single atomic rename (never half from one step
+/// and half from another).
+#[derive(Debug)]
+pub struct Checkpoint {
+    /// The network's variables (weights and BatchNorm statistics).
+    pub weights: HashMap<String, Tensor>,
+    /// The optimiser's state tensors.
+    pub optimizer: HashMap<String, Tensor>,
+    /// Optimiser steps taken.
+    pub steps: u64,
+    /// The run's progress as JSON (`TrainState`).
+    pub state: String,
+}
+
+impl Checkpoint {
+    /// Write the checkpoint to `path` atomically.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let mut all: HashMap<String, Tensor> = HashMap::new();
+        for (prefix, set) in [(WEIGHTS_PREFIX, &self.weights), (OPTIMIZER_PREFIX, &self.optimizer)] {
+            for (k, v) in set {
+                all.insert(format!("{prefix}{k}"), v.clone());
+            }
+        }
+        let mut sorted: Vec<(&String, &Tensor)> = all.iter().collect();
+        sorted.sort_by(|a, b| a.0.cmp(b.0));
+        let metadata = HashMap::from([
+            (STEPS_KEY.to_string(), self.steps.to_string()),
+            (STATE_KEY.to_string(), self.state.clone()),
+        ]);
+        let bytes =
+            safetensors::tensor::serialize(sorted, Some(metadata)).map_err(|e| TrainError::checkpoint(path, e))?;
+        cmr_data::write_atomic(path, &bytes)?;
+        Ok(())
+    }
+
+    /// Read the checkpoint at `path` onto `device`: a truncated or corrupt
+    /// file, or one that is not a training checkpoint, is an error naming it.
+    pub fn load(path: &Path, device: &Device) -> Result<Self> {
+        let (tensors, meta) = load_with_metadata(path, device)?;
+        let steps = meta
+            .get(STEPS_KEY)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| TrainError::checkpoint(path, "not a training checkpoint (no step count)"))?;
+        let state = meta
+            .get(STATE_KEY)
+            .cloned()
+            .ok_or_else(|| TrainError::checkpoint(path, "not a training checkpoint (no progress record)"))?;
+        let mut weights = HashMap::new();
+        let mut optimizer = HashMap::new();
+        for (k, v) in tensors {
+            if let Some(name) = k.strip_prefix(WEIGHTS_PREFIX) {
+                weights.insert(name.to_string(), v);
+            } else if let Some(name) = k.strip_prefix(OPTIMIZER_PREFIX) {
+                optimizer.insert(name.to_string(), v);
+            } else {
+                return Err(TrainError::checkpoint(path, format!("unexpected tensor {k:?}")));
+            }
+        }
+        Ok(Self {
+            weights,
+            optimizer,
+            steps,
+            state,
+        })
+    }
+
+    /// The progress record of the checkpoint at `path`, read from its header
+    /// alone (the tensors are not read).
+    pub fn read_state(path: &Path) -> Result<String> {
+        let meta = read_header_metadata(path)?;
+        meta.get(STATE_KEY)
+            .cloned()
+            .ok_or_else(|| TrainError::checkpoint(path, "not a training checkpoint (no progress record)"))
+    }
+}
+
+/// The `__metadata__` of the safetensors file at `path`, from its header.
+fn read_header_metadata(path: &Path) -> Result<HashMap<String, String>> {
+    use std::io::Read;
+    let bad = |m: String| TrainError::checkpoint(path, format!("not a readable safetensors file ({m})"));
+    let mut file = std::fs::File::open(path).map_err(|e| TrainError::io(path, e))?;
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len).map_err(|e| bad(format!("header: {e}")))?;
+    let n = u64::from_le_bytes(len);
+    if n > MAX_HEADER {
+        return Err(bad(format!("header of {n} bytes claimed")));
+    }
+    let mut header = vec![0u8; n as usize];
+    file.read_exact(&mut header).map_err(|e| bad(format!("header: {e}")))?;
+    let value: serde_json::Value = serde_json::from_slice(&header).map_err(|e| bad(format!("header: {e}")))?;
+    let mut out = HashMap::new();
+    if let Some(meta) = value.get("__metadata__").and_then(|m| m.as_object()) {
+        for (k, v) in meta {
+            let Some(v) = v.as_str() else {
+                return Err(bad(format!("metadata {k:?} is not a string")));
+            };
+            out.insert(k.clone(), v.to_string());
+        }
+    }
+    Ok(out)
+}
+
+/// Every tensor of a safetensors file and its metadata.
+fn load_with_metadata(path: &Path, device: &Device) -> Result<(HashMap<String, Tensor>, HashMap<String, String>)> {
     let bytes = std::fs::read(path).map_err(|e| TrainError::io(path, e))?;
     let bad =
         |e: &dyn std::fmt::Display| TrainError::checkpoint(path, format!("not a readable safetensors file ({e})"));
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(&e))?;
-    let steps = meta
-        .metadata()
-        .as_ref()
-        .and_then(|m| m.get(STEPS_KEY))
-        .and_then(|s| s.parse().ok());
+    let meta = meta.metadata().clone().unwrap_or_default();
     let tensors = candle_core::safetensors::load_buffer(&bytes, device).map_err(|e| bad(&e))?;
-    Ok((tensors, steps))
+    Ok((tensors, meta))
+}
+
+/// Read every tensor of a safetensors file onto `device`, and the optimiser
+/// step count it was saved with, if any. A missing, truncated or corrupt file
+/// is an error naming it.
+pub fn load_tensors(path: &Path, device: &Device) -> Result<(HashMap<String, Tensor>, Option<u64>)> {
+    let (tensors, meta) = load_with_metadata(path, device)?;
+    Ok((tensors, meta.get(STEPS_KEY).and_then(|s| s.parse().ok())))
 }
 
 /// The tensors of a `VarMap` by name (weights and BatchNorm statistics).
@@ -56,9 +168,22 @@ pub fn save_varmap(path: &Path, varmap: &VarMap) -> Result<()> {
 /// shape, is an error naming the file and the tensor (a checkpoint of another
 /// architecture or width fails here). Returns the step count saved with it.
 pub fn load_varmap(path: &Path, varmap: &VarMap) -> Result<Option<u64>> {
-    let data = varmap.data().lock().expect("var map lock");
-    let device = data.values().next().map(|v| v.device().clone()).unwrap_or(Device::Cpu);
+    let device = varmap_device(varmap);
     let (tensors, steps) = load_tensors(path, &device)?;
+    set_varmap(varmap, &tensors, path)?;
+    Ok(steps)
+}
+
+/// The device of a `VarMap`'s variables (the CPU when it has none).
+pub fn varmap_device(varmap: &VarMap) -> Device {
+    let data = varmap.data().lock().expect("var map lock");
+    data.values().next().map(|v| v.device().clone()).unwrap_or(Device::Cpu)
+}
+
+/// Set every variable of `varmap` from `tensors` (read from `path`), with the
+/// checks of [`load_varmap`].
+pub fn set_varmap(varmap: &VarMap, tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
+    let data = varmap.data().lock().expect("var map lock");
     if let Some(extra) = tensors.keys().find(|k| !data.contains_key(*k)) {
         return Err(TrainError::checkpoint(
             path,
@@ -84,7 +209,7 @@ pub fn load_varmap(path: &Path, varmap: &VarMap) -> Result<Option<u64>> {
         }
         var.set(&t.to_dtype(var.dtype())?)?;
     }
-    Ok(steps)
+    Ok(())
 }
 
 #[cfg(test)]

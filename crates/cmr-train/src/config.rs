@@ -23,6 +23,10 @@ fn one() -> usize {
     1
 }
 
+/// The largest `data.size`: every slice is padded to `size × size`, so a typo
+/// (`100000`) would otherwise ask for gigabytes per image.
+pub const MAX_SIZE: usize = 1024;
+
 /// Inputs: size, validation split, normalisation, augmentation.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -107,6 +111,53 @@ pub struct TrainConfig {
     /// Which weights become `model.safetensors`.
     #[serde(default)]
     pub keep: Keep,
+}
+
+/// The settings a run may change when it resumes (the rest of its recipe is
+/// fixed: another batch size, rate or seed would make it another run).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ConfigChanges {
+    /// The new total number of epochs.
+    pub epochs: Option<usize>,
+    pub val_every: Option<usize>,
+    pub early_stopping: Option<EarlyStopping>,
+    /// Where it runs.
+    pub device: Option<DeviceSpec>,
+}
+
+impl ConfigChanges {
+    /// The top-level `TrainConfig` keys these settings are.
+    pub const KEYS: [&'static str; 4] = ["epochs", "val_every", "early_stopping", "device"];
+
+    /// No change but the number of epochs.
+    pub fn epochs(epochs: Option<usize>) -> Self {
+        Self {
+            epochs,
+            ..Self::default()
+        }
+    }
+
+    /// Whether the dotted key `key` (as [`TrainConfig::differences`] names
+    /// it) may change on resume.
+    pub fn may_change(key: &str) -> bool {
+        let top = key.split('.').next().unwrap_or(key);
+        Self::KEYS.contains(&top)
+    }
+
+    pub fn apply(&self, config: &mut TrainConfig) {
+        if let Some(e) = self.epochs {
+            config.epochs = e;
+        }
+        if let Some(v) = self.val_every {
+            config.val_every = v;
+        }
+        if let Some(e) = &self.early_stopping {
+            config.early_stopping = Some(e.clone());
+        }
+        if let Some(d) = self.device {
+            config.device = d;
+        }
+    }
 }
 
 /// Named recipes.
@@ -216,6 +267,12 @@ impl TrainConfig {
         self.schedule.validate()?;
         self.data.augment.validate()?;
         self.data.grouping.validate()?;
+        if self.data.size > MAX_SIZE {
+            return Err(TrainError::Config(format!(
+                "data.size is limited to {MAX_SIZE} pixels (the slices are 96), got {}",
+                self.data.size
+            )));
+        }
         self.model
             .check_input_size(self.data.size, self.data.size)
             .map_err(|e| TrainError::Config(format!("data.size: {e}")))?;
@@ -252,12 +309,50 @@ impl TrainConfig {
     }
 
     /// Read a `config.json`.
+    /// Read and validate a `config.json`: a file that does not parse, or
+    /// holds settings `validate` rejects, is an error naming it.
     pub fn read_json(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| TrainError::io(path, e))?;
-        serde_json::from_str(&text).map_err(|e| TrainError::ConfigFile {
+        let config: Self = serde_json::from_str(&text).map_err(|e| TrainError::ConfigFile {
             path: path.to_path_buf(),
             message: e.to_string(),
-        })
+        })?;
+        config.validate().map_err(|e| TrainError::ConfigFile {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        Ok(config)
+    }
+
+    /// The settings in which `other` differs from `self`: (key, old value,
+    /// new value), keys as dotted paths (`optim.lr`), values as JSON.
+    pub fn differences(&self, other: &Self) -> Vec<(String, String, String)> {
+        fn walk(prefix: &str, a: &serde_json::Value, b: &serde_json::Value, out: &mut Vec<(String, String, String)>) {
+            use serde_json::Value::Object;
+            match (a, b) {
+                (Object(x), Object(y)) => {
+                    let mut keys: Vec<&String> = x.keys().chain(y.keys()).collect();
+                    keys.sort();
+                    keys.dedup();
+                    let null = serde_json::Value::Null;
+                    for k in keys {
+                        let key = if prefix.is_empty() {
+                            k.clone()
+                        } else {
+                            format!("{prefix}.{k}")
+                        };
+                        walk(&key, x.get(k).unwrap_or(&null), y.get(k).unwrap_or(&null), out);
+                    }
+                }
+                _ if a != b => out.push((prefix.to_string(), a.to_string(), b.to_string())),
+                _ => {}
+            }
+        }
+        let a = serde_json::to_value(self).expect("a TrainConfig always serialises");
+        let b = serde_json::to_value(other).expect("a TrainConfig always serialises");
+        let mut out = Vec::new();
+        walk("", &a, &b, &mut out);
+        out
     }
 
     pub fn to_json(&self) -> String {
@@ -361,5 +456,61 @@ mod tests {
         let mut c = TrainConfig::preset(TrainPreset::Cpu, Architecture::UNet);
         c.batch_size = 0;
         assert!(c.validate().is_err());
+        let mut c = TrainConfig::preset(TrainPreset::Cpu, Architecture::UNet);
+        c.data.size = 100_000 * 16;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("limited to 1024"), "{err}");
+        c.data.size = MAX_SIZE;
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn a_loaded_config_is_validated_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        let mut c = TrainConfig::preset(TrainPreset::Cpu, Architecture::UNet);
+        std::fs::write(&path, c.to_json()).unwrap();
+        assert_eq!(TrainConfig::read_json(&path).unwrap(), c);
+        c.data.size = 0;
+        std::fs::write(&path, c.to_json()).unwrap();
+        let err = TrainConfig::read_json(&path).unwrap_err().to_string();
+        assert!(err.contains("config.json") && err.contains("data.size"), "{err}");
+    }
+
+    #[test]
+    fn differences_name_each_changed_key_and_resume_may_change_only_some() {
+        let a = TrainConfig::preset(TrainPreset::Cpu, Architecture::UNet);
+        assert!(a.differences(&a).is_empty());
+        let mut b = a.clone();
+        b.epochs = 7;
+        b.optim.set_lr(0.5);
+        b.batch_size = 4;
+        b.early_stopping = Some(EarlyStopping {
+            patience: 3,
+            min_delta: 0.0,
+        });
+        let d = b.differences(&a);
+        let keys: Vec<&str> = d.iter().map(|(k, ..)| k.as_str()).collect();
+        assert_eq!(keys, ["batch_size", "early_stopping", "epochs", "optim.lr"], "{d:?}");
+        assert_eq!(d[0], ("batch_size".to_string(), "4".to_string(), "8".to_string()));
+        let may: Vec<bool> = keys.iter().map(|k| ConfigChanges::may_change(k)).collect();
+        assert_eq!(may, [false, true, true, false]);
+        assert!(ConfigChanges::may_change("early_stopping.patience"));
+        assert!(!ConfigChanges::may_change("epochs_x"));
+
+        let mut c = a.clone();
+        ConfigChanges {
+            epochs: Some(7),
+            val_every: Some(2),
+            early_stopping: Some(EarlyStopping {
+                patience: 3,
+                min_delta: 0.0,
+            }),
+            device: Some(DeviceSpec::Cpu),
+        }
+        .apply(&mut c);
+        let keys: Vec<String> = a.differences(&c).into_iter().map(|(k, ..)| k).collect();
+        assert_eq!(keys, ["device", "early_stopping", "epochs", "val_every"]);
+        assert!(keys.iter().all(|k| ConfigChanges::may_change(k)));
     }
 }

@@ -10,17 +10,18 @@
 //! A CV folder is also an ensemble: its fold models, averaged.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::Device;
-use cmr_data::{Folds, Sample};
+use cmr_data::{DirLock, Folds, Sample};
 use cmr_loss::{Clean, LabelMap, MetricsAccumulator, MetricsReport, PostProcess, dice};
 use serde::{Deserialize, Serialize};
 
-use crate::config::TrainConfig;
+use crate::config::{ConfigChanges, TrainConfig};
 use crate::error::{Result, TrainError};
 use crate::predict::{PredictOptions, Predictor, Tta};
-use crate::run::{RunDir, read_json_if_there};
+use crate::run::{RunDir, lock_and_sweep, read_json_if_there};
 use crate::trainer::{Observer, Outcome, Trainer};
 
 /// What `cv.json` holds: the recipe every fold trains with and the folds.
@@ -35,6 +36,8 @@ pub struct CvSpec {
 #[derive(Clone, Debug)]
 pub struct CvDir {
     root: PathBuf,
+    /// The folder's lock, when this process trains it.
+    lock: Option<Arc<DirLock>>,
 }
 
 /// Where a fold stands.
@@ -61,21 +64,38 @@ impl CvDir {
 
     /// Start a cross-validation in the new folder `root`: validate the recipe
     /// and write `cv.json`. A folder that already holds a run or a CV is
-    /// refused.
+    /// refused. The new folder is locked for this process.
     pub fn create(root: &Path, spec: &CvSpec) -> Result<Self> {
         spec.config.validate()?;
-        if root.join(Self::SPEC).exists() || root.join(RunDir::CONFIG).exists() {
-            return Err(TrainError::Run {
-                path: root.to_path_buf(),
-                message: "already holds a run (resume it, or choose another output folder)".into(),
-            });
+        let taken = || root.join(Self::SPEC).exists() || root.join(RunDir::CONFIG).exists();
+        let refuse = || TrainError::Run {
+            path: root.to_path_buf(),
+            message: "already holds a run (resume it, or choose another output folder)".into(),
+        };
+        if taken() {
+            return Err(refuse());
         }
         std::fs::create_dir_all(root).map_err(|e| TrainError::io(root, e))?;
+        let lock = lock_and_sweep(root)?;
+        // checked again under the lock: another process may have been first
+        if taken() {
+            return Err(refuse());
+        }
         let text = serde_json::to_string_pretty(spec).expect("a CvSpec always serialises");
         cmr_data::write_atomic(&root.join(Self::SPEC), text.as_bytes())?;
         Ok(Self {
             root: root.to_path_buf(),
+            lock: Some(Arc::new(lock)),
         })
+    }
+
+    /// Take the folder's lock for this process (a second writer fails at
+    /// once, naming the holder). Does nothing when this `CvDir` holds it.
+    pub fn lock(&mut self) -> Result<()> {
+        if self.lock.is_none() {
+            self.lock = Some(Arc::new(lock_and_sweep(&self.root)?));
+        }
+        Ok(())
     }
 
     /// Open a cross-validation folder and read `cv.json`.
@@ -101,6 +121,7 @@ impl CvDir {
         Ok((
             Self {
                 root: root.to_path_buf(),
+                lock: None,
             },
             spec,
         ))
@@ -140,6 +161,7 @@ impl CvDir {
                 dir.join(RunDir::BEST).is_file()
                     && dir.join(RunDir::CONFIG).is_file()
                     && !dir.join(RunDir::STATE).exists()
+                    && !dir.join(RunDir::CHECKPOINT).exists()
                     && !dir.join(RunDir::LAST).exists()
             }
         })
@@ -244,21 +266,23 @@ pub enum CvOutcome {
 /// created (one started but stopped before its first checkpoint is started
 /// again), one in progress is resumed, a finished one is skipped. `samples`
 /// must be the data the folds were made from. `summary.json` is rewritten
-/// after each fold.
+/// after each fold. The folder's lock is taken first (if `cv` does not hold
+/// it): a CV another process trains is refused.
 pub fn train_folds(
-    cv: &CvDir,
+    cv: &mut CvDir,
     spec: &CvSpec,
     samples: &[Sample],
     device: &Device,
     observer: &mut dyn Observer,
     stop: &AtomicBool,
 ) -> Result<CvOutcome> {
+    cv.lock()?;
     for fold in 0..spec.folds.k {
         let splits = spec.folds.split(samples, fold)?;
         let dir = cv.fold_dir(fold);
         let mut trainer = match cv.fold_status(fold)? {
             FoldStatus::Finished => continue,
-            FoldStatus::InProgress(_) => Trainer::resume(&dir, device.clone(), None)?,
+            FoldStatus::InProgress(_) => Trainer::resume(&dir, device.clone(), &ConfigChanges::default())?,
             FoldStatus::NotStarted => {
                 if dir.exists() {
                     std::fs::remove_dir_all(&dir).map_err(|e| TrainError::io(&dir, e))?;

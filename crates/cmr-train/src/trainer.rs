@@ -11,8 +11,8 @@ use candle_nn::VarMap;
 use cmr_data::{BatchPlan, Dataset, LoadOptions, SplitRecord, Splits};
 use cmr_models::{Model, build, is_running_stat};
 
-use crate::checkpoint::{load_tensors, load_varmap, save_tensors, save_varmap, varmap_tensors};
-use crate::config::{Keep, TrainConfig};
+use crate::checkpoint::{Checkpoint, load_tensors, load_varmap, save_varmap, set_varmap, varmap_tensors};
+use crate::config::{ConfigChanges, Keep, TrainConfig};
 use crate::error::{Result, TrainError};
 use crate::init::seeded_var_builder;
 use crate::log::{EpochRecord, MetricsLog};
@@ -124,43 +124,70 @@ impl Trainer {
         })
     }
 
-    /// Continue the run in `dir` from its last checkpoint. `epochs` raises
-    /// (or lowers) the total number of epochs.
-    pub fn resume(dir: &Path, device: Device, epochs: Option<usize>) -> Result<Self> {
-        let (run, mut config) = RunDir::open(dir)?;
-        if let Some(e) = epochs {
-            config.epochs = e;
-        }
+    /// Continue the run in `dir` from its last checkpoint, with the settings
+    /// `changes` names changed (and recorded in its `config.json`). A run
+    /// stopped before its first checkpoint starts again from its first step,
+    /// as it would have run. The run's lock is taken first: a run another
+    /// process is training is refused.
+    pub fn resume(dir: &Path, device: Device, changes: &ConfigChanges) -> Result<Self> {
+        let (mut run, mut config) = RunDir::open(dir)?;
+        run.lock()?;
+        changes.apply(&mut config);
         config.validate()?;
-        let state = run.read_state()?.ok_or_else(|| TrainError::Run {
-            path: dir.to_path_buf(),
-            message: format!("no {} yet: nothing to resume (start it again)", RunDir::STATE),
-        })?;
         let varmap = VarMap::new();
         let model = build(
             &config.model,
             seeded_var_builder(&varmap, config.seed, DType::F32, &device),
         )?;
-        let last = run.file(RunDir::LAST);
-        let last_steps = load_varmap(&last, &varmap)?;
         let mut optim = Optimizer::new(config.optim.clone(), trainable(&varmap))?;
-        let opt_path = run.file(RunDir::OPTIMIZER);
-        let (tensors, opt_steps) = load_tensors(&opt_path, &device)?;
-        for (path, steps) in [(&last, last_steps), (&opt_path, opt_steps)] {
-            if steps != Some(state.optimizer_steps) {
+        let state = if run.file(RunDir::CHECKPOINT).exists() {
+            let path = run.file(RunDir::CHECKPOINT);
+            let checkpoint = Checkpoint::load(&path, &device)?;
+            let state = TrainState::from_json(&checkpoint.state, &path)?;
+            if checkpoint.steps != state.optimizer_steps {
                 return Err(TrainError::checkpoint(
-                    path,
+                    &path,
                     format!(
-                        "saved after step {steps:?} but {} says step {} (interrupted while saving?)",
-                        RunDir::STATE,
-                        state.optimizer_steps
+                        "its tensors are of step {} but its progress record says step {}",
+                        checkpoint.steps, state.optimizer_steps
                     ),
                 ));
             }
-        }
-        optim
-            .load_state(tensors, state.optimizer_steps)
-            .map_err(|e| TrainError::checkpoint(&opt_path, e))?;
+            set_varmap(&varmap, &checkpoint.weights, &path)?;
+            optim
+                .load_state(checkpoint.optimizer, checkpoint.steps)
+                .map_err(|e| TrainError::checkpoint(&path, e))?;
+            state
+        } else if let Some(state) = run.read_state()? {
+            // a run from before checkpoint.safetensors: three files
+            let last = run.file(RunDir::LAST);
+            let last_steps = load_varmap(&last, &varmap)?;
+            let opt_path = run.file(RunDir::OPTIMIZER);
+            let (tensors, opt_steps) = load_tensors(&opt_path, &device)?;
+            for (path, steps) in [(&last, last_steps), (&opt_path, opt_steps)] {
+                if steps != Some(state.optimizer_steps) {
+                    let saved = steps.map_or("no step count".to_string(), |s| format!("step {s}"));
+                    return Err(TrainError::checkpoint(
+                        path,
+                        format!(
+                            "saved after {saved} but {} says step {} (interrupted while saving?)",
+                            RunDir::STATE,
+                            state.optimizer_steps
+                        ),
+                    ));
+                }
+            }
+            optim
+                .load_state(tensors, state.optimizer_steps)
+                .map_err(|e| TrainError::checkpoint(&opt_path, e))?;
+            state
+        } else {
+            tracing::info!(
+                "{}: stopped before its first checkpoint: starting again from the first step",
+                dir.display()
+            );
+            TrainState::default()
+        };
         let log = MetricsLog::read(&run.file(RunDir::METRICS))?;
         let mut trainer = Self {
             config,
@@ -173,8 +200,12 @@ impl Trainer {
             log,
             other_data: OtherData::Refuse,
         };
-        trainer.log.records.truncate(trainer.state.epochs_done);
-        if trainer.state.finished && trainer.state.epochs_done < trainer.config.epochs && epochs.is_some() {
+        if trainer.log.records.len() > trainer.state.epochs_done {
+            // rows of epochs the checkpoint does not have: they are trained again
+            trainer.log.records.truncate(trainer.state.epochs_done);
+            trainer.log.write(&trainer.run.file(RunDir::METRICS))?;
+        }
+        if trainer.state.finished && trainer.state.epochs_done < trainer.config.epochs && changes.epochs.is_some() {
             trainer.state.finished = false;
         }
         // the config may have changed (more epochs): keep the file true
@@ -244,13 +275,25 @@ impl Trainer {
         &self.log.records
     }
 
-    /// Save `last.safetensors`, the optimiser and `state.json`, in that order.
+    /// Save the step's checkpoint (one file, one rename), then its readable
+    /// copy `state.json`; the files of an older run's checkpoint go.
     fn save_checkpoint(&self) -> Result<()> {
-        let steps = Some(self.state.optimizer_steps);
-        save_tensors(&self.run.file(RunDir::LAST), &varmap_tensors(&self.varmap), steps)?;
-        let (tensors, _) = self.optim.state();
-        save_tensors(&self.run.file(RunDir::OPTIMIZER), &tensors, steps)?;
-        self.run.write_state(&self.state)
+        let (optimizer, steps) = self.optim.state();
+        Checkpoint {
+            weights: varmap_tensors(&self.varmap),
+            optimizer,
+            steps,
+            state: self.state.to_json(),
+        }
+        .save(&self.run.file(RunDir::CHECKPOINT))?;
+        self.run.write_state(&self.state)?;
+        for old in [RunDir::LAST, RunDir::OPTIMIZER] {
+            let path = self.run.file(old);
+            if path.exists() {
+                std::fs::remove_file(&path).map_err(|e| TrainError::io(&path, e))?;
+            }
+        }
+        Ok(())
     }
 
     /// Train until the configured number of epochs, early stopping, or

@@ -82,7 +82,9 @@ fn spec(samples: &[Sample]) -> CvSpec {
 }
 
 fn weights(dir: &std::path::Path) -> Vec<(String, Vec<f32>)> {
-    let (tensors, _) = cmr_train::load_tensors(&dir.join(cmr_train::RunDir::LAST), &Device::Cpu).unwrap();
+    let tensors = cmr_train::Checkpoint::load(&dir.join(cmr_train::RunDir::CHECKPOINT), &Device::Cpu)
+        .unwrap()
+        .weights;
     let mut w: Vec<(String, Vec<f32>)> = tensors
         .into_iter()
         .map(|(k, v)| (k, v.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
@@ -118,9 +120,9 @@ fn a_cross_validation_interrupted_in_its_second_fold_resumes_there_exactly() {
     let spec = spec(&samples);
     let dir = tempfile::tempdir().unwrap();
 
-    let straight = CvDir::create(&dir.path().join("straight"), &spec).unwrap();
+    let mut straight = CvDir::create(&dir.path().join("straight"), &spec).unwrap();
     let out = train_folds(
-        &straight,
+        &mut straight,
         &spec,
         &samples,
         &Device::Cpu,
@@ -135,9 +137,9 @@ fn a_cross_validation_interrupted_in_its_second_fold_resumes_there_exactly() {
     assert!(summary.best_mean_dice.is_some());
     assert!(straight.root().join(CvDir::SUMMARY).is_file());
 
-    let cv = CvDir::create(&dir.path().join("cv"), &spec).unwrap();
+    let mut first = CvDir::create(&dir.path().join("cv"), &spec).unwrap();
     assert!(
-        CvDir::create(cv.root(), &spec).is_err(),
+        CvDir::create(first.root(), &spec).is_err(),
         "a CV folder is not overwritten"
     );
     let stop = AtomicBool::new(false);
@@ -147,13 +149,26 @@ fn a_cross_validation_interrupted_in_its_second_fold_resumes_there_exactly() {
         current: 0,
         started: Vec::new(),
     };
-    let out = train_folds(&cv, &spec, &samples, &Device::Cpu, &mut obs, &stop).unwrap();
+    let out = train_folds(&mut first, &spec, &samples, &Device::Cpu, &mut obs, &stop).unwrap();
     assert_eq!(out, CvOutcome::Interrupted { fold: 1 });
-    assert_eq!(cv.fold_status(0).unwrap(), FoldStatus::Finished);
-    assert_eq!(cv.fold_status(1).unwrap(), FoldStatus::InProgress(0));
+    assert_eq!(first.fold_status(0).unwrap(), FoldStatus::Finished);
+    assert_eq!(first.fold_status(1).unwrap(), FoldStatus::InProgress(0));
 
-    let (reopened, read_back) = CvDir::open(cv.root()).unwrap();
+    let (mut cv, read_back) = CvDir::open(first.root()).unwrap();
     assert_eq!(read_back, spec);
+    // one writer: while `first` holds the folder, it cannot be trained
+    let err = train_folds(
+        &mut cv,
+        &spec,
+        &samples,
+        &Device::Cpu,
+        &mut Quiet,
+        &AtomicBool::new(false),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("in use by another process"), "{err}");
+    drop(first);
     let stop = AtomicBool::new(false);
     let mut obs = StopInFold {
         stop: &stop,
@@ -161,7 +176,7 @@ fn a_cross_validation_interrupted_in_its_second_fold_resumes_there_exactly() {
         current: 0,
         started: Vec::new(),
     };
-    let out = train_folds(&reopened, &spec, &samples, &Device::Cpu, &mut obs, &stop).unwrap();
+    let out = train_folds(&mut cv, &spec, &samples, &Device::Cpu, &mut obs, &stop).unwrap();
     assert!(matches!(out, CvOutcome::Finished(_)), "{out:?}");
     // fold 0 was skipped, fold 1 picked up where it stopped
     assert_eq!(obs.started, vec![(1, 0)]);
@@ -171,9 +186,9 @@ fn a_cross_validation_interrupted_in_its_second_fold_resumes_there_exactly() {
         let best = cmr_train::load_tensors(&cv.fold_dir(f).join(cmr_train::RunDir::BEST), &Device::Cpu)
             .unwrap()
             .0;
-        let last = cmr_train::load_tensors(&cv.fold_dir(f).join(cmr_train::RunDir::LAST), &Device::Cpu)
+        let last = cmr_train::Checkpoint::load(&cv.fold_dir(f).join(cmr_train::RunDir::CHECKPOINT), &Device::Cpu)
             .unwrap()
-            .0;
+            .weights;
         for (name, t) in &last {
             let b = best[name].flatten_all().unwrap().to_vec1::<f32>().unwrap();
             assert_eq!(b, t.flatten_all().unwrap().to_vec1::<f32>().unwrap(), "{name}");

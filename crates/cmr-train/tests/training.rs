@@ -10,7 +10,8 @@ use candle_core::Device;
 use cmr_data::{AugmentConfig, Plane, Sample, Size, Splits, ValSource};
 use cmr_models::{ModelConfig, UNetConfig};
 use cmr_train::{
-    EpochRecord, Observer, OptimConfig, Outcome, Quiet, RunDir, Schedule, TrainConfig, Trainer, varmap_tensors,
+    Checkpoint, ConfigChanges, EpochRecord, Observer, OptimConfig, Outcome, Quiet, RunDir, Schedule, TrainConfig,
+    TrainState, Trainer, save_tensors, varmap_tensors,
 };
 
 /// A disc of class 3 in a ring of class 2 with a box of class 1, moved per id.
@@ -101,14 +102,20 @@ fn same_seed_same_weights_and_the_run_folder_is_complete() {
     for f in [
         RunDir::CONFIG,
         RunDir::BEST,
-        RunDir::LAST,
-        RunDir::OPTIMIZER,
+        RunDir::CHECKPOINT,
         RunDir::STATE,
         RunDir::METRICS,
         RunDir::CURVES,
     ] {
         assert!(run.file(f).is_file(), "{f}");
     }
+    // the checkpoint is one file; the old three-file layout is gone
+    for old in [RunDir::LAST, RunDir::OPTIMIZER] {
+        assert!(!run.file(old).exists(), "{old}");
+    }
+    // state.json is a readable copy of the checkpoint's progress
+    let copy: TrainState = serde_json::from_str(&std::fs::read_to_string(run.file(RunDir::STATE)).unwrap()).unwrap();
+    assert_eq!(run.read_state().unwrap(), Some(copy));
     let csv = std::fs::read_to_string(run.file(RunDir::METRICS)).unwrap();
     assert_eq!(csv.lines().count(), 3, "{csv}");
     assert!(a.state().finished && a.state().epochs_done == 2);
@@ -143,7 +150,7 @@ fn resume_after_an_epoch_is_exact() {
     let path = dir.path().join("resumed");
     let first = train(&path, 1);
     drop(first);
-    let mut t = Trainer::resume(&path, Device::Cpu, Some(2)).unwrap();
+    let mut t = Trainer::resume(&path, Device::Cpu, &ConfigChanges::epochs(Some(2))).unwrap();
     t.fit(&splits(), &mut Quiet, &AtomicBool::new(false)).unwrap();
     assert_eq!(weights(&t), weights(&straight));
     let a: Vec<f64> = straight.records().iter().map(|r| r.train_loss).collect();
@@ -177,7 +184,7 @@ fn an_interrupted_epoch_resumes_exactly() {
         }
     );
     drop(t);
-    let mut t = Trainer::resume(&path, Device::Cpu, None).unwrap();
+    let mut t = Trainer::resume(&path, Device::Cpu, &ConfigChanges::default()).unwrap();
     assert_eq!(t.state().batches_done, 1);
     t.fit(&splits(), &mut Quiet, &AtomicBool::new(false)).unwrap();
     assert_eq!(weights(&t), weights(&straight));
@@ -189,7 +196,7 @@ fn an_existing_run_is_not_overwritten_and_resume_needs_a_run() {
     let _ = train(dir.path(), 1);
     assert!(Trainer::create(config(1), dir.path(), Device::Cpu).is_err());
     let empty = tempfile::tempdir().unwrap();
-    let err = Trainer::resume(empty.path(), Device::Cpu, None)
+    let err = Trainer::resume(empty.path(), Device::Cpu, &ConfigChanges::default())
         .err()
         .unwrap()
         .to_string();
@@ -221,7 +228,7 @@ fn a_resume_on_other_data_is_refused_unless_allowed() {
     drop(first);
     let mut other = splits();
     other.val = (13..16).map(sample).collect();
-    let mut t = Trainer::resume(dir.path(), Device::Cpu, Some(2)).unwrap();
+    let mut t = Trainer::resume(dir.path(), Device::Cpu, &ConfigChanges::epochs(Some(2))).unwrap();
     let err = t
         .fit(&other, &mut Quiet, &AtomicBool::new(false))
         .err()
@@ -231,8 +238,9 @@ fn a_resume_on_other_data_is_refused_unless_allowed() {
         err.contains("other data") && err.contains("0 training and 3 validation ids of the record"),
         "{err}"
     );
+    drop(t);
     // the same data resumes; other data when allowed, forgetting the best score
-    let mut t = Trainer::resume(dir.path(), Device::Cpu, Some(2)).unwrap();
+    let mut t = Trainer::resume(dir.path(), Device::Cpu, &ConfigChanges::epochs(Some(2))).unwrap();
     assert!(t.state().best.is_some());
     t.set_other_data(cmr_train::OtherData::Allow);
     t.fit(&other, &mut Quiet, &AtomicBool::new(false)).unwrap();
@@ -241,4 +249,121 @@ fn a_resume_on_other_data_is_refused_unless_allowed() {
         .unwrap()
         .unwrap();
     assert_eq!(record.val, vec!["s13", "s14", "s15"]);
+}
+
+#[test]
+fn a_run_stopped_before_its_first_checkpoint_resumes_from_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let straight = train(&dir.path().join("straight"), 2);
+    // killed during epoch 1: config.json, and a temporary file of a write
+    let path = dir.path().join("killed");
+    drop(Trainer::create(config(2), &path, Device::Cpu).unwrap());
+    let stale = path.join(".checkpoint.safetensors.4000000.0.tmp");
+    std::fs::write(&stale, b"half a checkpoint").unwrap();
+    assert_eq!(RunDir::at(&path).read_state().unwrap(), None);
+    let mut t = Trainer::resume(&path, Device::Cpu, &ConfigChanges::default()).unwrap();
+    assert!(!stale.exists(), "the killed write's temporary file is removed");
+    assert_eq!(t.state().epochs_done, 0);
+    t.fit(&splits(), &mut Quiet, &AtomicBool::new(false)).unwrap();
+    assert_eq!(weights(&t), weights(&straight));
+}
+
+#[test]
+fn one_writer_per_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("run");
+    let first = train(&path, 1);
+    // while `first` holds the run, neither a resume nor a new run may write it
+    let err = Trainer::resume(&path, Device::Cpu, &ConfigChanges::epochs(Some(2)))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("in use by another process") && err.contains("pid"),
+        "{err}"
+    );
+    assert!(Trainer::create(config(1), &path, Device::Cpu).is_err());
+    drop(first);
+    let t = Trainer::resume(&path, Device::Cpu, &ConfigChanges::epochs(Some(2))).unwrap();
+    assert_eq!(t.state().epochs_done, 1);
+}
+
+#[test]
+fn metrics_rows_past_the_checkpoint_are_trimmed_on_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let straight = train(&dir.path().join("straight"), 3);
+    let path = dir.path().join("run");
+    drop(train(&path, 2));
+    // as if killed after epoch 2's metrics row was written but before its
+    // checkpoint: the checkpoint of epoch 1 with the rows of epochs 1 and 2
+    let dir1 = dir.path().join("one");
+    let one = train(&dir1, 1);
+    std::fs::copy(one.run().file(RunDir::CHECKPOINT), path.join(RunDir::CHECKPOINT)).unwrap();
+    drop(one);
+    let mut t = Trainer::resume(&path, Device::Cpu, &ConfigChanges::epochs(Some(3))).unwrap();
+    assert_eq!(t.state().epochs_done, 1);
+    let csv = std::fs::read_to_string(path.join(RunDir::METRICS)).unwrap();
+    assert_eq!(csv.lines().count(), 2, "{csv}");
+    t.fit(&splits(), &mut Quiet, &AtomicBool::new(false)).unwrap();
+    assert_eq!(weights(&t), weights(&straight));
+    let a: Vec<f64> = straight.records().iter().map(|r| r.train_loss).collect();
+    let b: Vec<f64> = t.records().iter().map(|r| r.train_loss).collect();
+    assert_eq!(a, b);
+}
+
+#[test]
+fn a_run_in_the_old_three_file_layout_resumes_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let straight = train(&dir.path().join("straight"), 2);
+    let path = dir.path().join("old");
+    drop(train(&path, 1));
+    // rewrite its checkpoint as runs before checkpoint.safetensors kept it
+    let ckpt = Checkpoint::load(&path.join(RunDir::CHECKPOINT), &Device::Cpu).unwrap();
+    save_tensors(&path.join(RunDir::LAST), &ckpt.weights, Some(ckpt.steps)).unwrap();
+    save_tensors(&path.join(RunDir::OPTIMIZER), &ckpt.optimizer, Some(ckpt.steps)).unwrap();
+    std::fs::write(path.join(RunDir::STATE), &ckpt.state).unwrap();
+    std::fs::remove_file(path.join(RunDir::CHECKPOINT)).unwrap();
+    assert_eq!(RunDir::at(&path).read_state().unwrap().unwrap().epochs_done, 1);
+
+    let mut t = Trainer::resume(&path, Device::Cpu, &ConfigChanges::epochs(Some(2))).unwrap();
+    t.fit(&splits(), &mut Quiet, &AtomicBool::new(false)).unwrap();
+    assert_eq!(weights(&t), weights(&straight));
+    assert!(path.join(RunDir::CHECKPOINT).is_file());
+    assert!(!path.join(RunDir::LAST).exists() && !path.join(RunDir::OPTIMIZER).exists());
+}
+
+#[test]
+fn an_old_layout_saved_half_way_is_an_error_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("old");
+    drop(train(&path, 1));
+    let ckpt = Checkpoint::load(&path.join(RunDir::CHECKPOINT), &Device::Cpu).unwrap();
+    save_tensors(&path.join(RunDir::LAST), &ckpt.weights, Some(ckpt.steps + 3)).unwrap();
+    save_tensors(&path.join(RunDir::OPTIMIZER), &ckpt.optimizer, Some(ckpt.steps)).unwrap();
+    std::fs::write(path.join(RunDir::STATE), &ckpt.state).unwrap();
+    std::fs::remove_file(path.join(RunDir::CHECKPOINT)).unwrap();
+    let err = Trainer::resume(&path, Device::Cpu, &ConfigChanges::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("last.safetensors") && err.contains("saved after step"),
+        "{err}"
+    );
+    assert!(!err.contains("Some("), "{err}");
+}
+
+#[test]
+fn a_truncated_checkpoint_is_an_error_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("run");
+    drop(train(&path, 1));
+    let file = path.join(RunDir::CHECKPOINT);
+    let bytes = std::fs::read(&file).unwrap();
+    std::fs::write(&file, &bytes[..bytes.len() / 2]).unwrap();
+    let err = Trainer::resume(&path, Device::Cpu, &ConfigChanges::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("checkpoint.safetensors"), "{err}");
 }

@@ -1,8 +1,6 @@
 //! `cmr eval`: metrics of a model, an ensemble or a cross-validation on a
 //! labelled split, optionally on deformed copies of it.
 
-#![allow(clippy::print_stdout)]
-
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -14,6 +12,7 @@ use crate::args::{EvalArgs, SplitChoice};
 use crate::commands::{load_members, member_split, model_members, open_device, predict_options};
 use crate::progress::image_bar;
 use crate::text::count;
+use crate::text::outln;
 
 /// The identity, or the deformed copy of `--deform SEED`.
 fn transform(deform: Option<u64>) -> impl Fn(&Sample) -> Sample {
@@ -99,12 +98,12 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
         if args.per_image {
             value["per_image"] = serde_json::to_value(eval.metrics.images())?;
         }
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        outln!("{}", serde_json::to_string_pretty(&value)?)?;
     } else {
         if args.per_image {
-            print_per_image(eval.metrics.images());
+            print_per_image(eval.metrics.images())?;
         }
-        println!("{report}");
+        outln!("{report}")?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -128,13 +127,14 @@ fn decide_clean(
         tracing::warn!("an ensemble of cross-validations: the decision is printed, not recorded");
     }
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&decision)?);
+        outln!("{}", serde_json::to_string_pretty(&decision)?)?;
         return Ok(ExitCode::SUCCESS);
     }
-    println!(
+    outln!(
         "out-of-fold Dice per clean-up rule ({} images, TTA {}):",
-        decision.images, decision.tta
-    );
+        decision.images,
+        decision.tta
+    )?;
     for (class, name) in [(1u8, "RV"), (2, "Myo"), (3, "LV")] {
         let row: Vec<String> = decision
             .dice
@@ -142,11 +142,11 @@ fn decide_clean(
             .filter(|(c, _, _)| *c == class)
             .map(|(_, r, d)| format!("{} {d:.4}", r.name()))
             .collect();
-        println!(
+        outln!(
             "{name:<4} {}   -> {}",
             row.join(", "),
             decision.chosen.rule(class).name()
-        );
+        )?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -204,19 +204,19 @@ fn own_validation(
     Ok((samples, what))
 }
 
-fn print_per_image(images: &[cmr_loss::ImageMetrics]) {
-    println!("{:<12} {:>8} {:>8} {:>8} {:>8}", "image", "RV", "Myo", "LV", "mean");
+fn print_per_image(images: &[cmr_loss::ImageMetrics]) -> std::io::Result<()> {
+    outln!("{:<12} {:>8} {:>8} {:>8} {:>8}", "image", "RV", "Myo", "LV", "mean")?;
     for m in images {
-        println!(
+        outln!(
             "{:<12} {:>8.4} {:>8.4} {:>8.4} {:>8.4}",
             m.id,
             m.dice[0],
             m.dice[1],
             m.dice[2],
             m.mean_dice()
-        );
+        )?;
     }
-    println!();
+    outln!()
 }
 
 /// Cross-validated scores of CV folders on the same folds: each fold's model
@@ -298,30 +298,40 @@ fn run_cv(paths: &[PathBuf], args: &EvalArgs) -> anyhow::Result<ExitCode> {
         if args.per_image {
             value["per_image"] = serde_json::to_value(report.out_of_fold.images())?;
         }
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        outln!("{}", serde_json::to_string_pretty(&value)?)?;
         return Ok(ExitCode::SUCCESS);
     }
     if args.per_image {
-        print_per_image(report.out_of_fold.images());
+        print_per_image(report.out_of_fold.images())?;
     }
-    println!(
+    outln!(
         "{:<10} {:>8} {:>8} {:>8} {:>8} {:>7}",
-        "fold", "RV", "Myo", "LV", "mean", "images"
-    );
+        "fold",
+        "RV",
+        "Myo",
+        "LV",
+        "mean",
+        "images"
+    )?;
     for (f, r) in report.folds.iter().enumerate() {
-        println!(
+        outln!(
             "{:<10} {:>8.4} {:>8.4} {:>8.4} {:>8.4} {:>7}",
-            f, r.classes[0].dice, r.classes[1].dice, r.classes[2].dice, r.mean_dice, r.images
-        );
+            f,
+            r.classes[0].dice,
+            r.classes[1].dice,
+            r.classes[2].dice,
+            r.mean_dice,
+            r.images
+        )?;
     }
-    println!(
+    outln!(
         "{:<10} {:>8} {:>8} {:>8} {:>8}",
         "mean ± SD",
         format!("{:.3}±{:.3}", stats[0].mean, stats[0].sd),
         format!("{:.3}±{:.3}", stats[1].mean, stats[1].sd),
         format!("{:.3}±{:.3}", stats[2].mean, stats[2].sd),
         format!("{:.3}±{:.3}", stats[3].mean, stats[3].sd),
-    );
-    println!("\nout of fold (every slice scored once, by the model that did not train on it):\n{oof}");
+    )?;
+    outln!("\nout of fold (every slice scored once, by the model that did not train on it):\n{oof}")?;
     Ok(ExitCode::SUCCESS)
 }

@@ -1,8 +1,6 @@
 //! `cmr info`: parameters, size and forward FLOPs of a network, or what a
 //! trained model is (architecture, size, training data, scores).
 
-#![allow(clippy::print_stdout)]
-
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -13,6 +11,7 @@ use cmr_train::{CvDir, DeviceSpec, RunDir, TrainConfig, device_name, ensemble_me
 
 use crate::args::InfoArgs;
 use crate::commands::open_device;
+use crate::text::outln;
 
 pub fn run(args: InfoArgs) -> anyhow::Result<ExitCode> {
     if let Some(model) = &args.model {
@@ -33,20 +32,22 @@ pub fn run(args: InfoArgs) -> anyhow::Result<ExitCode> {
             "device": device_name(&device),
             "config": cfg,
         });
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        outln!("{}", serde_json::to_string_pretty(&value)?)?;
     } else {
-        println!(
+        outln!(
             "network     {} (the {} preset's widths)",
             arch.display_name(),
             args.preset
-        );
-        println!("parameters  {}", stats.parameters);
-        println!("size        {:.2} MB (f32)", stats.size_mb);
-        println!(
+        )?;
+        outln!("parameters  {}", stats.parameters)?;
+        outln!("size        {:.2} MB (f32)", stats.size_mb)?;
+        outln!(
             "forward     {:.2} GFLOPs per {}×{} image",
-            stats.gflops, stats.height, stats.width
-        );
-        println!("device      {}", device_name(&device));
+            stats.gflops,
+            stats.height,
+            stats.width
+        )?;
+        outln!("device      {}", device_name(&device))?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -119,34 +120,35 @@ fn describe(model: &str, json: bool) -> anyhow::Result<ExitCode> {
             "clean_up": clean,
             "members": described,
         });
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        outln!("{}", serde_json::to_string_pretty(&value)?)?;
         return Ok(ExitCode::SUCCESS);
     }
     let first = &described[0];
-    println!("model       {}", path.display());
+    outln!("model       {}", path.display())?;
     match &cv {
-        Some((_, spec)) => println!(
+        Some((_, spec)) => outln!(
             "kind        ensemble of a {}-fold cross-validation ({})",
-            spec.folds.k, spec.folds.grouping
-        ),
-        None => println!("kind        one run"),
+            spec.folds.k,
+            spec.folds.grouping
+        )?,
+        None => outln!("kind        one run")?,
     }
-    println!(
+    outln!(
         "network     {} ({} parameters, {:.2} MB, f32)",
         first["arch"].as_str().unwrap_or("?"),
         first["parameters"],
         first["size_mb"].as_f64().unwrap_or(0.0)
-    );
-    println!(
+    )?;
+    outln!(
         "forward     {:.2} GFLOPs per {} px image, per member",
         first["gflops"].as_f64().unwrap_or(0.0),
         first["input"]
-    );
+    )?;
     if let Some(c) = clean {
-        println!("clean-up    {c} (decided out of fold)");
+        outln!("clean-up    {c} (decided out of fold)")?;
     }
     for m in &described {
-        println!(
+        outln!(
             "member      {}: {} epochs, kept {}, trained on {} slices (validated on {}), data sha256 {}",
             m["run"].as_str().unwrap_or("?"),
             m["epochs"],
@@ -156,10 +158,10 @@ fn describe(model: &str, json: bool) -> anyhow::Result<ExitCode> {
             m["data_sha256"]
                 .as_str()
                 .map_or("not recorded".into(), |s| s[..12.min(s.len())].to_string()),
-        );
+        )?;
     }
     if cv.is_some() {
-        println!("scores      cmr eval --model {model} --data <dataset root> --tta");
+        outln!("scores      cmr eval --model {model} --data <dataset root> --tta")?;
     }
     Ok(ExitCode::SUCCESS)
 }

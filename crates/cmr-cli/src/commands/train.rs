@@ -10,7 +10,8 @@ use cmr_data::{AugmentConfig, Dataset, Folds, LoadOptions};
 use cmr_loss::Loss;
 use cmr_models::Architecture;
 use cmr_train::{
-    CvDir, CvOutcome, CvSpec, EarlyStopping, Outcome, TrainConfig, Trainer, device_name, load_splits, train_folds,
+    ConfigChanges, CvDir, CvOutcome, CvSpec, EarlyStopping, Outcome, TrainConfig, Trainer, device_name, load_splits,
+    train_folds,
 };
 
 use crate::args::{AugmentChoice, LossChoice, TrainArgs};
@@ -95,6 +96,42 @@ fn apply_flags(cfg: &mut TrainConfig, args: &TrainArgs) {
     }
 }
 
+/// What the flags given with `--resume` change in the run's recipe `cfg`:
+/// the settings a resume may change, or an error listing those it may not.
+fn resume_changes(cfg: &TrainConfig, args: &TrainArgs, run: &Path) -> anyhow::Result<ConfigChanges> {
+    if let Some(a) = args.arch.filter(|a| *a != cfg.model.architecture()) {
+        bail!(
+            "{}: the run trains {}, not {a}: a resumed run keeps its network (start a new run with --out)",
+            run.display(),
+            cfg.model.architecture()
+        );
+    }
+    let mut wanted = cfg.clone();
+    apply_flags(&mut wanted, args);
+    let differences = cfg.differences(&wanted);
+    let fixed: Vec<String> = differences
+        .iter()
+        .filter(|(key, ..)| !ConfigChanges::may_change(key))
+        .map(|(key, old, new)| format!("{key} {old} → {new}"))
+        .collect();
+    if !fixed.is_empty() {
+        bail!(
+            "{}: a resumed run keeps its recipe, and these flags would change it: {} (only --epochs, --val-every, --patience and --device may change; start a new run with --out to train another recipe)",
+            run.display(),
+            fixed.join(", ")
+        );
+    }
+    for (key, old, new) in &differences {
+        tracing::info!("{}: {key} changes from {old} to {new}", run.display());
+    }
+    Ok(ConfigChanges {
+        epochs: args.epochs,
+        val_every: args.val_every,
+        early_stopping: args.patience.and(wanted.early_stopping),
+        device: args.device.device,
+    })
+}
+
 /// `runs/<arch>-<preset>` (`-cv<K>`, or `-cv` with `--folds-from`, for a
 /// cross-validation), or the first
 /// free `-2`, `-3` … after it.
@@ -115,7 +152,8 @@ fn default_out(cfg: &TrainConfig, args: &TrainArgs) -> PathBuf {
     candidate
 }
 
-/// Ctrl-C once: finish the step, save, stop. Twice: exit at once.
+/// Ctrl-C (or SIGTERM, as a scheduler sends it) once: finish the step, save,
+/// stop. Twice: exit at once (the last checkpoint stays whole).
 fn stop_flag() -> anyhow::Result<Arc<AtomicBool>> {
     let stop = Arc::new(AtomicBool::new(false));
     let handler = stop.clone();
@@ -135,8 +173,8 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         if args.allow_other_data {
             bail!("a cross-validation's folds fix its data: --allow-other-data does not apply");
         }
-        let (cv, spec) = CvDir::open(dir)?;
-        return run_cv(&cv, &spec, &args);
+        let (mut cv, spec) = CvDir::open(dir)?;
+        return run_cv(&mut cv, &spec, &args);
     }
     if args.folds.is_some() || args.folds_from.is_some() {
         let mut cfg = build_config(&args)?;
@@ -167,18 +205,19 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         };
         let out = args.out.clone().unwrap_or_else(|| default_out(&cfg, &args));
         let spec = CvSpec { config: cfg, folds };
-        let cv = CvDir::create(&out, &spec)
+        let mut cv = CvDir::create(&out, &spec)
             .with_context(|| format!("starting the cross-validation in {}", out.display()))?;
-        return run_cv(&cv, &spec, &args);
+        return run_cv(&mut cv, &spec, &args);
     }
     // Read and validate the data before anything is written.
     let (mut trainer, splits) = match &args.resume {
         Some(run) => {
             let (_, cfg) = cmr_train::RunDir::open(run)?;
+            let changes = resume_changes(&cfg, &args, run)?;
             let splits = load_splits(&args.data, &cfg).with_context(|| format!("loading {}", args.data.display()))?;
-            let device = open_device(&args.device, cfg.device)?;
+            let device = open_device(&args.device, changes.device.unwrap_or(cfg.device))?;
             let mut t =
-                Trainer::resume(run, device, args.epochs).with_context(|| format!("resuming {}", run.display()))?;
+                Trainer::resume(run, device, &changes).with_context(|| format!("resuming {}", run.display()))?;
             if args.allow_other_data {
                 t.set_other_data(cmr_train::OtherData::Allow);
             }
@@ -257,9 +296,25 @@ fn train_samples(root: &Path, cfg: &TrainConfig) -> anyhow::Result<Vec<cmr_data:
 }
 
 /// Train (or continue) every fold of a cross-validation.
-fn run_cv(cv: &CvDir, spec: &CvSpec, args: &TrainArgs) -> anyhow::Result<ExitCode> {
-    if args.resume.is_some() && (args.epochs.is_some() || args.arch.is_some()) {
-        bail!("a cross-validation resumes with its own recipe (cv.json): drop --epochs and --arch");
+fn run_cv(cv: &mut CvDir, spec: &CvSpec, args: &TrainArgs) -> anyhow::Result<ExitCode> {
+    if args.resume.is_some() {
+        resume_changes(&spec.config, args, cv.root())?;
+        let mut wanted = spec.config.clone();
+        apply_flags(&mut wanted, args);
+        let changed: Vec<String> = spec
+            .config
+            .differences(&wanted)
+            .into_iter()
+            .filter(|(key, ..)| key != "device")
+            .map(|(key, ..)| key)
+            .collect();
+        if !changed.is_empty() {
+            bail!(
+                "{}: a cross-validation resumes with its own recipe (cv.json), and these flags would change it: {} (its folds share one recipe)",
+                cv.root().display(),
+                changed.join(", ")
+            );
+        }
     }
     let samples = train_samples(&args.data, &spec.config)?;
     let device = open_device(&args.device, spec.config.device)?;
