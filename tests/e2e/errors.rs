@@ -201,3 +201,70 @@ fn data_and_config_errors() {
     let (status, _, stderr) = cmr_tests::output(cmr().args(["info", "--arch", "resnet"]));
     assert!(!status.success() && stderr.contains("resnet"), "{stderr}");
 }
+
+#[test]
+fn predict_writes_all_or_nothing_and_never_into_its_inputs() {
+    let Some(data) = shared_data() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (root, run) = small_run(dir.path(), &data);
+    let predict = |out: &std::path::Path| {
+        let mut c = cmr();
+        c.args(["predict", "--model"])
+            .arg(&run)
+            .arg("--input")
+            .arg(root.join("test"))
+            .arg("--out")
+            .arg(out);
+        c
+    };
+    let entries = |d: &std::path::Path| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+
+    // the CSV cannot be placed: no mask is left either
+    let out = dir.path().join("a");
+    let blocked_csv = dir.path().join("csv-dir");
+    std::fs::create_dir_all(&blocked_csv).unwrap();
+    let err = fails(predict(&out).arg("--csv").arg(&blocked_csv));
+    assert!(err.contains("csv-dir") && err.contains("folder"), "{err}");
+    assert!(!out.exists() || entries(&out).is_empty(), "{:?}", entries(&out));
+
+    // one destination blocked by a folder: nothing moves
+    std::fs::create_dir_all(out.join("cmr122_mask.png")).unwrap();
+    let err = fails(predict(&out).arg("--csv").arg(dir.path().join("s.csv")));
+    assert!(err.contains("cmr122_mask.png") && err.contains("in the way"), "{err}");
+    assert_eq!(entries(&out), ["cmr122_mask.png"]);
+    assert!(!dir.path().join("s.csv").exists());
+    assert!(
+        !entries(dir.path()).iter().any(|n| n.contains("partial")),
+        "{:?}",
+        entries(dir.path())
+    );
+    std::fs::remove_dir(out.join("cmr122_mask.png")).unwrap();
+
+    // a killed run's staging folder is swept by the next run
+    let stale = out.join(".cmr-staging-999999");
+    std::fs::create_dir_all(&stale).unwrap();
+    std::fs::write(stale.join("cmr121_mask.png"), b"half").unwrap();
+    ok(&mut predict(&out));
+    assert_eq!(entries(&out), ["cmr121_mask.png", "cmr122_mask.png"]);
+
+    // outputs inside the inputs are refused
+    let err = fails(&mut predict(&root.join("test").join("image")));
+    assert!(err.contains("folder of the input images"), "{err}");
+    let err = fails(
+        cmr()
+            .args(["train", "--arch", "unet", "--epochs", "1"])
+            .arg("--data")
+            .arg(&root)
+            .arg("--out")
+            .arg(root.join("train").join("image")),
+    );
+    assert!(err.contains("inside the dataset"), "{err}");
+    assert_eq!(std::fs::read_dir(root.join("train/image")).unwrap().count(), 8);
+}

@@ -89,20 +89,41 @@ fn trim_zeros(d: &[u8]) -> &[u8] {
 /// The PNG files of a folder by id (file stem), in natural order.
 fn png_files(dir: &Path) -> Result<BTreeMap<NaturalKey, PathBuf>> {
     let entries = std::fs::read_dir(dir).map_err(|e| DataError::io(dir, e))?;
-    let mut out = BTreeMap::new();
+    let mut out: BTreeMap<NaturalKey, PathBuf> = BTreeMap::new();
     for entry in entries {
         let path = entry.map_err(|e| DataError::io(dir, e))?.path();
         let is_png = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("png"));
-        if !is_png || !path.is_file() {
+        if !is_png {
             continue;
         }
+        // nothing named *.png is passed over without a word
+        match std::fs::metadata(&path) {
+            Ok(m) if m.is_file() => {}
+            Ok(_) => {
+                tracing::warn!("{}: not a file, skipped", path.display());
+                continue;
+            }
+            Err(e) => {
+                let link = std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink());
+                let reason = if link {
+                    format!("a symbolic link that leads nowhere ({e})")
+                } else {
+                    e.to_string()
+                };
+                return Err(DataError::NotAFile { path, reason });
+            }
+        }
         let Some(stem) = path.file_stem().and_then(|s| s.to_str()) else {
-            continue;
+            return Err(DataError::NotAFile {
+                path,
+                reason: "the file name is not valid UTF-8 (ids are text: rename it)".into(),
+            });
         };
         let key = NaturalKey(stem.to_string());
-        if out.contains_key(&key) {
+        if let Some(first) = out.get(&key) {
             return Err(DataError::DuplicateId {
                 id: stem.to_string(),
+                first: first.clone(),
                 path,
             });
         }
@@ -259,16 +280,23 @@ pub fn load_images(paths: &[PathBuf], opts: LoadOptions) -> Result<Vec<Sample>> 
         height: opts.size,
         width: opts.size,
     };
-    let mut seen = std::collections::BTreeSet::new();
+    let mut seen = BTreeMap::new();
     let mut samples = Vec::with_capacity(paths.len());
     for path in paths {
         let id = path
             .file_stem()
             .and_then(|s| s.to_str())
-            .ok_or_else(|| DataError::Config(format!("{}: not a file name", path.display())))?
+            .ok_or_else(|| DataError::NotAFile {
+                path: path.clone(),
+                reason: "the file name is not valid UTF-8 (ids are text: rename it)".into(),
+            })?
             .to_string();
-        if !seen.insert(id.clone()) {
-            return Err(DataError::DuplicateId { path: path.clone(), id });
+        if let Some(first) = seen.insert(id.clone(), path.clone()) {
+            return Err(DataError::DuplicateId {
+                path: path.clone(),
+                first,
+                id,
+            });
         }
         let image = read_image(path)?;
         samples.push(Sample {

@@ -15,13 +15,9 @@ pub enum DataError {
     /// A folder the layout requires is not there.
     #[error("{}: folder not found ({what})", path.display())]
     MissingFolder { path: PathBuf, what: &'static str },
-    /// A PNG that does not decode (truncated, corrupt, not a PNG).
-    #[error("{}: cannot decode PNG: {source}", path.display())]
-    Decode {
-        path: PathBuf,
-        #[source]
-        source: image::ImageError,
-    },
+    /// A PNG that does not decode (truncated, corrupt, not a PNG, too large).
+    #[error("{}: cannot decode PNG: {message}", path.display())]
+    Decode { path: PathBuf, message: String },
     /// A PNG could not be encoded.
     #[error("{}: cannot encode PNG: {source}", path.display())]
     Encode {
@@ -61,8 +57,12 @@ pub enum DataError {
     #[error("{}: no PNG images in this split", dir.display())]
     EmptySplit { dir: PathBuf },
     /// Two files that map to the same sample id.
-    #[error("{}: duplicate sample id {id:?}", path.display())]
-    DuplicateId { path: PathBuf, id: String },
+    #[error("{}: sample id {id:?} is also {} (ids are file names without the extension)", path.display(), first.display())]
+    DuplicateId { path: PathBuf, first: PathBuf, id: String },
+    /// A name that looks like an input but cannot be read as one (a broken
+    /// or looping symbolic link, a name that is not UTF-8).
+    #[error("{}: {reason}", path.display())]
+    NotAFile { path: PathBuf, reason: String },
     /// A malformed run-length CSV.
     #[error("{}:{line}: {message}", path.display())]
     Csv {

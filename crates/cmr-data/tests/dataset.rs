@@ -150,6 +150,45 @@ fn a_colour_mask_is_rejected_and_a_colour_image_converted() {
     assert_eq!(load(dir.path()).unwrap()[0].image.get(0, 0), 1);
 }
 
+#[cfg(unix)]
+#[test]
+fn broken_links_and_odd_names_are_errors_not_skipped() {
+    use std::os::unix::ffi::OsStrExt;
+    // a dangling link among the images
+    let dir = split(3);
+    let link = dir.path().join("image/cmr9.png");
+    std::os::unix::fs::symlink(dir.path().join("nowhere.png"), &link).unwrap();
+    let err = message(load(dir.path()).unwrap_err());
+    assert!(err.contains("cmr9.png") && err.contains("symbolic link"), "{err}");
+    std::fs::remove_file(&link).unwrap();
+    // a link loop
+    let a = dir.path().join("image/a.png");
+    let b = dir.path().join("image/b.png");
+    std::os::unix::fs::symlink(&b, &a).unwrap();
+    std::os::unix::fs::symlink(&a, &b).unwrap();
+    let err = message(cmr_data::list_pngs(&dir.path().join("image")).unwrap_err());
+    assert!(err.contains("symbolic link"), "{err}");
+    std::fs::remove_file(&a).unwrap();
+    std::fs::remove_file(&b).unwrap();
+    // a name that is not UTF-8
+    let odd = dir
+        .path()
+        .join("image")
+        .join(std::ffi::OsStr::from_bytes(b"cmr\xff.png"));
+    gray(&odd, 8, 8, |_, _| 0);
+    let err = message(cmr_data::list_pngs(&dir.path().join("image")).unwrap_err());
+    assert!(err.contains("not valid UTF-8"), "{err}");
+    std::fs::remove_file(&odd).unwrap();
+    // two files of one id: both are named
+    gray(&dir.path().join("image/cmr1.PNG"), 8, 8, |_, _| 0);
+    let err = message(cmr_data::list_pngs(&dir.path().join("image")).unwrap_err());
+    assert!(err.contains("cmr1.png") && err.contains("cmr1.PNG"), "{err}");
+    // a folder named like a PNG is passed over (with a warning)
+    std::fs::remove_file(dir.path().join("image/cmr1.PNG")).unwrap();
+    std::fs::create_dir(dir.path().join("image/extra.png")).unwrap();
+    assert_eq!(load(dir.path()).unwrap().len(), 3);
+}
+
 #[test]
 fn other_sizes_are_fitted_and_remembered() {
     let dir = tempfile::tempdir().unwrap();

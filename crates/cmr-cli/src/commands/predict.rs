@@ -29,9 +29,26 @@ fn inputs(input: &std::path::Path) -> anyhow::Result<Vec<PathBuf>> {
     Ok(files)
 }
 
+/// Whether `a` and `b` name one folder (both must exist).
+fn same_folder(a: &std::path::Path, b: &std::path::Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}
+
 pub fn run(args: PredictArgs) -> anyhow::Result<ExitCode> {
-    let predictor = load_predictor(&args.model, &args.inference)?;
     let files = inputs(&args.input)?;
+    if let Some(dir) = files[0].parent().filter(|d| same_folder(d, &args.out)) {
+        bail!(
+            "{}: --out is the folder of the input images (a second run would read the masks as images): choose another",
+            dir.display()
+        );
+    }
+    if let Some(csv) = args.csv.as_ref().filter(|c| c.is_dir()) {
+        bail!("{}: --csv names a folder, not a file", csv.display());
+    }
+    let predictor = load_predictor(&args.model, &args.inference)?;
     // Read and validate every image before writing anything.
     let samples = load_images(
         &files,
@@ -55,24 +72,50 @@ pub fn run(args: PredictArgs) -> anyhow::Result<ExitCode> {
         }
         rows.push((name, mask));
     }
-    if let Some(parent) = args
-        .csv
-        .as_ref()
-        .and_then(|c| c.parent())
-        .filter(|p| !p.as_os_str().is_empty())
-    {
-        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-    }
-    let n = staged.commit()?;
+    // The CSV is written beside its place before any mask moves, and placed
+    // last: if it cannot be, the masks are taken back out.
+    let csv = match &args.csv {
+        Some(csv) => Some((csv, prepare_csv(csv, &rows)?)),
+        None => None,
+    };
+    let result = staged.commit_then(|| {
+        if let Some((csv, tmp)) = &csv {
+            std::fs::rename(tmp, csv).with_context(|| format!("placing {}", csv.display()))?;
+        }
+        Ok(())
+    });
+    let n = match result {
+        Ok(n) => n,
+        Err(e) => {
+            if let Some((_, tmp)) = &csv {
+                let _ = std::fs::remove_file(tmp);
+            }
+            return Err(e);
+        }
+    };
     tracing::info!(
         "{}: {} for {}",
         args.out.display(),
         count(n, "file"),
         count(samples.len(), "image")
     );
-    if let Some(csv) = &args.csv {
-        write_submission(csv, &rows)?;
+    if let Some((csv, _)) = &csv {
         tracing::info!("{}: {}", csv.display(), count(3 * rows.len(), "row"));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Write the submission for `rows` to a hidden file beside `csv` (creating
+/// its folder); the caller renames it into place.
+fn prepare_csv(csv: &std::path::Path, rows: &[(String, cmr_data::Mask)]) -> anyhow::Result<PathBuf> {
+    let parent = csv.parent().filter(|p| !p.as_os_str().is_empty());
+    if let Some(parent) = parent {
+        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    }
+    let name = csv
+        .file_name()
+        .with_context(|| format!("{}: --csv must name a file", csv.display()))?;
+    let tmp = csv.with_file_name(format!(".{}.{}.partial", name.to_string_lossy(), std::process::id()));
+    write_submission(&tmp, rows)?;
+    Ok(tmp)
 }

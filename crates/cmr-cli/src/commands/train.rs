@@ -96,6 +96,24 @@ fn apply_flags(cfg: &mut TrainConfig, args: &TrainArgs) {
     }
 }
 
+/// Refuse an output folder inside the dataset: its files would be read as
+/// data by the next training (or break it).
+fn check_out_of_data(out: &Path, data: &Path) -> anyhow::Result<()> {
+    let out_abs = std::path::absolute(out).unwrap_or_else(|_| out.to_path_buf());
+    let inside = [data.canonicalize().ok(), std::path::absolute(data).ok()]
+        .into_iter()
+        .flatten()
+        .any(|d| out_abs.starts_with(&d));
+    if inside {
+        bail!(
+            "{}: the output folder is inside the dataset {}: choose one outside it",
+            out.display(),
+            data.display()
+        );
+    }
+    Ok(())
+}
+
 /// What the flags given with `--resume` change in the run's recipe `cfg`:
 /// the settings a resume may change, or an error listing those it may not.
 fn resume_changes(cfg: &TrainConfig, args: &TrainArgs, run: &Path) -> anyhow::Result<ConfigChanges> {
@@ -204,6 +222,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
             (None, None) => unreachable!("checked above"),
         };
         let out = args.out.clone().unwrap_or_else(|| default_out(&cfg, &args));
+        check_out_of_data(&out, &args.data)?;
         let spec = CvSpec { config: cfg, folds };
         let mut cv = CvDir::create(&out, &spec)
             .with_context(|| format!("starting the cross-validation in {}", out.display()))?;
@@ -233,6 +252,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
             let cfg = build_config(&args)?;
             let splits = load_splits(&args.data, &cfg).with_context(|| format!("loading {}", args.data.display()))?;
             let out = args.out.clone().unwrap_or_else(|| default_out(&cfg, &args));
+            check_out_of_data(&out, &args.data)?;
             let device = open_device(&args.device, cfg.device)?;
             let t =
                 Trainer::create(cfg, &out, device).with_context(|| format!("starting the run in {}", out.display()))?;
