@@ -340,3 +340,112 @@ fn a_closed_pipe_ends_output_quietly() {
     assert!(!err.contains("panicked"), "{err}");
     assert!(out.status.success(), "{:?}: {err}", out.status);
 }
+
+/// A small tmpfs, unmounted when dropped; `None` where mounting is not
+/// allowed (not root).
+struct SmallDisk(PathBuf);
+
+impl SmallDisk {
+    fn mount(at: &Path, size: &str) -> Option<Self> {
+        std::fs::create_dir_all(at).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| Self(at.to_path_buf()))
+    }
+
+    /// Fill what is left with a file; returns it.
+    fn fill(&self) -> PathBuf {
+        use std::io::Write;
+        let path = self.0.join("filler");
+        let mut f = std::fs::File::create(&path).unwrap();
+        let block = vec![7u8; 4096];
+        while f.write_all(&block).is_ok() {}
+        let _ = f.sync_all();
+        path
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[cfg(unix)]
+#[test]
+fn a_full_disk_is_a_clear_error_and_loses_nothing() {
+    let Some(data) = shared_data() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let root = subset(&data, dir.path(), 10, 2);
+    let cfg = recipe(dir.path());
+    let straight = dir.path().join("straight");
+    ok(&mut train(&root, &cfg, &straight, 3));
+
+    let Some(disk) = SmallDisk::mount(&dir.path().join("disk"), "4m") else {
+        eprintln!("skipped: cannot mount a tmpfs here (not root)");
+        return;
+    };
+    let run = disk.0.join("run");
+    ok(&mut train(&root, &cfg, &run, 1));
+    let checkpoint = std::fs::read(run.join("checkpoint.safetensors")).unwrap();
+    let filler = disk.fill();
+
+    // training on: a clear error naming the file, the checkpoint intact
+    let err = fails(resume(&root, &run).args(["--epochs", "3"]));
+    assert!(
+        err.contains("No space left on device") && err.contains(&*run.to_string_lossy()),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(run.join("checkpoint.safetensors")).unwrap(), checkpoint);
+    // predicting: nothing half-written
+    let out = disk.0.join("masks");
+    let err = fails(
+        cmr()
+            .args(["predict", "--model"])
+            .arg(&straight)
+            .arg("--input")
+            .arg(root.join("test"))
+            .arg("--out")
+            .arg(&out),
+    );
+    assert!(err.contains("No space left on device"), "{err}");
+    let leftovers = |d: &Path, masks: bool| -> Vec<String> {
+        std::fs::read_dir(d)
+            .map(|r| {
+                r.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.ends_with(".tmp") || n.starts_with(".cmr-staging") || (masks && n.ends_with(".png")))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    assert!(leftovers(&run, false).is_empty(), "{:?}", leftovers(&run, false));
+    assert!(leftovers(&out, true).is_empty(), "{:?}", leftovers(&out, true));
+
+    // room again, but read-only: a clear error, nothing lost
+    std::fs::remove_file(filler).unwrap();
+    let remount = |mode: &str| {
+        Command::new("mount")
+            .args(["-o", &format!("remount,{mode}")])
+            .arg(&disk.0)
+            .status()
+            .unwrap()
+            .success()
+    };
+    assert!(remount("ro"));
+    let err = fails(resume(&root, &run).args(["--epochs", "3"]));
+    assert!(err.contains("Read-only file system"), "{err}");
+    assert!(remount("rw"));
+    assert_eq!(std::fs::read(run.join("checkpoint.safetensors")).unwrap(), checkpoint);
+
+    // writable again: the run resumes to the weights of an uninterrupted one
+    ok(resume(&root, &run).args(["--epochs", "3"]));
+    assert_eq!(
+        std::fs::read(run.join("model.safetensors")).unwrap(),
+        std::fs::read(straight.join("model.safetensors")).unwrap()
+    );
+}

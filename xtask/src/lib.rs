@@ -4,6 +4,12 @@
 
 pub mod bench;
 pub mod download;
+pub mod fuzz;
 pub mod manifest;
 pub mod reproduce;
 pub mod testall;
+
+// The fuzz test bounds each case's allocations: count them.
+#[cfg(test)]
+#[global_allocator]
+static ALLOCATOR: fuzz::Counting = fuzz::Counting;

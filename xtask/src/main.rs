@@ -30,7 +30,31 @@ enum Command {
     /// Time the training step and inference of the three networks, next to
     /// the PyTorch reference when a Python with torch is available.
     Bench(BenchArgs),
+    /// Feed every parser of outside data (PNG, run-length CSV, TOML recipes,
+    /// config.json, state.json, safetensors) mutated inputs: no panic, hang
+    /// or unbounded allocation. `cargo xtask test` runs 300 cases of each.
+    Fuzz(FuzzArgs),
 }
+
+#[derive(Debug, clap::Args)]
+#[command(after_help = "Examples:
+  cargo xtask fuzz --seconds 600     ten minutes over all parsers
+  cargo xtask fuzz --cases 5000 --seed 7")]
+struct FuzzArgs {
+    /// Run for this long in all (the time split evenly over the parsers).
+    #[arg(long, conflicts_with = "cases")]
+    seconds: Option<u64>,
+    /// Cases per parser.
+    #[arg(long, default_value_t = 1000)]
+    cases: usize,
+    /// Seed of the mutations (a failure replays from its seed).
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
+// The fuzz harness bounds each case's allocations: count them.
+#[global_allocator]
+static ALLOCATOR: xtask::fuzz::Counting = xtask::fuzz::Counting;
 
 #[derive(Debug, clap::Args)]
 struct BenchArgs {
@@ -187,20 +211,27 @@ fn reproduce(args: ReproduceArgs) -> anyhow::Result<()> {
 fn main() -> ExitCode {
     // as `cmr` does: `reproduce` trains in this process
     cmr_models::fast::keep_freed_memory();
+    let cli = Cli::parse();
+    // the fuzz cases' warnings (a 16-bit image converted …) are noise there
+    let default_filter = if matches!(cli.command, Command::Fuzz(_)) {
+        "error,xtask=info"
+    } else {
+        "info"
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .without_time()
         .init();
-    let cli = Cli::parse();
     let result = match cli.command {
         Command::Download(args) => download(args),
         Command::Reproduce(args) => reproduce(args),
         Command::Test(args) => xtask::testall::run(&args.packages, &args.extra),
+        Command::Fuzz(args) => xtask::fuzz::run(args.seconds, args.cases, args.seed),
         Command::Bench(args) => xtask::bench::run(&xtask::bench::BenchOptions {
             runs: args.runs as usize,
             threads: args.threads,

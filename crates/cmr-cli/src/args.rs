@@ -197,6 +197,14 @@ pub struct TrainArgs {
     pub device: DeviceArg,
 }
 
+fn parse_side(s: &str) -> Result<usize, String> {
+    let n: usize = s.parse().map_err(|e| format!("{s:?}: {e}"))?;
+    if n == 0 || n > cmr_train::MAX_SIZE {
+        return Err(format!("{n}: the side must be from 1 to {}", cmr_train::MAX_SIZE));
+    }
+    Ok(n)
+}
+
 fn parse_train_preset(s: &str) -> Result<TrainPreset, String> {
     s.parse()
 }
@@ -321,8 +329,8 @@ pub struct InfoArgs {
     /// default) or seed (the report's widths).
     #[arg(long, default_value = "cpu", value_parser = parse_train_preset)]
     pub preset: TrainPreset,
-    /// Input side for the FLOP count.
-    #[arg(long, default_value_t = 96)]
+    /// Input side for the FLOP count (a multiple of the network's, at most 1024).
+    #[arg(long, default_value_t = 96, value_parser = parse_side)]
     pub size: usize,
     /// Print one JSON object (keys parameters, size_mb, gflops).
     #[arg(long)]

@@ -53,7 +53,13 @@ impl Staged {
         sweep(dest);
         let tmp = dest.join(format!("{PREFIX}{}", std::process::id()));
         std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        let lock = DirLock::acquire(&tmp)?;
+        let lock = match DirLock::acquire(&tmp) {
+            Ok(lock) => lock,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&tmp);
+                return Err(e.into());
+            }
+        };
         Ok(Self {
             dest: dest.to_path_buf(),
             tmp,

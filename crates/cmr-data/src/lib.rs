@@ -31,7 +31,9 @@ pub use normalize::{Normalization, to_unit};
 pub use plane::{Image, Mask, Plane, Size};
 pub use png::{CLASS_COLOURS, NUM_CLASSES, overlay, read_image, read_mask, write_image, write_mask, write_overlay};
 pub use record::{SplitRecord, fingerprint};
-pub use rle::{FOREGROUND, Row, read_submission, rle_decode, rle_encode, submission_rows, write_submission};
+pub use rle::{
+    FOREGROUND, Row, read_submission, rle_decode, rle_encode, submission_rows, write_rows, write_submission,
+};
 pub use rng::{StreamRng, hash_str, purpose, stream};
 pub use split::{Folds, Grouping, Splits, ValSource, hold_out};
 pub use transforms::{

@@ -56,7 +56,11 @@ impl DirLock {
             writeln!(file, "{}", std::process::id())?;
             file.flush()
         };
-        write_pid(&mut file).map_err(|e| DataError::io(&path, e))?;
+        // the pid is for the next process's message only: a full disk that
+        // cannot take it must not stop the work the lock protects
+        if let Err(e) = write_pid(&mut file) {
+            tracing::debug!("{}: cannot record the pid: {e}", path.display());
+        }
         Ok(Self {
             _file: file,
             dir: dir.to_path_buf(),

@@ -119,6 +119,19 @@ pub fn write_submission(path: &Path, masks: &[(String, Mask)]) -> Result<()> {
     })
 }
 
+/// Write a competition CSV of rows already encoded (see [`submission_rows`]),
+/// atomically: a caller that encodes each mask as it is made holds only the
+/// run lengths, not every mask.
+pub fn write_rows(path: &Path, rows: &[Row]) -> Result<()> {
+    write_atomic_with(path, |w| {
+        writeln!(w, "id,encoding")?;
+        for (id, enc) in rows {
+            writeln!(w, "{id},{enc}")?;
+        }
+        Ok(())
+    })
+}
+
 /// Read a submission CSV back into masks of `size`, keyed by name (the id
 /// without its class digit), in file order.
 ///
@@ -264,6 +277,11 @@ mod tests {
              cmr2_mask1,\ncmr2_mask2,\ncmr2_mask3,\n"
         );
         assert_eq!(read_submission(&path, size4()).unwrap(), masks);
+        // rows encoded one mask at a time write the same file
+        let rows: Vec<Row> = masks.iter().flat_map(|(n, m)| submission_rows(n, m)).collect();
+        let other = dir.path().join("r.csv");
+        write_rows(&other, &rows).unwrap();
+        assert_eq!(std::fs::read_to_string(&other).unwrap(), text);
 
         std::fs::write(&path, "id,encoding\ncmr1_mask1,1 2\ncmr1_mask2,2 1\n").unwrap();
         let err = read_submission(&path, size4()).unwrap_err().to_string();

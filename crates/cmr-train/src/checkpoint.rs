@@ -207,7 +207,25 @@ pub fn set_varmap(varmap: &VarMap, tensors: &HashMap<String, Tensor>, path: &Pat
                 ),
             ));
         }
-        var.set(&t.to_dtype(var.dtype())?)?;
+        if !t.dtype().is_float() {
+            return Err(TrainError::checkpoint(
+                path,
+                format!(
+                    "tensor {name:?} holds {:?} values, not floating point: not a model's weights",
+                    t.dtype()
+                ),
+            ));
+        }
+        let t = t.to_dtype(var.dtype())?;
+        let values = t.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
+        if let Some(bad) = values.iter().find(|v| !v.is_finite()) {
+            let count = values.iter().filter(|v| !v.is_finite()).count();
+            return Err(TrainError::checkpoint(
+                path,
+                format!("tensor {name:?} holds {count} non-finite values (such as {bad}): a broken model"),
+            ));
+        }
+        var.set(&t)?;
     }
     Ok(())
 }
@@ -263,6 +281,20 @@ mod tests {
             .unwrap();
         let err = load_varmap(&path, &vm3).unwrap_err().to_string();
         assert!(err.contains("w.safetensors") && err.contains("a.weight"), "{err}");
+
+        // NaN weights, integer weights
+        let mut bad = varmap_tensors(&vm);
+        let w = bad["a.weight"].clone();
+        bad.insert("a.weight".into(), (w * f64::NAN).unwrap());
+        save_tensors(&path, &bad, None).unwrap();
+        let err = load_varmap(&path, &vm2).unwrap_err().to_string();
+        assert!(err.contains("a.weight") && err.contains("non-finite"), "{err}");
+        let mut ints = varmap_tensors(&vm);
+        ints.insert("a.bias".into(), Tensor::new(&[1i64, 2, 3], &dev).unwrap());
+        save_tensors(&path, &ints, None).unwrap();
+        let err = load_varmap(&path, &vm2).unwrap_err().to_string();
+        assert!(err.contains("a.bias") && err.contains("I64"), "{err}");
+        save_varmap(&path, &vm).unwrap();
 
         // truncated
         let bytes = std::fs::read(&path).unwrap();

@@ -302,13 +302,18 @@ impl TrainConfig {
             message,
         };
         let overlay: toml::Table = toml::from_str(&text).map_err(|e| file_err(e.to_string()))?;
+        // JSON has no NaN or infinity: say so, rather than "invalid type: null"
+        if let Some(key) = non_finite(&toml::Value::Table(overlay.clone()), "") {
+            return Err(file_err(format!(
+                "{key}: nan and inf are not accepted (give a finite number)"
+            )));
+        }
         let overlay = serde_json::to_value(overlay).map_err(|e| file_err(e.to_string()))?;
         let mut base = serde_json::to_value(self).map_err(|e| file_err(e.to_string()))?;
         merge(&mut base, overlay);
         serde_json::from_value(base).map_err(|e| file_err(e.to_string()))
     }
 
-    /// Read a `config.json`.
     /// Read and validate a `config.json`: a file that does not parse, or
     /// holds settings `validate` rejects, is an error naming it.
     pub fn read_json(path: &Path) -> Result<Self> {
@@ -357,6 +362,26 @@ impl TrainConfig {
 
     pub fn to_json(&self) -> String {
         serde_json::to_string_pretty(self).expect("a TrainConfig always serialises")
+    }
+}
+
+/// The dotted key of the first NaN or infinite float in `value`.
+fn non_finite(value: &toml::Value, key: &str) -> Option<String> {
+    let join = |k: &str| {
+        if key.is_empty() {
+            k.to_string()
+        } else {
+            format!("{key}.{k}")
+        }
+    };
+    match value {
+        toml::Value::Float(f) if !f.is_finite() => Some(key.to_string()),
+        toml::Value::Table(t) => t.iter().find_map(|(k, v)| non_finite(v, &join(k))),
+        toml::Value::Array(a) => a
+            .iter()
+            .enumerate()
+            .find_map(|(i, v)| non_finite(v, &format!("{key}[{i}]"))),
+        _ => None,
     }
 }
 
@@ -439,6 +464,16 @@ mod tests {
         .unwrap();
         let c = base.overlay_toml(&path).unwrap();
         assert_eq!(c.model.architecture(), Architecture::UNet3Plus);
+
+        std::fs::write(&path, "[optim]\nlr = nan\n").unwrap();
+        let err = base.overlay_toml(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("optim.lr") && err.contains("nan") && !err.contains("null"),
+            "{err}"
+        );
+        std::fs::write(&path, "[data.augment.gamma]\nmax = inf\n").unwrap();
+        let err = base.overlay_toml(&path).unwrap_err().to_string();
+        assert!(err.contains("data.augment.gamma.max"), "{err}");
 
         std::fs::write(&path, "epoch = 3\n").unwrap();
         let err = base.overlay_toml(&path).unwrap_err().to_string();

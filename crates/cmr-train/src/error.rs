@@ -35,9 +35,9 @@ pub enum TrainError {
     /// The device asked for is not available in this build or machine.
     #[error("{0}")]
     Device(String),
-    /// The loss became NaN or infinite.
+    /// The loss became NaN, infinite or absurdly large (the run diverged).
     #[error(
-        "the training loss became {value} at epoch {epoch}, batch {batch}; the last good checkpoint is kept (lower the learning rate and resume)"
+        "the training loss became {value:e} at epoch {epoch}, batch {batch}: the run diverged; the last good checkpoint is kept (lower the learning rate and start again)"
     )]
     NonFinite { value: f64, epoch: usize, batch: usize },
 }

@@ -25,7 +25,7 @@ mod strategy;
 mod trainer;
 
 pub use checkpoint::{Checkpoint, load_tensors, load_varmap, save_tensors, save_varmap, set_varmap, varmap_tensors};
-pub use config::{ConfigChanges, DataConfig, EarlyStopping, Keep, TrainConfig, TrainPreset};
+pub use config::{ConfigChanges, DataConfig, EarlyStopping, Keep, MAX_SIZE, TrainConfig, TrainPreset};
 pub use cv::{
     CleanDecision, CvDir, CvOutcome, CvReport, CvSpec, CvSummary, FoldStatus, FoldSummary, MeanSd, decide_clean_up,
     ensemble_members, evaluate_fold_ensembles, evaluate_folds, train_folds,

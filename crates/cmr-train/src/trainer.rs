@@ -65,6 +65,11 @@ pub fn load_splits(root: &Path, config: &TrainConfig) -> Result<Splits> {
     )?)
 }
 
+/// A batch loss above this means the run has diverged (cross-entropy and
+/// soft Dice start near 1–2; only weights blown up by too high a rate give
+/// 1e6).
+const DIVERGED: f64 = 1e6;
+
 /// A training run in progress.
 #[allow(missing_debug_implementations)] // candle's VarMap has no Debug
 pub struct Trainer {
@@ -333,7 +338,9 @@ impl Trainer {
                     |logits| Ok(cfg.loss.compute(logits, masks)?),
                 )?;
                 let value = f64::from(loss.to_dtype(DType::F32)?.to_scalar::<f32>()?);
-                if !value.is_finite() {
+                // non-finite, or far past any loss a learning run has (the
+                // losses start near 1–2): the run has diverged
+                if !value.is_finite() || value > DIVERGED {
                     return Err(TrainError::NonFinite {
                         value,
                         epoch: epoch + 1,

@@ -221,6 +221,22 @@ fn a_non_finite_loss_stops_with_a_clear_error() {
 }
 
 #[test]
+fn a_diverging_run_stops_though_its_loss_stays_finite() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(3);
+    c.optim = OptimConfig::adam(1e9);
+    c.schedule = Schedule::Constant;
+    let mut t = Trainer::create(c, dir.path(), Device::Cpu).unwrap();
+    let err = t.fit(&splits(), &mut Quiet, &AtomicBool::new(false)).err().unwrap();
+    // caught while still finite (a NaN guard alone would train on)
+    assert!(
+        matches!(err, cmr_train::TrainError::NonFinite { value, .. } if value.is_finite()),
+        "{err}"
+    );
+    assert!(err.to_string().contains("diverged"), "{err}");
+}
+
+#[test]
 fn a_resume_on_other_data_is_refused_unless_allowed() {
     let dir = tempfile::tempdir().unwrap();
     let first = train(dir.path(), 1);

@@ -4,7 +4,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, bail};
-use cmr_data::{LoadOptions, list_pngs, load_images, read_image, write_mask, write_overlay, write_submission};
+use cmr_data::{
+    LoadOptions, list_pngs, load_images, read_image, submission_rows, write_mask, write_overlay, write_rows,
+};
 
 use crate::args::PredictArgs;
 use crate::commands::load_predictor;
@@ -61,7 +63,7 @@ pub fn run(args: PredictArgs) -> anyhow::Result<ExitCode> {
     bar.finish_and_clear();
 
     let mut staged = Staged::new(&args.out)?;
-    let mut rows = Vec::with_capacity(samples.len());
+    let mut rows = Vec::new();
     for (sample, mask) in samples.iter().zip(masks) {
         let mask = mask.unfit(sample.original);
         let name = format!("{}_mask", sample.id);
@@ -70,7 +72,10 @@ pub fn run(args: PredictArgs) -> anyhow::Result<ExitCode> {
             let image = read_image(&sample.path)?;
             write_overlay(&staged.path(&format!("{}_overlay.png", sample.id))?, &image, &mask)?;
         }
-        rows.push((name, mask));
+        // run lengths only: the full-size masks are not all held at once
+        if args.csv.is_some() {
+            rows.extend(submission_rows(&name, &mask));
+        }
     }
     // The CSV is written beside its place before any mask moves, and placed
     // last: if it cannot be, the masks are taken back out.
@@ -100,14 +105,14 @@ pub fn run(args: PredictArgs) -> anyhow::Result<ExitCode> {
         count(samples.len(), "image")
     );
     if let Some((csv, _)) = &csv {
-        tracing::info!("{}: {}", csv.display(), count(3 * rows.len(), "row"));
+        tracing::info!("{}: {}", csv.display(), count(rows.len(), "row"));
     }
     Ok(ExitCode::SUCCESS)
 }
 
 /// Write the submission for `rows` to a hidden file beside `csv` (creating
 /// its folder); the caller renames it into place.
-fn prepare_csv(csv: &std::path::Path, rows: &[(String, cmr_data::Mask)]) -> anyhow::Result<PathBuf> {
+fn prepare_csv(csv: &std::path::Path, rows: &[cmr_data::Row]) -> anyhow::Result<PathBuf> {
     let parent = csv.parent().filter(|p| !p.as_os_str().is_empty());
     if let Some(parent) = parent {
         std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
@@ -116,6 +121,6 @@ fn prepare_csv(csv: &std::path::Path, rows: &[(String, cmr_data::Mask)]) -> anyh
         .file_name()
         .with_context(|| format!("{}: --csv must name a file", csv.display()))?;
     let tmp = csv.with_file_name(format!(".{}.{}.partial", name.to_string_lossy(), std::process::id()));
-    write_submission(&tmp, rows)?;
+    write_rows(&tmp, rows)?;
     Ok(tmp)
 }
