@@ -222,7 +222,10 @@ pub fn set_varmap(varmap: &VarMap, tensors: &HashMap<String, Tensor>, path: &Pat
             let count = values.iter().filter(|v| !v.is_finite()).count();
             return Err(TrainError::checkpoint(
                 path,
-                format!("tensor {name:?} holds {count} non-finite values (such as {bad}): a broken model"),
+                format!(
+                    "tensor {name:?} holds {count} non-finite value{} (such as {bad}): a broken model",
+                    if count == 1 { "" } else { "s" }
+                ),
             ));
         }
         var.set(&t)?;
