@@ -159,7 +159,7 @@ pub struct TrainArgs {
     #[arg(long, requires = "resume")]
     pub allow_other_data: bool,
     /// Number of epochs (with --resume: the new total) [default: the
-    /// preset's: cpu 80, 160 for unet3plus; seed 200].
+    /// preset's: cpu 80, 200 for unet3plus; seed 200].
     #[arg(long)]
     pub epochs: Option<usize>,
     /// k-fold cross-validation over train/: K runs in one folder (fold-0 …
