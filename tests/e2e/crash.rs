@@ -52,16 +52,25 @@ fn resume(root: &Path, run: &Path) -> Command {
     c
 }
 
+/// Whether `child` has ended; it must have succeeded, or the test fails
+/// with its standard error.
+fn ended_by_itself(child: &mut Child, cmd: &Command) -> bool {
+    let Some(status) = child.try_wait().unwrap() else {
+        return false;
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(status.success(), "{cmd:?} failed by itself: {status}\n{err}");
+    true
+}
+
 /// A child that ran until `delay` and was then killed (`true`), or that ended
 /// by itself before: its status must be success, or the test fails.
 fn run_and_kill(mut cmd: Command, delay: Duration) -> bool {
     let mut child: Child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
     let started = Instant::now();
     loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            let mut err = String::new();
-            std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
-            assert!(status.success(), "{cmd:?} failed by itself: {status}\n{err}");
+        if ended_by_itself(&mut child, &cmd) {
             return false;
         }
         if started.elapsed() >= delay {
@@ -83,10 +92,7 @@ fn kill_at_write(mut cmd: Command, run: &Path, nth: usize) -> Option<String> {
     let mine = format!(".{}.", child.id());
     let mut seen: Vec<String> = Vec::new();
     loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            let mut err = String::new();
-            std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
-            assert!(status.success(), "{cmd:?} failed by itself: {status}\n{err}");
+        if ended_by_itself(&mut child, &cmd) {
             return None;
         }
         if let Ok(entries) = std::fs::read_dir(run) {
@@ -286,8 +292,18 @@ fn one_writer_per_run_and_a_resume_keeps_its_recipe() {
         c.args(["--epochs", epochs]).stderr(Stdio::piped());
         c
     };
-    let a = more("8").spawn().unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    // the first trains long enough, and holds the lock (its pid is in the
+    // lock file) before the second starts
+    let a = more("60").spawn().unwrap();
+    let holder = a.id().to_string();
+    let started = Instant::now();
+    while std::fs::read_to_string(run.join(".lock")).map_or(true, |t| t.trim() != holder) {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the first resume never took the lock"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
     let b = more("3").spawn().unwrap();
     let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
     let refused: Vec<String> = [&a, &b]
@@ -316,10 +332,10 @@ fn one_writer_per_run_and_a_resume_keeps_its_recipe() {
     let (status, _, err) = output(resume(&root, &run).args(["--preset", "seed"]));
     assert!(!status.success() && err.contains("--preset"), "{err}");
     // the same value is no change; --epochs and --patience change and are recorded
-    ok(resume(&root, &run).args(["--batch-size", "2", "--epochs", "9", "--patience", "7"]));
+    ok(resume(&root, &run).args(["--batch-size", "2", "--epochs", "61", "--patience", "7"]));
     let config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
-    assert_eq!(config["epochs"], 9);
+    assert_eq!(config["epochs"], 61);
     assert_eq!(config["early_stopping"]["patience"], 7);
     assert_eq!(config["batch_size"], 2);
 }

@@ -38,11 +38,21 @@ impl DirLock {
         match file.try_lock() {
             Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => {
-                let mut text = String::new();
-                let pid = file
-                    .read_to_string(&mut text)
-                    .ok()
-                    .and_then(|_| text.trim().parse::<u32>().ok());
+                // the holder writes its pid just after taking the lock: give
+                // it a moment, so that the message can name it
+                let mut pid = None;
+                for _ in 0..20 {
+                    let mut text = String::new();
+                    pid = file
+                        .seek(SeekFrom::Start(0))
+                        .and_then(|_| file.read_to_string(&mut text))
+                        .ok()
+                        .and_then(|_| text.trim().parse::<u32>().ok());
+                    if pid.is_some() {
+                        break;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
                 return Err(DataError::Locked {
                     dir: dir.to_path_buf(),
                     pid,

@@ -114,9 +114,11 @@ fn check_out_of_data(out: &Path, data: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// What the flags given with `--resume` change in the run's recipe `cfg`:
-/// the settings a resume may change, or an error listing those it may not.
-fn resume_changes(cfg: &TrainConfig, args: &TrainArgs, run: &Path) -> anyhow::Result<ConfigChanges> {
+/// The recipe `cfg` with the flags laid over it, and the settings that
+/// differ; another network is an error.
+type Differences = Vec<(String, String, String)>;
+
+fn flag_differences(cfg: &TrainConfig, args: &TrainArgs, run: &Path) -> anyhow::Result<(TrainConfig, Differences)> {
     if let Some(a) = args.arch.filter(|a| *a != cfg.model.architecture()) {
         bail!(
             "{}: the run trains {}, not {a}: a resumed run keeps its network (start a new run with --out)",
@@ -127,6 +129,13 @@ fn resume_changes(cfg: &TrainConfig, args: &TrainArgs, run: &Path) -> anyhow::Re
     let mut wanted = cfg.clone();
     apply_flags(&mut wanted, args);
     let differences = cfg.differences(&wanted);
+    Ok((wanted, differences))
+}
+
+/// What the flags given with `--resume` change in the run's recipe `cfg`:
+/// the settings a resume may change, or an error listing those it may not.
+fn resume_changes(cfg: &TrainConfig, args: &TrainArgs, run: &Path) -> anyhow::Result<ConfigChanges> {
+    let (wanted, differences) = flag_differences(cfg, args, run)?;
     let fixed: Vec<String> = differences
         .iter()
         .filter(|(key, ..)| !ConfigChanges::may_change(key))
@@ -318,12 +327,8 @@ fn train_samples(root: &Path, cfg: &TrainConfig) -> anyhow::Result<Vec<cmr_data:
 /// Train (or continue) every fold of a cross-validation.
 fn run_cv(cv: &mut CvDir, spec: &CvSpec, args: &TrainArgs) -> anyhow::Result<ExitCode> {
     if args.resume.is_some() {
-        resume_changes(&spec.config, args, cv.root())?;
-        let mut wanted = spec.config.clone();
-        apply_flags(&mut wanted, args);
-        let changed: Vec<String> = spec
-            .config
-            .differences(&wanted)
+        let (_, differences) = flag_differences(&spec.config, args, cv.root())?;
+        let changed: Vec<String> = differences
             .into_iter()
             .filter(|(key, ..)| key != "device")
             .map(|(key, ..)| key)
