@@ -37,6 +37,8 @@ pub struct BenchOptions {
     pub whats: Vec<String>,
     pub python: Option<String>,
     pub torch: bool,
+    /// Another build's step benchmark as the other side, instead of PyTorch.
+    pub against: Option<std::path::PathBuf>,
 }
 
 /// One side's answer to a request.
@@ -192,12 +194,24 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<String> {
     if opts.runs == 0 {
         bail!("--runs must be at least 1");
     }
-    // Checked once: importing torch takes seconds.
-    let python = if opts.torch { torch_python(opts) } else { None };
+    let (mut reference, other) = match &opts.against {
+        Some(path) => {
+            tracing::info!("the other side: {} --serve ({} threads)", path.display(), opts.threads);
+            let mut command = Command::new(path);
+            command
+                .arg("--serve")
+                .env("RAYON_NUM_THREADS", opts.threads.to_string());
+            (Some(Server::spawn("other build", command)?), "other build")
+        }
+        None => {
+            // Checked once: importing torch takes seconds.
+            let python = if opts.torch { torch_python(opts) } else { None };
+            (python.as_deref().map(|p| torch(opts, p)).transpose()?, "PyTorch")
+        }
+    };
     let mut cmr = ours(opts)?;
-    let mut reference = python.as_deref().map(|p| torch(opts, p)).transpose()?;
-    let mut table = String::from(
-        "| network | widths | what | cmr (ms) | PyTorch (ms) | cmr / PyTorch | cmr faster |\n|---|---|---|---|---|---|---|\n",
+    let mut table = format!(
+        "| network | widths | what | cmr (ms) | {other} (ms) | cmr / {other} | cmr faster |\n|---|---|---|---|---|---|---|\n",
     );
     for widths in &opts.widths {
         for arch in &opts.archs {

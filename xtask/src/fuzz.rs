@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Device};
 use candle_nn::VarMap;
 use cmr_data::{Plane, Size, submission_rows, write_image, write_mask, write_rows};
-use cmr_models::{Architecture, ModelConfig, UNetConfig, build};
+use cmr_models::{Architecture, KernelConfig, ModelConfig, UNetConfig, build};
 use cmr_train::{
     Checkpoint, TrainConfig, TrainPreset, TrainState, load_varmap, save_varmap, seeded_var_builder, varmap_tensors,
 };
@@ -336,7 +336,12 @@ pub fn targets(dir: &Path) -> Vec<Target> {
     // a checkpoint and a model of a tiny U-Net
     let varmap = VarMap::new();
     let model_cfg = tiny_unet();
-    let built = build(&model_cfg, seeded_var_builder(&varmap, 3, DType::F32, &Device::Cpu)).is_ok();
+    let built = build(
+        &model_cfg,
+        &KernelConfig::default(),
+        seeded_var_builder(&varmap, 3, DType::F32, &Device::Cpu),
+    )
+    .is_ok();
     let model_path = dir.join("seed-model.safetensors");
     let ckpt_path = dir.join("seed-checkpoint.safetensors");
     let mut binaries = Vec::new();
@@ -420,7 +425,12 @@ pub fn targets(dir: &Path) -> Vec<Target> {
                 // as a checkpoint, and as the weights of the tiny network
                 let a = Checkpoint::load(p, &Device::Cpu).map(|_| ()).map_err(|e| e.to_string());
                 let vm = VarMap::new();
-                build(&tiny_unet(), seeded_var_builder(&vm, 3, DType::F32, &Device::Cpu)).map_err(|e| e.to_string())?;
+                build(
+                    &tiny_unet(),
+                    &KernelConfig::default(),
+                    seeded_var_builder(&vm, 3, DType::F32, &Device::Cpu),
+                )
+                .map_err(|e| e.to_string())?;
                 let b = load_varmap(p, &vm).map(|_| ()).map_err(|e| e.to_string());
                 a.or(b)
             }),

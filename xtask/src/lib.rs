@@ -8,6 +8,7 @@ pub mod fuzz;
 pub mod manifest;
 pub mod reproduce;
 pub mod testall;
+pub mod tidy;
 
 // The fuzz test bounds each case's allocations: count them.
 #[cfg(test)]

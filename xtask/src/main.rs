@@ -1,11 +1,15 @@
 //! `cargo xtask`: developer tasks. See `cargo xtask --help`.
 
+// The binaries' one reader of the environment, shared with `cmr`.
+#[path = "../../crates/cmr-cli/src/env.rs"]
+mod env;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use cmr_models::Architecture;
+use cmr_models::{Architecture, KernelConfig};
 use cmr_train::{DeviceSpec, TrainPreset};
 use xtask::download::{DEFAULT_URL, Installed, Source, install, verify_installed};
 use xtask::reproduce::ReproduceOptions;
@@ -84,6 +88,11 @@ struct BenchArgs {
     /// Skip the PyTorch side.
     #[arg(long)]
     no_torch: bool,
+    /// Compare with another build of our step benchmark instead of PyTorch:
+    /// the path of its binary (`cargo bench -p cmr-models --bench step
+    /// --no-run` prints it), e.g. one built from the commit before a change.
+    #[arg(long, value_name = "STEP_BINARY", conflicts_with_all = ["python", "no_torch"])]
+    against: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -193,6 +202,7 @@ fn reproduce(args: ReproduceArgs) -> anyhow::Result<()> {
         train_limit: args.train_limit,
         test_limit: args.test_limit,
         device: args.device,
+        kernels: env::kernels(KernelConfig::default())?.unwrap_or_default(),
     };
     let results = xtask::reproduce::run(&opts)?;
     if args.ship {
@@ -210,7 +220,8 @@ fn reproduce(args: ReproduceArgs) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     // as `cmr` does: `reproduce` trains in this process
-    cmr_models::fast::keep_freed_memory();
+    cmr_kernels::keep_freed_memory();
+    cmr_train::register_plot_font(&env::plot_fonts());
     let cli = Cli::parse();
     // the fuzz cases' warnings (a 16-bit image converted …) are noise there
     let default_filter = if matches!(cli.command, Command::Fuzz(_)) {
@@ -240,6 +251,7 @@ fn main() -> ExitCode {
             whats: args.what,
             python: args.python,
             torch: !args.no_torch,
+            against: args.against,
         })
         .map(|table| {
             #[allow(clippy::print_stdout)]

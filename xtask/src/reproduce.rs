@@ -16,7 +16,7 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use cmr_data::{AugmentConfig, Dataset, Folds, LoadOptions, Sample, deform_sample, write_submission};
 use cmr_loss::{MetricsReport, PostProcess};
-use cmr_models::{Architecture, model_stats};
+use cmr_models::{Architecture, KernelConfig, model_stats};
 use cmr_train::{
     CvDir, CvReport, CvSpec, DeviceSpec, EpochRecord, Keep, MeanSd, Observer, PredictOptions, Predictor, RunDir,
     TrainConfig, TrainPreset, Tta, decide_clean_up, device_name, ensemble_members, evaluate_folds, train_folds,
@@ -41,6 +41,8 @@ pub struct ReproduceOptions {
     pub train_limit: Option<usize>,
     pub test_limit: Option<usize>,
     pub device: DeviceSpec,
+    /// Which CPU kernels run (saved in each run's config.json).
+    pub kernels: KernelConfig,
 }
 
 /// Cross-validated scores of one way of predicting.
@@ -129,6 +131,7 @@ fn config_for(opts: &ReproduceOptions, arch: Architecture) -> TrainConfig {
         cfg.epochs = e;
     }
     cfg.device = opts.device;
+    cfg.kernels = opts.kernels;
     // each fold is scored on its validation slices: they must choose nothing
     cfg.keep = Keep::Last;
     cfg
@@ -298,6 +301,7 @@ fn score(
     let options = PredictOptions {
         tta,
         clean,
+        kernels: spec.config.kernels,
         ..PredictOptions::default()
     };
     let config = AugmentConfig::deformed_test();
@@ -366,6 +370,7 @@ pub fn run(opts: &ReproduceOptions) -> anyhow::Result<Vec<NetworkResult>> {
         let (cv, _) = CvDir::open(&dir)?;
         let eight = PredictOptions {
             tta: Tta::Dihedral,
+            kernels: cfg.kernels,
             ..PredictOptions::default()
         };
         let decision = decide_clean_up(&[(cv.clone(), spec.clone())], &samples, &device, eight, |_| {})?;
@@ -385,6 +390,7 @@ pub fn run(opts: &ReproduceOptions) -> anyhow::Result<Vec<NetworkResult>> {
             let options = PredictOptions {
                 tta: Tta::Dihedral,
                 clean,
+                kernels: cfg.kernels,
                 ..PredictOptions::default()
             };
             let ensemble = Predictor::load_ensemble(&ensemble_members(&dir)?, &device, options)?;

@@ -6,7 +6,8 @@ use std::time::Instant;
 use anyhow::bail;
 
 /// Every package, lowest layer first.
-pub const PACKAGES: [&str; 7] = [
+pub const PACKAGES: [&str; 8] = [
+    "cmr-kernels",
     "cmr-data",
     "cmr-models",
     "cmr-loss",

@@ -2,6 +2,7 @@
 
 mod args;
 mod commands;
+mod env;
 mod logging;
 mod models;
 mod progress;
@@ -18,9 +19,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     logging::init(cli.verbose, cli.quiet);
     // training allocates every activation afresh each step: keep the pages
-    if !cmr_models::fast::keep_freed_memory() {
+    if !cmr_kernels::keep_freed_memory() {
         tracing::debug!("the allocator keeps its default settings");
     }
+    cmr_train::register_plot_font(&env::plot_fonts());
     match run(cli) {
         Ok(code) => code,
         // the reader of our output went away (`cmr info | head`): nothing to say

@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 
+use crate::env;
+
 /// One embedded file: its path inside the model's folder, and its bytes.
 type EmbeddedFile = (&'static str, &'static [u8]);
 /// One embedded model: its name, a hash of its files, and the files.
@@ -19,16 +21,11 @@ type EmbeddedModel = (&'static str, &'static str, &'static [EmbeddedFile]);
 
 include!(concat!(env!("OUT_DIR"), "/embedded_models.rs"));
 
-/// The environment variable naming an extra folder of models.
-pub const MODELS_DIR_VAR: &str = "CMR_MODELS_DIR";
-/// The environment variable naming the cache folder for embedded models.
-pub const CACHE_DIR_VAR: &str = "CMR_CACHE_DIR";
-
 /// Folders searched for models by name before the embedded ones.
 fn model_dirs() -> Vec<PathBuf> {
     let mut dirs = Vec::new();
-    if let Some(d) = std::env::var_os(MODELS_DIR_VAR) {
-        dirs.push(PathBuf::from(d));
+    if let Some(d) = env::path(env::MODELS_DIR) {
+        dirs.push(d);
     }
     dirs.push(PathBuf::from("models"));
     dirs
@@ -41,14 +38,14 @@ fn is_model_folder(dir: &Path) -> bool {
 
 /// Where embedded models are unpacked.
 fn cache_root() -> PathBuf {
-    if let Some(d) = std::env::var_os(CACHE_DIR_VAR) {
-        return PathBuf::from(d);
+    if let Some(d) = env::path(env::CACHE_DIR) {
+        return d;
     }
-    if let Some(d) = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
-        return PathBuf::from(d).join("cmr");
+    if let Some(d) = env::path(env::XDG_CACHE_HOME) {
+        return d.join("cmr");
     }
-    if let Some(home) = std::env::var_os("HOME").filter(|d| !d.is_empty()) {
-        return PathBuf::from(home).join(".cache/cmr");
+    if let Some(home) = env::path(env::HOME) {
+        return home.join(".cache/cmr");
     }
     std::env::temp_dir().join("cmr-cache")
 }

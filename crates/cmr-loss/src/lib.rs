@@ -8,7 +8,6 @@
 
 mod components;
 mod error;
-mod fused;
 mod loss;
 mod metrics;
 mod postprocess;

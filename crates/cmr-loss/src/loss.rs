@@ -2,6 +2,7 @@
 //! (u32 class ids), on any device.
 
 use candle_core::{D, DType, Tensor};
+use cmr_kernels::{KernelConfig, LossSpec, fused_loss};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{LossError, Result};
@@ -125,9 +126,11 @@ impl Loss {
         }
     }
 
-    /// The scalar loss of `logits` `[B, C, H, W]` against `targets` `[B, H, W]`.
-    pub fn compute(&self, logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-        if crate::fused::applies(logits) {
+    /// The scalar loss of `logits` `[B, C, H, W]` against `targets` `[B, H,
+    /// W]`: one fused op where `kernels` says the fast kernels run
+    /// ([`KernelConfig::applies`]), else the candle expressions.
+    pub fn compute(&self, logits: &Tensor, targets: &Tensor, kernels: &KernelConfig) -> Result<Tensor> {
+        if kernels.applies(logits) {
             return self.compute_fused(logits, targets);
         }
         self.compute_expression(logits, targets)
@@ -168,14 +171,14 @@ impl Loss {
             Ok(cw.clone())
         };
         let spec = match self {
-            Self::CrossEntropy { class_weights } => crate::fused::Spec {
+            Self::CrossEntropy { class_weights } => LossSpec {
                 dice: None,
                 ce: Some((1.0, weights(class_weights)?)),
             },
             Self::SoftDice {
                 include_background,
                 eps,
-            } => crate::fused::Spec {
+            } => LossSpec {
                 dice: Some((1.0, *include_background, *eps)),
                 ce: None,
             },
@@ -185,12 +188,12 @@ impl Loss {
                 class_weights,
                 include_background,
                 eps,
-            } => crate::fused::Spec {
+            } => LossSpec {
                 dice: Some((*dice_weight, *include_background, *eps)),
                 ce: Some((*ce_weight, weights(class_weights)?)),
             },
         };
-        Ok(crate::fused::fused_loss(logits, targets, spec)?)
+        Ok(fused_loss(logits, targets, spec)?)
     }
 }
 
@@ -390,7 +393,7 @@ mod tests {
                 include_background: true,
                 eps: 1e-6,
             }
-            .compute(t, &targets)
+            .compute(t, &targets, &KernelConfig::DEFAULT)
             .unwrap()
         };
         let g = f(x.as_tensor()).backward().unwrap();
@@ -422,9 +425,21 @@ mod tests {
     #[test]
     fn dice_ce_is_the_weighted_sum() {
         let (logits, targets) = data(2);
-        let d = scalar(&Loss::soft_dice().compute(&logits, &targets).unwrap());
-        let c = scalar(&Loss::cross_entropy().compute(&logits, &targets).unwrap());
-        let both = scalar(&Loss::dice_ce(0.25, 2.0).compute(&logits, &targets).unwrap());
+        let d = scalar(
+            &Loss::soft_dice()
+                .compute(&logits, &targets, &KernelConfig::DEFAULT)
+                .unwrap(),
+        );
+        let c = scalar(
+            &Loss::cross_entropy()
+                .compute(&logits, &targets, &KernelConfig::DEFAULT)
+                .unwrap(),
+        );
+        let both = scalar(
+            &Loss::dice_ce(0.25, 2.0)
+                .compute(&logits, &targets, &KernelConfig::DEFAULT)
+                .unwrap(),
+        );
         assert!((both - (0.25 * d + 2.0 * c)).abs() < 1e-9);
     }
 
@@ -433,7 +448,7 @@ mod tests {
         let (logits, _) = data(1);
         let wrong = Tensor::zeros((2, 3, 4), DType::U32, &Device::Cpu).unwrap();
         assert!(matches!(
-            Loss::soft_dice().compute(&logits, &wrong),
+            Loss::soft_dice().compute(&logits, &wrong, &KernelConfig::DEFAULT),
             Err(LossError::Shape(_))
         ));
         let bad = Loss::CrossEntropy {
@@ -446,5 +461,148 @@ mod tests {
         let l: Loss = serde_json::from_str(json).unwrap();
         assert_eq!(l, Loss::dice_ce(1.0, 0.5));
         assert!(serde_json::from_str::<Loss>(r#"{"kind":"soft_dice","epsilon":1}"#).is_err());
+    }
+}
+
+/// The fused op against the candle expressions.
+#[cfg(test)]
+mod fused_tests {
+    use super::*;
+    use candle_core::{DType, Device, Tensor, Var};
+
+    fn data(b: usize, c: usize, h: usize, w: usize, seed: u64) -> (Vec<f32>, Tensor) {
+        let n = b * c * h * w;
+        let logits: Vec<f32> = (0..n)
+            .map(|i| (((i as u64 * 7919 + seed * 104729) % 1000) as f32 / 200.0) - 2.5)
+            .collect();
+        let t: Vec<u32> = (0..b * h * w)
+            .map(|i| ((i as u64 * 31 + seed * 17) % c as u64) as u32)
+            .collect();
+        (logits, Tensor::from_vec(t, (b, h, w), &Device::Cpu).unwrap())
+    }
+
+    fn losses() -> Vec<Loss> {
+        vec![
+            Loss::soft_dice(),
+            Loss::SoftDice {
+                include_background: true,
+                eps: 1e-3,
+            },
+            Loss::cross_entropy(),
+            Loss::CrossEntropy {
+                class_weights: Some(vec![0.5, 2.0, 1.0, 3.0]),
+            },
+            Loss::dice_ce(1.0, 1.0),
+            Loss::DiceCe {
+                dice_weight: 0.7,
+                ce_weight: 1.3,
+                class_weights: Some(vec![1.0, 2.0, 0.5, 1.5]),
+                include_background: true,
+                eps: 1e-6,
+            },
+        ]
+    }
+
+    /// Value and logits gradient of the fused op against the candle
+    /// expressions, for every loss and its options.
+    #[test]
+    fn fused_matches_the_expressions() {
+        let (b, c, h, w) = (3, 4, 7, 6);
+        for loss in losses() {
+            let (lv, targets) = data(b, c, h, w, 3);
+            let logits = Var::from_vec(lv, (b, c, h, w), &Device::Cpu).unwrap();
+            let fused = loss
+                .compute(logits.as_tensor(), &targets, &KernelConfig::DEFAULT)
+                .unwrap();
+            let expr = loss.compute_expression(logits.as_tensor(), &targets).unwrap();
+            let (f, e) = (fused.to_scalar::<f32>().unwrap(), expr.to_scalar::<f32>().unwrap());
+            assert!((f - e).abs() <= 1e-5 * e.abs().max(1.0), "{loss:?}: {f} vs {e}");
+            let gf = fused.backward().unwrap().get(logits.as_tensor()).unwrap().clone();
+            let ge = expr.backward().unwrap().get(logits.as_tensor()).unwrap().clone();
+            let scale = ge.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let diff = (&gf - &ge)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(
+                scale > 0.0 && diff <= 1e-4 * scale,
+                "{loss:?}: gradient off by {diff} of {scale}"
+            );
+        }
+    }
+
+    /// The fused backward against central differences of the fused forward.
+    #[test]
+    fn fused_gradient_matches_finite_differences() {
+        let (b, c, h, w) = (2, 4, 3, 4);
+        let dev = Device::Cpu;
+        for loss in [losses()[4].clone(), losses()[5].clone()] {
+            let (lv, targets) = data(b, c, h, w, 5);
+            let f = |v: &[f32]| -> f64 {
+                let t = Tensor::from_slice(v, (b, c, h, w), &dev).unwrap();
+                f64::from(
+                    loss.compute(&t, &targets, &KernelConfig::DEFAULT)
+                        .unwrap()
+                        .to_scalar::<f32>()
+                        .unwrap(),
+                )
+            };
+            let var = Var::from_slice(&lv, (b, c, h, w), &dev).unwrap();
+            let g = loss
+                .compute(var.as_tensor(), &targets, &KernelConfig::DEFAULT)
+                .unwrap()
+                .backward()
+                .unwrap();
+            let g = g
+                .get(var.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let eps = 1e-2f32;
+            for i in (0..lv.len()).step_by(3) {
+                let (mut up, mut down) = (lv.clone(), lv.clone());
+                up[i] += eps;
+                down[i] -= eps;
+                let numeric = (f(&up) - f(&down)) / f64::from(2.0 * eps);
+                let analytic = f64::from(g[i]);
+                assert!(
+                    (numeric - analytic).abs() <= 2e-3 * numeric.abs().max(0.01),
+                    "{loss:?} [{i}]: {numeric} vs {analytic}"
+                );
+            }
+        }
+    }
+
+    /// Off the CPU's f32 (here f64), `compute` takes the expressions; a
+    /// target class past the logits' classes is an error that says so.
+    #[test]
+    fn other_dtypes_use_the_expressions_and_bad_targets_are_named() {
+        let (lv, targets) = data(1, 4, 3, 3, 1);
+        let l32 = Tensor::from_vec(lv, (1, 4, 3, 3), &Device::Cpu).unwrap();
+        let l64 = l32.to_dtype(DType::F64).unwrap();
+        let loss = Loss::dice_ce(1.0, 1.0);
+        let a = loss
+            .compute(&l32, &targets, &KernelConfig::DEFAULT)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let b = loss
+            .compute(&l64, &targets, &KernelConfig::DEFAULT)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert!((f64::from(a) - b).abs() < 1e-5, "{a} vs {b}");
+        let bad = Tensor::from_vec(vec![5u32; 9], (1, 3, 3), &Device::Cpu).unwrap();
+        let err = loss
+            .compute(&l32, &bad, &KernelConfig::DEFAULT)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("target class 5 for 4 classes"), "{err}");
     }
 }

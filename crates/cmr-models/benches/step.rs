@@ -11,7 +11,8 @@
 //! A filter keeps the rows whose label contains it, e.g. `unet3plus/small`;
 //! `--json` prints one JSON object per row instead of the table; `--what
 //! "train b8"` keeps only the rows of that kind (to measure one case's peak
-//! memory with `/usr/bin/time -v`). `--compare batched` (or `direct`, `upsampled`, `winograd`, `f4`: F(2×2)
+//! memory with `/usr/bin/time -v`); `--no-kernels` runs candle's own ops
+//! (`KernelConfig::off`). `--compare batched` (or `direct`, `upsampled`, `winograd`, `f4`: F(2×2)
 //! everywhere Winograd runs against the default's tiles) times
 //! each case with that switch of the fast kernels off and on, alternating
 //! run by run in one process, so that a slow minute of the machine hits both
@@ -33,6 +34,7 @@ use std::io::{BufRead, Write};
 
 use candle_core::{DType, Device, ModuleT, Tensor};
 use candle_nn::{VarBuilder, VarMap};
+use cmr_kernels::{Backward, Batched, KernelConfig, Winograd, forward_backward};
 use cmr_loss::Loss;
 use cmr_models::{Architecture, Model, ModelConfig, Preset, build, forward_flops};
 
@@ -41,50 +43,44 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Median ms of `runs` timed runs of `f` after a warm-up, for each mode:
-/// one mode without a switch, else `set(false)` and `set(true)` alternating.
-fn time(runs: usize, set: Option<fn(bool)>, mut f: impl FnMut()) -> Vec<f64> {
-    let modes: &[bool] = if set.is_some() { &[false, true] } else { &[true] };
-    let mut ms = vec![Vec::new(); modes.len()];
+/// Median ms of `runs` timed runs of each of `nets` on `case`, after a
+/// warm-up, the nets alternating run by run.
+fn time(runs: usize, nets: &[Net], case: &Case) -> Vec<f64> {
+    let mut ms = vec![Vec::new(); nets.len()];
     for i in 0..=runs {
-        for (m, &on) in modes.iter().enumerate() {
-            if let Some(set) = set {
-                set(on);
-            }
+        for (m, net) in nets.iter().enumerate() {
             let t = Instant::now();
-            f();
+            net.run(case);
             if i > 0 {
                 ms[m].push(t.elapsed().as_secs_f64() * 1e3);
             }
         }
     }
-    if let Some(set) = set {
-        set(true);
-    }
     ms.into_iter().map(median).collect()
 }
 
-/// The switch `--compare` names.
-fn switch(name: &str) -> fn(bool) {
+/// The two settings `--compare` names: (off, on), `base` otherwise.
+fn switch(name: &str, base: KernelConfig) -> [KernelConfig; 2] {
+    let pair = |off: KernelConfig| [off, base];
     match name {
-        "batched" => |on| {
-            cmr_models::fast::set_batched(if on {
-                cmr_models::fast::Batched::Auto
-            } else {
-                cmr_models::fast::Batched::Off
-            })
-        },
-        "direct" => cmr_models::fast::set_direct,
-        "upsampled" => cmr_models::fast::set_upsampled,
-        "winograd" => cmr_models::fast::set_winograd,
+        "batched" => pair(KernelConfig {
+            batched: Batched::Off,
+            ..base
+        }),
+        "direct" => pair(KernelConfig { direct: false, ..base }),
+        "upsampled" => pair(KernelConfig {
+            upsampled: false,
+            ..base
+        }),
+        "winograd" => pair(KernelConfig {
+            winograd: Winograd::Off,
+            ..base
+        }),
         // off: F(2×2) on every layer Winograd takes; on: the default's tiles
-        "f4" => |on| {
-            cmr_models::fast::set_winograd_mode(if on {
-                cmr_models::fast::Winograd::Auto
-            } else {
-                cmr_models::fast::Winograd::F2x2
-            })
-        },
+        "f4" => pair(KernelConfig {
+            winograd: Winograd::F2x2,
+            ..base
+        }),
         other => panic!("--compare: unknown switch {other:?} (batched, direct, upsampled, winograd, f4)"),
     }
 }
@@ -92,19 +88,26 @@ fn switch(name: &str) -> fn(bool) {
 /// One network at one width, built once.
 struct Net {
     model: Model,
+    kernels: KernelConfig,
     /// Forward GFLOP of one 96×96 image.
     gflop: f64,
     loss: Loss,
 }
 
 impl Net {
-    fn new(arch: Architecture, preset: Preset) -> Self {
+    fn new(arch: Architecture, preset: Preset, kernels: KernelConfig) -> Self {
         let cfg = ModelConfig::preset(arch, preset);
         let varmap = VarMap::new();
-        let model = build(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu)).unwrap();
+        let model = build(
+            &cfg,
+            &kernels,
+            VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
+        )
+        .unwrap();
         let gflop = forward_flops(&cfg, 96, 96) as f64 / 1e9;
         Self {
             model,
+            kernels,
             gflop,
             loss: Loss::soft_dice(),
         }
@@ -135,14 +138,19 @@ impl Net {
     fn run(&self, case: &Case) {
         match case {
             Case::Train { x, y } => {
-                // as `cmr train` does: on the fast kernels' tape when they
-                // are on
-                let _grads = cmr_models::fast::forward_backward(
-                    cmr_models::fast::applies(x),
+                // as `cmr train` does: on the kernels' tape when they run
+                let backward = if self.kernels.applies(x) {
+                    Backward::Tape
+                } else {
+                    Backward::Candle
+                };
+                let step = forward_backward(
+                    backward,
                     || self.model.forward_t(x, true),
-                    |logits| Ok(self.loss.compute(logits, y).unwrap()),
+                    |logits| Ok(self.loss.compute(logits, y, &self.kernels).unwrap()),
                 )
                 .unwrap();
+                assert_eq!(step.backward, backward, "the tape covers the network");
             }
             Case::Infer { x } => {
                 let _ = self.model.forward_t(x, false).unwrap().argmax(1).unwrap();
@@ -167,7 +175,7 @@ enum Case {
 }
 
 /// `--serve`: answer `ARCH/WIDTHS WHAT` requests on stdin, one run each.
-fn serve() {
+fn serve(kernels: KernelConfig) {
     let mut nets: HashMap<String, Net> = HashMap::new();
     let mut cases: HashMap<String, Case> = HashMap::new();
     let mut out = std::io::stdout().lock();
@@ -189,7 +197,7 @@ fn serve() {
             }
             let net = nets
                 .entry(format!("{arch}/{preset}"))
-                .or_insert_with(|| Net::new(arch, preset));
+                .or_insert_with(|| Net::new(arch, preset, kernels));
             let t = Instant::now();
             net.run(&cases[line]);
             Ok(t.elapsed().as_secs_f64() * 1e3)
@@ -206,12 +214,14 @@ fn serve() {
 
 fn main() {
     // as the `cmr` binary does
-    cmr_models::fast::keep_freed_memory();
+    cmr_kernels::keep_freed_memory();
     let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
     let mut runs = 5;
     let mut json = false;
     let mut what: Option<String> = None;
     let mut compare: Option<String> = None;
+    let mut kernels = KernelConfig::DEFAULT;
+    let mut serving = false;
     let mut filters = Vec::new();
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -221,11 +231,18 @@ fn main() {
             "--what" => what = it.next().cloned(),
             "--runs" => runs = it.next().and_then(|v| v.parse().ok()).expect("--runs N"),
             "--compare" => compare = it.next().cloned(),
-            "--serve" => return serve(),
+            "--no-kernels" => kernels = KernelConfig::off(),
+            "--serve" => serving = true,
             f => filters.push(f.to_string()),
         }
     }
-    let set = compare.as_deref().map(switch);
+    if serving {
+        return serve(kernels);
+    }
+    let settings: Vec<KernelConfig> = match compare.as_deref() {
+        Some(name) => switch(name, kernels).to_vec(),
+        None => vec![kernels],
+    };
     // the row label's suffix for each mode
     let modes: Vec<String> = match &compare {
         Some(name) => vec![format!(" [{name} off]"), format!(" [{name} on]")],
@@ -235,7 +252,7 @@ fn main() {
     if !json {
         println!(
             "# cmr-models step benchmark: CPU, {threads} threads, 96×96, median of {runs}, fast kernels {}",
-            if cmr_models::fast::enabled() { "on" } else { "off" }
+            if kernels.enabled { "on" } else { "off" }
         );
         println!("{:<22} {:>24} {:>10} {:>9}", "case", "what", "ms", "GFLOP/s");
     }
@@ -254,16 +271,16 @@ fn main() {
             if !filters.is_empty() && !filters.iter().any(|f| label.contains(f.as_str())) {
                 continue;
             }
-            let net = Net::new(arch, preset);
+            let nets: Vec<Net> = settings.iter().map(|&k| Net::new(arch, preset, k)).collect();
             let wanted = |w: &str| what.as_deref().is_none_or(|x| x == w);
             for w in ["train b4", "train b8", "infer b1", "infer b20"] {
                 if !wanted(w) {
                     continue;
                 }
                 let case = Net::case(w).unwrap();
-                let ms = time(runs, set, || net.run(&case));
+                let ms = time(runs, &nets, &case);
                 for (ms, mode) in ms.into_iter().zip(&modes) {
-                    row(arch, preset, format!("{w}{mode}"), ms, net.rate(&case, ms));
+                    row(arch, preset, format!("{w}{mode}"), ms, nets[0].rate(&case, ms));
                 }
             }
         }

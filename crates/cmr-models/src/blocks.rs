@@ -5,11 +5,14 @@
 //! initialisation as the hint (uniform ±1/√fan_in for weights and biases,
 //! BatchNorm weight 1 and bias 0), so that a seeded backend reproduces the
 //! reference networks' initial distribution.
+//!
+//! Each block keeps the [`KernelConfig`] it was built with and runs its ops
+//! through [`crate::backend`], which picks the CPU kernels or candle's ops.
 
 use candle_core::{Module, ModuleT, Result, Tensor, Var};
 use candle_nn::{BatchNorm, Init, VarBuilder};
 
-use crate::fast;
+use crate::backend::{self, BatchNormParts, BnStats, KernelConfig};
 
 /// BatchNorm epsilon and momentum of the reference networks (PyTorch's).
 pub const BN_EPS: f64 = 1e-5;
@@ -27,19 +30,21 @@ fn uniform(fan_in: usize) -> Init {
 pub struct Conv {
     weight: Tensor,
     bias: Tensor,
-    padding: usize,
+    kernels: KernelConfig,
 }
 
 impl Conv {
-    pub fn new(in_channels: usize, out_channels: usize, kernel: usize, vb: VarBuilder) -> Result<Self> {
+    pub fn new(
+        in_channels: usize,
+        out_channels: usize,
+        kernel: usize,
+        kernels: KernelConfig,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let fan_in = in_channels * kernel * kernel;
         let weight = vb.get_with_hints((out_channels, in_channels, kernel, kernel), "weight", uniform(fan_in))?;
         let bias = vb.get_with_hints(out_channels, "bias", uniform(fan_in))?;
-        Ok(Self {
-            weight,
-            bias,
-            padding: kernel / 2,
-        })
+        Ok(Self { weight, bias, kernels })
     }
 
     pub fn weight(&self) -> &Tensor {
@@ -54,11 +59,7 @@ impl Conv {
 impl Module for Conv {
     /// `[B, in, H, W] -> [B, out, H, W]`
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        if fast::applies(xs) {
-            return fast::conv2d(xs, &self.weight, &self.bias);
-        }
-        let ys = xs.conv2d(&self.weight, self.padding, 1, 1, 1)?;
-        ys.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)
+        backend::conv(xs, &self.weight, &self.bias, &self.kernels)
     }
 }
 
@@ -67,7 +68,7 @@ impl Module for Conv {
 /// `running_var`, which are state, not parameters.
 ///
 /// Wraps candle-nn's `BatchNorm` (the reference path) and keeps handles on
-/// the same tensors for the fused fast path.
+/// the same tensors for the kernels.
 #[derive(Clone, Debug)]
 pub struct BatchNorm2d {
     reference: BatchNorm,
@@ -75,10 +76,11 @@ pub struct BatchNorm2d {
     bias: Tensor,
     running_mean: Var,
     running_var: Var,
+    kernels: KernelConfig,
 }
 
 impl BatchNorm2d {
-    pub fn new(channels: usize, vb: VarBuilder) -> Result<Self> {
+    pub fn new(channels: usize, kernels: KernelConfig, vb: VarBuilder) -> Result<Self> {
         let running_mean = vb.get_with_hints(channels, "running_mean", Init::Const(0.0))?;
         let running_var = vb.get_with_hints(channels, "running_var", Init::Const(1.0))?;
         let weight = vb.get_with_hints(channels, "weight", Init::Const(1.0))?;
@@ -101,7 +103,19 @@ impl BatchNorm2d {
             bias,
             running_mean,
             running_var,
+            kernels,
         })
+    }
+
+    fn parts(&self) -> BatchNormParts<'_> {
+        BatchNormParts {
+            reference: &self.reference,
+            weight: &self.weight,
+            bias: &self.bias,
+            running_mean: self.running_mean.as_tensor(),
+            running_var: self.running_var.as_tensor(),
+            eps: BN_EPS,
+        }
     }
 
     /// Inference-mode BatchNorm as a per-channel affine map `x·scale + shift`
@@ -115,27 +129,18 @@ impl BatchNorm2d {
     /// BatchNorm then ReLU: `[B, C, H, W] -> [B, C, H, W]`. In training mode
     /// the batch statistics normalise and update the running ones.
     pub fn forward_relu(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        if !fast::applies(xs) {
-            return self.reference.forward_t(xs, train)?.relu();
-        }
-        if !train {
-            return fast::bn_relu_eval(
-                xs,
-                &self.weight,
-                &self.bias,
-                self.running_mean.as_tensor(),
-                self.running_var.as_tensor(),
-                BN_EPS,
-            );
-        }
-        let (ys, stats) = fast::bn_relu_train(xs, &self.weight, &self.bias, BN_EPS)?;
-        self.update_running(&stats)?;
+        let (ys, stats) = backend::bn_relu(xs, self.parts(), train, &self.kernels)?;
+        self.update_running(stats.as_ref())?;
         Ok(ys)
     }
 
     /// Move the running statistics towards a training batch's (PyTorch's
-    /// rule: `(1 − momentum)·old + momentum·batch`, unbiased variance).
-    fn update_running(&self, stats: &fast::BnStats) -> Result<()> {
+    /// rule: `(1 − momentum)·old + momentum·batch`, unbiased variance), when
+    /// the kernels computed them (candle-nn's module moves its own).
+    fn update_running(&self, stats: Option<&BnStats>) -> Result<()> {
+        let Some(stats) = stats else {
+            return Ok(());
+        };
         let update = |var: &Var, batch: &[f32]| -> Result<()> {
             let old = var.as_tensor().to_vec1::<f32>()?;
             let new: Vec<f32> = old
@@ -164,10 +169,10 @@ pub struct ConvBnRelu {
 }
 
 impl ConvBnRelu {
-    pub fn new(in_channels: usize, out_channels: usize, vb: VarBuilder) -> Result<Self> {
+    pub fn new(in_channels: usize, out_channels: usize, kernels: KernelConfig, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            conv: Conv::new(in_channels, out_channels, 3, vb.pp("conv"))?,
-            bn: BatchNorm2d::new(out_channels, vb.pp("bn"))?,
+            conv: Conv::new(in_channels, out_channels, 3, kernels, vb.pp("conv"))?,
+            bn: BatchNorm2d::new(out_channels, kernels, vb.pp("bn"))?,
         })
     }
 }
@@ -175,46 +180,19 @@ impl ConvBnRelu {
 impl ModuleT for ConvBnRelu {
     /// `[B, in, H, W] -> [B, out, H, W]`
     fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        if fast::applies(xs) {
-            return self.fast_forward(xs, 1, train);
-        }
-        self.bn.forward_relu(&self.conv.forward(xs)?, train)
+        self.forward_upsampled(xs, 1, train)
     }
 }
 
 impl ConvBnRelu {
     /// [`ModuleT::forward_t`] of `xs` bilinearly up-sampled `factor` times
     /// (`align_corners = false`): `[B, in, H, W] -> [B, out, H·factor,
-    /// W·factor]`. On the fast path the convolution runs at `xs`'s resolution
-    /// and the up-sampled input is never made (`fast::upsampled_conv2d_affine_relu`;
-    /// `CMR_UPSAMPLED=0` turns that off).
+    /// W·factor]`. On the kernels the convolution can run at `xs`'s
+    /// resolution, the up-sampled input never made (`KernelConfig::upsampled`).
     pub fn forward_upsampled(&self, xs: &Tensor, factor: usize, train: bool) -> Result<Tensor> {
-        if factor > 1 && fast::applies(xs) && fast::upsampled::enabled() {
-            return self.fast_forward(xs, factor, train);
-        }
-        self.forward_t(&crate::ops::upsample_bilinear(xs, factor)?, train)
-    }
-
-    /// The layer on the fast CPU kernels, of `xs` up-sampled `factor` times
-    /// (1: as it is). Inference: BatchNorm (running statistics) and ReLU
-    /// applied to each image's output while it is in cache. Training: the
-    /// whole layer as one op (see `fast::conv_bn_relu_train`).
-    fn fast_forward(&self, xs: &Tensor, factor: usize, train: bool) -> Result<Tensor> {
-        let conv = &self.conv;
-        if !train {
-            let (scale, shift) = self.bn.folded()?;
-            return fast::upsampled_conv2d_affine_relu(xs, factor, &conv.weight, &conv.bias, &scale, &shift);
-        }
-        let (ys, stats) = fast::upsampled_conv_bn_relu_train(
-            xs,
-            factor,
-            &conv.weight,
-            &conv.bias,
-            &self.bn.weight,
-            &self.bn.bias,
-            BN_EPS,
-        )?;
-        self.bn.update_running(&stats)?;
+        let conv = (&self.conv.weight, &self.conv.bias);
+        let (ys, stats) = backend::conv_bn_relu(xs, factor, conv, self.bn.parts(), train, &self.bn.kernels)?;
+        self.bn.update_running(stats.as_ref())?;
         Ok(ys)
     }
 }
@@ -227,11 +205,11 @@ pub struct ConvStack {
 }
 
 impl ConvStack {
-    pub fn new(in_channels: usize, widths: &[usize], vb: VarBuilder) -> Result<Self> {
+    pub fn new(in_channels: usize, widths: &[usize], kernels: KernelConfig, vb: VarBuilder) -> Result<Self> {
         let mut layers = Vec::with_capacity(widths.len());
         let mut c = in_channels;
         for (i, &w) in widths.iter().enumerate() {
-            layers.push(ConvBnRelu::new(c, w, vb.pp(i))?);
+            layers.push(ConvBnRelu::new(c, w, kernels, vb.pp(i))?);
             c = w;
         }
         Ok(Self { layers })
@@ -248,50 +226,27 @@ impl ModuleT for ConvStack {
 /// `ConvTranspose2d(in, out, 2, stride=2)`): each input pixel becomes a 2×2
 /// output block. Weights: `weight` `[in, out, 2, 2]` (PyTorch's layout),
 /// `bias` `[out]`.
-///
-/// On the CPU fast path, one custom op (`fast::upconv2x2`); otherwise one
-/// matrix product, `[B·H·W, in] × [in, out·4]`, then a rearrangement of the
-/// blocks, both differentiable on every device.
 #[derive(Clone, Debug)]
 pub struct UpConv2x2 {
     weight: Tensor,
     bias: Tensor,
-    out_channels: usize,
+    kernels: KernelConfig,
 }
 
 impl UpConv2x2 {
-    pub fn new(in_channels: usize, out_channels: usize, vb: VarBuilder) -> Result<Self> {
+    pub fn new(in_channels: usize, out_channels: usize, kernels: KernelConfig, vb: VarBuilder) -> Result<Self> {
         // PyTorch computes the fan-in of a transposed conv from weight.size(1).
         let fan_in = out_channels * 4;
         let weight = vb.get_with_hints((in_channels, out_channels, 2, 2), "weight", uniform(fan_in))?;
         let bias = vb.get_with_hints(out_channels, "bias", uniform(fan_in))?;
-        Ok(Self {
-            weight,
-            bias,
-            out_channels,
-        })
+        Ok(Self { weight, bias, kernels })
     }
 }
 
 impl Module for UpConv2x2 {
     /// `[B, in, H, W] -> [B, out, 2H, 2W]`
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        if fast::applies(xs) {
-            return fast::upconv2x2(xs, &self.weight, &self.bias);
-        }
-        let (b, cin, h, w) = xs.dims4()?;
-        let cout = self.out_channels;
-        // [B, in, H, W] -> [B·H·W, in]
-        let x = xs.permute((0, 2, 3, 1))?.reshape((b * h * w, cin))?;
-        // [in, out, 2, 2] -> [in, out·4]
-        let k = self.weight.reshape((cin, cout * 4))?;
-        // [B·H·W, out·4] -> [B, H, W, out, 2, 2] -> [B, out, H, 2, W, 2]
-        let y = x
-            .matmul(&k)?
-            .reshape((b, h, w, cout, 2, 2))?
-            .permute((0, 3, 1, 4, 2, 5))?;
-        y.reshape((b, cout, 2 * h, 2 * w))?
-            .broadcast_add(&self.bias.reshape((1, cout, 1, 1))?)
+        backend::upconv2x2(xs, &self.weight, &self.bias, &self.kernels)
     }
 }
 
@@ -301,29 +256,33 @@ mod tests {
     use candle_core::{DType, Device};
     use candle_nn::VarMap;
 
+    /// Both paths, the kernel and candle's matrix product, against
+    /// candle's own transposed convolution.
     #[test]
     fn upconv_equals_candle_conv_transpose() {
         let dev = Device::Cpu;
-        let vm = VarMap::new();
-        let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
-        let up = UpConv2x2::new(3, 5, vb).unwrap();
-        let x = Tensor::randn(0f32, 1.0, (2, 3, 4, 6), &dev).unwrap();
-        let ours = up.forward(&x).unwrap();
-        let reference = x
-            .conv_transpose2d(&up.weight, 0, 0, 2, 1)
-            .unwrap()
-            .broadcast_add(&up.bias.reshape((1, 5, 1, 1)).unwrap())
-            .unwrap();
-        assert_eq!(ours.dims(), &[2, 5, 8, 12]);
-        let diff = (ours - reference)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(diff < 1e-5, "{diff}");
+        for kernels in [KernelConfig::DEFAULT, KernelConfig::off()] {
+            let vm = VarMap::new();
+            let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
+            let up = UpConv2x2::new(3, 5, kernels, vb).unwrap();
+            let x = Tensor::randn(0f32, 1.0, (2, 3, 4, 6), &dev).unwrap();
+            let ours = up.forward(&x).unwrap();
+            let reference = x
+                .conv_transpose2d(&up.weight, 0, 0, 2, 1)
+                .unwrap()
+                .broadcast_add(&up.bias.reshape((1, 5, 1, 1)).unwrap())
+                .unwrap();
+            assert_eq!(ours.dims(), &[2, 5, 8, 12]);
+            let diff = (ours - reference)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(diff < 1e-5, "{kernels:?}: {diff}");
+        }
     }
 
     #[test]
@@ -331,7 +290,7 @@ mod tests {
         let dev = Device::Cpu;
         let vm = VarMap::new();
         let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
-        let block = ConvStack::new(1, &[4, 6], vb).unwrap();
+        let block = ConvStack::new(1, &[4, 6], KernelConfig::DEFAULT, vb).unwrap();
         let x = Tensor::zeros((2, 1, 10, 7), DType::F32, &dev).unwrap();
         assert_eq!(block.forward_t(&x, true).unwrap().dims(), &[2, 6, 10, 7]);
         let names: std::collections::BTreeSet<String> = vm.data().lock().unwrap().keys().cloned().collect();

@@ -3,6 +3,7 @@
 use candle_core::{ModuleT, Result as CandleResult, Tensor};
 use candle_nn::VarBuilder;
 
+use crate::backend::KernelConfig;
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::segnet::SegNet;
@@ -18,17 +19,19 @@ pub enum Model {
 }
 
 /// Build the network `cfg` describes, taking its weights from `vb` (a
-/// `VarMap` for training, a checkpoint for inference).
+/// `VarMap` for training, a checkpoint for inference), its ops run by the
+/// `kernels` (see [`crate::backend`]).
 ///
 /// An invalid configuration is rejected before any tensor is made; a
 /// checkpoint of another architecture or width fails on the first tensor
 /// whose name or shape does not match.
-pub fn build(cfg: &ModelConfig, vb: VarBuilder) -> Result<Model> {
+pub fn build(cfg: &ModelConfig, kernels: &KernelConfig, vb: VarBuilder) -> Result<Model> {
     cfg.validate()?;
+    let k = *kernels;
     Ok(match cfg {
-        ModelConfig::SegNet(c) => Model::SegNet(SegNet::new(c, vb)?),
-        ModelConfig::UNet(c) => Model::UNet(UNet::new(c, vb)?),
-        ModelConfig::UNet3Plus(c) => Model::UNet3Plus(UNet3Plus::new(c, vb)?),
+        ModelConfig::SegNet(c) => Model::SegNet(SegNet::new(c, k, vb)?),
+        ModelConfig::UNet(c) => Model::UNet(UNet::new(c, k, vb)?),
+        ModelConfig::UNet3Plus(c) => Model::UNet3Plus(UNet3Plus::new(c, k, vb)?),
     })
 }
 

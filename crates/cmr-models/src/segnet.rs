@@ -14,9 +14,9 @@
 use candle_core::{Module, ModuleT, Result, Tensor};
 use candle_nn::VarBuilder;
 
+use crate::backend::{self, KernelConfig};
 use crate::blocks::{Conv, ConvStack};
 use crate::config::SegNetConfig;
-use crate::ops::{max_pool2x2_with_indices, max_unpool2x2};
 
 /// The SegNet.
 #[derive(Clone, Debug)]
@@ -25,27 +25,33 @@ pub struct SegNet {
     /// `decoder[b]` mirrors `encoder[b]`; the first block's last conv is `head`.
     decoder: Vec<ConvStack>,
     head: Conv,
+    kernels: KernelConfig,
 }
 
 impl SegNet {
-    pub fn new(cfg: &SegNetConfig, vb: VarBuilder) -> Result<Self> {
+    pub fn new(cfg: &SegNetConfig, kernels: KernelConfig, vb: VarBuilder) -> Result<Self> {
         let f = &cfg.filters;
         let mut encoder = Vec::with_capacity(f.len());
         let mut decoder = Vec::with_capacity(f.len());
         let mut c = cfg.in_channels;
         for (block, (&width, &n)) in f.iter().zip(&cfg.convs).enumerate() {
-            encoder.push(ConvStack::new(c, &vec![width; n], vb.pp("enc").pp(block))?);
+            encoder.push(ConvStack::new(c, &vec![width; n], kernels, vb.pp("enc").pp(block))?);
             // Mirror: n − 1 layers at this width, then down to the previous
             // block's width (the first block ends in `head` instead).
             let mut widths = vec![width; n - 1];
             if block > 0 {
                 widths.push(f[block - 1]);
             }
-            decoder.push(ConvStack::new(width, &widths, vb.pp("dec").pp(block))?);
+            decoder.push(ConvStack::new(width, &widths, kernels, vb.pp("dec").pp(block))?);
             c = width;
         }
-        let head = Conv::new(f[0], cfg.num_classes, 3, vb.pp("head"))?;
-        Ok(Self { encoder, decoder, head })
+        let head = Conv::new(f[0], cfg.num_classes, 3, kernels, vb.pp("head"))?;
+        Ok(Self {
+            encoder,
+            decoder,
+            head,
+            kernels,
+        })
     }
 }
 
@@ -55,14 +61,14 @@ impl ModuleT for SegNet {
         let mut x = xs.clone();
         for block in &self.encoder {
             // [B, C, H, W] -> [B, C', H/2, W/2]
-            let (pooled, idx) = max_pool2x2_with_indices(&block.forward_t(&x, train)?)?;
+            let (pooled, idx) = backend::max_pool2x2_with_indices(&block.forward_t(&x, train)?, &self.kernels)?;
             indices.push(idx);
             x = pooled;
         }
         for block in self.decoder.iter().rev() {
             let idx = indices.pop().expect("one set of indices per block");
             // [B, C, H/2, W/2] -> [B, C, H, W]
-            x = block.forward_t(&max_unpool2x2(&x, &idx)?, train)?;
+            x = block.forward_t(&backend::max_unpool2x2(&x, &idx, &self.kernels)?, train)?;
         }
         self.head.forward(&x)
     }

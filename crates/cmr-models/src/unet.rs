@@ -12,9 +12,9 @@
 use candle_core::{Module, ModuleT, Result, Tensor};
 use candle_nn::VarBuilder;
 
+use crate::backend::{self, KernelConfig};
 use crate::blocks::{Conv, ConvStack, UpConv2x2};
 use crate::config::UNetConfig;
-use crate::ops::max_pool;
 
 #[derive(Clone, Debug)]
 struct DecoderStage {
@@ -29,27 +29,33 @@ pub struct UNet {
     /// `decoder[i]` produces level `i`; there is none for the deepest level.
     decoder: Vec<DecoderStage>,
     head: Conv,
+    kernels: KernelConfig,
 }
 
 impl UNet {
-    pub fn new(cfg: &UNetConfig, vb: VarBuilder) -> Result<Self> {
+    pub fn new(cfg: &UNetConfig, kernels: KernelConfig, vb: VarBuilder) -> Result<Self> {
         let f = &cfg.filters;
         let mut encoder = Vec::with_capacity(f.len());
         let mut c = cfg.in_channels;
         for (level, &width) in f.iter().enumerate() {
-            encoder.push(ConvStack::new(c, &[width, width], vb.pp("enc").pp(level))?);
+            encoder.push(ConvStack::new(c, &[width, width], kernels, vb.pp("enc").pp(level))?);
             c = width;
         }
         let mut decoder = Vec::with_capacity(f.len() - 1);
         for level in 0..f.len() - 1 {
             let vb = vb.pp("dec").pp(level);
             decoder.push(DecoderStage {
-                up: UpConv2x2::new(f[level + 1], f[level], vb.pp("up"))?,
-                conv: ConvStack::new(2 * f[level], &[f[level], f[level]], vb.pp("conv"))?,
+                up: UpConv2x2::new(f[level + 1], f[level], kernels, vb.pp("up"))?,
+                conv: ConvStack::new(2 * f[level], &[f[level], f[level]], kernels, vb.pp("conv"))?,
             });
         }
-        let head = Conv::new(f[0], cfg.num_classes, 1, vb.pp("head"))?;
-        Ok(Self { encoder, decoder, head })
+        let head = Conv::new(f[0], cfg.num_classes, 1, kernels, vb.pp("head"))?;
+        Ok(Self {
+            encoder,
+            decoder,
+            head,
+            kernels,
+        })
     }
 }
 
@@ -60,7 +66,7 @@ impl ModuleT for UNet {
         for (level, stage) in self.encoder.iter().enumerate() {
             if level > 0 {
                 // [B, C, H, W] -> [B, C, H/2, W/2]
-                x = max_pool(&x, 2)?;
+                x = backend::max_pool(&x, 2, &self.kernels)?;
             }
             x = stage.forward_t(&x, train)?;
             skips.push(x.clone());
@@ -70,7 +76,9 @@ impl ModuleT for UNet {
             let skip = skips.pop().expect("one skip per decoder stage");
             // [B, 2C, H/2, W/2] -> [B, C, H, W], then [B, 2C, H, W] with the skip
             let up = stage.up.forward(&x)?;
-            x = stage.conv.forward_t(&crate::fast::cat(&[&skip, &up], 1)?, train)?;
+            x = stage
+                .conv
+                .forward_t(&backend::cat(&[&skip, &up], 1, &self.kernels)?, train)?;
         }
         self.head.forward(&x)
     }

@@ -18,9 +18,9 @@
 use candle_core::{Module, ModuleT, Result, Tensor};
 use candle_nn::VarBuilder;
 
+use crate::backend::{self, KernelConfig};
 use crate::blocks::{Conv, ConvBnRelu, ConvStack};
 use crate::config::UNet3PlusConfig;
-use crate::ops::max_pool;
 
 #[derive(Clone, Debug)]
 struct DecoderStage {
@@ -36,17 +36,18 @@ pub struct UNet3Plus {
     /// `decoder[i]` produces level `i`, for every level but the deepest.
     decoder: Vec<DecoderStage>,
     head: Conv,
+    kernels: KernelConfig,
 }
 
 impl UNet3Plus {
-    pub fn new(cfg: &UNet3PlusConfig, vb: VarBuilder) -> Result<Self> {
+    pub fn new(cfg: &UNet3PlusConfig, kernels: KernelConfig, vb: VarBuilder) -> Result<Self> {
         let f = &cfg.filters;
         let depth = f.len();
         let stage = cfg.stage_channels();
         let mut encoder = Vec::with_capacity(depth);
         let mut c = cfg.in_channels;
         for (level, &width) in f.iter().enumerate() {
-            encoder.push(ConvStack::new(c, &[width, width], vb.pp("enc").pp(level))?);
+            encoder.push(ConvStack::new(c, &[width, width], kernels, vb.pp("enc").pp(level))?);
             c = width;
         }
         let mut decoder = Vec::with_capacity(depth - 1);
@@ -61,14 +62,19 @@ impl UNet3Plus {
                     } else {
                         stage
                     };
-                    ConvBnRelu::new(channels, cfg.branch_channels, vb.pp("branch").pp(source))
+                    ConvBnRelu::new(channels, cfg.branch_channels, kernels, vb.pp("branch").pp(source))
                 })
                 .collect::<Result<Vec<_>>>()?;
-            let fuse = ConvBnRelu::new(stage, stage, vb.pp("fuse"))?;
+            let fuse = ConvBnRelu::new(stage, stage, kernels, vb.pp("fuse"))?;
             decoder.push(DecoderStage { branches, fuse });
         }
-        let head = Conv::new(stage, cfg.num_classes, 3, vb.pp("head"))?;
-        Ok(Self { encoder, decoder, head })
+        let head = Conv::new(stage, cfg.num_classes, 3, kernels, vb.pp("head"))?;
+        Ok(Self {
+            encoder,
+            decoder,
+            head,
+            kernels,
+        })
     }
 }
 
@@ -80,7 +86,7 @@ impl ModuleT for UNet3Plus {
         for (level, stage) in self.encoder.iter().enumerate() {
             if level > 0 {
                 // [B, C, H, W] -> [B, C, H/2, W/2]
-                x = max_pool(&x, 2)?;
+                x = backend::max_pool(&x, 2, &self.kernels)?;
             }
             x = stage.forward_t(&x, train)?;
             enc.push(x.clone());
@@ -94,7 +100,10 @@ impl ModuleT for UNet3Plus {
             for (source, branch) in stage.branches.iter().enumerate() {
                 let part = if source < level {
                     // [B, C, H·2^k, W·2^k] -> [B, C, H, W]
-                    branch.forward_t(&max_pool(&enc[source], 1 << (level - source))?, train)?
+                    branch.forward_t(
+                        &backend::max_pool(&enc[source], 1 << (level - source), &self.kernels)?,
+                        train,
+                    )?
                 } else if source == level {
                     branch.forward_t(&enc[source], train)?
                 } else {
@@ -106,9 +115,10 @@ impl ModuleT for UNet3Plus {
                 parts.push(part);
             }
             // depth × [B, branch, H, W] -> [B, depth·branch, H, W]
-            let fused = stage
-                .fuse
-                .forward_t(&crate::fast::cat(&parts.iter().collect::<Vec<_>>(), 1)?, train)?;
+            let fused = stage.fuse.forward_t(
+                &backend::cat(&parts.iter().collect::<Vec<_>>(), 1, &self.kernels)?,
+                train,
+            )?;
             dec[level] = Some(fused);
         }
         let top = dec[0].take().expect("level 0 is decoded last");

@@ -1,5 +1,5 @@
-//! The fast CPU kernels against candle's own ops, through whole networks. One
-//! test in its own binary, since the switch is process-wide.
+//! The CPU kernels against candle's own ops, through whole networks: the same
+//! network built with the kernels on and off (`KernelConfig::off`).
 //!
 //! Each kernel alone agrees with candle to 1e-4 relative, values and
 //! gradients (its unit tests). A whole network is not that well-conditioned:
@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, ModuleT, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use cmr_models::{Architecture, ModelConfig, Preset, build, fast};
+use cmr_models::{Architecture, KernelConfig, ModelConfig, Preset, build};
 
 struct Run {
     logits: Vec<f32>,
@@ -28,11 +28,15 @@ struct Run {
     grad: Vec<f32>,
 }
 
-fn run(arch: Architecture, fast_on: bool, init: &BTreeMap<String, Tensor>, x: &Tensor) -> Run {
-    fast::set_enabled(fast_on);
+fn run(arch: Architecture, kernels: &KernelConfig, init: &BTreeMap<String, Tensor>, x: &Tensor) -> Run {
     let varmap = VarMap::new();
     let cfg = ModelConfig::preset(arch, Preset::Small);
-    let model = build(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu)).unwrap();
+    let model = build(
+        &cfg,
+        kernels,
+        VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
+    )
+    .unwrap();
     for (name, var) in varmap.data().lock().unwrap().iter() {
         var.set(&init[name]).unwrap();
     }
@@ -92,6 +96,7 @@ fn fast_and_reference_paths_agree() {
         let varmap = VarMap::new();
         build(
             &ModelConfig::preset(arch, Preset::Small),
+            &KernelConfig::off(),
             VarBuilder::from_varmap(&varmap, DType::F32, &dev),
         )
         .unwrap();
@@ -122,8 +127,8 @@ fn fast_and_reference_paths_agree() {
             })
             .collect();
         let x = Tensor::from_vec(values(2 * 96 * 96, 7), (2, 1, 96, 96), &dev).unwrap();
-        let fast = run(arch, true, &init, &x);
-        let slow = run(arch, false, &init, &x);
+        let fast = run(arch, &KernelConfig::DEFAULT, &init, &x);
+        let slow = run(arch, &KernelConfig::off(), &init, &x);
         let loss_rel = ((fast.loss - slow.loss) / slow.loss).abs();
         assert!(loss_rel < 1e-5, "{arch} loss {} vs {}", fast.loss, slow.loss);
         if arch != Architecture::SegNet {
@@ -147,5 +152,4 @@ fn fast_and_reference_paths_agree() {
         eprintln!("{arch}: loss rel {loss_rel:.2e}, cosine {cos}");
         assert!(cos > min_cos, "{arch} gradient cosine {cos}");
     }
-    fast::set_enabled(true);
 }

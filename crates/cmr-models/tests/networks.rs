@@ -5,7 +5,7 @@
 
 use candle_core::{DType, Device, ModuleT, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use cmr_models::{Architecture, ModelConfig, Preset, build, forward_flops, parameter_count};
+use cmr_models::{Architecture, KernelConfig, ModelConfig, Preset, build, forward_flops, parameter_count};
 
 #[test]
 fn parameter_counts_equal_the_pytorch_references() {
@@ -44,7 +44,12 @@ fn forward_flops_match_the_hand_count() {
 fn run(cfg: &ModelConfig, b: usize, h: usize, w: usize, train: bool) -> Vec<usize> {
     let dev = Device::Cpu;
     let varmap = VarMap::new();
-    let model = build(cfg, VarBuilder::from_varmap(&varmap, DType::F32, &dev)).unwrap();
+    let model = build(
+        cfg,
+        &KernelConfig::DEFAULT,
+        VarBuilder::from_varmap(&varmap, DType::F32, &dev),
+    )
+    .unwrap();
     let x = Tensor::randn(0f32, 1.0, (b, 1, h, w), &dev).unwrap();
     let y = model.forward_t(&x, train).unwrap();
     let v = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
@@ -119,6 +124,7 @@ fn weight_names_are_stable() {
         let varmap = VarMap::new();
         build(
             &ModelConfig::preset(arch, Preset::Seed),
+            &KernelConfig::DEFAULT,
             VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
         )
         .unwrap();
@@ -136,6 +142,7 @@ fn a_checkpoint_of_another_architecture_is_rejected() {
     let varmap = VarMap::new();
     build(
         &ModelConfig::preset(Architecture::UNet, Preset::Small),
+        &KernelConfig::DEFAULT,
         VarBuilder::from_varmap(&varmap, DType::F32, &dev),
     )
     .unwrap();
@@ -147,7 +154,28 @@ fn a_checkpoint_of_another_architecture_is_rejected() {
         .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
         .collect();
     let vb = VarBuilder::from_tensors(tensors, DType::F32, &dev);
-    assert!(build(&ModelConfig::preset(Architecture::UNet3Plus, Preset::Small), vb.clone()).is_err());
-    assert!(build(&ModelConfig::preset(Architecture::UNet, Preset::Seed), vb.clone()).is_err());
-    assert!(build(&ModelConfig::preset(Architecture::UNet, Preset::Small), vb).is_ok());
+    assert!(
+        build(
+            &ModelConfig::preset(Architecture::UNet3Plus, Preset::Small),
+            &KernelConfig::DEFAULT,
+            vb.clone()
+        )
+        .is_err()
+    );
+    assert!(
+        build(
+            &ModelConfig::preset(Architecture::UNet, Preset::Seed),
+            &KernelConfig::DEFAULT,
+            vb.clone()
+        )
+        .is_err()
+    );
+    assert!(
+        build(
+            &ModelConfig::preset(Architecture::UNet, Preset::Small),
+            &KernelConfig::DEFAULT,
+            vb
+        )
+        .is_ok()
+    );
 }

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use cmr_data::{AugmentConfig, Grouping, Normalization};
 use cmr_loss::Loss;
-use cmr_models::{Architecture, ModelConfig, Preset};
+use cmr_models::{Architecture, KernelConfig, ModelConfig, Preset};
 use serde::{Deserialize, Serialize};
 
 use crate::device::DeviceSpec;
@@ -111,6 +111,10 @@ pub struct TrainConfig {
     /// Which weights become `model.safetensors`.
     #[serde(default)]
     pub keep: Keep,
+    /// Which CPU kernels run (changes results to rounding only; runs saved
+    /// before this setting existed have the default).
+    #[serde(default)]
+    pub kernels: KernelConfig,
 }
 
 /// The settings a run may change when it resumes (the rest of its recipe is
@@ -123,11 +127,13 @@ pub struct ConfigChanges {
     pub early_stopping: Option<EarlyStopping>,
     /// Where it runs.
     pub device: Option<DeviceSpec>,
+    /// Which CPU kernels run.
+    pub kernels: Option<KernelConfig>,
 }
 
 impl ConfigChanges {
     /// The top-level `TrainConfig` keys these settings are.
-    pub const KEYS: [&'static str; 4] = ["epochs", "val_every", "early_stopping", "device"];
+    pub const KEYS: [&'static str; 5] = ["epochs", "val_every", "early_stopping", "device", "kernels"];
 
     /// No change but the number of epochs.
     pub fn epochs(epochs: Option<usize>) -> Self {
@@ -153,6 +159,9 @@ impl ConfigChanges {
         }
         if let Some(e) = &self.early_stopping {
             config.early_stopping = Some(e.clone());
+        }
+        if let Some(k) = self.kernels {
+            config.kernels = k;
         }
         if let Some(d) = self.device {
             config.device = d;
@@ -226,6 +235,7 @@ impl TrainConfig {
                 val_every: 1,
                 early_stopping: None,
                 keep: Keep::Best,
+                kernels: KernelConfig::default(),
             },
             TrainPreset::Cpu => Self {
                 // U-Net 3+ trains at 1.5× the small widths with the robust
@@ -265,6 +275,7 @@ impl TrainConfig {
                 val_every: 1,
                 early_stopping: None,
                 keep: Keep::Best,
+                kernels: KernelConfig::default(),
             },
         }
     }
@@ -552,10 +563,17 @@ mod tests {
                 min_delta: 0.0,
             }),
             device: Some(DeviceSpec::Cpu),
+            kernels: Some(KernelConfig {
+                direct: false,
+                ..KernelConfig::default()
+            }),
         }
         .apply(&mut c);
         let keys: Vec<String> = a.differences(&c).into_iter().map(|(k, ..)| k).collect();
-        assert_eq!(keys, ["device", "early_stopping", "epochs", "val_every"]);
+        assert_eq!(
+            keys,
+            ["device", "early_stopping", "epochs", "kernels.direct", "val_every"]
+        );
         assert!(keys.iter().all(|k| ConfigChanges::may_change(k)));
     }
 }

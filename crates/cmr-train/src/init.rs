@@ -99,7 +99,12 @@ mod tests {
     fn weights(seed: u64) -> std::collections::BTreeMap<String, Vec<f32>> {
         let vm = VarMap::new();
         let cfg = ModelConfig::preset(Architecture::UNet, Preset::Small);
-        build(&cfg, seeded_var_builder(&vm, seed, DType::F32, &Device::Cpu)).unwrap();
+        build(
+            &cfg,
+            &Default::default(),
+            seeded_var_builder(&vm, seed, DType::F32, &Device::Cpu),
+        )
+        .unwrap();
         let data = vm.data().lock().unwrap();
         data.iter()
             .map(|(k, v)| {

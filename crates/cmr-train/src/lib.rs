@@ -35,7 +35,7 @@ pub use error::{Result, TrainError};
 pub use init::seeded_var_builder;
 pub use log::{CSV_HEADER, EpochRecord, MetricsLog};
 pub use optim::{OptimConfig, Optimizer};
-pub use plot::draw_curves;
+pub use plot::{draw_curves, register_font as register_plot_font};
 pub use predict::{Evaluation, PredictOptions, Predictor, Tta, resolve_model};
 pub use run::{Best, RunDir, TrainState};
 pub use schedule::Schedule;

@@ -1,9 +1,9 @@
 //! `curves.png`: training and validation loss, and validation Dice, per epoch.
 //!
 //! Drawn with `plotters` into a buffer, encoded as PNG and written atomically.
-//! Text needs a TrueType font: the first of a few common system fonts found
-//! (or the file named by `CMR_PLOT_FONT`) is used; without one the curves are
-//! drawn without labels.
+//! Text needs a TrueType font, which the binary registers once
+//! ([`register_font`], from the paths it chooses); without one the curves
+//! are drawn without labels.
 
 use std::io::Cursor;
 use std::path::Path;
@@ -14,24 +14,17 @@ use plotters::prelude::*;
 use crate::error::{Result, TrainError};
 use crate::log::EpochRecord;
 
-const FONT_CANDIDATES: [&str; 5] = [
-    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
-    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
-    "/usr/share/fonts/TTF/DejaVuSans.ttf",
-    "/Library/Fonts/Arial.ttf",
-    "C:\\Windows\\Fonts\\arial.ttf",
-];
+/// Whether [`register_font`] found a font (set once per process: the
+/// plotting library's fonts are process-wide).
+static FONT: OnceLock<bool> = OnceLock::new();
 
-/// Register a sans-serif font once; whether one is available.
-fn font_available() -> bool {
-    static FONT: OnceLock<bool> = OnceLock::new();
+/// Register the first readable TrueType font of `candidates` as the curves'
+/// sans-serif font (the first call decides; later ones return its answer).
+/// Returns whether one was found.
+pub fn register_font(candidates: &[std::path::PathBuf]) -> bool {
     *FONT.get_or_init(|| {
-        let from_env = std::env::var_os("CMR_PLOT_FONT").map(std::path::PathBuf::from);
-        let candidates = from_env
-            .into_iter()
-            .chain(FONT_CANDIDATES.iter().map(std::path::PathBuf::from));
         for path in candidates {
-            if let Ok(bytes) = std::fs::read(&path) {
+            if let Ok(bytes) = std::fs::read(path) {
                 let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
                 if plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).is_ok() {
                     return true;
@@ -41,6 +34,10 @@ fn font_available() -> bool {
         tracing::debug!("no TrueType font found: curves are drawn without labels");
         false
     })
+}
+
+fn font_available() -> bool {
+    FONT.get().copied().unwrap_or(false)
 }
 
 fn plot_err(path: &Path, e: impl std::fmt::Display) -> TrainError {

@@ -8,7 +8,7 @@ use candle_core::{DType, Device, ModuleT, Tensor};
 use candle_nn::{VarMap, ops::softmax};
 use cmr_data::{BatchPlan, Mask, Plane, Sample};
 use cmr_loss::{LabelMap, Loss, MetricsAccumulator, PostProcess};
-use cmr_models::{Model, build};
+use cmr_models::{KernelConfig, Model, build};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::load_varmap;
@@ -130,6 +130,8 @@ pub struct PredictOptions {
     /// ([`PostProcess::LARGEST`] keeps the largest of each).
     pub clean: PostProcess,
     pub batch_size: usize,
+    /// Which CPU kernels run the networks.
+    pub kernels: KernelConfig,
 }
 
 impl Default for PredictOptions {
@@ -138,6 +140,7 @@ impl Default for PredictOptions {
             tta: Tta::None,
             clean: PostProcess::NONE,
             batch_size: 8,
+            kernels: KernelConfig::default(),
         }
     }
 }
@@ -187,12 +190,16 @@ pub struct Predictor {
 }
 
 /// Read one model's configuration and weights.
-fn load_member(path: &Path, device: &Device) -> Result<(Model, TrainConfig)> {
+fn load_member(path: &Path, device: &Device, kernels: &KernelConfig) -> Result<(Model, TrainConfig)> {
     let (weights, config_path) = resolve_model(path)?;
     let config = TrainConfig::read_json(&config_path)?;
     config.model.validate()?;
     let varmap = VarMap::new();
-    let model = build(&config.model, seeded_var_builder(&varmap, 0, DType::F32, device))?;
+    let model = build(
+        &config.model,
+        kernels,
+        seeded_var_builder(&varmap, 0, DType::F32, device),
+    )?;
     load_varmap(&weights, &varmap)?;
     Ok((model, config))
 }
@@ -231,10 +238,10 @@ impl Predictor {
         let Some((first, rest)) = paths.split_first() else {
             return Err(TrainError::Config("an ensemble needs at least one model".into()));
         };
-        let (model, config) = load_member(first, device)?;
+        let (model, config) = load_member(first, device, &options.kernels)?;
         let mut members = vec![model];
         for path in rest {
-            let (model, other) = load_member(path, device)?;
+            let (model, other) = load_member(path, device, &options.kernels)?;
             let key = |c: &TrainConfig| (c.data.size, c.data.normalization, c.model.num_classes());
             if key(&other) != key(&config) {
                 return Err(TrainError::Run {
@@ -340,7 +347,11 @@ impl Predictor {
             let probs = match loss {
                 Some(loss) if !self.options.tta.is_active() && self.members.len() == 1 => {
                     let logits = self.members[0].forward_t(&batch.images, false)?;
-                    loss_sum += f64::from(loss.compute(&logits, masks)?.to_dtype(DType::F32)?.to_scalar::<f32>()?);
+                    loss_sum += f64::from(
+                        loss.compute(&logits, masks, &self.options.kernels)?
+                            .to_dtype(DType::F32)?
+                            .to_scalar::<f32>()?,
+                    );
                     batches += 1;
                     softmax(&logits, 1)?
                 }

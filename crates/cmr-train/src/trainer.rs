@@ -9,6 +9,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, ModuleT};
 use candle_nn::VarMap;
 use cmr_data::{BatchPlan, Dataset, LoadOptions, SplitRecord, Splits};
+use cmr_kernels::{Backward, forward_backward};
 use cmr_models::{Model, build, is_running_stat};
 
 use crate::checkpoint::{Checkpoint, load_tensors, load_varmap, save_varmap, set_varmap, varmap_tensors};
@@ -112,6 +113,7 @@ impl Trainer {
         let varmap = VarMap::new();
         let model = build(
             &config.model,
+            &config.kernels,
             seeded_var_builder(&varmap, config.seed, DType::F32, &device),
         )?;
         let optim = Optimizer::new(config.optim.clone(), trainable(&varmap))?;
@@ -142,6 +144,7 @@ impl Trainer {
         let varmap = VarMap::new();
         let model = build(
             &config.model,
+            &config.kernels,
             seeded_var_builder(&varmap, config.seed, DType::F32, &device),
         )?;
         let mut optim = Optimizer::new(config.optim.clone(), trainable(&varmap))?;
@@ -316,6 +319,7 @@ impl Trainer {
             seed: cfg.seed,
         };
         let n_batches = plan.num_batches(splits.train.len());
+        let mut warned_off_tape = false;
         while self.state.epochs_done < cfg.epochs && !self.state.finished {
             let epoch = self.state.epochs_done;
             let lr = cfg.schedule.lr(cfg.optim.lr(), epoch, cfg.epochs);
@@ -329,14 +333,26 @@ impl Trainer {
                 let index = first + i;
                 let batch = batch?;
                 let masks = batch.masks()?;
-                // On the fast kernels the backward pass runs on their tape
+                // On the CPU kernels the backward pass runs on their tape
                 // (no zero tensor and addition per gradient, as candle's
                 // `Tensor::backward` makes); elsewhere by candle.
-                let (loss, grads) = cmr_models::fast::forward_backward(
-                    cmr_models::fast::applies(&batch.images),
+                let backward = if cfg.kernels.applies(&batch.images) {
+                    Backward::Tape
+                } else {
+                    Backward::Candle
+                };
+                let step = forward_backward(
+                    backward,
                     || Ok::<_, TrainError>(self.model.forward_t(&batch.images, true)?),
-                    |logits| Ok(cfg.loss.compute(logits, masks)?),
+                    |logits| Ok(cfg.loss.compute(logits, masks, &cfg.kernels)?),
                 )?;
+                if step.backward != backward && !warned_off_tape {
+                    warned_off_tape = true;
+                    tracing::warn!(
+                        "the network has an op the kernels' tape does not carry: its backward pass runs on candle's, slower"
+                    );
+                }
+                let (loss, grads) = (step.loss, step.grads);
                 let value = f64::from(loss.to_dtype(DType::F32)?.to_scalar::<f32>()?);
                 // non-finite, or far past any loss a learning run has (the
                 // losses start near 1–2): the run has diverged
@@ -380,6 +396,7 @@ impl Trainer {
                     self.device.clone(),
                     PredictOptions {
                         batch_size: cfg.batch_size.max(8),
+                        kernels: cfg.kernels,
                         ..PredictOptions::default()
                     },
                 );

@@ -70,6 +70,7 @@ fn config(epochs: usize) -> TrainConfig {
         val_every: 1,
         early_stopping: None,
         keep: Keep::Last,
+        kernels: Default::default(),
     }
 }
 
@@ -307,6 +308,7 @@ fn untrained(seed: u64) -> (Model, VarMap) {
     let varmap = VarMap::new();
     let model = build(
         &model_config(),
+        &Default::default(),
         seeded_var_builder(&varmap, seed, DType::F32, &Device::Cpu),
     )
     .unwrap();

@@ -73,6 +73,7 @@ fn config(epochs: usize) -> TrainConfig {
         val_every: 1,
         early_stopping: None,
         keep: cmr_train::Keep::Best,
+        kernels: Default::default(),
     }
 }
 

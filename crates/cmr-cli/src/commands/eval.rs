@@ -242,7 +242,7 @@ fn run_cv(paths: &[PathBuf], args: &EvalArgs) -> anyhow::Result<ExitCode> {
     } else {
         None
     };
-    let options = predict_options(&args.inference, recorded);
+    let options = predict_options(&args.inference, recorded)?;
     if args.decide_clean {
         return decide_clean(&cvs, &dataset.train, &device, options, args);
     }

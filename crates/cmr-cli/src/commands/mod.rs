@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use candle_core::Device;
 use cmr_loss::PostProcess;
+use cmr_models::KernelConfig;
 use cmr_train::{CvDir, DeviceSpec, PredictOptions, Predictor, Tta, device_name, ensemble_members};
 
 use crate::args::{DeviceArg, InferenceArgs, TtaChoice};
@@ -27,8 +28,8 @@ pub fn open_device(arg: &DeviceArg, fallback: DeviceSpec) -> anyhow::Result<Devi
 /// The inference options of `args`. `--clean` applies `recorded` (the
 /// clean-up a cross-validation decided for its model) where there is one, the
 /// largest component of every class otherwise.
-pub fn predict_options(args: &InferenceArgs, recorded: Option<PostProcess>) -> PredictOptions {
-    PredictOptions {
+pub fn predict_options(args: &InferenceArgs, recorded: Option<PostProcess>) -> anyhow::Result<PredictOptions> {
+    Ok(PredictOptions {
         tta: match args.tta {
             None | Some(TtaChoice::None) => Tta::None,
             Some(TtaChoice::Flips) => Tta::Flips,
@@ -40,7 +41,8 @@ pub fn predict_options(args: &InferenceArgs, recorded: Option<PostProcess>) -> P
             PostProcess::NONE
         },
         batch_size: args.batch_size.max(1),
-    }
+        kernels: crate::env::kernels(KernelConfig::default())?.unwrap_or_default(),
+    })
 }
 
 /// The models `--model` names: each comma-separated entry resolved (a
@@ -89,7 +91,7 @@ pub fn load_predictor(model: &str, args: &InferenceArgs) -> anyhow::Result<Predi
 /// Load the models `members` (what `model` named) as one predictor.
 pub fn load_members(members: &[PathBuf], model: &str, args: &InferenceArgs) -> anyhow::Result<Predictor> {
     let device = open_device(&args.device, DeviceSpec::Auto)?;
-    let options = predict_options(args, recorded_clean(model)?);
+    let options = predict_options(args, recorded_clean(model)?)?;
     let predictor =
         Predictor::load_ensemble(members, &device, options).with_context(|| format!("loading model {model}"))?;
     let arch = predictor.config().model.architecture().display_name();

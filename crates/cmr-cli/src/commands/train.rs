@@ -52,6 +52,9 @@ fn build_config(args: &TrainArgs) -> anyhow::Result<TrainConfig> {
         }
     }
     apply_flags(&mut cfg, args);
+    if let Some(kernels) = crate::env::kernels(cfg.kernels)? {
+        cfg.kernels = kernels;
+    }
     cfg.validate()?;
     Ok(cfg)
 }
@@ -128,6 +131,9 @@ fn flag_differences(cfg: &TrainConfig, args: &TrainArgs, run: &Path) -> anyhow::
     }
     let mut wanted = cfg.clone();
     apply_flags(&mut wanted, args);
+    if let Some(kernels) = crate::env::kernels(cfg.kernels)? {
+        wanted.kernels = kernels;
+    }
     let differences = cfg.differences(&wanted);
     Ok((wanted, differences))
 }
@@ -156,6 +162,7 @@ fn resume_changes(cfg: &TrainConfig, args: &TrainArgs, run: &Path) -> anyhow::Re
         val_every: args.val_every,
         early_stopping: args.patience.and(wanted.early_stopping),
         device: args.device.device,
+        kernels: Some(wanted.kernels).filter(|k| *k != cfg.kernels),
     })
 }
 

@@ -8,8 +8,8 @@
 //! in PyTorch, even under ties), and unpooling is mask × broadcast values.
 //! Only comparisons, cumulative sums and products are used, so every device
 //! runs it and the tie rule does not depend on a device's argmax. On the CPU
-//! the fast kernels (`fast::max_pool_with_argmax`, `fast::max_unpool`) do the
-//! same with the recorded positions instead of masks.
+//! the kernels (`crate::backend`) do the same with the recorded positions
+//! instead of masks.
 
 use candle_core::{D, DType, Device, Result, Tensor};
 
@@ -26,10 +26,25 @@ enum Repr {
     /// One-hot `[B, C, H/2, W/2, 4]` (values 0 or 1 in the input's dtype).
     Mask(Tensor),
     /// Flat `y·W + x` positions in the input plane (CPU).
-    Argmax(crate::fast::Argmax, Device),
+    Argmax(cmr_kernels::Argmax, Device),
 }
 
 impl PoolIndices {
+    /// The positions the CPU kernel recorded.
+    pub fn from_argmax(argmax: cmr_kernels::Argmax, device: &Device) -> Self {
+        Self {
+            repr: Repr::Argmax(argmax, device.clone()),
+        }
+    }
+
+    /// The kernel's positions, if these indices are those.
+    pub fn argmax(&self) -> Option<&cmr_kernels::Argmax> {
+        match &self.repr {
+            Repr::Argmax(a, _) => Some(a),
+            Repr::Mask(_) => None,
+        }
+    }
+
     /// The one-hot mask `[B, C, H/2, W/2, 4]` of each window's maximum
     /// (row-major window order).
     pub fn mask(&self) -> Result<Tensor> {
@@ -99,49 +114,26 @@ fn first_max(win: &Tensor) -> Result<(Tensor, Tensor)> {
 
 /// 2×2 max-pooling, stride 2, returning the pooled values `[B, C, H/2, W/2]`
 /// and where each maximum was. Ties go to the first position in row-major
-/// window order.
+/// window order. From candle's ops alone (every device).
 pub fn max_pool2x2_with_indices(xs: &Tensor) -> Result<(Tensor, PoolIndices)> {
-    if crate::fast::applies(xs) {
-        let (pooled, argmax) = crate::fast::max_pool_with_argmax(xs, 2)?;
-        let repr = Repr::Argmax(argmax, xs.device().clone());
-        return Ok((pooled, PoolIndices { repr }));
-    }
-    max_pool2x2_with_indices_reference(xs)
-}
-
-/// [`max_pool2x2_with_indices`] from candle's ops alone (every device).
-pub(crate) fn max_pool2x2_with_indices_reference(xs: &Tensor) -> Result<(Tensor, PoolIndices)> {
     let (pooled, mask) = first_max(&windows(xs, 2)?)?;
     Ok((pooled, PoolIndices { repr: Repr::Mask(mask) }))
 }
 
 /// `k×k` max-pooling with stride `k`, as PyTorch's `MaxPool2d(k)`: the
 /// gradient of each window goes to its first maximum only (candle's own
-/// `max_pool2d` splits it among ties). Uses the fast CPU kernel when it
-/// applies.
+/// `max_pool2d` splits it among ties). From candle's ops alone (every
+/// device).
 pub fn max_pool(xs: &Tensor, k: usize) -> Result<Tensor> {
     if k == 1 {
         return Ok(xs.clone());
     }
-    if crate::fast::applies(xs) {
-        return crate::fast::max_pool(xs, k);
-    }
-    max_pool_reference(xs, k)
-}
-
-/// [`max_pool`] from candle's ops alone (every device).
-pub(crate) fn max_pool_reference(xs: &Tensor, k: usize) -> Result<Tensor> {
     Ok(first_max(&windows(xs, k)?)?.0)
 }
 
 /// Max-unpooling: put each value of `[B, C, H/2, W/2]` at its window's stored
 /// position in a zero `[B, C, H, W]`. Differentiable w.r.t. `xs`.
 pub fn max_unpool2x2(xs: &Tensor, indices: &PoolIndices) -> Result<Tensor> {
-    if let Repr::Argmax(a, _) = &indices.repr
-        && crate::fast::applies(xs)
-    {
-        return crate::fast::max_unpool(xs, a);
-    }
     let (b, c, h2, w2) = xs.dims4()?;
     let mask = &indices.mask()?.to_device(xs.device())?.to_dtype(xs.dtype())?;
     if mask.dims() != [b, c, h2, w2, 4] {
@@ -161,8 +153,9 @@ pub fn max_unpool2x2(xs: &Tensor, indices: &PoolIndices) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{FiniteDiff, assert_gradient};
+    use crate::backend::{self, KernelConfig};
     use candle_core::{Device, Var};
+    use cmr_kernels::testing::{FiniteDiff, assert_gradient};
 
     fn t(v: &[f32], h: usize, w: usize) -> Tensor {
         Tensor::from_vec(v.to_vec(), (1, 1, h, w), &Device::Cpu).unwrap()
@@ -314,13 +307,14 @@ mod tests {
         let scale = Tensor::randn(0f32, 1.0, (2, 3, 4, 3), &dev).unwrap();
         let f = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let run = |fast: bool| {
-            let (p, idx) = if fast {
-                max_pool2x2_with_indices(v.as_tensor()).unwrap()
+            let kernels = if fast {
+                KernelConfig::DEFAULT
             } else {
-                max_pool2x2_with_indices_reference(v.as_tensor()).unwrap()
+                KernelConfig::off()
             };
+            let (p, idx) = backend::max_pool2x2_with_indices(v.as_tensor(), &kernels).unwrap();
             assert_eq!(matches!(idx.repr, Repr::Argmax(..)), fast);
-            let u = max_unpool2x2(&(&p * &scale).unwrap(), &idx).unwrap();
+            let u = backend::max_unpool2x2(&(&p * &scale).unwrap(), &idx, &kernels).unwrap();
             let g = (&u * &probe).unwrap().sum_all().unwrap().backward().unwrap();
             let flat_idx = idx
                 .flat_indices()

@@ -29,20 +29,11 @@ pub fn bilinear_matrix(n: usize, factor: usize, dtype: DType, device: &Device) -
 }
 
 /// Up-sample `[B, C, H, W]` to `[B, C, factor·H, factor·W]` bilinearly
-/// (`align_corners = false`). On the CPU (f32), a direct kernel
-/// ([`crate::fast::upsample_bilinear`]); elsewhere two matrix products.
+/// (`align_corners = false`) by two matrix products, on every device.
 pub fn upsample_bilinear(xs: &Tensor, factor: usize) -> Result<Tensor> {
     if factor == 1 {
         return Ok(xs.clone());
     }
-    if crate::fast::applies(xs) {
-        return crate::fast::upsample_bilinear(xs, factor);
-    }
-    reference(xs, factor)
-}
-
-/// The matrix-product form, on every device.
-pub(crate) fn reference(xs: &Tensor, factor: usize) -> Result<Tensor> {
     let (b, c, h, w) = xs.dims4()?;
     let (ho, wo) = (h * factor, w * factor);
     let a_h = bilinear_matrix(h, factor, xs.dtype(), xs.device())?;
@@ -58,8 +49,8 @@ pub(crate) fn reference(xs: &Tensor, factor: usize) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{FiniteDiff, assert_gradient, fixed_values, widen};
     use candle_core::Var;
+    use cmr_kernels::testing::{FiniteDiff, assert_gradient, fixed_values, widen};
 
     #[test]
     fn matrix_by_hand() {

@@ -16,9 +16,11 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
-use super::bn::{BnStats, normalise_relu, relu_backward, statistics};
-use super::conv::{self, Epilogue, Source, source_forward};
-use super::{output_buffer, slice};
+use crate::bn::{BnStats, normalise_relu, relu_backward, statistics};
+use crate::conv::{self, Source, source_forward};
+use crate::cpu::output_buffer;
+use crate::gemm::Epilogue;
+use crate::{KernelConfig, slice};
 
 /// What the forward pass leaves for the backward one.
 struct Saved {
@@ -30,6 +32,7 @@ struct ConvBnReluTrain {
     source: Source,
     eps: f64,
     saved: Arc<Mutex<Option<Saved>>>,
+    cfg: KernelConfig,
 }
 
 impl CustomOp3 for ConvBnReluTrain {
@@ -56,11 +59,21 @@ impl CustomOp3 for ConvBnReluTrain {
         let mut z = unsafe { output_buffer(b * cout * hw) };
         let (x, weight) = (slice(s1, l1)?, slice(s2, l2)?);
         let epi = Epilogue::bias(bias);
-        source_forward(self.source, x, (b, cin, h, w), weight, (cout, k), epi, &mut z);
-        let stats = statistics(&z, b, cout, hw, self.eps);
+        source_forward(
+            self.source,
+            x,
+            (b, cin, h, w),
+            weight,
+            (cout, k),
+            epi,
+            &mut z,
+            &self.cfg,
+        );
+        let simd = self.cfg.simd;
+        let stats = statistics(simd, &z, b, cout, hw, self.eps);
         // SAFETY: `normalise_relu` writes every plane in full.
         let mut out = unsafe { output_buffer(z.len()) };
-        normalise_relu(&z, &mut out, cout, hw, &stats, gamma, beta);
+        normalise_relu(simd, &z, &mut out, cout, hw, &stats, gamma, beta);
         *self.saved.lock().expect("saved lock") = Some(Saved { z, stats });
         Ok((CpuStorage::F32(out), Shape::from((b, cout, ho, wo))))
     }
@@ -81,12 +94,12 @@ impl CustomOp3 for ConvBnReluTrain {
             let Some(saved) = saved.as_ref() else {
                 candle_core::bail!("conv-bn-relu backward before its forward")
             };
-            super::with_data(dy, |gs| {
-                relu_backward(&saved.z, gs, (b, cout, h * w), &saved.stats, gamma, beta)
+            crate::with_data(dy, |gs| {
+                relu_backward(self.cfg.simd, &saved.z, gs, (b, cout, h * w), &saved.stats, gamma, beta)
             })?
         };
         let (dz, dgamma, dbeta) = dz;
-        conv::backward(self.source, x, weight, &dz, Some((dgamma, dbeta)))
+        conv::backward(self.source, x, weight, &dz, Some((dgamma, dbeta)), &self.cfg)
     }
 }
 
@@ -94,7 +107,7 @@ impl CustomOp3 for ConvBnReluTrain {
 /// statistics), with the batch statistics returned for the running
 /// estimates: `x [B, Cin, H, W]`, `weight [Cout, Cin, k, k]` (k odd, padding
 /// `k / 2`), `bias`, `gamma`, `beta` `[Cout]`. CPU and f32 only; see
-/// [`super::applies`].
+/// [`KernelConfig::applies`].
 pub fn conv_bn_relu_train(
     x: &Tensor,
     weight: &Tensor,
@@ -102,14 +115,17 @@ pub fn conv_bn_relu_train(
     gamma: &Tensor,
     beta: &Tensor,
     eps: f64,
+    cfg: &KernelConfig,
 ) -> Result<(Tensor, BnStats)> {
-    train_of(Source::Input, x, weight, bias, gamma, beta, eps)
+    train_of(Source::Input, x, weight, bias, gamma, beta, eps, cfg)
 }
 
 /// [`conv_bn_relu_train`] of `x` bilinearly up-sampled `factor` times
-/// (`align_corners = false`, as [`super::upsample_bilinear`]): `x [B, Cin, H,
+/// (`align_corners = false`, as [`crate::upsample_bilinear`]): `x [B, Cin, H,
 /// W]` → `[B, Cout, H·factor, W·factor]`, the convolution and its gradients
-/// computed at `x`'s resolution (see `fast/upsampled.rs`).
+/// computed at `x`'s resolution (`upsampled.rs`), or, with `cfg.upsampled`
+/// off, on the up-sampled input.
+#[allow(clippy::too_many_arguments)]
 pub fn upsampled_conv_bn_relu_train(
     x: &Tensor,
     factor: usize,
@@ -118,10 +134,17 @@ pub fn upsampled_conv_bn_relu_train(
     gamma: &Tensor,
     beta: &Tensor,
     eps: f64,
+    cfg: &KernelConfig,
 ) -> Result<(Tensor, BnStats)> {
-    train_of(Source::upsampled(factor)?, x, weight, bias, gamma, beta, eps)
+    let source = Source::upsampled(factor)?;
+    if source != Source::Input && !cfg.upsampled {
+        let up = crate::upsample_bilinear(x, factor, cfg)?;
+        return train_of(Source::Input, &up, weight, bias, gamma, beta, eps, cfg);
+    }
+    train_of(source, x, weight, bias, gamma, beta, eps, cfg)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn train_of(
     source: Source,
     x: &Tensor,
@@ -130,16 +153,18 @@ fn train_of(
     gamma: &Tensor,
     beta: &Tensor,
     eps: f64,
+    cfg: &KernelConfig,
 ) -> Result<(Tensor, BnStats)> {
     conv::check_shapes(x, weight)?;
-    let packed = conv::pack_channels(weight.dim(0)?, [("bias", bias), ("gamma", gamma), ("beta", beta)])?;
+    let packed = conv::pack_channels(weight.dim(0)?, [("bias", bias), ("gamma", gamma), ("beta", beta)], cfg)?;
     let saved = Arc::new(Mutex::new(None));
     let op = ConvBnReluTrain {
         source,
         eps,
         saved: saved.clone(),
+        cfg: *cfg,
     };
-    let y = super::tape::apply3(
+    let y = crate::tape::apply3(
         [x, weight, &packed],
         [&x.contiguous()?, &weight.contiguous()?, &packed],
         op,
@@ -154,6 +179,9 @@ fn train_of(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::KernelConfig;
+
+    const CFG: &KernelConfig = &KernelConfig::DEFAULT;
     use crate::testing::{FiniteDiff, assert_gradient, fixed_values, max_rel, narrow, off_the_kink, widen};
     use candle_core::{Device, ModuleT, Var};
 
@@ -215,7 +243,7 @@ mod tests {
             let gamma = Var::from_tensor(&Tensor::randn(1f32, 0.3, cout, &dev).unwrap()).unwrap();
             let beta = Var::from_tensor(&Tensor::randn(0f32, 0.3, cout, &dev).unwrap()).unwrap();
             let probe = Tensor::randn(0f32, 1.0, (bsz, cout, h, w), &dev).unwrap();
-            let (fast, stats) = conv_bn_relu_train(&x, &wt, &bias, &gamma, &beta, 1e-5).unwrap();
+            let (fast, stats) = conv_bn_relu_train(&x, &wt, &bias, &gamma, &beta, 1e-5, CFG).unwrap();
             let (pre, slow, bn) = reference(&x, &wt, &bias, &gamma, &beta);
             let probe = off_the_kink(&pre, &probe);
             assert!(
@@ -280,13 +308,13 @@ mod tests {
             let x = Tensor::from_slice(xv, (b, cin, h, w), &dev).unwrap();
             let wt = Tensor::from_slice(wv, (cout, cin, 3, 3), &dev).unwrap();
             let gamma = Tensor::from_slice(gv, cout, &dev).unwrap();
-            let (y, _) = conv_bn_relu_train(&x, &wt, &bias, &gamma, &beta, 1e-5).unwrap();
+            let (y, _) = conv_bn_relu_train(&x, &wt, &bias, &gamma, &beta, 1e-5, CFG).unwrap();
             f64::from((y * &probe).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap())
         };
         let xv = Var::from_tensor(&Tensor::from_slice(&x0, (b, cin, h, w), &dev).unwrap()).unwrap();
         let wv = Var::from_tensor(&Tensor::from_slice(&w0, (cout, cin, 3, 3), &dev).unwrap()).unwrap();
         let gv = Var::from_tensor(&Tensor::from_slice(&g0, cout, &dev).unwrap()).unwrap();
-        let (y, _) = conv_bn_relu_train(&xv, &wv, &bias, &gv, &beta, 1e-5).unwrap();
+        let (y, _) = conv_bn_relu_train(&xv, &wv, &bias, &gv, &beta, 1e-5, CFG).unwrap();
         let g = (y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
         let grad = |v: &Var| widen(&g.get(v).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap());
         let check = FiniteDiff {

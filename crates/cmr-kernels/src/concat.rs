@@ -6,7 +6,8 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{output_buffer, slice, tape, with_data};
+use crate::cpu::output_buffer;
+use crate::{slice, tape, with_data};
 
 /// `[a; b]` along the channels, as one op.
 struct Cat2;
@@ -43,13 +44,13 @@ impl CustomOp2 for Cat2 {
 
 /// `Tensor::cat(&[a, b], 1)` for f32 CPU images, as one op (on the tape when
 /// recording).
-pub(super) fn cat2(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+pub(crate) fn cat2(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     tape::apply2([a, b], [&a.contiguous()?, &b.contiguous()?], Cat2)
 }
 
 /// `g [B, Σ sizes, H, W]` cut along the channels into `[B, sizes[i], H, W]`
 /// contiguous tensors.
-pub(super) fn split_channels(g: &Tensor, sizes: &[usize]) -> Result<Vec<Tensor>> {
+pub(crate) fn split_channels(g: &Tensor, sizes: &[usize]) -> Result<Vec<Tensor>> {
     let (b, c, h, w) = g.dims4()?;
     if sizes.iter().sum::<usize>() != c {
         candle_core::bail!("split: {sizes:?} channels out of {c}");
@@ -75,7 +76,10 @@ pub(super) fn split_channels(g: &Tensor, sizes: &[usize]) -> Result<Vec<Tensor>>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fast::{Tape, record};
+    use crate::KernelConfig;
+
+    const CFG: &KernelConfig = &KernelConfig::DEFAULT;
+    use crate::{Tape, record};
     use candle_core::{Device, Var};
 
     /// Two and four parts along the channels, values and gradients through
@@ -94,11 +98,11 @@ mod tests {
             let total: usize = sizes.iter().sum();
             let probe = Tensor::randn(0f32, 1.0, (2, total, 3, 4), &dev).unwrap();
             let want = Tensor::cat(&parts, 1).unwrap();
-            let ours = tape::cat(&parts, 1).unwrap();
+            let ours = tape::cat(&parts, 1, CFG).unwrap();
             assert_eq!(max_diff(&ours, &want), 0.0, "{sizes:?}");
             let gw = (&want * &probe).unwrap().sum_all().unwrap().backward().unwrap();
             let gc = (&ours * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-            let (y, t): (Tensor, Tape) = record(|| tape::cat(&parts, 1)).unwrap();
+            let (y, t): (Tensor, Tape) = record(|| tape::cat(&parts, 1, CFG)).unwrap();
             let gt = t.backward(&y, probe.clone()).unwrap();
             for v in &vars {
                 let w = gw.get(v.as_tensor()).unwrap();

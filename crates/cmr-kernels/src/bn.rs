@@ -12,7 +12,8 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{BLOCK, LANES, block_sum, output_buffer, slice, with_data};
+use crate::cpu::{BLOCK, LANES, Simd, block_sum, output_buffer, simd_fn};
+use crate::{KernelConfig, slice, with_data};
 
 /// Batch statistics of one forward pass, per channel.
 #[derive(Clone, Debug, PartialEq)]
@@ -28,6 +29,7 @@ pub struct BnStats {
 struct BnReluTrain {
     eps: f64,
     stats: Arc<Mutex<Option<BnStats>>>,
+    cfg: KernelConfig,
 }
 
 simd_fn! {
@@ -36,7 +38,7 @@ simd_fn! {
     /// the forward pass's own expression, so the same decision bit for bit,
     /// without reading its output. f32 lane by lane within blocks of
     /// [`BLOCK`] values, f64 across blocks.
-    fn gradient_sums(x: &[f32], dy: &[f32], m: f32, is: f32, gamma: f32, beta: f32) -> (f64, f64) {
+    fn gradient_sums(simd: Simd, x: &[f32], dy: &[f32], m: f32, is: f32, gamma: f32, beta: f32) -> (f64, f64) {
         let (mut sg, mut sgx) = (0f64, 0f64);
         let term = |x: f32, dy: f32| {
             let c = x - m;
@@ -67,7 +69,7 @@ simd_fn! {
     /// Mean, `1/sqrt(var + eps)` and unbiased variance of channel `ch` of
     /// `x [b, c, hw]`: two passes (mean, then squared deviations from it),
     /// each summed by [`block_sum`].
-    fn channel_statistics(x: &[f32], b: usize, c: usize, hw: usize, ch: usize, eps: f64) -> (f32, f32, f32) {
+    fn channel_statistics(simd: Simd, x: &[f32], b: usize, c: usize, hw: usize, ch: usize, eps: f64) -> (f32, f32, f32) {
         let n = (b * hw) as f64;
         let planes = || (0..b).map(move |bi| &x[(bi * c + ch) * hw..][..hw]);
         let mean = planes().map(|p| block_sum(p, |v| v)).sum::<f64>() / n;
@@ -79,14 +81,14 @@ simd_fn! {
     }
 
     /// `o = relu(x·a + s)`.
-    fn affine_relu_plane(o: &mut [f32], x: &[f32], a: f32, s: f32) {
+    fn affine_relu_plane(simd: Simd, o: &mut [f32], x: &[f32], a: f32, s: f32) {
         for (o, &v) in o.iter_mut().zip(x) {
             *o = (v * a + s).max(0.0);
         }
     }
 
     /// `o = relu((x − m)·is·g + bt)`.
-    fn normalise_plane(o: &mut [f32], x: &[f32], m: f32, is: f32, g: f32, bt: f32) {
+    fn normalise_plane(simd: Simd, o: &mut [f32], x: &[f32], m: f32, is: f32, g: f32, bt: f32) {
         for (o, &v) in o.iter_mut().zip(x) {
             *o = ((v - m) * is * g + bt).max(0.0);
         }
@@ -94,7 +96,7 @@ simd_fn! {
 
     /// `d = k·(g − sg − x̂·sgx)` with `x̂ = (x − m)·is` and `g = dy` where
     /// the forward pass's ReLU passed the value (see [`gradient_sums`]).
-    fn backward_plane(d: &mut [f32], x: &[f32], dy: &[f32], param: (f32, f32, f32, f32), k: f32, sg: f32, sgx: f32) {
+    fn backward_plane(simd: Simd, d: &mut [f32], x: &[f32], dy: &[f32], param: (f32, f32, f32, f32), k: f32, sg: f32, sgx: f32) {
         let (m, is, gamma, beta) = param;
         for (d, (&x, &g)) in d.iter_mut().zip(x.iter().zip(dy)) {
             let c = x - m;
@@ -107,10 +109,10 @@ simd_fn! {
 
 /// Per-channel statistics of `x [b, c, hw]`: two passes (mean, then squared
 /// deviations), accumulated in f64.
-pub(super) fn statistics(x: &[f32], b: usize, c: usize, hw: usize, eps: f64) -> BnStats {
+pub(crate) fn statistics(simd: Simd, x: &[f32], b: usize, c: usize, hw: usize, eps: f64) -> BnStats {
     let per: Vec<(f32, f32, f32)> = (0..c)
         .into_par_iter()
-        .map(|ch| channel_statistics(x, b, c, hw, ch, eps))
+        .map(|ch| channel_statistics(simd, x, b, c, hw, ch, eps))
         .collect();
     BnStats {
         mean: per.iter().map(|p| p.0).collect(),
@@ -120,19 +122,21 @@ pub(super) fn statistics(x: &[f32], b: usize, c: usize, hw: usize, eps: f64) -> 
 }
 
 /// `out = relu(x·scale[c] + shift[c])` plane by plane.
-fn affine_relu(x: &[f32], out: &mut [f32], c: usize, hw: usize, scale: &[f32], shift: &[f32]) {
+fn affine_relu(simd: Simd, x: &[f32], out: &mut [f32], c: usize, hw: usize, scale: &[f32], shift: &[f32]) {
     out.par_chunks_mut(hw)
         .zip(x.par_chunks(hw))
         .enumerate()
         .for_each(|(p, (o, xi))| {
-            affine_relu_plane(o, xi, scale[p % c], shift[p % c]);
+            affine_relu_plane(simd, o, xi, scale[p % c], shift[p % c]);
         });
 }
 
 /// `out = relu(γ·(x − μ)·σ⁻¹ + β)` plane by plane, in candle's order of
 /// operations (the subtraction first keeps values near the ReLU threshold
 /// accurate).
-pub(super) fn normalise_relu(
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn normalise_relu(
+    simd: Simd,
     x: &[f32],
     out: &mut [f32],
     c: usize,
@@ -146,14 +150,15 @@ pub(super) fn normalise_relu(
         .enumerate()
         .for_each(|(p, (o, xi))| {
             let ch = p % c;
-            normalise_plane(o, xi, stats.mean[ch], stats.inv_std[ch], gamma[ch], beta[ch]);
+            normalise_plane(simd, o, xi, stats.mean[ch], stats.inv_std[ch], gamma[ch], beta[ch]);
         });
 }
 
 /// The backward pass of BatchNorm + ReLU over `x [b, c, hw]` (its input)
 /// and `dy`, with the forward pass's statistics and affine parameters (which
 /// say where its ReLU passed the value): `(dX, dγ, dβ)`.
-pub(super) fn relu_backward(
+pub(crate) fn relu_backward(
+    simd: Simd,
     xs: &[f32],
     gs: &[f32],
     (b, c, hw): (usize, usize, usize),
@@ -171,7 +176,7 @@ pub(super) fn relu_backward(
             let (mut sg, mut sgx) = (0f64, 0f64);
             for bi in 0..b {
                 let r = (bi * c + ch) * hw..(bi * c + ch + 1) * hw;
-                let (a, s) = gradient_sums(&xs[r.clone()], &gs[r], m, is, g, bt);
+                let (a, s) = gradient_sums(simd, &xs[r.clone()], &gs[r], m, is, g, bt);
                 sg += a;
                 sgx += s;
             }
@@ -185,7 +190,7 @@ pub(super) fn relu_backward(
         let (sg, sgx) = (sums[ch].0 / n, sums[ch].1 / n);
         let k = gamma[ch] * stats.inv_std[ch];
         let r = p * hw..(p + 1) * hw;
-        backward_plane(d, &xs[r.clone()], &gs[r], param(ch), k, sg, sgx);
+        backward_plane(simd, d, &xs[r.clone()], &gs[r], param(ch), k, sg, sgx);
     });
     let dgamma: Vec<f32> = sums.iter().map(|s| s.1).collect();
     let dbeta: Vec<f32> = sums.iter().map(|s| s.0).collect();
@@ -208,10 +213,11 @@ impl CustomOp3 for BnReluTrain {
     ) -> Result<(CpuStorage, Shape)> {
         let (b, c, h, w) = l1.shape().dims4()?;
         let (x, gamma, beta) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
-        let stats = statistics(x, b, c, h * w, self.eps);
+        let simd = self.cfg.simd;
+        let stats = statistics(simd, x, b, c, h * w, self.eps);
         // SAFETY: `normalise_relu` writes every plane in full.
         let mut out = unsafe { output_buffer(x.len()) };
-        normalise_relu(x, &mut out, c, h * w, &stats, gamma, beta);
+        normalise_relu(simd, x, &mut out, c, h * w, &stats, gamma, beta);
         *self.stats.lock().expect("stats lock") = Some(stats);
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
@@ -232,7 +238,9 @@ impl CustomOp3 for BnReluTrain {
         };
         let (gamma, beta) = (gamma.to_vec1::<f32>()?, beta.to_vec1::<f32>()?);
         let grads = with_data(x, |xs| {
-            with_data(dy, |gs| relu_backward(xs, gs, (b, c, hw), &stats, &gamma, &beta))
+            with_data(dy, |gs| {
+                relu_backward(self.cfg.simd, xs, gs, (b, c, hw), &stats, &gamma, &beta)
+            })
         })??;
         let (dx, dgamma, dbeta) = grads;
         let dev = x.device();
@@ -246,14 +254,21 @@ impl CustomOp3 for BnReluTrain {
 
 /// Training-mode BatchNorm + ReLU of `x [B, C, H, W]` with affine `gamma`,
 /// `beta` `[C]`. Returns the output and the batch statistics (for the running
-/// estimates). CPU and f32 only; see [`super::applies`].
-pub fn bn_relu_train(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<(Tensor, BnStats)> {
+/// estimates). CPU and f32 only; see [`KernelConfig::applies`].
+pub fn bn_relu_train(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+    cfg: &KernelConfig,
+) -> Result<(Tensor, BnStats)> {
     let stats = Arc::new(Mutex::new(None));
     let op = BnReluTrain {
         eps,
         stats: stats.clone(),
+        cfg: *cfg,
     };
-    let y = super::tape::apply3(
+    let y = crate::tape::apply3(
         [x, gamma, beta],
         [&x.contiguous()?, &gamma.contiguous()?, &beta.contiguous()?],
         op,
@@ -268,6 +283,7 @@ pub fn bn_relu_train(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Res
 struct AffineRelu {
     scale: Vec<f32>,
     shift: Vec<f32>,
+    cfg: KernelConfig,
 }
 
 impl CustomOp1 for AffineRelu {
@@ -280,7 +296,7 @@ impl CustomOp1 for AffineRelu {
         let x = slice(s, l)?;
         // SAFETY: `affine_relu` writes every plane in full.
         let mut out = unsafe { output_buffer(x.len()) };
-        affine_relu(x, &mut out, c, h * w, &self.scale, &self.shift);
+        affine_relu(self.cfg.simd, x, &mut out, c, h * w, &self.scale, &self.shift);
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 }
@@ -294,6 +310,7 @@ pub fn bn_relu_eval(
     running_mean: &Tensor,
     running_var: &Tensor,
     eps: f64,
+    cfg: &KernelConfig,
 ) -> Result<Tensor> {
     let (g, bt) = (gamma.to_vec1::<f32>()?, beta.to_vec1::<f32>()?);
     let (m, v) = (running_mean.to_vec1::<f32>()?, running_var.to_vec1::<f32>()?);
@@ -301,12 +318,19 @@ pub fn bn_relu_eval(
         .map(|c| g[c] / ((f64::from(v[c]) + eps).sqrt() as f32))
         .collect();
     let shift: Vec<f32> = (0..g.len()).map(|c| bt[c] - m[c] * scale[c]).collect();
-    x.contiguous()?.apply_op1_no_bwd(&AffineRelu { scale, shift })
+    x.contiguous()?.apply_op1_no_bwd(&AffineRelu {
+        scale,
+        shift,
+        cfg: *cfg,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::KernelConfig;
+
+    const CFG: &KernelConfig = &KernelConfig::DEFAULT;
     use crate::testing::{FiniteDiff, assert_gradient, fixed_values, max_rel, narrow, widen};
     use candle_core::{Device, ModuleT, Var};
 
@@ -330,14 +354,14 @@ mod tests {
                 v = f32::from_bits(v.to_bits() + 1);
             }
             let mut y = vec![0f32; x.len()];
-            normalise_plane(&mut y, &x, m, is, gamma, beta);
+            normalise_plane(CFG.simd, &mut y, &x, m, is, gamma, beta);
             let passed = y.iter().filter(|&&v| v > 0.0).count();
             assert!(passed > 0 && passed < x.len(), "{passed} of {}", x.len());
             let ones = vec![1f32; x.len()];
-            let (count, _) = gradient_sums(&x, &ones, m, is, gamma, beta);
+            let (count, _) = gradient_sums(CFG.simd, &x, &ones, m, is, gamma, beta);
             assert_eq!(count, passed as f64, "parameters {:?}", (m, is, gamma, beta));
             let mut d = vec![0f32; x.len()];
-            backward_plane(&mut d, &x, &ones, (m, is, gamma, beta), 1.0, 0.0, 0.0);
+            backward_plane(CFG.simd, &mut d, &x, &ones, (m, is, gamma, beta), 1.0, 0.0, 0.0);
             for (i, (&dv, &yv)) in d.iter().zip(&y).enumerate() {
                 assert_eq!(dv != 0.0, yv > 0.0, "value {i}: x = {}", x[i]);
             }
@@ -380,7 +404,7 @@ mod tests {
             let gamma = Var::from_tensor(&Tensor::from_vec(fixed(c, seed + 1, 0.5, 1.0), c, &dev).unwrap()).unwrap();
             let beta = Var::from_tensor(&Tensor::from_vec(fixed(c, seed + 2, 0.5, 0.0), c, &dev).unwrap()).unwrap();
             let probe = Tensor::from_vec(fixed(n, seed + 3, 1.0, 0.0), (b, c, h, w), &dev).unwrap();
-            let (fast, stats) = bn_relu_train(&x, &gamma, &beta, 1e-5).unwrap();
+            let (fast, stats) = bn_relu_train(&x, &gamma, &beta, 1e-5, CFG).unwrap();
             let bn = reference_bn(c, &gamma, &beta);
             let slow = bn.forward_t(&x, true).unwrap().relu().unwrap();
             assert!(max_rel(&fast, &slow) < 1e-5, "{:?}", (b, c, h, w));
@@ -425,12 +449,12 @@ mod tests {
         let probe = Tensor::from_slice(&pv, (b, c, h, w), &dev).unwrap();
         let f = |xv: &[f32]| -> f64 {
             let x = Tensor::from_slice(xv, (b, c, h, w), &dev).unwrap();
-            let (y, _) = bn_relu_train(&x, &gamma, &beta, 1e-5).unwrap();
+            let (y, _) = bn_relu_train(&x, &gamma, &beta, 1e-5, CFG).unwrap();
             let y = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             y.iter().zip(&pv).map(|(y, p)| f64::from(*y) * f64::from(*p)).sum()
         };
         let xv = Var::from_tensor(&Tensor::from_slice(&x0, (b, c, h, w), &dev).unwrap()).unwrap();
-        let (y, _) = bn_relu_train(&xv, &gamma, &beta, 1e-5).unwrap();
+        let (y, _) = bn_relu_train(&xv, &gamma, &beta, 1e-5, CFG).unwrap();
         let g = (y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
         let gx = g.get(&xv).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let fx = |v: &[f64]| f(&narrow(v));
@@ -461,7 +485,7 @@ mod tests {
             candle_nn::BatchNorm::new_with_momentum(c, rm.clone(), rv.clone(), gamma.clone(), beta.clone(), 1e-5, 0.1)
                 .unwrap();
         let slow = bn.forward_t(&x, false).unwrap().relu().unwrap();
-        let fast = bn_relu_eval(&x, &gamma, &beta, &rm, &rv, 1e-5).unwrap();
+        let fast = bn_relu_eval(&x, &gamma, &beta, &rm, &rv, 1e-5, CFG).unwrap();
         assert!(max_rel(&fast, &slow) < 1e-5);
     }
 }

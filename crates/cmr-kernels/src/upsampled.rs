@@ -8,7 +8,7 @@
 //! each channel alone, so they can be taken in the other order.
 //!
 //! Up-sampling one channel's plane is `U(X) = A_h · X · A_wᵀ` (`A` the
-//! two-tap interpolation matrices, [`super::upsample`]). Tap `(dy, dx)` of a
+//! two-tap interpolation matrices, [`crate::upsample`]). Tap `(dy, dx)` of a
 //! `k × k` convolution with zero padding `p = k / 2` reads that plane shifted
 //! by `(dy − p, dx − p)`, zeros outside: `S_dy · U(X) · S_dxᵀ`. So output
 //! channel `co` is
@@ -27,50 +27,24 @@
 //! The results equal the convolution of the up-sampled input up to rounding
 //! (the sums are taken in another order).
 
-use std::sync::atomic::{AtomicU8, Ordering};
-
+use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::conv::{Epilogue, View, matmul, rows};
-use super::upsample::{Taps, taps};
-use super::{block_sum, output_buffer, threads};
-use gemm::Parallelism;
-
-/// 0: not yet decided, 1: on, 2: off.
-static ON: AtomicU8 = AtomicU8::new(0);
-
-/// Whether up-sampled inputs are convolved at their own resolution: on
-/// unless `CMR_UPSAMPLED=0` (or [`set_upsampled`]) turned it off; off, they
-/// are up-sampled and convolved as they are.
-pub(crate) fn enabled() -> bool {
-    match ON.load(Ordering::Relaxed) {
-        1 => true,
-        2 => false,
-        _ => {
-            let on = std::env::var("CMR_UPSAMPLED").map_or(true, |v| v != "0");
-            ON.store(if on { 1 } else { 2 }, Ordering::Relaxed);
-            on
-        }
-    }
-}
-
-/// Convolve up-sampled inputs at their own resolution (`true`, the
-/// default) or up-sample them first (`false`; for comparison).
-pub fn set_upsampled(on: bool) {
-    ON.store(if on { 1 } else { 2 }, Ordering::Relaxed);
-}
+use crate::cpu::{Simd, block_sum, output_buffer, simd_fn, threads};
+use crate::gemm::{Epilogue, View, matmul, rows};
+use crate::upsample::{Taps, taps};
 
 /// The shape of one call: `b` images `[cin, h, w]` up-sampled `f` times,
 /// convolved by a `k × k` kernel to `cout` channels `[h·f, w·f]`.
 #[derive(Clone, Copy, Debug)]
-pub(super) struct Dims {
-    pub(super) b: usize,
-    pub(super) cin: usize,
-    pub(super) h: usize,
-    pub(super) w: usize,
-    pub(super) cout: usize,
-    pub(super) k: usize,
-    pub(super) f: usize,
+pub(crate) struct Dims {
+    pub(crate) b: usize,
+    pub(crate) cin: usize,
+    pub(crate) h: usize,
+    pub(crate) w: usize,
+    pub(crate) cout: usize,
+    pub(crate) k: usize,
+    pub(crate) f: usize,
 }
 
 impl Dims {
@@ -124,7 +98,7 @@ struct Rows {
 simd_fn! {
     /// `out[s] = x[lo[s]]·(1 − λ[s]) + x[hi[s]]·λ[s]`: one row up-sampled
     /// (the formula of `upsample::up_plane`).
-    fn up_row(x: &[f32], t: &Taps, out: &mut [f32]) {
+    fn up_row(simd: Simd, x: &[f32], t: &Taps, out: &mut [f32]) {
         for (o, ((&a, &b), &l)) in out.iter_mut().zip(t.lo.iter().zip(&t.hi).zip(&t.lambda)) {
             *o = x[a] * (1.0 - l) + x[b] * l;
         }
@@ -132,7 +106,7 @@ simd_fn! {
 
     /// The adjoint of [`up_row`]: `dx[lo[s]] += g[s]·(1 − λ[s])`, `dx[hi[s]]
     /// += g[s]·λ[s]` (`dx` zeroed first).
-    fn up_row_adjoint(g: &[f32], t: &Taps, dx: &mut [f32]) {
+    fn up_row_adjoint(simd: Simd, g: &[f32], t: &Taps, dx: &mut [f32]) {
         dx.fill(0.0);
         for (&g, ((&a, &b), &l)) in g.iter().zip(t.lo.iter().zip(&t.hi).zip(&t.lambda)) {
             dx[a] += g * (1.0 - l);
@@ -141,21 +115,21 @@ simd_fn! {
     }
 
     /// `acc += a·u + b·v`, elementwise.
-    fn add_two(acc: &mut [f32], u: &[f32], a: f32, v: &[f32], b: f32) {
+    fn add_two(simd: Simd, acc: &mut [f32], u: &[f32], a: f32, v: &[f32], b: f32) {
         for ((o, &x), &y) in acc.iter_mut().zip(u).zip(v) {
             *o += x * a + y * b;
         }
     }
 
     /// `acc += a·u`, elementwise.
-    fn axpy(acc: &mut [f32], u: &[f32], a: f32) {
+    fn axpy(simd: Simd, acc: &mut [f32], u: &[f32], a: f32) {
         for (o, &x) in acc.iter_mut().zip(u) {
             *o += x * a;
         }
     }
 
     /// `acc += u`, elementwise.
-    fn add(acc: &mut [f32], u: &[f32]) {
+    fn add(simd: Simd, acc: &mut [f32], u: &[f32]) {
         for (o, &x) in acc.iter_mut().zip(u) {
             *o += x;
         }
@@ -163,7 +137,7 @@ simd_fn! {
 
     /// `v = (v + bias)·scale + shift`, each optional, then ReLU: one plane's
     /// epilogue, in `conv::copy_out`'s order.
-    fn epilogue_plane(v: &mut [f32], bias: Option<f32>, affine: Option<(f32, f32)>, relu: bool) {
+    fn epilogue_plane(simd: Simd, v: &mut [f32], bias: Option<f32>, affine: Option<(f32, f32)>, relu: bool) {
         if let Some(b) = bias {
             for x in v.iter_mut() {
                 *x += b;
@@ -185,7 +159,7 @@ simd_fn! {
 impl Interp<'_> {
     /// One output channel's plane `out [h·f, w·f]` from its mixed planes
     /// `z [k², h·w]`.
-    fn expand(&self, z: &[f32], buf: &mut Rows, out: &mut [f32]) {
+    fn expand(&self, simd: Simd, z: &[f32], buf: &mut Rows, out: &mut [f32]) {
         let Dims { h, w, k, f, .. } = self.d;
         let (ho, wo, p) = (h * f, w * f, k / 2);
         let Rows { sums, ext } = buf;
@@ -198,8 +172,8 @@ impl Interp<'_> {
             for dx in 0..k {
                 let plane = &z[(dy * k + dx) * h * w..][..h * w];
                 for (r, row) in plane.chunks(w).enumerate() {
-                    up_row(row, self.tw, &mut ext[p..p + wo]);
-                    add(&mut sums[(dy * h + r) * wo..][..wo], &ext[dx..dx + wo]);
+                    up_row(simd, row, self.tw, &mut ext[p..p + wo]);
+                    add(simd, &mut sums[(dy * h + r) * wo..][..wo], &ext[dx..dx + wo]);
                 }
             }
         }
@@ -213,14 +187,14 @@ impl Interp<'_> {
                 let (a, b, l) = (self.th.lo[s], self.th.hi[s], self.th.lambda[s]);
                 let ra = &sums[(dy * h + a) * wo..][..wo];
                 let rb = &sums[(dy * h + b) * wo..][..wo];
-                add_two(orow, ra, 1.0 - l, rb, l);
+                add_two(simd, orow, ra, 1.0 - l, rb, l);
             }
         }
     }
 
     /// The adjoint of [`Self::expand`]: `dz [k², h·w]` from one output
     /// channel's gradient `g [h·f, w·f]`.
-    fn expand_adjoint(&self, g: &[f32], buf: &mut Rows, dz: &mut [f32]) {
+    fn expand_adjoint(&self, simd: Simd, g: &[f32], buf: &mut Rows, dz: &mut [f32]) {
         let Dims { h, w, k, f, .. } = self.d;
         let (ho, wo, p) = (h * f, w * f, k / 2);
         let Rows { sums, ext } = buf;
@@ -235,8 +209,8 @@ impl Interp<'_> {
                 };
                 let (a, b, l) = (self.th.lo[s], self.th.hi[s], self.th.lambda[s]);
                 // a and b may be the same row (at the edges): one at a time
-                axpy(&mut sums[(dy * h + a) * wo..][..wo], grow, 1.0 - l);
-                axpy(&mut sums[(dy * h + b) * wo..][..wo], grow, l);
+                axpy(simd, &mut sums[(dy * h + a) * wo..][..wo], grow, 1.0 - l);
+                axpy(simd, &mut sums[(dy * h + b) * wo..][..wo], grow, l);
             }
         }
         for dy in 0..k {
@@ -247,7 +221,7 @@ impl Interp<'_> {
                     // sum; ext[p..p + wo] was the up-sampled row
                     ext.fill(0.0);
                     ext[dx..dx + wo].copy_from_slice(&sums[(dy * h + r) * wo..][..wo]);
-                    up_row_adjoint(&ext[p..p + wo], self.tw, row);
+                    up_row_adjoint(simd, &ext[p..p + wo], self.tw, row);
                 }
             }
         }
@@ -261,7 +235,7 @@ fn inner() -> Parallelism {
 /// The convolution of `x [b, cin, h, w]` up-sampled `f` times, `weight [cout,
 /// cin, k, k]`, into `out [b, cout, h·f, w·f]` with `epi` applied. Image by
 /// image, each on all threads.
-pub(super) fn forward(x: &[f32], weight: &[f32], d: Dims, epi: Epilogue, out: &mut [f32]) {
+pub(crate) fn forward(simd: Simd, x: &[f32], weight: &[f32], d: Dims, epi: Epilogue, out: &mut [f32]) {
     let Dims {
         cin, h, w, cout, k, f, ..
     } = d;
@@ -286,8 +260,9 @@ pub(super) fn forward(x: &[f32], weight: &[f32], d: Dims, epi: Epilogue, out: &m
             .zip(z.par_chunks(kk * hw))
             .enumerate()
             .for_each_init(Rows::default, |buf, (co, (plane, zc))| {
-                interp.expand(zc, buf, plane);
+                interp.expand(simd, zc, buf, plane);
                 epilogue_plane(
+                    simd,
                     plane,
                     epi.bias.map(|b| b[co]),
                     epi.affine.map(|(a, t)| (a[co], t[co])),
@@ -300,7 +275,8 @@ pub(super) fn forward(x: &[f32], weight: &[f32], d: Dims, epi: Epilogue, out: &m
 /// The gradients of [`forward`] (without epilogue) given the gradient `g` of
 /// its output: the input's (when `need_dx`), the weight's `[cout, cin, k,
 /// k]` and the bias's.
-pub(super) fn backward(
+pub(crate) fn backward(
+    simd: Simd,
     x: &[f32],
     weight: &[f32],
     g: &[f32],
@@ -332,7 +308,9 @@ pub(super) fn backward(
         }
         dz.par_chunks_mut(kk * hw)
             .zip(gi.par_chunks(plane))
-            .for_each_init(Rows::default, |buf, (dzc, gc)| interp.expand_adjoint(gc, buf, dzc));
+            .for_each_init(Rows::default, |buf, (dzc, gc)| {
+                interp.expand_adjoint(simd, gc, buf, dzc)
+            });
         // dWr (+)= dZ · Xᵀ: [cout·kk, hw] × [hw, cin]
         let xt = View {
             data: xi,
@@ -371,15 +349,20 @@ pub(super) fn backward(
 mod tests {
     use candle_core::{Device, Tensor, Var};
 
-    use crate::fast::{upsampled_conv_bn_relu_train, upsampled_conv2d_affine_relu};
+    use crate::KernelConfig;
     use crate::testing::{
         FiniteDiff, assert_gradient, fixed_tensor, fixed_values, max_rel, narrow, off_the_kink, widen,
     };
+    use crate::{upsampled_conv_bn_relu_train, upsampled_conv2d_affine_relu};
 
-    /// candle's ops: the matrix-product up-sampling, then conv2d + bias.
+    const CFG: &KernelConfig = &KernelConfig::DEFAULT;
+
+    /// The up-sampling kernel (tested on its own against candle's matrix
+    /// products in cmr-models, and by finite differences), then candle's
+    /// conv2d + bias.
     fn reference(x: &Tensor, f: usize, w: &Tensor, b: &Tensor) -> Tensor {
         let k = w.dim(2).unwrap();
-        crate::ops::upsample::reference(x, f)
+        crate::upsample_bilinear(x, f, CFG)
             .unwrap()
             .conv2d(w, k / 2, 1, 1, 1)
             .unwrap()
@@ -417,7 +400,7 @@ mod tests {
             let scale = var(Tensor::randn(1f32, 0.3, cout, &dev).unwrap());
             let shift = var(Tensor::randn(0f32, 0.3, cout, &dev).unwrap());
             let probe = Tensor::randn(0f32, 1.0, (b, cout, h * f, w * f), &dev).unwrap();
-            let fast = upsampled_conv2d_affine_relu(&x, f, &wt, &bias, &scale, &shift).unwrap();
+            let fast = upsampled_conv2d_affine_relu(&x, f, &wt, &bias, &scale, &shift, CFG).unwrap();
             let pre = reference(&x, f, &wt, &bias)
                 .broadcast_mul(&scale.reshape((1, (), 1, 1)).unwrap())
                 .unwrap()
@@ -461,7 +444,7 @@ mod tests {
             let gamma = var(fixed(&[cout], seed + 3, 1.0, 0.5));
             let beta = var(fixed(&[cout], seed + 4, 0.0, 0.5));
             let probe = fixed(&[b, cout, h * f, w * f], seed + 5, 0.0, 1.7);
-            let (fast, stats) = upsampled_conv_bn_relu_train(&x, f, &wt, &bias, &gamma, &beta, 1e-5).unwrap();
+            let (fast, stats) = upsampled_conv_bn_relu_train(&x, f, &wt, &bias, &gamma, &beta, 1e-5, CFG).unwrap();
             let bn = candle_nn::BatchNorm::new_with_momentum(
                 cout,
                 Tensor::zeros(cout, candle_core::DType::F32, &dev).unwrap(),
@@ -534,7 +517,7 @@ mod tests {
             )
             .unwrap();
             let run = |xv: &Tensor, wv: &Tensor| {
-                let y = upsampled_conv2d_affine_relu(xv, f, wv, &bias, &scale, &shift).unwrap();
+                let y = upsampled_conv2d_affine_relu(xv, f, wv, &bias, &scale, &shift, CFG).unwrap();
                 (y * &probe).unwrap().sum_all().unwrap()
             };
             let value = |xv: &[f32], wv: &[f32]| -> f64 {

@@ -3,9 +3,9 @@
 //! (the unfolding written as the kernels write it), and shifted views of the
 //! zero-padded input (nine GEMMs of depth `cin`, no unfolding). Forward pass
 //! and weight gradient, mean of 5 after a warm-up. This is what set
-//! `SHIFTED_MIN_PIXELS` in `src/fast/conv.rs`.
+//! `SHIFTED_MIN_PIXELS` in `src/plan.rs`.
 //!
-//! `cargo bench -p cmr-models --bench conv_methods`
+//! `cargo bench -p cmr-kernels --bench conv_methods`
 
 #![allow(clippy::print_stdout)]
 

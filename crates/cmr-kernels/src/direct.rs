@@ -12,84 +12,32 @@
 //! contiguous 16-float loads at `q + offset(tap)` and 8 broadcast weights.
 //! The only data rearranged is the weight, once per call: `[cout/8][cin][k·k][8]`.
 //!
-//! The kernel exists for AVX-512 only; elsewhere (or with `CMR_DIRECT=0`)
-//! the convolution runs as shifted-view GEMMs. Like `gemm`'s own kernels it
-//! is chosen by what the CPU has, not by `CMR_SIMD` (its fused multiply-adds
-//! round differently from the baseline build's loops).
-
-use std::cell::Cell;
-use std::sync::atomic::{AtomicU8, Ordering};
+//! The kernel exists for AVX-512 only; elsewhere (or with
+//! `KernelConfig::direct` off) [`crate::plan`] picks shifted-view GEMMs. Like
+//! `gemm`'s own kernels it runs by what the CPU has, whatever
+//! `KernelConfig::simd` says (its fused multiply-adds round differently from
+//! the baseline build's loops).
 
 use rayon::prelude::*;
 
-use super::SendPtr;
-use super::conv::Epilogue;
+use crate::cpu::{SendPtr, has_avx512};
+use crate::gemm::{Epilogue, Scratch};
+use crate::shifted::{Padded, pad};
 
 /// Output positions per micro-kernel tile: three 16-float vectors.
-pub(super) const MR: usize = 48;
+pub(crate) const MR: usize = 48;
 /// Output channels per micro-kernel tile.
-pub(super) const NR: usize = 8;
+pub(crate) const NR: usize = 8;
 /// Tiles per block of work: a block's input rows stay in L2 while every
 /// output-channel group passes over them.
 const TILES_PER_BLOCK: usize = 4;
 /// Input channels per pass over a block: their rows stay in L1 while every
 /// output-channel group reads them. Wider inputs take several passes, each
 /// adding to the last one's result.
-pub(super) const CI_BLOCK: usize = 32;
-
-/// 0: not yet decided, 1: on, 2: off.
-static DIRECT: AtomicU8 = AtomicU8::new(0);
-
-thread_local! {
-    /// Set by [`without_direct`]: this thread's convolutions use GEMMs.
-    static OFF_HERE: Cell<bool> = const { Cell::new(false) };
-}
-
-/// Run `f` with the direct kernel off for the convolutions this thread
-/// starts (tests of the GEMM path, which run alongside others).
-#[cfg(test)]
-pub(super) fn without_direct<R>(f: impl FnOnce() -> R) -> R {
-    OFF_HERE.with(|c| c.set(true));
-    let r = f();
-    OFF_HERE.with(|c| c.set(false));
-    r
-}
-
-/// Whether the direct kernel runs: the CPU has AVX-512 and `CMR_DIRECT=0`
-/// (or [`set_direct`]) did not turn it off.
-pub(super) fn enabled() -> bool {
-    if OFF_HERE.with(Cell::get) {
-        return false;
-    }
-    match DIRECT.load(Ordering::Relaxed) {
-        1 => true,
-        2 => false,
-        _ => {
-            let on = std::env::var("CMR_DIRECT").map(|v| v != "0").unwrap_or(true) && has_avx512();
-            DIRECT.store(if on { 1 } else { 2 }, Ordering::Relaxed);
-            on
-        }
-    }
-}
-
-/// Use the direct convolution kernel where the CPU has it (`true`, the
-/// default) or the shifted-view GEMMs everywhere (`false`).
-pub fn set_direct(on: bool) {
-    DIRECT.store(if on && has_avx512() { 1 } else { 2 }, Ordering::Relaxed);
-}
-
-#[cfg(target_arch = "x86_64")]
-fn has_avx512() -> bool {
-    std::is_x86_feature_detected!("avx512f")
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-fn has_avx512() -> bool {
-    false
-}
+pub(crate) const CI_BLOCK: usize = 32;
 
 /// `n` rounded up to a multiple of `m`.
-pub(super) fn round_up(n: usize, m: usize) -> usize {
+pub(crate) fn round_up(n: usize, m: usize) -> usize {
     n.div_ceil(m) * m
 }
 
@@ -97,7 +45,7 @@ pub(super) fn round_up(n: usize, m: usize) -> usize {
 /// [`NR`] output channels, each `[cin][kk][NR]`, zeros for the channels past
 /// `cout` in the last group. Groups in parallel when `parallel` (one image
 /// convolved on all threads, so no other work to overlap with).
-pub(super) fn pack_weights(weight: &[f32], cout: usize, cin: usize, kk: usize, parallel: bool) -> Vec<f32> {
+pub(crate) fn pack_weights(weight: &[f32], cout: usize, cin: usize, kk: usize, parallel: bool) -> Vec<f32> {
     let groups = cout.div_ceil(NR);
     let mut packed = vec![0f32; groups * cin * kk * NR];
     let fill = |(g, group): (usize, &mut [f32])| {
@@ -117,14 +65,14 @@ pub(super) fn pack_weights(weight: &[f32], cout: usize, cin: usize, kk: usize, p
 
 /// The shape of one image's direct convolution.
 #[derive(Clone, Copy)]
-pub(super) struct Shape {
-    pub(super) cin: usize,
+pub(crate) struct Shape {
+    pub(crate) cin: usize,
     /// Distance between two channels' planes in the padded input.
-    pub(super) plane: usize,
+    pub(crate) plane: usize,
     /// Output channels, rounded up to [`NR`]: the rows of `out`.
-    pub(super) cout_r: usize,
+    pub(crate) cout_r: usize,
     /// Output positions, rounded up to [`MR`]: the row length of `out`.
-    pub(super) n_r: usize,
+    pub(crate) n_r: usize,
 }
 
 /// Where the last pass over the input channels writes, instead of the
@@ -132,21 +80,21 @@ pub(super) struct Shape {
 /// epilogue applied to each value on the way (bias, then scale and shift,
 /// then ReLU, the same operations in the same order as `conv::copy_out`,
 /// so the same bits).
-pub(super) struct Planes<'a> {
-    pub(super) out: &'a mut [f32],
-    pub(super) shape: PlaneShape<'a>,
+pub(crate) struct Planes<'a> {
+    pub(crate) out: &'a mut [f32],
+    pub(crate) shape: PlaneShape<'a>,
 }
 
 /// The layout of [`Planes`] and the epilogue.
 #[derive(Clone, Copy)]
-pub(super) struct PlaneShape<'a> {
-    pub(super) cout: usize,
-    pub(super) h: usize,
-    pub(super) w: usize,
+pub(crate) struct PlaneShape<'a> {
+    pub(crate) cout: usize,
+    pub(crate) h: usize,
+    pub(crate) w: usize,
     /// The padded row width: output position `q` is row `q / wp`, column
     /// `q % wp` (columns from `w` on are padding).
-    pub(super) wp: usize,
-    pub(super) epi: Epilogue<'a>,
+    pub(crate) wp: usize,
+    pub(crate) epi: Epilogue<'a>,
 }
 
 /// Convolve one padded image: every position `q < n_r` of every output
@@ -157,7 +105,7 @@ pub(super) struct PlaneShape<'a> {
 /// are computed all the same and dropped. `padded` must hold `(cin −
 /// 1)·plane + n_r + max(offsets)` values; threads split the positions when
 /// `parallel`.
-pub(super) fn convolve(
+pub(crate) fn convolve(
     padded: &[f32],
     packed: &[f32],
     offsets: &[usize],
@@ -202,16 +150,6 @@ pub(super) fn convolve(
             for g in 0..s.cout_r / NR {
                 let w = &packed[(g * s.cin + c0) * kk * NR..][..cn * kk * NR];
                 for q0 in (q_start..q_end).step_by(MR) {
-                    // SAFETY: the CPU has AVX-512 (asserted above); the
-                    // other assertion keeps every read inside `padded` and
-                    // `w` (the largest input index is `(cin −
-                    // 1)·plane + n_r − 1 + max_off`) and every access to
-                    // `out` inside it (`(g·NR + NR − 1)·n_r + n_r − 1`;
-                    // `out` is only read or written when it has that many
-                    // values, asserted above); writes to the planes stay
-                    // inside `cout·h·w` ([`store_planes`]). Blocks write
-                    // disjoint positions, so the threads never write the
-                    // same element.
                     let last = c0 + cn == s.cin;
                     let sink = match planes_ptr {
                         Some((ptr, p)) if last => Sink::Planes {
@@ -222,6 +160,16 @@ pub(super) fn convolve(
                         },
                         _ => Sink::Wide(out_ptr.get().wrapping_add(g * NR * s.n_r + q0), s.n_r),
                     };
+                    // SAFETY: the CPU has AVX-512 (asserted above); the
+                    // other assertion keeps every read inside `padded` and
+                    // `w` (the largest input index is `(cin −
+                    // 1)·plane + n_r − 1 + max_off`) and every access to
+                    // `out` inside it (`(g·NR + NR − 1)·n_r + n_r − 1`;
+                    // `out` is only read or written when it has that many
+                    // values, asserted above); writes to the planes stay
+                    // inside `cout·h·w` ([`store_planes`]). Blocks write
+                    // disjoint positions, so the threads never write the
+                    // same element.
                     unsafe {
                         tile(
                             padded.as_ptr().add(c0 * s.plane + q0),
@@ -277,15 +225,19 @@ unsafe fn tile(
     if let Some(from) = partial {
         for j in 0..NR {
             for i in 0..3 {
+                // SAFETY: inside the bounds this function's contract gives (see its `# Safety`).
                 acc[i][j] = unsafe { _mm512_loadu_ps(from.add(j * partial_rs + 16 * i)) };
             }
         }
     }
     let mut wp = w;
     for ci in 0..cin {
+        // SAFETY: inside the bounds this function's contract gives (see its `# Safety`).
         let base = unsafe { x.add(ci * plane) };
         for &off in offsets {
+            // SAFETY: inside the bounds this function's contract gives (see its `# Safety`).
             let p = unsafe { base.add(off) };
+            // SAFETY: inside the bounds this function's contract gives (see its `# Safety`).
             let v = unsafe {
                 [
                     _mm512_loadu_ps(p),
@@ -294,11 +246,13 @@ unsafe fn tile(
                 ]
             };
             for j in 0..NR {
+                // SAFETY: inside the bounds this function's contract gives (see its `# Safety`).
                 let b = _mm512_set1_ps(unsafe { *wp.add(j) });
                 for i in 0..3 {
                     acc[i][j] = _mm512_fmadd_ps(v[i], b, acc[i][j]);
                 }
             }
+            // SAFETY: inside the bounds this function's contract gives (see its `# Safety`).
             wp = unsafe { wp.add(NR) };
         }
     }
@@ -306,6 +260,7 @@ unsafe fn tile(
         Sink::Wide(out, out_rs) => {
             for j in 0..NR {
                 for i in 0..3 {
+                    // SAFETY: inside the bounds this function's contract gives (see its `# Safety`).
                     unsafe { _mm512_storeu_ps(out.add(j * out_rs + 16 * i), acc[i][j]) };
                 }
             }
@@ -317,6 +272,7 @@ unsafe fn tile(
                 ($i:literal) => {{
                     let a = &acc[$i];
                     let v = [a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]];
+                    // SAFETY: a `Sink::Planes` holds planes as `store_planes` needs them (this function's contract).
                     unsafe { store_planes(ptr, &p, g * NR, q0 + 16 * $i, &v) };
                 }};
             }
@@ -385,10 +341,12 @@ unsafe fn store_planes(ptr: *mut f32, p: &PlaneShape, co0: usize, q: usize, v: &
         // row y + 1; masked-off lanes are not touched.
         let plane = ptr.wrapping_add(co * hw);
         if here != 0 {
+            // SAFETY: the lane mask keeps every store inside the planes (`store_planes`'s contract).
             unsafe { _mm512_mask_storeu_ps(plane.wrapping_add(y * p.w + x), here, r) };
         }
         if next != 0 {
             let base = plane.wrapping_add((y + 1) * p.w + x).wrapping_sub(p.wp);
+            // SAFETY: the lane mask keeps every store inside the planes (`store_planes`'s contract).
             unsafe { _mm512_mask_storeu_ps(base, next, r) };
         }
     }
@@ -412,6 +370,53 @@ unsafe fn tile(
     _: Sink,
 ) {
     unreachable!("the direct convolution runs on x86-64 with AVX-512 only")
+}
+
+/// One image's convolution by the direct kernel ([`convolve`]) on
+/// the padded input, `weight` packed by [`pack_weights`]; the kernel
+/// applies the epilogue as it writes the output.
+pub(crate) fn conv_direct(
+    xi: &[f32],
+    (cin, h, w, cout, k): (usize, usize, usize, usize, usize),
+    packed: &[f32],
+    epi: Epilogue,
+    out: &mut [f32],
+    scratch: &mut Scratch,
+    parallel: bool,
+) {
+    let layout = pad(xi, cin, h, w, k, &mut scratch.cols, parallel);
+    let Padded { wp, plane } = layout;
+    let n = h * wp;
+    let n_r = round_up(n, MR);
+    let cout_r = round_up(cout, NR);
+    let offsets: Vec<usize> = (0..k * k).map(|tap| layout.tap_offset(tap, k)).collect();
+    // The last tile reads up to `n_r − n` values past the last plane: their
+    // results are dropped, but the reads must stay inside the buffer.
+    scratch.cols.resize(cin * plane + (n_r - n), 0.0);
+    // Partial sums only when the input channels take several passes; the
+    // last pass writes the output planes with the epilogue.
+    if cin > CI_BLOCK {
+        scratch.wide.resize(cout_r * n_r, 0.0);
+    }
+    let shape = Shape {
+        cin,
+        plane,
+        cout_r,
+        n_r,
+    };
+    let planes = Planes {
+        out,
+        shape: PlaneShape { cout, h, w, wp, epi },
+    };
+    convolve(
+        &scratch.cols,
+        packed,
+        &offsets,
+        shape,
+        &mut scratch.wide,
+        Some(planes),
+        parallel,
+    );
 }
 
 #[cfg(test)]

@@ -1,4 +1,4 @@
-//! One 3×3 convolution layer (`fast::conv2d`, forward and backward: input
+//! One 3×3 convolution layer (`cmr_kernels::conv2d`, forward and backward: input
 //! and weight gradients) at the networks' shapes, with each way the fast
 //! kernels can compute it, alternating between them so that a slow minute
 //! of this machine hits all of them alike; the minimum over the rounds.
@@ -10,7 +10,7 @@
 //! the fourth compares its two tiles there: F(2×2, 3×3) everywhere, or the
 //! default's choice (F(4×4, 3×3) where the batch has 144 of its tiles).
 //!
-//! `cargo bench -p cmr-models --bench conv_layer [-- --rounds N] [TABLE…]`
+//! `cargo bench -p cmr-kernels --bench conv_layer [-- --rounds N] [TABLE…]`
 //! (one thread unless `RAYON_NUM_THREADS` says otherwise); `TABLE` is one
 //! of `direct`, `batched`, `winograd`, `tiles` (default: all four).
 
@@ -19,7 +19,7 @@
 use std::time::Instant;
 
 use candle_core::{Device, Tensor, Var};
-use cmr_models::fast::{self, Batched, Winograd};
+use cmr_kernels::{Batched, KernelConfig, Winograd};
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
@@ -42,7 +42,7 @@ fn main() {
         }
     }
     let wanted = |t: &str| chosen.is_empty() || chosen.contains(&t);
-    fast::keep_freed_memory();
+    cmr_kernels::keep_freed_memory();
     // (batch, cin, cout, side): the narrow widths' layers, then the report's
     let shapes = [
         (4, 1, 16, 96),
@@ -61,13 +61,20 @@ fn main() {
     );
     // The first two tables without Winograd, which would take some of
     // their layers (the third compares it).
-    fast::set_winograd(false);
+    let on = KernelConfig::DEFAULT;
+    let no_winograd = KernelConfig {
+        winograd: Winograd::Off,
+        ..on
+    };
     if wanted("direct") {
-        table(&shapes, rounds, ["GEMMs", "direct"], fast::set_direct);
-        fast::set_direct(true);
+        let gemms = KernelConfig {
+            direct: false,
+            ..no_winograd
+        };
+        table(&shapes, rounds, [("GEMMs", gemms), ("direct", no_winograd)]);
     }
     // Small images: the backward pass image by image or batch-wide
-    // (`fast/batched.rs`), wherever the default would choose.
+    // (`batched.rs`), wherever the default would choose.
     let small = [
         (8, 64, 64, 24),
         (8, 128, 128, 12),
@@ -81,14 +88,16 @@ fn main() {
         (8, 1024, 1024, 6),
     ];
     if wanted("batched") {
-        table(&small, rounds, ["by image", "batch-wide"], |on| {
-            fast::set_batched(if on { Batched::Always } else { Batched::Off })
-        });
-        fast::set_batched(Batched::Auto);
+        let by = |batched| KernelConfig { batched, ..no_winograd };
+        table(
+            &small,
+            rounds,
+            [("by image", by(Batched::Off)), ("batch-wide", by(Batched::Always))],
+        );
     }
     // Layers with many channels: im2col and one GEMM under 32×32, the
     // direct kernel from there up, or Winograd's minimal filtering
-    // (`fast/winograd.rs`), where it applies by default.
+    // (`winograd.rs`), where it applies by default.
     let winograd = [
         (4, 512, 512, 12),
         (8, 512, 512, 12),
@@ -104,21 +113,23 @@ fn main() {
         (4, 80, 80, 96),
     ];
     if wanted("winograd") {
-        table(&winograd, rounds, ["without", "Winograd"], fast::set_winograd);
+        table(&winograd, rounds, [("without", no_winograd), ("Winograd", on)]);
     }
     // Its two tiles on the layers it takes: F(2×2) everywhere, or the
     // default (F(4×4) where the batch has 144 of its tiles).
     if wanted("tiles") {
-        table(&winograd, rounds, ["F(2×2)", "default"], |on| {
-            fast::set_winograd_mode(if on { Winograd::Auto } else { Winograd::F2x2 })
-        });
+        let f2 = KernelConfig {
+            winograd: Winograd::F2x2,
+            ..on
+        };
+        table(&winograd, rounds, [("F(2×2)", f2), ("default", on)]);
     }
-    fast::set_winograd(true);
 }
 
-/// One line per shape: the layer's fwd+bwd time in each of two modes (`set`
-/// switches to the first with `false`, the second with `true`), alternating.
-fn table(shapes: &[(usize, usize, usize, usize)], rounds: usize, names: [&str; 2], set: impl Fn(bool)) {
+/// One line per shape: the layer's fwd+bwd time under each of two settings,
+/// alternating.
+fn table(shapes: &[(usize, usize, usize, usize)], rounds: usize, modes: [(&str, KernelConfig); 2]) {
+    let names = modes.map(|(n, _)| n);
     let dev = Device::Cpu;
     println!(
         "{:<22} {}",
@@ -130,18 +141,17 @@ fn table(shapes: &[(usize, usize, usize, usize)], rounds: usize, names: [&str; 2
         let w = Var::from_tensor(&Tensor::randn(0f32, 0.1, (cout, cin, 3, 3), &dev).unwrap()).unwrap();
         let bias = Var::from_tensor(&Tensor::zeros(cout, candle_core::DType::F32, &dev).unwrap()).unwrap();
         let probe = Tensor::randn(0f32, 1.0, (b, cout, side, side), &dev).unwrap();
-        let run = || {
-            let y = fast::conv2d(&x, &w, &bias).unwrap();
+        let run = |cfg: &KernelConfig| {
+            let y = cmr_kernels::conv2d(&x, &w, &bias, cfg).unwrap();
             let g = (&y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
             std::hint::black_box(g.get(&w).unwrap());
         };
         let mut best = [f64::INFINITY; 2];
         for _ in 0..rounds {
-            for (i, mode) in [false, true].into_iter().enumerate() {
-                set(mode);
-                run();
+            for (i, (_, cfg)) in modes.iter().enumerate() {
+                run(cfg);
                 let t = Instant::now();
-                run();
+                run(cfg);
                 best[i] = best[i].min(t.elapsed().as_secs_f64() * 1e3);
             }
         }

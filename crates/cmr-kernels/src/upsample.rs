@@ -7,19 +7,20 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{output_buffer, slice, with_data};
+use crate::cpu::{output_buffer, simd_fn};
+use crate::{KernelConfig, slice, with_data};
 
 /// For each output index along one axis: the two input indices it reads and
 /// the weight of the second.
-pub(super) struct Taps {
-    pub(super) lo: Vec<usize>,
-    pub(super) hi: Vec<usize>,
-    pub(super) lambda: Vec<f32>,
+pub(crate) struct Taps {
+    pub(crate) lo: Vec<usize>,
+    pub(crate) hi: Vec<usize>,
+    pub(crate) lambda: Vec<f32>,
 }
 
 /// The taps of `n` inputs up-sampled `factor` times, by the formula of
 /// [`crate::ops::bilinear_matrix`].
-pub(super) fn taps(n: usize, factor: usize) -> Taps {
+pub(crate) fn taps(n: usize, factor: usize) -> Taps {
     let m = n * factor;
     let mut t = Taps {
         lo: Vec::with_capacity(m),
@@ -38,7 +39,7 @@ pub(super) fn taps(n: usize, factor: usize) -> Taps {
 
 simd_fn! {
     /// One plane `[h, w]` → `[h·f, w·f]`.
-    fn up_plane(x: &[f32], w: usize, th: &Taps, tw: &Taps, rows: &mut Vec<f32>, y: &mut [f32]) {
+    fn up_plane(simd: Simd, x: &[f32], w: usize, th: &Taps, tw: &Taps, rows: &mut Vec<f32>, y: &mut [f32]) {
         let wo = tw.lo.len();
         let h = x.len() / w;
         rows.resize(h * wo, 0.0);
@@ -56,7 +57,7 @@ simd_fn! {
     }
 
     /// The adjoint of [`up_plane`]: `dy [h·f, w·f]` → `dx [h, w]`.
-    fn up_plane_adjoint(dy: &[f32], w: usize, th: &Taps, tw: &Taps, rows: &mut Vec<f32>, dx: &mut [f32]) {
+    fn up_plane_adjoint(simd: Simd, dy: &[f32], w: usize, th: &Taps, tw: &Taps, rows: &mut Vec<f32>, dx: &mut [f32]) {
         let wo = tw.lo.len();
         let h = dx.len() / w;
         rows.clear();
@@ -81,6 +82,7 @@ simd_fn! {
 
 struct UpsampleOp {
     factor: usize,
+    cfg: KernelConfig,
 }
 
 impl CustomOp1 for UpsampleOp {
@@ -89,6 +91,7 @@ impl CustomOp1 for UpsampleOp {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let simd = self.cfg.simd;
         let (b, c, h, w) = l.shape().dims4()?;
         let f = self.factor;
         let (th, tw) = (taps(h, f), taps(w, f));
@@ -97,11 +100,12 @@ impl CustomOp1 for UpsampleOp {
         let mut out = unsafe { output_buffer(b * c * h * f * w * f) };
         out.par_chunks_mut(h * f * w * f)
             .zip(x.par_chunks(h * w))
-            .for_each_init(Vec::new, |rows, (y, xp)| up_plane(xp, w, &th, &tw, rows, y));
+            .for_each_init(Vec::new, |rows, (y, xp)| up_plane(simd, xp, w, &th, &tw, rows, y));
         Ok((CpuStorage::F32(out), Shape::from((b, c, h * f, w * f))))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        let simd = self.cfg.simd;
         let (b, c, h, w) = arg.dims4()?;
         let f = self.factor;
         let (th, tw) = (taps(h, f), taps(w, f));
@@ -109,7 +113,9 @@ impl CustomOp1 for UpsampleOp {
             let mut dx = vec![0f32; b * c * h * w];
             dx.par_chunks_mut(h * w)
                 .zip(g.par_chunks(h * f * w * f))
-                .for_each_init(Vec::new, |rows, (d, gp)| up_plane_adjoint(gp, w, &th, &tw, rows, d));
+                .for_each_init(Vec::new, |rows, (d, gp)| {
+                    up_plane_adjoint(simd, gp, w, &th, &tw, rows, d)
+                });
             dx
         })?;
         Ok(Some(Tensor::from_vec(dx, (b, c, h, w), arg.device())?))
@@ -117,43 +123,22 @@ impl CustomOp1 for UpsampleOp {
 }
 
 /// Bilinear up-sampling of `x [B, C, H, W]` by `factor ≥ 1`
-/// (`align_corners = false`). CPU and f32 only; see [`super::applies`].
-pub fn upsample_bilinear(x: &Tensor, factor: usize) -> Result<Tensor> {
+/// (`align_corners = false`). CPU and f32 only; see [`KernelConfig::applies`].
+pub fn upsample_bilinear(x: &Tensor, factor: usize, cfg: &KernelConfig) -> Result<Tensor> {
     if factor == 0 {
         candle_core::bail!("up-sampling factor must be at least 1");
     }
-    super::tape::apply1(x, &x.contiguous()?, UpsampleOp { factor })
+    crate::tape::apply1(x, &x.contiguous()?, UpsampleOp { factor, cfg: *cfg })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{FiniteDiff, assert_gradient, max_rel, narrow, widen};
-    use candle_core::{Device, Var};
+    use crate::KernelConfig;
 
-    /// Values and gradients against the matrix-product reference, factors 2
-    /// to 16 (U-Net 3+ uses up to 16), odd and non-square planes.
-    #[test]
-    fn matches_the_matrix_reference() {
-        let dev = Device::Cpu;
-        for &(b, c, h, w, f) in &[
-            (2, 3, 5, 7, 2),
-            (1, 2, 6, 6, 4),
-            (3, 1, 3, 4, 8),
-            (2, 2, 6, 5, 16),
-            (1, 1, 1, 3, 2),
-        ] {
-            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, c, h, w), &dev).unwrap()).unwrap();
-            let probe = Tensor::randn(0f32, 1.0, (b, c, h * f, w * f), &dev).unwrap();
-            let fast = upsample_bilinear(&x, f).unwrap();
-            let slow = crate::ops::upsample::reference(&x, f).unwrap();
-            assert!(max_rel(&fast, &slow) < 1e-5, "{:?} forward", (b, c, h, w, f));
-            let gf = (&fast * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-            let gs = (&slow * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-            let e = max_rel(gf.get(&x).unwrap(), gs.get(&x).unwrap());
-            assert!(e < 1e-4, "{:?} dx: {e}", (b, c, h, w, f));
-        }
-    }
+    const CFG: &KernelConfig = &KernelConfig::DEFAULT;
+    use crate::testing::{FiniteDiff, assert_gradient, narrow, widen};
+    use candle_core::{Device, Var};
 
     /// Finite differences of the op's own backward (the adjoint).
     #[test]
@@ -164,11 +149,11 @@ mod tests {
         let probe = Tensor::randn(0f32, 1.0, (1, 2, h * f, w * f), &dev).unwrap();
         let f_of = |v: &[f32]| -> f64 {
             let x = Tensor::from_slice(v, (1, 2, h, w), &dev).unwrap();
-            let y = upsample_bilinear(&x, f).unwrap();
+            let y = upsample_bilinear(&x, f, CFG).unwrap();
             f64::from((y * &probe).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap())
         };
         let xv = Var::from_tensor(&Tensor::from_slice(&x0, (1, 2, h, w), &dev).unwrap()).unwrap();
-        let g = (upsample_bilinear(&xv, f).unwrap() * &probe)
+        let g = (upsample_bilinear(&xv, f, CFG).unwrap() * &probe)
             .unwrap()
             .sum_all()
             .unwrap()

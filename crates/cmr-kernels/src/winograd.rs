@@ -14,11 +14,11 @@
 //! 2.25× the size of each, and the transformed weights are 1.8× or 4× the
 //! kernels' size.
 //!
-//! It runs for 3×3 layers with many channels ([`choose`]), instead of
+//! [`crate::plan`] runs it for 3×3 layers with many channels, instead of
 //! im2col under 32×32 and of the direct kernel from there up, with F(4×4)
-//! tiles where the batch has at least 144 of them (`F4_MIN_TILES`: from
-//! 48×48 at batch 1, 24×24 at batch 4, 12×12 at batch 16); `CMR_WINOGRAD=0` or [`set_winograd`] turns it off
-//! (`=2` gives F(2×2) tiles everywhere it runs, [`set_winograd_mode`]).
+//! tiles where the batch has at least 144 of them (from 48×48 at batch 1,
+//! 24×24 at batch 4, 12×12 at batch 16); `KernelConfig::winograd` turns it
+//! off or fixes one tile everywhere it runs.
 //! Large images go through in bands of tile rows, so that the transformed
 //! patches of one round stay a few MB. The results equal the direct sum's
 //! to rounding: F(2×2)'s transforms add and subtract values of the input's
@@ -26,94 +26,19 @@
 //! of them; F(4×4)'s scale by up to 8 and by fractions, about ten times
 //! that.
 
-use std::sync::atomic::{AtomicU8, Ordering};
-
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::conv::{Epilogue, matmul, rows};
-use super::{SendPtr, output_buffer};
-
-/// Where 3×3 convolutions run by Winograd's minimal filtering.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Winograd {
-    /// Nowhere: the direct kernel or GEMMs.
-    Off,
-    /// Where it was measured faster, with the tile measured faster there
-    /// (the default: from 8×8 up with many channels, F(4×4) tiles where
-    /// the batch has 144 of them; `choose` in `fast/winograd.rs`).
-    Auto,
-    /// F(2×2, 3×3) on the layers that [`Winograd::Auto`] takes (for
-    /// comparisons).
-    F2x2,
-    /// F(4×4, 3×3) on the layers that [`Winograd::Auto`] takes (for
-    /// comparisons).
-    F4x4,
-}
-
-/// 0: not yet read from the environment, else 1 + the [`Winograd`] index.
-static MODE: AtomicU8 = AtomicU8::new(0);
-
-/// The mode in force: [`set_winograd_mode`]'s, else `CMR_WINOGRAD=0` (off),
-/// `=2` or `=4` (one tile everywhere), or the default ([`Winograd::Auto`]).
-fn mode() -> Winograd {
-    match MODE.load(Ordering::Relaxed) {
-        1 => Winograd::Off,
-        2 => Winograd::Auto,
-        3 => Winograd::F2x2,
-        4 => Winograd::F4x4,
-        _ => {
-            let mode = match std::env::var("CMR_WINOGRAD").as_deref() {
-                Ok("0") => Winograd::Off,
-                Ok("2") => Winograd::F2x2,
-                Ok("4") => Winograd::F4x4,
-                _ => Winograd::Auto,
-            };
-            set_winograd_mode(mode);
-            mode
-        }
-    }
-}
-
-/// Choose where 3×3 convolutions run by Winograd's minimal filtering, for
-/// the whole process.
-pub fn set_winograd_mode(mode: Winograd) {
-    let v = match mode {
-        Winograd::Off => 1,
-        Winograd::Auto => 2,
-        Winograd::F2x2 => 3,
-        Winograd::F4x4 => 4,
-    };
-    MODE.store(v, Ordering::Relaxed);
-}
-
-/// Convolve 3×3 layers with many channels by Winograd's minimal filtering
-/// (`true`, the default, [`Winograd::Auto`]) or by the direct kernel or
-/// GEMMs (`false`; for comparison).
-pub fn set_winograd(on: bool) {
-    set_winograd_mode(if on { Winograd::Auto } else { Winograd::Off });
-}
-
-/// The output tile of the minimal filtering: F(m×m, 3×3) computes an
-/// `m × m` block of outputs from an `(m + 2) × (m + 2)` input patch with
-/// `(m + 2)²` products per channel pair instead of `9·m²`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Tile {
-    /// F(2×2, 3×3): 16 products for 4 outputs (2.25× fewer), transforms of
-    /// additions only, results exact to a few units in the last place.
-    F2,
-    /// F(4×4, 3×3): 36 products for 16 outputs (4× fewer); the transforms
-    /// scale by up to 8 (points 0, ±1, ±2), so rounding grows to a few
-    /// 1e-6 of the largest value (measured up to 1.0e-5 at 256 channels).
-    F4,
-}
+use crate::cpu::{SendPtr, Simd, block_sum, output_buffer, simd_fn};
+use crate::gemm::{Epilogue, View, matmul, rows};
+use crate::plan::Tile;
 
 impl Tile {
     /// Outputs per tile side.
     fn m(self) -> usize {
         match self {
-            Tile::F2 => 2,
-            Tile::F4 => 4,
+            Tile::F2x2 => 2,
+            Tile::F4x4 => 4,
         }
     }
 
@@ -135,59 +60,6 @@ impl Tile {
     }
 }
 
-/// How a `k × k` convolution of `b` images `[cin, h, w]` to `cout` channels
-/// runs here, if it does: 3×3 kernels on images from 8×8 up with enough
-/// channels and tiles for the GEMMs' savings to pay for the transforms.
-/// Measured layer by layer (`benches/conv_layer.rs`'s third table and
-/// scratch comparisons, two threads), forward+backward against the default
-/// otherwise:
-/// - under 32×32 (against im2col and one GEMM, or at 6×6 the batch-wide
-///   GEMMs of `batched.rs`): 512 → 512 at 12×12 0.76–0.81× at batch 4 and
-///   8, but 1.21× at batch 1 (36 tiles: transforming the weights costs more
-///   than the GEMMs save); 256 → 256 at 24×24 0.74–0.80×; with F(4×4)
-///   tiles 128 → 256 and 256 → 128 at 24×24 0.76×, 128 → 128 0.82–0.88×,
-///   but 64 → 64 1.10×; 256 → 256 at 12×12 0.89–0.97×, but 128 → 128
-///   0.95–1.19× (two identical settings differed by 1.09× in the same
-///   comparison); at 6×6 1.06–1.12×;
-/// - from 32×32 (against the direct kernel), with F(4×4) tiles: 80 → 80
-///   0.67–0.76×, 64 → 64 at 96×96 0.78–0.93×, 128 → 64 and 64 → 128 at
-///   48×48 0.84–0.87×, 48 → 48 0.94×, but 64 → 32 1.13×, 32 → 32
-///   1.3×, 16 → 16 1.6×.
-pub(super) fn choose(b: usize, cin: usize, h: usize, w: usize, cout: usize, k: usize) -> Option<Tile> {
-    let mode = mode();
-    if mode == Winograd::Off || k != 3 || h < 8 || w < 8 {
-        return None;
-    }
-    let enough = if h * w < super::conv::SHIFTED_MIN_PIXELS {
-        // the products per image: 128·128 weights at 24×24, 256·256 at 12×12
-        cin * cout * h * w >= 128 * 128 * 24 * 24
-    } else {
-        cin * cout >= 64 * 64
-    };
-    if !enough || b * h.div_ceil(2) * w.div_ceil(2) < MIN_TILES {
-        return None;
-    }
-    Some(match mode {
-        Winograd::F2x2 => Tile::F2,
-        Winograd::F4x4 => Tile::F4,
-        _ if b * h.div_ceil(4) * w.div_ceil(4) >= F4_MIN_TILES => Tile::F4,
-        _ => Tile::F2,
-    })
-}
-
-/// The fewest 4×4 output tiles (over the batch) that [`choose`] gives F(4×4)
-/// tiles: each of its GEMMs reads a transformed weight matrix 2.25× the
-/// size of F(2×2)'s (4× the kernels'), and with fewer tiles that traffic
-/// costs more than the products save. Measured fwd+bwd against F(2×2)
-/// (a scratch comparison, two threads): 36 tiles (batch 1 at
-/// 24×24) 1.10–2.3×, 72 (batch 8 at 12×12) 0.96–1.11×, 144 (batch 1 at
-/// 48×48, batch 4 at 24×24, batch 16 at 12×12) 0.82–1.02×, 288 (batch 8 at
-/// 24×24) 0.87×.
-const F4_MIN_TILES: usize = 144;
-
-/// The fewest 2×2 output tiles (over the batch) that [`choose`] takes.
-const MIN_TILES: usize = 128;
-
 /// `G` of F(2×2, 3×3) (4×3).
 const G2: [[f32; 3]; 4] = [[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]];
 
@@ -208,7 +80,7 @@ const KERNEL_BLOCK: usize = 64;
 /// `weight [cout, cin, 3, 3]` transformed: `U [positions, cout, cin]`, `G g
 /// Gᵀ` of each kernel; output channels on the threads, input channels in
 /// the SIMD lanes ([`kernels_forward`]).
-fn transform_weights(tile: Tile, weight: &[f32], cout: usize, cin: usize) -> Vec<f32> {
+fn transform_weights(simd: Simd, tile: Tile, weight: &[f32], cout: usize, cin: usize) -> Vec<f32> {
     let n = cout * cin;
     let p = tile.positions();
     // SAFETY: every (ξ, co, ci) value is written below.
@@ -230,8 +102,8 @@ fn transform_weights(tile: Tile, weight: &[f32], cout: usize, cin: usize) -> Vec
                 // `(ξ·cout + co)·cin + c0 + len ≤ positions·n`.
                 let mut out = unsafe { rows_at(&up, p, len, |xi| (xi * cout + co) * cin + c0) };
                 match tile {
-                    Tile::F2 => kernels_forward2(g, len, tmp, &mut out[..p]),
-                    Tile::F4 => kernels_forward4(g, len, tmp, &mut out[..p]),
+                    Tile::F2x2 => kernels_forward2(simd, g, len, tmp, &mut out[..p]),
+                    Tile::F4x4 => kernels_forward4(simd, g, len, tmp, &mut out[..p]),
                 }
             }
         },
@@ -315,33 +187,33 @@ fn kernels_adjoint<const N: usize>(gm: &[[f32; 3]; N], d: &[&[f32]], len: usize,
 
 simd_fn! {
     /// [`kernels_forward`] with F(2×2)'s `G`.
-    fn kernels_forward2(g: [&[f32]; 9], len: usize, tmp: &mut [f32], out: &mut [&mut [f32]]) {
+    fn kernels_forward2(simd: Simd, g: [&[f32]; 9], len: usize, tmp: &mut [f32], out: &mut [&mut [f32]]) {
         kernels_forward(&G2, g, len, tmp, out);
     }
 
     /// [`kernels_forward`] with F(4×4)'s `G`.
-    fn kernels_forward4(g: [&[f32]; 9], len: usize, tmp: &mut [f32], out: &mut [&mut [f32]]) {
+    fn kernels_forward4(simd: Simd, g: [&[f32]; 9], len: usize, tmp: &mut [f32], out: &mut [&mut [f32]]) {
         kernels_forward(&G4, g, len, tmp, out);
     }
 
     /// [`kernels_adjoint`] with F(2×2)'s `G`.
-    fn kernels_gradient2(d: &[&[f32]], len: usize, tmp: &mut [f32], g: &mut [f32]) {
+    fn kernels_gradient2(simd: Simd, d: &[&[f32]], len: usize, tmp: &mut [f32], g: &mut [f32]) {
         kernels_adjoint(&G2, d, len, tmp, g);
     }
 
     /// [`kernels_adjoint`] with F(4×4)'s `G`.
-    fn kernels_gradient4(d: &[&[f32]], len: usize, tmp: &mut [f32], g: &mut [f32]) {
+    fn kernels_gradient4(simd: Simd, d: &[&[f32]], len: usize, tmp: &mut [f32], g: &mut [f32]) {
         kernels_adjoint(&G4, d, len, tmp, g);
     }
 
     /// An input row into its padded row of column phases (see
     /// [`transform_input`]), for F(2×2) tiles; `row` is zero.
-    fn split_phases2(src: &[f32], row: &mut [f32], q: usize) {
+    fn split_phases2(simd: Simd, src: &[f32], row: &mut [f32], q: usize) {
         split_phases::<2>(src, row, q);
     }
 
     /// As [`split_phases2`] for F(4×4) tiles.
-    fn split_phases4(src: &[f32], row: &mut [f32], q: usize) {
+    fn split_phases4(simd: Simd, src: &[f32], row: &mut [f32], q: usize) {
         split_phases::<4>(src, row, q);
     }
 
@@ -351,7 +223,7 @@ simd_fn! {
     /// [`transform_input`] (each column phase contiguous, `tw + 1` values
     /// per phase); tile `tx`'s value at position `ξ` goes to `v[ξ][off +
     /// tx]`.
-    fn input_row2(rows: &[&[f32]], tw: usize, e: &mut [f32], v: &mut [&mut [f32]], off: usize) {
+    fn input_row2(simd: Simd, rows: &[&[f32]], tw: usize, e: &mut [f32], v: &mut [&mut [f32]], off: usize) {
         let q = tw + 1;
         let n = 2 * q;
         let (d0, d1, d2, d3) = (&rows[0][..n], &rows[1][..n], &rows[2][..n], &rows[3][..n]);
@@ -390,7 +262,7 @@ simd_fn! {
     /// [[4, 0, −5, 0, 1, 0], [0, −4, −4, 1, 1, 0], [0, 4, −4, −1, 1, 0],
     /// [0, −2, −1, 2, 1, 0], [0, 2, −1, −2, 1, 0], [0, 4, 0, −5, 0, 1]]`:
     /// as [`input_row2`], with six input rows and four column phases.
-    fn input_row4(rows: &[&[f32]], tw: usize, e: &mut [f32], v: &mut [&mut [f32]], off: usize) {
+    fn input_row4(simd: Simd, rows: &[&[f32]], tw: usize, e: &mut [f32], v: &mut [&mut [f32]], off: usize) {
         let q = tw + 1;
         let n = 4 * q;
         let d: [&[f32]; 6] = std::array::from_fn(|i| &rows[i][..n]);
@@ -433,7 +305,7 @@ simd_fn! {
     /// One output channel's F(2×2) output-gradient tiles transformed, `A
     /// dY Aᵀ` of each 2×2 block with `A = [[1, 0], [1, 1], [1, −1], [0,
     /// −1]]`: see [`gradient_tiles`].
-    fn gradient_tiles2(dy: &[f32], w: usize, nty: usize, tw: usize, out: &mut [&mut [f32]], scratch: &mut [f32]) {
+    fn gradient_tiles2(simd: Simd, dy: &[f32], w: usize, nty: usize, tw: usize, out: &mut [&mut [f32]], scratch: &mut [f32]) {
         let a = |u: [f32; 2]| [u[0], u[0] + u[1], u[0] - u[1], -u[1]];
         gradient_tiles::<2, 4, 4, 8>(dy, w, nty, tw, out, scratch, a);
     }
@@ -441,7 +313,7 @@ simd_fn! {
     /// As [`gradient_tiles2`] for F(4×4) tiles: `A dY Aᵀ` (6×6) of each 4×4
     /// block, `A = [[1, 0, 0, 0], [1, 1, 1, 1], [1, −1, 1, −1], [1, 2, 4, 8],
     /// [1, −2, 4, −8], [0, 0, 0, 1]]`.
-    fn gradient_tiles4(dy: &[f32], w: usize, nty: usize, tw: usize, out: &mut [&mut [f32]], scratch: &mut [f32]) {
+    fn gradient_tiles4(simd: Simd, dy: &[f32], w: usize, nty: usize, tw: usize, out: &mut [&mut [f32]], scratch: &mut [f32]) {
         let a = |u: [f32; 4]| {
             let (even, odd) = (u[0] + u[2], u[1] + u[3]);
             let (even2, odd2) = (u[0] + 4.0 * u[2], 2.0 * u[1] + 8.0 * u[3]);
@@ -453,8 +325,7 @@ simd_fn! {
     /// One output channel's F(2×2) tiles back to outputs, `Aᵀ m A` with `Aᵀ
     /// = [[1, 1, 1, 0], [0, 1, −1, −1]]`, and the epilogue `(v + bias)·a +
     /// t`, then ReLU: see [`output_tiles`].
-    fn output_tiles2(
-        m: &[&[f32]],
+    fn output_tiles2(simd: Simd, m: &[&[f32]],
         nty: usize,
         tw: usize,
         plane: &mut [f32],
@@ -468,8 +339,7 @@ simd_fn! {
 
     /// As [`output_tiles2`] for F(4×4) tiles: `Aᵀ = [[1, 1, 1, 1, 1, 0], [0,
     /// 1, −1, 2, −2, 0], [0, 1, 1, 4, 4, 0], [0, 1, −1, 8, −8, 1]]`.
-    fn output_tiles4(
-        m: &[&[f32]],
+    fn output_tiles4(simd: Simd, m: &[&[f32]],
         nty: usize,
         tw: usize,
         plane: &mut [f32],
@@ -760,7 +630,7 @@ impl Chunk {
 /// at `(p mod m)·(tw + 1) + p div m`. A tile's `m + 2` columns are then
 /// phases `0 .. m` at its index and phases 0 and 1 at the next, so every
 /// step of the transform reads contiguous values.
-fn transform_input(tile: Tile, x: &[f32], (cin, h, w): (usize, usize, usize), c: Chunk) -> Vec<f32> {
+fn transform_input(simd: Simd, tile: Tile, x: &[f32], (cin, h, w): (usize, usize, usize), c: Chunk) -> Vec<f32> {
     let (m, n, p) = (tile.m(), tile.n(), tile.positions());
     let tw = w.div_ceil(m);
     let q = tw + 1;
@@ -782,8 +652,8 @@ fn transform_input(tile: Tile, x: &[f32], (cin, h, w): (usize, usize, usize), c:
                 if let Some(y) = (m * c.ty0 + k).checked_sub(1).filter(|&y| y < h) {
                     let src = &plane[y * w..][..w];
                     match tile {
-                        Tile::F2 => split_phases2(src, row, q),
-                        Tile::F4 => split_phases4(src, row, q),
+                        Tile::F2x2 => split_phases2(simd, src, row, q),
+                        Tile::F4x4 => split_phases4(simd, src, row, q),
                     }
                 }
             }
@@ -803,8 +673,8 @@ fn transform_input(tile: Tile, x: &[f32], (cin, h, w): (usize, usize, usize), c:
                 }
                 let off = (ty - c.ty0) * tw;
                 match tile {
-                    Tile::F2 => input_row2(&rows[..n], tw, e, &mut out[..p], off),
-                    Tile::F4 => input_row4(&rows[..n], tw, e, &mut out[..p], off),
+                    Tile::F2x2 => input_row2(simd, &rows[..n], tw, e, &mut out[..p], off),
+                    Tile::F4x4 => input_row4(simd, &rows[..n], tw, e, &mut out[..p], off),
                 }
             }
         },
@@ -817,7 +687,8 @@ fn transform_input(tile: Tile, x: &[f32], (cin, h, w): (usize, usize, usize), c:
 /// [`forward`]. Each block of `dy` becomes `A dY Aᵀ`, the GEMMs `dU[ξ] =
 /// dM[ξ] · V[ξ]ᵀ` (`[cout, tiles] × [tiles, cin]`) sum over the tiles, and
 /// each kernel's gradient is `Gᵀ dU G`.
-pub(super) fn weight_grad(
+pub(crate) fn weight_grad(
+    simd: Simd,
     tile: Tile,
     x: &[f32],
     dy: &[f32],
@@ -830,7 +701,7 @@ pub(super) fn weight_grad(
         .into_par_iter()
         .map(|co| {
             (0..b)
-                .map(|i| super::block_sum(&dy[(i * cout + co) * hw..][..hw], |v| v))
+                .map(|i| block_sum(&dy[(i * cout + co) * hw..][..hw], |v| v))
                 .sum::<f64>() as f32
         })
         .collect();
@@ -839,7 +710,7 @@ pub(super) fn weight_grad(
     for (ci_, c) in Chunk::all(b, th, tw, tile.chunk_tiles()).into_iter().enumerate() {
         let (first, r) = (c.first, c.r);
         let t = c.tiles(tw);
-        let v = transform_input(tile, x, (cin, h, w), c);
+        let v = transform_input(simd, tile, x, (cin, h, w), c);
         // dM [positions, cout, t]
         // SAFETY: every (ξ, channel, tile) value is written below.
         let mut dm = unsafe { output_buffer(p * cout * t) };
@@ -857,8 +728,8 @@ pub(super) fn weight_grad(
                 // ty0)·tw` of row `co` of each dM[ξ], inside `dm`.
                 let mut out = unsafe { rows_at(&dp, p, nty * tw, |xi| (xi * cout + co) * t + col) };
                 match tile {
-                    Tile::F2 => gradient_tiles2(plane, w, nty, tw, &mut out[..p], scratch),
-                    Tile::F4 => gradient_tiles4(plane, w, nty, tw, &mut out[..p], scratch),
+                    Tile::F2x2 => gradient_tiles2(simd, plane, w, nty, tw, &mut out[..p], scratch),
+                    Tile::F4x4 => gradient_tiles4(simd, plane, w, nty, tw, &mut out[..p], scratch),
                 }
             },
         );
@@ -867,7 +738,7 @@ pub(super) fn weight_grad(
         du.par_chunks_mut(cout * cin)
             .zip(dm.par_chunks(cout * t).zip(v.par_chunks(cin * t)))
             .for_each(|(dux, (dmx, vx))| {
-                let vt = super::conv::View { data: vx, rs: 1, cs: t };
+                let vt = View { data: vx, rs: 1, cs: t };
                 matmul(
                     dux,
                     cin,
@@ -894,8 +765,8 @@ pub(super) fn weight_grad(
                     *row = &du[xi * n + co * cin + c0..][..len];
                 }
                 match tile {
-                    Tile::F2 => kernels_gradient2(&d[..p], len, tmp, g),
-                    Tile::F4 => kernels_gradient4(&d[..p], len, tmp, g),
+                    Tile::F2x2 => kernels_gradient2(simd, &d[..p], len, tmp, g),
+                    Tile::F4x4 => kernels_gradient4(simd, &d[..p], len, tmp, g),
                 }
                 // [9, len] → [len, 9]
                 for (l, taps) in block[c0 * 9..][..len * 9].chunks_exact_mut(9).enumerate() {
@@ -911,7 +782,8 @@ pub(super) fn weight_grad(
 
 /// `x [b, cin, h, w]` convolved with `weight [cout, cin, 3, 3]` (padding 1)
 /// into `out [b, cout, h, w]`, `epi` applied.
-pub(super) fn forward(
+pub(crate) fn forward(
+    simd: Simd,
     tile: Tile,
     x: &[f32],
     weight: &[f32],
@@ -921,12 +793,12 @@ pub(super) fn forward(
 ) {
     let (m, p) = (tile.m(), tile.positions());
     let (th, tw) = (h.div_ceil(m), w.div_ceil(m));
-    let u = transform_weights(tile, weight, cout, cin);
+    let u = transform_weights(simd, tile, weight, cout, cin);
     let hw = h * w;
     for c in Chunk::all(b, th, tw, tile.chunk_tiles()) {
         let (first, r) = (c.first, c.r);
         let t = c.tiles(tw);
-        let v = transform_input(tile, x, (cin, h, w), c);
+        let v = transform_input(simd, tile, x, (cin, h, w), c);
         // M[ξ] = U[ξ] · V[ξ]: [cout, cin] × [cin, t], the products on the threads
         // SAFETY: every M[ξ] is written by its GEMM (no accumulation).
         let mut mm = unsafe { output_buffer(p * cout * t) };
@@ -968,8 +840,8 @@ pub(super) fn forward(
                         *row = &mm[(xi * cout + co) * t + col..][..nty * tw];
                     }
                     match tile {
-                        Tile::F2 => output_tiles2(&mrows[..p], nty, tw, plane, w, e, scratch),
-                        Tile::F4 => output_tiles4(&mrows[..p], nty, tw, plane, w, e, scratch),
+                        Tile::F2x2 => output_tiles2(simd, &mrows[..p], nty, tw, plane, w, e, scratch),
+                        Tile::F4x4 => output_tiles4(simd, &mrows[..p], nty, tw, plane, w, e, scratch),
                     }
                 },
             );
@@ -981,6 +853,9 @@ mod tests {
     use candle_core::{Device, Tensor, Var};
 
     use super::*;
+    use crate::KernelConfig;
+
+    const CFG: &KernelConfig = &KernelConfig::DEFAULT;
     use crate::testing::{FiniteDiff, assert_gradient, fixed_values, max_rel, narrow, widen};
 
     /// candle's conv2d (padding 1) + bias.
@@ -1001,13 +876,13 @@ mod tests {
     /// at 256 channels.
     fn tolerance(tile: Tile) -> f32 {
         match tile {
-            Tile::F2 => 1e-5,
-            Tile::F4 => 4e-5,
+            Tile::F2x2 => 1e-5,
+            Tile::F4x4 => 4e-5,
         }
     }
 
     /// (batch, cin, cout, h, w) for the tests of [`forward`] and
-    /// [`weight_grad`] themselves (whatever [`choose`] says): odd and even
+    /// [`weight_grad`] themselves (whatever the plan says): odd and even
     /// sizes, the smallest image, several chunks of images, an image in bands
     /// of tile rows.
     const SHAPES: &[(usize, usize, usize, usize, usize)] = &[
@@ -1060,10 +935,19 @@ mod tests {
                         .unwrap(),
                 ),
             ] {
-                for tile in [Tile::F2, Tile::F4] {
+                for tile in [Tile::F2x2, Tile::F4x4] {
                     // NaN-filled (`output_buffer` in tests): a value not written fails
+                    // SAFETY: `forward` writes every value (what the test checks).
                     let mut out = unsafe { output_buffer(b * cout * h * w) };
-                    forward(tile, &data(&x), &data(&wt), (b, cin, h, w, cout), epi, &mut out);
+                    forward(
+                        CFG.simd,
+                        tile,
+                        &data(&x),
+                        &data(&wt),
+                        (b, cin, h, w, cout),
+                        epi,
+                        &mut out,
+                    );
                     let got = Tensor::from_vec(out, (b, cout, h, w), &dev).unwrap();
                     let e = max_rel(&got, &expected);
                     assert!(e < tolerance(tile), "{tile:?} {shape:?} {name}: {e}");
@@ -1099,8 +983,8 @@ mod tests {
             let largest = (0..cout)
                 .map(|co| plane(co).map(|&v| f64::from(v.abs())).sum::<f64>())
                 .fold(0f64, f64::max);
-            for tile in [Tile::F2, Tile::F4] {
-                let (dw, db) = weight_grad(tile, &data(&x), &dys, (b, cin, h, w, cout));
+            for tile in [Tile::F2x2, Tile::F4x4] {
+                let (dw, db) = weight_grad(CFG.simd, tile, &data(&x), &dys, (b, cin, h, w, cout));
                 let dw = Tensor::from_vec(dw, (cout, cin, 3, 3), &dev).unwrap();
                 let e = max_rel(&dw, g.get(wt.as_tensor()).unwrap());
                 assert!(e < tolerance(tile), "{tile:?} {shape:?} dw: {e}");
@@ -1120,14 +1004,23 @@ mod tests {
     /// differences at sampled coordinates.
     #[test]
     fn convolution_op_matches_candle_and_finite_differences() {
-        // F(2×2) at 16×16, F(4×4) at 48×48 (as `choose` takes them)
-        op_check((2, 256, 256, 16, 16), Tile::F2);
-        op_check((1, 128, 128, 48, 48), Tile::F4);
+        // F(2×2) at 16×16, F(4×4) at 48×48 (as the plan takes them)
+        op_check((2, 256, 256, 16, 16), Tile::F2x2);
+        op_check((1, 128, 128, 48, 48), Tile::F4x4);
     }
 
     fn op_check((b, cin, cout, h, w): (usize, usize, usize, usize, usize), tile: Tile) {
         let dev = Device::Cpu;
-        assert_eq!(choose(b, cin, h, w, cout, 3), Some(tile));
+        let shape = crate::plan::ConvShape {
+            batch: b,
+            cin,
+            h,
+            w,
+            cout,
+            k: 3,
+            upsample: 1,
+        };
+        assert_eq!(crate::plan::winograd_tile(&shape, CFG), Some(tile));
         let x0 = fixed_values(b * cin * h * w, 1);
         let w0: Vec<f32> = fixed_values(cout * cin * 9, 2).into_iter().map(|v| v * 0.05).collect();
         let b0 = fixed_values(cout, 3);
@@ -1135,7 +1028,7 @@ mod tests {
         let x = Var::from_tensor(&Tensor::from_slice(&x0, (b, cin, h, w), &dev).unwrap()).unwrap();
         let wt = Var::from_tensor(&Tensor::from_slice(&w0, (cout, cin, 3, 3), &dev).unwrap()).unwrap();
         let bias = Var::from_tensor(&Tensor::from_slice(&b0, cout, &dev).unwrap()).unwrap();
-        let fast = crate::fast::conv2d(&x, &wt, &bias).unwrap();
+        let fast = crate::conv2d(&x, &wt, &bias, CFG).unwrap();
         let slow = reference(&x, &wt, &bias);
         let e = max_rel(&fast, &slow);
         assert!(e < tolerance(tile), "{tile:?} forward {e}");
@@ -1148,7 +1041,7 @@ mod tests {
         let value = |xv: &[f32], wv: &[f32]| -> f64 {
             let xt = Tensor::from_slice(xv, (b, cin, h, w), &dev).unwrap();
             let wt = Tensor::from_slice(wv, (cout, cin, 3, 3), &dev).unwrap();
-            let y = crate::fast::conv2d(&xt, &wt, bias.as_tensor()).unwrap();
+            let y = crate::conv2d(&xt, &wt, bias.as_tensor(), CFG).unwrap();
             f64::from((y * &probe).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap())
         };
         let grad = |v: &Var| widen(&data(gf.get(v.as_tensor()).unwrap()));

@@ -1,7 +1,6 @@
-//! A convolution on small images (under [`super::conv`]'s
-//! `SHIFTED_MIN_PIXELS`; by default only where [`applies`] says it was
-//! measured faster: the 6×6 layers at the report's widths) as GEMMs over the
-//! whole batch, forward and backward.
+//! A convolution on small images (under 32×32; by default only where
+//! [`crate::plan`] says it was measured faster: the 6×6 layers at the
+//! report's widths) as GEMMs over the whole batch, forward and backward.
 //!
 //! Image by image, the weight gradient is one GEMM per image of depth `h·w`
 //! (36 at 6×6) into the whole `[cout, cin·k·k]` gradient, per thread, and
@@ -21,35 +20,34 @@
 //!   adjoint of the unfolding ([`fold_plane`]);
 //! - the forward pass, [`forward`], is `Y = W · cols` on the same runs.
 
-use std::cell::Cell;
-use std::sync::atomic::{AtomicU8, Ordering};
-
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::conv::{
-    Epilogue, SHIFTED_MIN_PIXELS, View, add_plane_sums, copy_out, copy_out_affine, im2col, matmul, rows, with_scratch,
-};
-use super::{output_buffer, threads};
+use crate::cpu::{Simd, output_buffer, simd_fn, threads};
+use crate::gemm::{Epilogue, View, add_plane_sums, copy_out, copy_out_affine, matmul, rows, with_scratch};
+use crate::im2col::im2col;
 
 /// Pixels (`images × h·w`) per run of images: the run's unfolded input and
 /// column gradient, `[cin·k·k, run]` each, are the GEMMs' operands.
-const RUN_COLUMNS: usize = 1024;
+pub(crate) const RUN_COLUMNS: usize = 1024;
 
 /// The three gradients of a convolution on small images from its output
 /// gradient `g [b, cout, h·w]`: input (when `want_dx`), weight `[cout,
-/// cin·k·k]` and bias.
-pub(super) fn backward(
+/// cin·k·k]` and bias; the images in runs of at most `run_columns` pixels
+/// ([`RUN_COLUMNS`]; smaller in tests, to make several runs).
+pub(crate) fn backward(
+    simd: Simd,
     x: &[f32],
     weight: &[f32],
     g: &[f32],
     (b, cin, h, w, cout, k): (usize, usize, usize, usize, usize, usize),
     want_dx: bool,
+    run_columns: usize,
 ) -> (Option<Vec<f32>>, Vec<f32>, Vec<f32>) {
     let hw = h * w;
     let taps = k * k;
     let kk = cin * taps;
-    let per_run = run_images(hw, b);
+    let per_run = run_images(hw, b, run_columns);
     let par = Parallelism::Rayon(threads());
     // SAFETY: the first run's GEMM writes every value (`accumulate` false).
     let mut dw = unsafe { output_buffer(cout * kk) };
@@ -71,7 +69,7 @@ pub(super) fn backward(
                     dst.copy_from_slice(&g[((first + bi) * cout + co) * hw..][..hw]);
                 }
             });
-            add_plane_sums(&mut db, gcat, ld);
+            add_plane_sums(simd, &mut db, gcat, ld);
             // The run's inputs unfolded: rows ci·k·k + tap, image bi at
             // column bi·h·w.
             let cols = &mut scratch.cols;
@@ -99,7 +97,7 @@ pub(super) fn backward(
                 .enumerate()
                 .for_each(|(i, plane)| {
                     let (bi, ci) = (i / cin, i % cin);
-                    fold_plane(&dcols[ci * taps * ld + bi * hw..], ld, h, w, k, plane);
+                    fold_plane(simd, &dcols[ci * taps * ld + bi * hw..], ld, h, w, k, plane);
                 });
         }
     });
@@ -111,17 +109,20 @@ pub(super) fn backward(
 /// GEMM 36 columns wide, a quarter of `gemm`'s speed at 512 channels), then
 /// each image's planes copied out with the epilogue applied (by the copies
 /// the other paths use, so the same operations in the same order).
-pub(super) fn forward(
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn forward(
+    simd: Simd,
     x: &[f32],
     weight: &[f32],
     (b, cin, h, w, cout, k): (usize, usize, usize, usize, usize, usize),
     epi: Epilogue,
     out: &mut [f32],
+    run_columns: usize,
 ) {
     let hw = h * w;
     let taps = k * k;
     let kk = cin * taps;
-    let per_run = run_images(hw, b);
+    let per_run = run_images(hw, b, run_columns);
     let par = Parallelism::Rayon(threads());
     with_scratch(|scratch| {
         for first in (0..b).step_by(per_run) {
@@ -152,8 +153,8 @@ pub(super) fn forward(
                 .for_each(|(bi, oi)| {
                     let src = &ycat[bi * hw..];
                     match epi.affine {
-                        Some((a, t)) => copy_out_affine(oi, src, sizes, epi.bias, a, t, epi.relu),
-                        None => copy_out(oi, src, sizes, epi.bias, epi.relu),
+                        Some((a, t)) => copy_out_affine(simd, oi, src, sizes, epi.bias, a, t, epi.relu),
+                        None => copy_out(simd, oi, src, sizes, epi.bias, epi.relu),
                     }
                 });
         }
@@ -161,8 +162,7 @@ pub(super) fn forward(
 }
 
 /// Images per run: as many as fit in [`RUN_COLUMNS`] pixels, at least one.
-fn run_images(hw: usize, b: usize) -> usize {
-    let run_columns = FORCED.with(Cell::get).unwrap_or(RUN_COLUMNS);
+fn run_images(hw: usize, b: usize, run_columns: usize) -> usize {
     (run_columns / hw).clamp(1, b.max(1))
 }
 
@@ -170,7 +170,7 @@ simd_fn! {
     /// The adjoint of the unfolding ([`im2col`]): `plane [h, w]` from the `k·k` rows
     /// of column gradients at `rows[t·ld..]`, each value added to the input
     /// pixel its tap read (none for taps that read the zero padding).
-    fn fold_plane(rows: &[f32], ld: usize, h: usize, w: usize, k: usize, plane: &mut [f32]) {
+    fn fold_plane(simd: Simd, rows: &[f32], ld: usize, h: usize, w: usize, k: usize, plane: &mut [f32]) {
         let hw = h * w;
         let pad = k / 2;
         // The centre tap reads every pixel once, in place: it sets the plane.
@@ -197,84 +197,40 @@ simd_fn! {
     }
 }
 
-/// The largest images (pixels) whose convolution runs batch-wide by
-/// default, and the fewest weights (`cout·cin·k·k`). Measured with the
-/// `conv_layer` bench (fwd+bwd, batch 8, two threads, two runs of it):
-/// batch-wide is faster at 6×6 from 256 → 256 channels up (512 → 512: 1.2×,
-/// 1024 → 1024: 1.4–1.5×), within noise at 128 → 256, slower at 128 → 128
-/// and at 12×12 and 24×24 (up to 1.4× at 64 → 64, 24×24): there one image's
-/// GEMM is already deep enough, and images on separate threads need no
-/// synchronisation inside the GEMMs.
-const MAX_PIXELS: usize = 8 * 8;
-const MIN_WEIGHTS: usize = 256 * 256 * 9;
-
-/// Whether [`backward`] is the way to differentiate this convolution.
-pub(super) fn applies(cin: usize, h: usize, w: usize, cout: usize, k: usize) -> bool {
-    let small = k > 1 && h * w < SHIFTED_MIN_PIXELS;
-    if FORCED.with(Cell::get).is_some() {
-        return small;
-    }
-    match mode() {
-        Batched::Off => false,
-        Batched::Always => small,
-        Batched::Auto => small && h * w <= MAX_PIXELS && cout * cin * k * k >= MIN_WEIGHTS,
-    }
-}
-
-thread_local! {
-    /// Set by [`forced`]: on this thread every small image's backward pass
-    /// runs batch-wide, in runs of this many pixels.
-    static FORCED: Cell<Option<usize>> = const { Cell::new(None) };
-}
-
-/// Run `f` with every small image's backward pass on this thread batch-wide,
-/// in runs of at most `run_columns` pixels (for tests on small shapes).
 #[cfg(test)]
-pub(super) fn forced<R>(run_columns: usize, f: impl FnOnce() -> R) -> R {
-    FORCED.with(|c| c.set(Some(run_columns)));
-    let r = f();
-    FORCED.with(|c| c.set(None));
-    r
-}
+mod tests {
+    use super::*;
+    use crate::testing::fixed_values;
 
-/// How small images' convolution backward passes run.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Batched {
-    /// Image by image, as the forward pass.
-    Off,
-    /// Batch-wide where it was measured faster (the default): see
-    /// `MAX_PIXELS` and `MIN_WEIGHTS` in `fast/batched.rs`.
-    Auto,
-    /// Batch-wide for every image under 32×32 (for comparisons).
-    Always,
-}
+    fn close(a: &[f32], b: &[f32], what: &str) {
+        let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+        let err = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(a.len() == b.len() && err <= 1e-5 * scale, "{what}: {err} of {scale}");
+    }
 
-/// 0: not yet read from the environment, else 1 + the [`Batched`] index.
-static MODE: AtomicU8 = AtomicU8::new(0);
-
-/// The mode in force: [`set_batched`]'s, else `CMR_BATCHED=0` (off) or the
-/// default ([`Batched::Auto`]).
-fn mode() -> Batched {
-    match MODE.load(Ordering::Relaxed) {
-        1 => Batched::Off,
-        2 => Batched::Auto,
-        3 => Batched::Always,
-        _ => {
-            let off = std::env::var("CMR_BATCHED").is_ok_and(|v| v == "0");
-            let mode = if off { Batched::Off } else { Batched::Auto };
-            set_batched(mode);
-            mode
+    /// Runs of one to six images (40 pixels a run) give what one run of the
+    /// whole batch gives, forward and all three gradients, the last run
+    /// shorter than the others.
+    #[test]
+    fn runs_of_images_add_up_to_the_whole_batch() {
+        let simd = Simd::Widest;
+        for &(b, cin, h, w, cout, k) in &[(5, 3, 3, 4, 4, 3), (7, 2, 2, 3, 3, 5), (3, 4, 6, 6, 2, 3)] {
+            let dims = (b, cin, h, w, cout, k);
+            let x = fixed_values(b * cin * h * w, 1);
+            let wt = fixed_values(cout * cin * k * k, 2);
+            let bias = fixed_values(cout, 3);
+            let g = fixed_values(b * cout * h * w, 4);
+            let epi = Epilogue::bias(&bias);
+            let mut one = vec![0f32; b * cout * h * w];
+            let mut runs = one.clone();
+            forward(simd, &x, &wt, dims, epi, &mut one, usize::MAX);
+            forward(simd, &x, &wt, dims, epi, &mut runs, 40);
+            close(&runs, &one, "forward");
+            let (dx1, dw1, db1) = backward(simd, &x, &wt, &g, dims, true, usize::MAX);
+            let (dxr, dwr, dbr) = backward(simd, &x, &wt, &g, dims, true, 40);
+            close(&dxr.unwrap(), &dx1.unwrap(), "dx");
+            close(&dwr, &dw1, "dw");
+            close(&dbr, &db1, "db");
         }
     }
-}
-
-/// Choose how small images' convolution backward passes run, for the whole
-/// process.
-pub fn set_batched(mode: Batched) {
-    let v = match mode {
-        Batched::Off => 1,
-        Batched::Auto => 2,
-        Batched::Always => 3,
-    };
-    MODE.store(v, Ordering::Relaxed);
 }

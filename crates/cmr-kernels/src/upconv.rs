@@ -14,12 +14,13 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::conv::{View, matmul, rows, with_scratch};
-use super::{block_sum, output_buffer, slice, threads, with_data};
+use crate::cpu::{block_sum, output_buffer, simd_fn, threads};
+use crate::gemm::{View, matmul, rows, with_scratch};
+use crate::{KernelConfig, slice, with_data};
 
 simd_fn! {
     /// `y [Cout, 2H, 2W]` from `t [Cout·4, H·W]`, plus the bias.
-    fn interleave(y: &mut [f32], t: &[f32], bias: &[f32], h: usize, w: usize) {
+    fn interleave(simd: Simd, y: &mut [f32], t: &[f32], bias: &[f32], h: usize, w: usize) {
         let hw = h * w;
         for (co, (plane, taps)) in y.chunks_mut(4 * hw).zip(t.chunks(4 * hw)).enumerate() {
             let b = bias[co];
@@ -38,7 +39,7 @@ simd_fn! {
     }
 
     /// The inverse rearrangement: `dt [Cout·4, H·W]` from `dy [Cout, 2H, 2W]`.
-    fn deinterleave(dt: &mut [f32], dy: &[f32], h: usize, w: usize) {
+    fn deinterleave(simd: Simd, dt: &mut [f32], dy: &[f32], h: usize, w: usize) {
         let hw = h * w;
         for (plane, taps) in dy.chunks(4 * hw).zip(dt.chunks_mut(4 * hw)) {
             let (t01, t23) = taps.split_at_mut(2 * hw);
@@ -58,7 +59,9 @@ simd_fn! {
     }
 }
 
-struct UpConvOp;
+struct UpConvOp {
+    cfg: KernelConfig,
+}
 
 impl CustomOp3 for UpConvOp {
     fn name(&self) -> &'static str {
@@ -74,6 +77,7 @@ impl CustomOp3 for UpConvOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let simd = self.cfg.simd;
         let (b, cin, h, w) = l1.shape().dims4()?;
         let (_, cout, _, _) = l2.shape().dims4()?;
         let (x, weight, bias) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
@@ -92,7 +96,7 @@ impl CustomOp3 for UpConvOp {
                 let t = &mut scratch.wide;
                 t.resize(c4 * hw, 0.0);
                 matmul(t, hw, 1, false, wt, rows(xi, hw), (c4, hw, cin), par);
-                interleave(yi, t, bias, h, w);
+                interleave(simd, yi, t, bias, h, w);
             });
         };
         if b < threads() {
@@ -115,6 +119,7 @@ impl CustomOp3 for UpConvOp {
         _res: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let simd = self.cfg.simd;
         let (b, cin, h, w) = x.dims4()?;
         let (_, cout, _, _) = weight.dims4()?;
         let (hw, c4) = (h * w, cout * 4);
@@ -128,7 +133,7 @@ impl CustomOp3 for UpConvOp {
                             // Every element is written by the de-interleaving.
                             let dt = &mut scratch.wide;
                             dt.resize(c4 * hw, 0.0);
-                            deinterleave(dt, gi, h, w);
+                            deinterleave(simd, dt, gi, h, w);
                             let dt = &scratch.wide;
                             if let Some(dxi) = dxi {
                                 matmul(dxi, hw, 1, false, rows(wv, c4), rows(dt, hw), (cin, hw, c4), par);
@@ -214,8 +219,8 @@ fn x_chunks<'a>(xs: &'a [f32], g: &'a [f32], dx: &'a mut [f32], xn: usize, gn: u
 
 /// `ConvTranspose2d(kernel 2, stride 2)` with bias: `x [B, Cin, H, W]`,
 /// `weight [Cin, Cout, 2, 2]` (PyTorch's layout), `bias [Cout]` →
-/// `[B, Cout, 2H, 2W]`. CPU and f32 only; see [`super::applies`].
-pub fn upconv2x2(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+/// `[B, Cout, 2H, 2W]`. CPU and f32 only; see [`KernelConfig::applies`].
+pub fn upconv2x2(x: &Tensor, weight: &Tensor, bias: &Tensor, cfg: &KernelConfig) -> Result<Tensor> {
     let (_, cin, _, _) = x.dims4()?;
     let (wcin, cout, k1, k2) = weight.dims4()?;
     if wcin != cin || (k1, k2) != (2, 2) || bias.dims() != [cout] {
@@ -226,16 +231,19 @@ pub fn upconv2x2(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
             bias.dims()
         );
     }
-    super::tape::apply3(
+    crate::tape::apply3(
         [x, weight, bias],
         [&x.contiguous()?, &weight.contiguous()?, &bias.contiguous()?],
-        UpConvOp,
+        UpConvOp { cfg: *cfg },
     )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::KernelConfig;
+
+    const CFG: &KernelConfig = &KernelConfig::DEFAULT;
     use crate::testing::{FiniteDiff, assert_gradient, max_rel, narrow, widen};
     use candle_core::{Device, Var};
 
@@ -265,7 +273,7 @@ mod tests {
             let wt = Var::from_tensor(&Tensor::randn(0f32, 0.3, (cin, cout, 2, 2), &dev).unwrap()).unwrap();
             let bias = Var::from_tensor(&Tensor::randn(0f32, 0.3, cout, &dev).unwrap()).unwrap();
             let probe = Tensor::randn(0f32, 1.0, (b, cout, 2 * h, 2 * w), &dev).unwrap();
-            let fast = upconv2x2(&x, &wt, &bias).unwrap();
+            let fast = upconv2x2(&x, &wt, &bias, CFG).unwrap();
             let slow = reference(&x, &wt, &bias);
             assert!(max_rel(&fast, &slow) < 1e-5, "{shape:?} forward");
             let gf = (&fast * &probe).unwrap().sum_all().unwrap().backward().unwrap();
@@ -299,12 +307,12 @@ mod tests {
         let f = |xv: &[f32], wv: &[f32]| -> f64 {
             let x = Tensor::from_slice(xv, (b, cin, h, w), &dev).unwrap();
             let wt = Tensor::from_slice(wv, (cin, cout, 2, 2), &dev).unwrap();
-            let y = upconv2x2(&x, &wt, &bias).unwrap();
+            let y = upconv2x2(&x, &wt, &bias, CFG).unwrap();
             f64::from((y * &probe).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap())
         };
         let xv = Var::from_tensor(&Tensor::from_slice(&x0, (b, cin, h, w), &dev).unwrap()).unwrap();
         let wv = Var::from_tensor(&Tensor::from_slice(&w0, (cin, cout, 2, 2), &dev).unwrap()).unwrap();
-        let g = (upconv2x2(&xv, &wv, &bias).unwrap() * &probe)
+        let g = (upconv2x2(&xv, &wv, &bias, CFG).unwrap() * &probe)
             .unwrap()
             .sum_all()
             .unwrap()

@@ -6,12 +6,13 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{output_buffer, slice, with_data};
+use crate::cpu::{output_buffer, simd_fn};
+use crate::{KernelConfig, slice, with_data};
 
 simd_fn! {
     /// One plane `[ho·k, wo·k]` (rows `w` apart): each window's maximum into
     /// `o`, its flat position into `a` (the first maximum, NaN winning).
-    fn pool_plane(o: &mut [f32], a: &mut [u32], plane: &[f32], k: usize, w: usize, ho: usize, wo: usize) {
+    fn pool_plane(simd: Simd, o: &mut [f32], a: &mut [u32], plane: &[f32], k: usize, w: usize, ho: usize, wo: usize) {
         for oy in 0..ho {
             for ox in 0..wo {
                 let (mut best, mut at) = (f32::NEG_INFINITY, oy * k * w + ox * k);
@@ -35,6 +36,7 @@ struct MaxPoolOp {
     k: usize,
     /// For every output, the flat index of its maximum in the input plane.
     argmax: Arc<Mutex<Vec<u32>>>,
+    cfg: KernelConfig,
 }
 
 impl CustomOp1 for MaxPoolOp {
@@ -43,6 +45,7 @@ impl CustomOp1 for MaxPoolOp {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let simd = self.cfg.simd;
         let (b, c, h, w) = l.shape().dims4()?;
         let k = self.k;
         if h % k != 0 || w % k != 0 {
@@ -56,7 +59,7 @@ impl CustomOp1 for MaxPoolOp {
         out.par_chunks_mut(ho * wo)
             .zip(arg.par_chunks_mut(ho * wo))
             .zip(x.par_chunks(h * w))
-            .for_each(|((o, a), plane)| pool_plane(o, a, plane, k, w, ho, wo));
+            .for_each(|((o, a), plane)| pool_plane(simd, o, a, plane, k, w, ho, wo));
         *self.argmax.lock().expect("argmax lock") = arg;
         Ok((CpuStorage::F32(out), Shape::from((b, c, ho, wo))))
     }
@@ -82,9 +85,9 @@ impl CustomOp1 for MaxPoolOp {
 }
 
 /// `k×k` max-pooling, stride `k`, of `x [B, C, H, W]`. CPU and f32 only; see
-/// [`super::applies`].
-pub fn max_pool(x: &Tensor, k: usize) -> Result<Tensor> {
-    Ok(max_pool_with_argmax(x, k)?.0)
+/// [`KernelConfig::applies`].
+pub fn max_pool(x: &Tensor, k: usize, cfg: &KernelConfig) -> Result<Tensor> {
+    Ok(max_pool_with_argmax(x, k, cfg)?.0)
 }
 
 /// Where each window's maximum was, from [`max_pool_with_argmax`]: for every
@@ -115,13 +118,14 @@ impl Argmax {
 }
 
 /// [`max_pool`], also returning where each maximum was (for un-pooling).
-pub fn max_pool_with_argmax(x: &Tensor, k: usize) -> Result<(Tensor, Argmax)> {
+pub fn max_pool_with_argmax(x: &Tensor, k: usize, cfg: &KernelConfig) -> Result<(Tensor, Argmax)> {
     let positions = Arc::new(Mutex::new(Vec::new()));
     let op = MaxPoolOp {
         k,
         argmax: positions.clone(),
+        cfg: *cfg,
     };
-    let y = super::tape::apply1(x, &x.contiguous()?, op)?;
+    let y = crate::tape::apply1(x, &x.contiguous()?, op)?;
     Ok((
         y,
         Argmax {
@@ -183,8 +187,8 @@ impl CustomOp1 for UnpoolOp {
 }
 
 /// Max-unpooling of `x` (the shape [`max_pool_with_argmax`] returned) at
-/// `argmax`. CPU and f32 only; see [`super::applies`].
-pub fn max_unpool(x: &Tensor, argmax: &Argmax) -> Result<Tensor> {
+/// `argmax`. CPU and f32 only; see [`KernelConfig::applies`].
+pub fn max_unpool(x: &Tensor, argmax: &Argmax, _cfg: &KernelConfig) -> Result<Tensor> {
     let (b, c, _, _) = argmax.input;
     let pooled = argmax.with_positions(|p| p.len());
     let (xb, xc, _, _) = x.dims4()?;
@@ -195,33 +199,5 @@ pub fn max_unpool(x: &Tensor, argmax: &Argmax) -> Result<Tensor> {
             argmax.input
         );
     }
-    super::tape::apply1(x, &x.contiguous()?, UnpoolOp { argmax: argmax.clone() })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use candle_core::{Device, Var};
-
-    #[test]
-    fn matches_the_composite_reference_with_ties() {
-        let dev = Device::Cpu;
-        for k in [2usize, 4, 8] {
-            // small integers: many ties
-            let x = Tensor::rand(0f32, 4.0, (2, 3, 16, 8), &dev).unwrap().floor().unwrap();
-            let v = Var::from_tensor(&x).unwrap();
-            let probe = Tensor::randn(0f32, 1.0, (2, 3, 16 / k, 8 / k), &dev).unwrap();
-            let slow = crate::ops::pool::max_pool_reference(v.as_tensor(), k).unwrap();
-            let gs = (&slow * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-            let fast = max_pool(v.as_tensor(), k).unwrap();
-            let gf = (&fast * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-            let f = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            assert_eq!(f(&fast), f(&slow), "k {k}");
-            assert_eq!(
-                f(gf.get(v.as_tensor()).unwrap()),
-                f(gs.get(v.as_tensor()).unwrap()),
-                "k {k}"
-            );
-        }
-    }
+    crate::tape::apply1(x, &x.contiguous()?, UnpoolOp { argmax: argmax.clone() })
 }

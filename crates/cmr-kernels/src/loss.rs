@@ -3,15 +3,14 @@
 //! image and class, the negative log-likelihood), with a backward pass that
 //! writes the logits' gradient in one more.
 //!
-//! The candle expressions of [`crate::loss`] compute the same functions on
-//! every device; on the CPU in f32 they are a dozen ops, each a pass over
-//! the `[B, C, H, W]` logits with a fresh tensor (about 6 % of a narrow
-//! network's training step), and their backward as many again. `CMR_FAST=0`
-//! in the environment keeps the expressions, as it does for the networks'
-//! kernels.
+//! cmr-loss's candle expressions compute the same functions on every
+//! device; on the CPU in f32 they are a dozen ops, each a pass over the
+//! `[B, C, H, W]` logits with a fresh tensor (about 6 % of a narrow
+//! network's training step), and their backward as many again. cmr-loss
+//! takes this op where [`crate::KernelConfig::applies`] says the kernels
+//! run, and its tests compare the two.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU8, Ordering};
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -19,29 +18,11 @@ use rayon::prelude::*;
 /// What the fused op computes: `dice.0 · (1 − mean soft Dice)` and `ce.0 ·
 /// (weighted) cross-entropy`, either or both.
 #[derive(Clone, Debug)]
-pub(crate) struct Spec {
+pub struct LossSpec {
     /// `(weight, include_background, eps)`.
-    pub(crate) dice: Option<(f64, bool, f64)>,
+    pub dice: Option<(f64, bool, f64)>,
     /// `(weight, class weights)`.
-    pub(crate) ce: Option<(f64, Option<Vec<f32>>)>,
-}
-
-/// 0: not yet read, 1: on, 2: off.
-static STATE: AtomicU8 = AtomicU8::new(0);
-
-/// Whether the fused op applies to `logits`: f32 on the CPU, and not turned
-/// off by `CMR_FAST=0`.
-pub(crate) fn applies(logits: &Tensor) -> bool {
-    let on = match STATE.load(Ordering::Relaxed) {
-        1 => true,
-        2 => false,
-        _ => {
-            let on = std::env::var("CMR_FAST").map(|v| v != "0").unwrap_or(true);
-            STATE.store(if on { 1 } else { 2 }, Ordering::Relaxed);
-            on
-        }
-    };
-    on && logits.device().is_cpu() && logits.dtype() == DType::F32
+    pub ce: Option<(f64, Option<Vec<f32>>)>,
 }
 
 /// Per image: the softmax sums `(Σ p·t, Σ p, Σ t)` per class and the
@@ -124,7 +105,7 @@ fn dice_classes(c: usize, include_background: bool) -> std::ops::Range<usize> {
 }
 
 struct FusedLoss {
-    spec: Spec,
+    spec: LossSpec,
     /// The forward pass's sums and softmax `[B, C, H, W]`, for the backward
     /// one.
     saved: Mutex<Option<(Vec<ImageSums>, Vec<f32>)>>,
@@ -277,7 +258,7 @@ impl CustomOp2 for FusedLoss {
 
 /// The loss `spec` of `logits [B, C, H, W]` (f32, CPU) against `targets [B, H,
 /// W]` (shapes checked by the caller), as one op.
-pub(crate) fn fused_loss(logits: &Tensor, targets: &Tensor, spec: Spec) -> candle_core::Result<Tensor> {
+pub fn fused_loss(logits: &Tensor, targets: &Tensor, spec: LossSpec) -> candle_core::Result<Tensor> {
     let targets = targets.to_dtype(DType::U32)?.contiguous()?;
     logits.contiguous()?.apply_op2(
         &targets,
@@ -286,124 +267,4 @@ pub(crate) fn fused_loss(logits: &Tensor, targets: &Tensor, spec: Spec) -> candl
             saved: Mutex::new(None),
         },
     )
-}
-
-#[cfg(test)]
-mod tests {
-    use crate::Loss;
-    use candle_core::{DType, Device, Tensor, Var};
-
-    fn data(b: usize, c: usize, h: usize, w: usize, seed: u64) -> (Vec<f32>, Tensor) {
-        let n = b * c * h * w;
-        let logits: Vec<f32> = (0..n)
-            .map(|i| (((i as u64 * 7919 + seed * 104729) % 1000) as f32 / 200.0) - 2.5)
-            .collect();
-        let t: Vec<u32> = (0..b * h * w)
-            .map(|i| ((i as u64 * 31 + seed * 17) % c as u64) as u32)
-            .collect();
-        (logits, Tensor::from_vec(t, (b, h, w), &Device::Cpu).unwrap())
-    }
-
-    fn losses() -> Vec<Loss> {
-        vec![
-            Loss::soft_dice(),
-            Loss::SoftDice {
-                include_background: true,
-                eps: 1e-3,
-            },
-            Loss::cross_entropy(),
-            Loss::CrossEntropy {
-                class_weights: Some(vec![0.5, 2.0, 1.0, 3.0]),
-            },
-            Loss::dice_ce(1.0, 1.0),
-            Loss::DiceCe {
-                dice_weight: 0.7,
-                ce_weight: 1.3,
-                class_weights: Some(vec![1.0, 2.0, 0.5, 1.5]),
-                include_background: true,
-                eps: 1e-6,
-            },
-        ]
-    }
-
-    /// Value and logits gradient of the fused op against the candle
-    /// expressions, for every loss and its options.
-    #[test]
-    fn fused_matches_the_expressions() {
-        let (b, c, h, w) = (3, 4, 7, 6);
-        for loss in losses() {
-            let (lv, targets) = data(b, c, h, w, 3);
-            let logits = Var::from_vec(lv, (b, c, h, w), &Device::Cpu).unwrap();
-            let fused = loss.compute(logits.as_tensor(), &targets).unwrap();
-            let expr = loss.compute_expression(logits.as_tensor(), &targets).unwrap();
-            let (f, e) = (fused.to_scalar::<f32>().unwrap(), expr.to_scalar::<f32>().unwrap());
-            assert!((f - e).abs() <= 1e-5 * e.abs().max(1.0), "{loss:?}: {f} vs {e}");
-            let gf = fused.backward().unwrap().get(logits.as_tensor()).unwrap().clone();
-            let ge = expr.backward().unwrap().get(logits.as_tensor()).unwrap().clone();
-            let scale = ge.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-            let diff = (&gf - &ge)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            assert!(
-                scale > 0.0 && diff <= 1e-4 * scale,
-                "{loss:?}: gradient off by {diff} of {scale}"
-            );
-        }
-    }
-
-    /// The fused backward against central differences of the fused forward.
-    #[test]
-    fn fused_gradient_matches_finite_differences() {
-        let (b, c, h, w) = (2, 4, 3, 4);
-        let dev = Device::Cpu;
-        for loss in [losses()[4].clone(), losses()[5].clone()] {
-            let (lv, targets) = data(b, c, h, w, 5);
-            let f = |v: &[f32]| -> f64 {
-                let t = Tensor::from_slice(v, (b, c, h, w), &dev).unwrap();
-                f64::from(loss.compute(&t, &targets).unwrap().to_scalar::<f32>().unwrap())
-            };
-            let var = Var::from_slice(&lv, (b, c, h, w), &dev).unwrap();
-            let g = loss.compute(var.as_tensor(), &targets).unwrap().backward().unwrap();
-            let g = g
-                .get(var.as_tensor())
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
-            let eps = 1e-2f32;
-            for i in (0..lv.len()).step_by(3) {
-                let (mut up, mut down) = (lv.clone(), lv.clone());
-                up[i] += eps;
-                down[i] -= eps;
-                let numeric = (f(&up) - f(&down)) / f64::from(2.0 * eps);
-                let analytic = f64::from(g[i]);
-                assert!(
-                    (numeric - analytic).abs() <= 2e-3 * numeric.abs().max(0.01),
-                    "{loss:?} [{i}]: {numeric} vs {analytic}"
-                );
-            }
-        }
-    }
-
-    /// Off the CPU's f32 (here f64), `compute` takes the expressions; a
-    /// target class past the logits' classes is an error that says so.
-    #[test]
-    fn other_dtypes_use_the_expressions_and_bad_targets_are_named() {
-        let (lv, targets) = data(1, 4, 3, 3, 1);
-        let l32 = Tensor::from_vec(lv, (1, 4, 3, 3), &Device::Cpu).unwrap();
-        let l64 = l32.to_dtype(DType::F64).unwrap();
-        let loss = Loss::dice_ce(1.0, 1.0);
-        let a = loss.compute(&l32, &targets).unwrap().to_scalar::<f32>().unwrap();
-        let b = loss.compute(&l64, &targets).unwrap().to_scalar::<f64>().unwrap();
-        assert!((f64::from(a) - b).abs() < 1e-5, "{a} vs {b}");
-        let bad = Tensor::from_vec(vec![5u32; 9], (1, 3, 3), &Device::Cpu).unwrap();
-        let err = loss.compute(&l32, &bad).unwrap_err().to_string();
-        assert!(err.contains("target class 5 for 4 classes"), "{err}");
-    }
 }

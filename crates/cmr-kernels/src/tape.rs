@@ -21,20 +21,22 @@
 //! record is an error, not a silently missing gradient.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use candle_core::backprop::GradStore;
 use candle_core::{CustomOp1, CustomOp2, CustomOp3, Result, Tensor, TensorId, Var};
 
-type Backward = Box<dyn Fn(&Tensor) -> Result<Vec<Option<Tensor>>>>;
+use crate::KernelConfig;
+
+type BackwardFn = Box<dyn Fn(&Tensor) -> Result<Vec<Option<Tensor>>>>;
 
 /// One recorded op: the tensors its gradients go to, by position, its
 /// output, and its backward function (output gradient → input gradients).
 struct Entry {
     inputs: Vec<Tensor>,
     output: TensorId,
-    backward: Backward,
+    backward: BackwardFn,
 }
 
 thread_local! {
@@ -67,7 +69,7 @@ fn recording() -> bool {
     RECORDING.with(|r| r.borrow().is_some())
 }
 
-fn push(inputs: Vec<Tensor>, output: &Tensor, backward: Backward) {
+fn push(inputs: Vec<Tensor>, output: &Tensor, backward: BackwardFn) {
     RECORDING.with(|r| {
         if let Some(entries) = r.borrow_mut().as_mut() {
             entries.push(Entry {
@@ -82,7 +84,7 @@ fn push(inputs: Vec<Tensor>, output: &Tensor, backward: Backward) {
 /// `x.apply_op1(op)`, on the tape when recording. `x` is the op's input as
 /// the caller has it (its gradient goes there), `xc` the contiguous one the
 /// op reads.
-pub(super) fn apply1<C: CustomOp1 + Send + Sync + 'static>(x: &Tensor, xc: &Tensor, op: C) -> Result<Tensor> {
+pub(crate) fn apply1<C: CustomOp1 + Send + Sync + 'static>(x: &Tensor, xc: &Tensor, op: C) -> Result<Tensor> {
     if !recording() {
         return xc.apply_op1(op);
     }
@@ -96,7 +98,7 @@ pub(super) fn apply1<C: CustomOp1 + Send + Sync + 'static>(x: &Tensor, xc: &Tens
 /// `a.apply_op3(b, c, op)`, on the tape when recording: `given` are the
 /// inputs as the caller has them (their gradients go there), `a`, `b`, `c`
 /// the contiguous ones the op reads.
-pub(super) fn apply3<C: CustomOp3 + Send + Sync + 'static>(
+pub(crate) fn apply3<C: CustomOp3 + Send + Sync + 'static>(
     given: [&Tensor; 3],
     [a, b, c]: [&Tensor; 3],
     op: C,
@@ -119,7 +121,7 @@ pub(super) fn apply3<C: CustomOp3 + Send + Sync + 'static>(
 }
 
 /// `a.apply_op2(b, op)`, on the tape when recording (as [`apply3`]).
-pub(super) fn apply2<C: CustomOp2 + Send + Sync + 'static>(
+pub(crate) fn apply2<C: CustomOp2 + Send + Sync + 'static>(
     given: [&Tensor; 2],
     [a, b]: [&Tensor; 2],
     op: C,
@@ -143,13 +145,13 @@ pub(super) fn apply2<C: CustomOp2 + Send + Sync + 'static>(
 
 /// `Tensor::cat(parts, dim)`, on the tape when recording (its backward: the
 /// gradient cut back into the parts). Along the channels of f32 images on
-/// the fast path, the copies are made by all threads ([`super::concat`]):
-/// two parts by one op each way, more by candle's `cat` forward and our
-/// split backward.
-pub fn cat(parts: &[&Tensor], dim: usize) -> Result<Tensor> {
-    let channels = dim == 1 && parts.len() > 1 && parts.iter().all(|p| p.rank() == 4 && super::applies(p));
+/// the fast path, the copies are made by all threads (`concat.rs`): two
+/// parts by one op each way, more by candle's `cat` forward and our split
+/// backward.
+pub fn cat(parts: &[&Tensor], dim: usize, cfg: &KernelConfig) -> Result<Tensor> {
+    let channels = dim == 1 && parts.len() > 1 && parts.iter().all(|p| p.rank() == 4 && cfg.applies(p));
     if channels && parts.len() == 2 {
-        return super::concat::cat2(parts[0], parts[1]);
+        return crate::concat::cat2(parts[0], parts[1]);
     }
     let y = Tensor::cat(parts, dim)?;
     if recording() {
@@ -159,7 +161,7 @@ pub fn cat(parts: &[&Tensor], dim: usize) -> Result<Tensor> {
             &y,
             Box::new(move |g| {
                 if channels {
-                    return Ok(super::concat::split_channels(g, &sizes)?
+                    return Ok(crate::concat::split_channels(g, &sizes)?
                         .into_iter()
                         .map(Some)
                         .collect());
@@ -179,7 +181,63 @@ pub fn cat(parts: &[&Tensor], dim: usize) -> Result<Tensor> {
     Ok(y)
 }
 
+/// `a + b` (same shapes), on the tape when recording: a residual
+/// connection between fast ops.
+pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if a.dims() != b.dims() {
+        candle_core::bail!("add: shapes {:?} and {:?} differ", a.dims(), b.dims());
+    }
+    let y = (a + b)?;
+    if recording() {
+        push(
+            vec![a.clone(), b.clone()],
+            &y,
+            Box::new(|g| Ok(vec![Some(g.clone()), Some(g.clone())])),
+        );
+    }
+    Ok(y)
+}
+
+/// `x · factor`, on the tape when recording (a weighted side output).
+pub fn scale(x: &Tensor, factor: f64) -> Result<Tensor> {
+    let y = (x * factor)?;
+    if recording() {
+        push(vec![x.clone()], &y, Box::new(move |g| Ok(vec![Some((g * factor)?)])));
+    }
+    Ok(y)
+}
+
+/// `x.narrow(dim, start, len)`, on the tape when recording (its backward:
+/// the gradient padded with zeros back to `x`'s size).
+pub fn narrow(x: &Tensor, dim: usize, start: usize, len: usize) -> Result<Tensor> {
+    let y = x.narrow(dim, start, len)?;
+    if recording() {
+        let after = x.dim(dim)? - start - len;
+        push(
+            vec![x.clone()],
+            &y,
+            Box::new(move |g| Ok(vec![Some(g.pad_with_zeros(dim, start, after)?)])),
+        );
+    }
+    Ok(y)
+}
+
 impl Tape {
+    /// Whether every op between the variables and `output` is on the tape:
+    /// each recorded op's inputs are variables, constants, or outputs of
+    /// ops recorded before it, and so is `output`.
+    pub fn covers(&self, output: &Tensor) -> bool {
+        let mut made = HashSet::new();
+        let known = |t: &Tensor, made: &HashSet<TensorId>| t.is_variable() || !t.track_op() || made.contains(&t.id());
+        for entry in &self.entries {
+            if !entry.inputs.iter().all(|t| known(t, &made)) {
+                return false;
+            }
+            made.insert(entry.output);
+        }
+        known(output, &made)
+    }
+
     /// The gradients of the variables given `grad`, the gradient of the
     /// recorded pass's `output`. Errors when a gradient reaches a tensor
     /// made by an op that is not on the tape.
@@ -224,23 +282,58 @@ impl Tape {
     }
 }
 
+/// How a training step's backward pass runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backward {
+    /// On the tape of the fast ops ([`Tape`]), where it covers the network
+    /// (else by candle, see [`forward_backward`]).
+    Tape,
+    /// candle's `Tensor::backward` (any device, any op).
+    Candle,
+}
+
+/// One training step's loss and gradients, and the backward pass that made
+/// them.
+#[derive(Debug)]
+pub struct Step {
+    pub loss: Tensor,
+    pub grads: GradStore,
+    /// [`Backward::Candle`] also where the tape was asked for but did not
+    /// cover the network (an op between the fast ones that is not on it).
+    pub backward: Backward,
+}
+
 /// One training step's forward and backward pass: `loss` of the model's
-/// output `forward()`. On the fast kernels the backward pass runs on the
-/// tape (the loss's own gradient, up to the network's output, still by
-/// candle, on a copy of the output); otherwise by candle's
-/// `Tensor::backward`. Returns the loss and the variables' gradients.
+/// output `forward()`. With [`Backward::Tape`] the forward pass is recorded
+/// and, where the tape covers it ([`Tape::covers`]), the backward pass runs
+/// on the tape (the loss's own gradient, up to the network's output, still
+/// by candle, on a copy of the output); where it does not (a plain candle
+/// op between fast ones), by candle's `Tensor::backward` over the same
+/// forward pass, which every op supports: slower, never wrong.
 pub fn forward_backward<E: From<candle_core::Error>>(
-    fast: bool,
+    backward: Backward,
     forward: impl FnOnce() -> std::result::Result<Tensor, E>,
     loss: impl FnOnce(&Tensor) -> std::result::Result<Tensor, E>,
-) -> std::result::Result<(Tensor, GradStore), E> {
-    if !fast {
+) -> std::result::Result<Step, E> {
+    let by_candle = |output: &Tensor, loss: Tensor| -> std::result::Result<Step, E> {
+        let _ = output;
+        let grads = loss.backward()?;
+        Ok(Step {
+            loss,
+            grads,
+            backward: Backward::Candle,
+        })
+    };
+    if backward == Backward::Candle {
         let output = forward()?;
         let l = loss(&output)?;
-        let grads = l.backward()?;
-        return Ok((l, grads));
+        return by_candle(&output, l);
     }
     let (output, tape) = record(forward)?;
+    if !tape.covers(&output) {
+        let l = loss(&output)?;
+        return by_candle(&output, l);
+    }
     let leaf = Var::from_tensor(&output.detach())?;
     let l = loss(leaf.as_tensor())?;
     let dl = l.backward()?;
@@ -250,91 +343,96 @@ pub fn forward_backward<E: From<candle_core::Error>>(
         );
     };
     let grads = tape.backward(&output, g.clone())?;
-    Ok((l, grads))
+    Ok(Step {
+        loss: l,
+        grads,
+        backward: Backward::Tape,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::conv2d;
     use crate::testing::max_rel;
-    use crate::{Architecture, ModelConfig, Preset, build};
-    use candle_core::{DType, Device, ModuleT};
-    use candle_nn::{VarBuilder, VarMap};
+    use candle_core::{DType, Device};
 
-    /// On each network (narrow widths, batch 3, 32×32), the tape's gradients
-    /// are candle's `Tensor::backward` ones for every variable, and every
-    /// variable has one.
-    #[test]
-    fn gradients_match_candle_backward_on_the_three_networks() {
+    fn fixture() -> (Var, Var, Tensor) {
         let dev = Device::Cpu;
-        for arch in Architecture::ALL {
-            let vm = VarMap::new();
-            let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
-            let model = build(&ModelConfig::preset(arch, Preset::Small), vb).unwrap();
-            let x = Tensor::randn(0f32, 1.0, (3, 1, 32, 32), &dev).unwrap();
-            let probe = Tensor::randn(0f32, 1.0, (3, 4, 32, 32), &dev).unwrap();
-            // not linear in the output, so the loss's own backward matters
-            let loss = |o: &Tensor| (o * &probe)?.tanh()?.sum_all();
-            let want = loss(&model.forward_t(&x, true).unwrap()).unwrap().backward().unwrap();
-            let (l, got) = forward_backward(true, || model.forward_t(&x, true), loss).unwrap();
-            assert!(l.to_scalar::<f32>().unwrap().is_finite());
-            // The conv biases before a BatchNorm cancel in the normalisation:
-            // both gradients are rounding noise around zero, small against
-            // the largest gradient (as in the fused layer's test).
-            let max_abs = |t: &Tensor| t.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-            let vars = vm.all_vars();
-            let scale = vars
-                .iter()
-                .filter_map(|v| want.get(v.as_tensor()).map(max_abs))
-                .fold(0f32, f32::max);
-            // (BatchNorm's running statistics are variables without one)
-            let mut compared = 0;
-            for v in &vars {
-                match (got.get(v.as_tensor()), want.get(v.as_tensor())) {
-                    (Some(g), Some(w)) if max_abs(w) <= 1e-4 * scale => {
-                        assert!(
-                            max_abs(g) <= 1e-4 * scale,
-                            "{arch}: variable {:?}: {} against {scale}",
-                            v.dims(),
-                            max_abs(g)
-                        );
-                    }
-                    (Some(g), Some(w)) => {
-                        let e = max_rel(g, w);
-                        assert!(e < 1e-5, "{arch}: variable {:?}: {e}", v.dims());
-                        compared += 1;
-                    }
-                    (None, None) => {}
-                    (g, _) => panic!(
-                        "{arch}: variable {:?}: gradient only from the tape: {}",
-                        v.dims(),
-                        g.is_some()
-                    ),
-                }
-            }
-            assert!(compared > 10, "{arch}: {compared} gradients compared");
-        }
+        let w = Var::from_tensor(&Tensor::randn(0f32, 0.3, (2, 2, 3, 3), &dev).unwrap()).unwrap();
+        let b = Var::from_tensor(&Tensor::randn(0f32, 0.3, 2, &dev).unwrap()).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (1, 2, 5, 5), &dev).unwrap();
+        (w, b, x)
     }
 
     /// A gradient that reaches a tensor made by an op the tape did not see
-    /// is an error.
+    /// is an error of `Tape::backward`, and `covers` says so beforehand.
     #[test]
     fn an_op_off_the_tape_is_an_error() {
-        let dev = Device::Cpu;
-        let w = Var::from_tensor(&Tensor::randn(0f32, 0.3, (2, 2, 3, 3), &dev).unwrap()).unwrap();
-        let b = Var::from_tensor(&Tensor::zeros(2, DType::F32, &dev).unwrap()).unwrap();
-        let x = Tensor::randn(0f32, 1.0, (1, 2, 5, 5), &dev).unwrap();
+        let cfg = KernelConfig::default();
+        let (w, b, x) = fixture();
         let (y, tape) = record(|| {
-            let h = super::super::conv2d(&x, &w, &b)?;
+            let h = conv2d(&x, &w, &b, &cfg)?;
             // candle's own op between two taped ones
-            super::super::conv2d(&h.exp()?, &w, &b)
+            conv2d(&h.exp()?, &w, &b, &cfg)
         })
         .unwrap();
+        assert!(!tape.covers(&y));
         let err = tape.backward(&y, y.ones_like().unwrap()).unwrap_err();
         assert!(err.to_string().contains("not on the tape"), "{err}");
         // the same with the op on the tape is fine
-        let (y, tape) = record(|| super::super::conv2d(&super::super::conv2d(&x, &w, &b)?, &w, &b)).unwrap();
+        let (y, tape) = record(|| conv2d(&conv2d(&x, &w, &b, &cfg)?, &w, &b, &cfg)).unwrap();
+        assert!(tape.covers(&y));
         let g = tape.backward(&y, y.ones_like().unwrap()).unwrap();
         assert!(g.get(w.as_tensor()).is_some() && g.get(b.as_tensor()).is_some());
+    }
+
+    /// A residual (`add`), a weighted side output (`scale`) joined to the
+    /// main one (`cat`) and cut apart again (`narrow`), all on the tape:
+    /// gradients equal candle's; with a plain candle op instead, the step
+    /// falls back to candle's backward and still gives its gradients.
+    #[test]
+    fn plain_ops_on_the_tape_and_the_fallback() {
+        let cfg = KernelConfig::default();
+        let (w, b, x) = fixture();
+        let dev = Device::Cpu;
+        let probe = Tensor::randn(0f32, 1.0, (1, 2, 5, 5), &dev).unwrap();
+        let loss = |o: &Tensor| -> Result<Tensor> {
+            let main = o.narrow(1, 0, 2)?;
+            let side = o.narrow(1, 2, 2)?;
+            ((main * &probe)?.tanh()?.sum_all()? + (side * &probe)?.sum_all()?)?.sum_all()
+        };
+        let taped = || -> Result<Tensor> {
+            let h = conv2d(&x, &w, &b, &cfg)?;
+            let r = add(&conv2d(&h, &w, &b, &cfg)?, &h)?;
+            let side = scale(&narrow(&r, 1, 0, 2)?, 0.5)?;
+            cat(&[&r, &side], 1, &cfg)
+        };
+        let plain = || -> Result<Tensor> {
+            let h = conv2d(&x, &w, &b, &cfg)?;
+            let r = (conv2d(&h, &w, &b, &cfg)? + &h)?;
+            let side = (r.narrow(1, 0, 2)? * 0.5)?;
+            Tensor::cat(&[&r, &side], 1)
+        };
+        let want = loss(&plain().unwrap()).unwrap().backward().unwrap();
+        for (name, f, expect) in [
+            ("taped", &taped as &dyn Fn() -> Result<Tensor>, Backward::Tape),
+            ("plain", &plain, Backward::Candle),
+        ] {
+            let step = forward_backward(Backward::Tape, f, loss).unwrap();
+            assert_eq!(step.backward, expect, "{name}");
+            for v in [&w, &b] {
+                let e = max_rel(step.grads.get(v.as_tensor()).unwrap(), want.get(v.as_tensor()).unwrap());
+                assert!(e < 1e-5, "{name}: {e}");
+            }
+        }
+        let step = forward_backward(Backward::Candle, taped, loss).unwrap();
+        assert_eq!(step.backward, Backward::Candle);
+        let e = max_rel(step.grads.get(w.as_tensor()).unwrap(), want.get(w.as_tensor()).unwrap());
+        assert!(e < 1e-5, "candle: {e}");
+        // narrow's and add's own checks
+        assert!(add(&x, &x.narrow(2, 0, 2).unwrap()).is_err());
+        let z = Tensor::zeros((1, 2), DType::F32, &dev).unwrap();
+        assert!(narrow(&z, 1, 1, 2).is_err());
     }
 }
