@@ -187,6 +187,12 @@ pub struct TrainArgs {
     pub loss: Option<LossChoice>,
     #[arg(long, value_enum)]
     pub augment: Option<AugmentChoice>,
+    /// U-Net 3+ only: train with the UNet 3+ paper's deep supervision (a
+    /// side output from every decoder stage below the top and from the
+    /// deepest encoder, in the loss with weights 1, 1/2, 1/4, …; inference
+    /// uses the main output only)
+    #[arg(long)]
+    pub deep_supervision: bool,
     /// Validate every N epochs (and after the last).
     #[arg(long, value_name = "N")]
     pub val_every: Option<usize>,

@@ -141,6 +141,12 @@ pub struct UNet3PlusConfig {
     pub num_classes: usize,
     pub filters: Vec<usize>,
     pub branch_channels: usize,
+    /// The UNet 3+ paper's deep supervision: a side output (3×3 conv to the
+    /// classes, bilinearly up-sampled) from every decoder stage below the top
+    /// and from the deepest encoder stage, trained with the main output
+    /// ([`crate::UNet3Plus`]'s doc). Off, the network is the report's.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deep_supervision: bool,
 }
 
 impl UNet3PlusConfig {
@@ -151,6 +157,7 @@ impl UNet3PlusConfig {
             num_classes: 4,
             filters: vec![64, 128, 256, 512],
             branch_channels: 64,
+            deep_supervision: false,
         }
     }
 

@@ -58,18 +58,28 @@ fn matches_the_composite_reference_with_ties() {
     }
 }
 
-/// On each network (narrow widths, batch 3, 32×32), the tape's gradients
+/// On each network (narrow widths, batch 3, 32×32; U-Net 3+ also with deep
+/// supervision), the tape's gradients
 /// are candle's `Tensor::backward` ones for every variable, and every
 /// variable has one.
 #[test]
 fn gradients_match_candle_backward_on_the_three_networks() {
     let dev = Device::Cpu;
-    for arch in Architecture::ALL {
+    let mut deep = cmr_models::UNet3PlusConfig::small();
+    deep.deep_supervision = true;
+    let configs = Architecture::ALL
+        .map(|a| ModelConfig::preset(a, Preset::Small))
+        .into_iter()
+        // side outputs: up-sampling and a concatenation after the heads
+        .chain([ModelConfig::UNet3Plus(deep)]);
+    for cfg in configs {
+        let arch = cfg.architecture();
         let vm = VarMap::new();
         let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
-        let model = build(&ModelConfig::preset(arch, Preset::Small), &KernelConfig::DEFAULT, vb).unwrap();
+        let model = build(&cfg, &KernelConfig::DEFAULT, vb).unwrap();
         let x = Tensor::randn(0f32, 1.0, (3, 1, 32, 32), &dev).unwrap();
-        let probe = Tensor::randn(0f32, 1.0, (3, 4, 32, 32), &dev).unwrap();
+        let channels = model.forward_t(&x, true).unwrap().dim(1).unwrap();
+        let probe = Tensor::randn(0f32, 1.0, (3, channels, 32, 32), &dev).unwrap();
         // not linear in the output, so the loss's own backward matters
         let loss = |o: &Tensor| (o * &probe)?.tanh()?.sum_all();
         let want = loss(&model.forward_t(&x, true).unwrap()).unwrap().backward().unwrap();

@@ -179,3 +179,40 @@ fn a_checkpoint_of_another_architecture_is_rejected() {
         .is_ok()
     );
 }
+
+/// Deep supervision adds one 3×3 head per level below the top (to the
+/// classes), returns main and side logits stacked in training mode and the
+/// main ones in inference; without it the saved configuration does not name
+/// it (the shipped models' config.json stay as they are).
+#[test]
+fn unet3plus_deep_supervision() {
+    let dev = Device::Cpu;
+    let plain = cmr_models::UNet3PlusConfig::small();
+    let mut deep = plain.clone();
+    deep.deep_supervision = true;
+    let (p, d) = (
+        parameter_count(&ModelConfig::UNet3Plus(plain.clone())).unwrap(),
+        parameter_count(&ModelConfig::UNet3Plus(deep.clone())).unwrap(),
+    );
+    // heads on the 64-channel decoder stages 1 and 2 and the 128-channel encoder output
+    let stage = plain.stage_channels();
+    let heads = 2 * (stage * 9 * 4 + 4) + (128 * 9 * 4 + 4);
+    assert_eq!(d - p, heads);
+    let varmap = VarMap::new();
+    let cfg = ModelConfig::UNet3Plus(deep);
+    let model = build(
+        &cfg,
+        &KernelConfig::DEFAULT,
+        VarBuilder::from_varmap(&varmap, DType::F32, &dev),
+    )
+    .unwrap();
+    let x = Tensor::randn(0f32, 1.0, (2, 1, 32, 32), &dev).unwrap();
+    let train = model.forward_t(&x, true).unwrap();
+    let eval = model.forward_t(&x, false).unwrap();
+    assert_eq!(train.dims(), &[2, 16, 32, 32]);
+    assert_eq!(eval.dims(), &[2, 4, 32, 32]);
+    let json = serde_json::to_string(&ModelConfig::UNet3Plus(plain)).unwrap();
+    assert!(!json.contains("deep_supervision"), "{json}");
+    let back: ModelConfig = serde_json::from_str(&serde_json::to_string(&cfg).unwrap()).unwrap();
+    assert_eq!(back, cfg);
+}

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use candle_core::{DType, Device, ModuleT};
+use candle_core::{DType, Device, ModuleT, Tensor};
 use candle_nn::VarMap;
 use cmr_data::{BatchPlan, Dataset, LoadOptions, SplitRecord, Splits};
 use cmr_kernels::{Backward, forward_backward};
@@ -103,6 +103,31 @@ fn trainable(varmap: &VarMap) -> BTreeMap<String, candle_core::Var> {
         .filter(|(name, _)| !is_running_stat(name))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect()
+}
+
+/// The training loss of the network's output. With deep supervision
+/// (U-Net 3+'s side outputs, `[B, classes·n, H, W]` with the main logits
+/// first) the loss of each output, weighted 1, 1/2, 1/4, … from the main one
+/// down and normalised to sum 1 (nnU-Net's weights); otherwise the loss of
+/// the logits.
+pub(crate) fn training_loss(cfg: &TrainConfig, logits: &Tensor, masks: &Tensor) -> Result<Tensor> {
+    let classes = cfg.model.num_classes();
+    let outputs = logits.dim(1)? / classes.max(1);
+    if outputs <= 1 {
+        return Ok(cfg.loss.compute(logits, masks, &cfg.kernels)?);
+    }
+    let weights: Vec<f64> = (0..outputs).map(|i| 0.5f64.powi(i as i32)).collect();
+    let total: f64 = weights.iter().sum();
+    let mut sum: Option<Tensor> = None;
+    for (i, w) in weights.iter().enumerate() {
+        let part = logits.narrow(1, i * classes, classes)?;
+        let l = (cfg.loss.compute(&part, masks, &cfg.kernels)? * (w / total))?;
+        sum = Some(match sum {
+            None => l,
+            Some(s) => (s + l)?,
+        });
+    }
+    sum.ok_or_else(|| TrainError::Config("no output to compute a loss of".into()))
 }
 
 impl Trainer {
@@ -344,7 +369,7 @@ impl Trainer {
                 let step = forward_backward(
                     backward,
                     || Ok::<_, TrainError>(self.model.forward_t(&batch.images, true)?),
-                    |logits| Ok(cfg.loss.compute(logits, masks, &cfg.kernels)?),
+                    |logits| training_loss(&cfg, logits, masks),
                 )?;
                 if step.backward != backward && !warned_off_tape {
                     warned_off_tape = true;
@@ -460,5 +485,40 @@ impl Trainer {
         Ok(Outcome::Finished {
             best: self.state.best.clone(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+    use cmr_models::{Architecture, KernelConfig};
+
+    use crate::TrainPreset;
+
+    /// Deep supervision's loss on a hand case: two outputs weigh 2/3 and
+    /// 1/3; an output stacked on itself has its own loss; one output is the
+    /// plain loss. Both kernel settings (fused and expression losses).
+    #[test]
+    fn deep_supervision_weighs_the_outputs() {
+        let dev = Device::Cpu;
+        for kernels in [KernelConfig::DEFAULT, KernelConfig::off()] {
+            let mut cfg = TrainConfig::preset(TrainPreset::Cpu, Architecture::UNet3Plus);
+            cfg.kernels = kernels;
+            let a = Tensor::randn(0f32, 1.0, (2, 4, 8, 8), &dev).unwrap();
+            let b = Tensor::randn(0f32, 1.0, (2, 4, 8, 8), &dev).unwrap();
+            let masks = Tensor::rand(0f32, 4.0, (2, 8, 8), &dev)
+                .unwrap()
+                .floor()
+                .unwrap()
+                .to_dtype(DType::U32)
+                .unwrap();
+            let loss = |t: &Tensor| f64::from(training_loss(&cfg, t, &masks).unwrap().to_scalar::<f32>().unwrap());
+            let (la, lb) = (loss(&a), loss(&b));
+            let both = loss(&Tensor::cat(&[&a, &b], 1).unwrap());
+            assert!((both - (2.0 * la + lb) / 3.0).abs() < 1e-5, "{both} vs {la}, {lb}");
+            let twice = loss(&Tensor::cat(&[&a, &a], 1).unwrap());
+            assert!((twice - la).abs() < 1e-5, "{twice} vs {la}");
+        }
     }
 }

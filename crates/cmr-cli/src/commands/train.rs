@@ -52,11 +52,23 @@ fn build_config(args: &TrainArgs) -> anyhow::Result<TrainConfig> {
         }
     }
     apply_flags(&mut cfg, args);
+    apply_deep_supervision(&mut cfg, args)?;
     if let Some(kernels) = crate::env::kernels(cfg.kernels)? {
         cfg.kernels = kernels;
     }
     cfg.validate()?;
     Ok(cfg)
+}
+
+/// `--deep-supervision`, which only U-Net 3+ has.
+fn apply_deep_supervision(cfg: &mut TrainConfig, args: &TrainArgs) -> anyhow::Result<()> {
+    if args.deep_supervision {
+        match &mut cfg.model {
+            cmr_models::ModelConfig::UNet3Plus(c) => c.deep_supervision = true,
+            other => bail!("--deep-supervision is for U-Net 3+, not {}", other.architecture()),
+        }
+    }
+    Ok(())
 }
 
 fn apply_flags(cfg: &mut TrainConfig, args: &TrainArgs) {
@@ -131,6 +143,7 @@ fn flag_differences(cfg: &TrainConfig, args: &TrainArgs, run: &Path) -> anyhow::
     }
     let mut wanted = cfg.clone();
     apply_flags(&mut wanted, args);
+    apply_deep_supervision(&mut wanted, args)?;
     if let Some(kernels) = crate::env::kernels(cfg.kernels)? {
         wanted.kernels = kernels;
     }
