@@ -164,3 +164,69 @@ fn train_eval_predict_submit() {
         .arg(&one));
     assert_eq!(read_mask(&one.join("cmr122_mask.png")).unwrap(), predicted[1].1);
 }
+
+/// `cmr eval --pred`: a folder of masks scored without a model gives what
+/// `cmr eval --model` gives for the model that predicted them, writes
+/// summary.json, and names a missing prediction.
+#[test]
+fn eval_scores_a_folder_of_predicted_masks() {
+    let Some(data) = shared_data() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let root = subset(&data, dir.path(), 8, 0);
+    let split = root.join("train");
+    let masks = dir.path().join("pred");
+    ok(cmr()
+        .args(["predict", "--model", "unet", "--device", "cpu", "--input"])
+        .arg(&split)
+        .arg("--out")
+        .arg(&masks));
+    let by_model: serde_json::Value = serde_json::from_str(&ok(cmr()
+        .args([
+            "eval",
+            "--json",
+            "--per-image",
+            "--model",
+            "unet",
+            "--device",
+            "cpu",
+            "--data",
+        ])
+        .arg(&split)))
+    .unwrap();
+    let by_masks: serde_json::Value = serde_json::from_str(&ok(cmr()
+        .args(["eval", "--json", "--pred"])
+        .arg(&masks)
+        .arg("--data")
+        .arg(&split)))
+    .unwrap();
+    assert_eq!(by_masks["cases"], 8);
+    assert_eq!(by_masks["foreground_mean_dice"], by_model["mean_dice"]);
+    assert_eq!(by_masks["mean"]["classes"], by_model["classes"]);
+    let dice = |v: &serde_json::Value| -> Vec<String> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|m| format!("{} {}", m["id"], m["dice"]))
+            .collect()
+    };
+    assert_eq!(dice(&by_masks["per_case"]), dice(&by_model["per_image"]));
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(masks.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary, by_masks);
+    // one prediction missing: named, nothing scored
+    std::fs::remove_file(masks.join("cmr3_mask.png")).unwrap();
+    let err = fails(cmr().args(["eval", "--pred"]).arg(&masks).arg("--data").arg(&split));
+    assert!(
+        err.contains("no prediction for 1 of the 8") && err.contains("cmr3_mask.png"),
+        "{err}"
+    );
+    // a model and masks at once is refused by the parser
+    let err = fails(
+        cmr()
+            .args(["eval", "--model", "unet", "--pred"])
+            .arg(&masks)
+            .arg("--data")
+            .arg(&split),
+    );
+    assert!(err.contains("cannot be used with"), "{err}");
+}

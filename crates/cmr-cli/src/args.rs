@@ -243,8 +243,14 @@ pub struct EvalArgs {
     /// unet3plus: embedded in the binary; $CMR_MODELS_DIR/<name> and
     /// ./models/<name> come first); several, comma-separated, make an
     /// ensemble.
-    #[arg(long, value_name = "M")]
-    pub model: String,
+    #[arg(long, value_name = "M", required_unless_present = "pred")]
+    pub model: Option<String>,
+    /// Score a folder of predicted masks instead of a model (<id>_mask.png,
+    /// as `cmr predict` writes them, or from any other tool) against the
+    /// masks of the split folder --data, and write summary.json into it
+    /// (per case, per class, the mean and the foreground mean).
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["model", "deform", "decide_clean", "tta", "clean"])]
+    pub pred: Option<PathBuf>,
     /// A labelled split folder (image/, mask/), or a dataset root: then, for a
     /// cross-validation folder (or several on the same folds), each fold's
     /// model (ensemble) on its own validation slices of train/; otherwise its

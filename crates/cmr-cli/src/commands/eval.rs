@@ -24,9 +24,15 @@ fn transform(deform: Option<u64>) -> impl Fn(&Sample) -> Sample {
 }
 
 pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
+    if let Some(pred) = &args.pred {
+        return run_pred(pred, &args);
+    }
+    let model = args
+        .model
+        .clone()
+        .context("give --model M, or --pred DIR to score masks")?;
     if !args.data.join("image").is_dir() {
-        let paths = args
-            .model
+        let paths = model
             .split(',')
             .map(|m| crate::models::resolve(m.trim()))
             .collect::<anyhow::Result<Vec<_>>>()?;
@@ -34,8 +40,8 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
             return run_cv(&paths, &args);
         }
     }
-    let members = model_members(&args.model)?;
-    let predictor = load_members(&members, &args.model, &args.inference)?;
+    let members = model_members(&model)?;
+    let predictor = load_members(&members, &model, &args.inference)?;
     let config = predictor.config().clone();
     let opts = LoadOptions { size: config.data.size };
     let records = members
@@ -85,7 +91,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
     let options = *predictor.options();
     if args.json {
         let mut value = serde_json::to_value(&report)?;
-        value["model"] = args.model.clone().into();
+        value["model"] = model.clone().into();
         value["data"] = split.into();
         value["members"] = predictor.members().len().into();
         value["tta"] = serde_json::to_value(options.tta)?;
@@ -270,7 +276,7 @@ fn run_cv(paths: &[PathBuf], args: &EvalArgs) -> anyhow::Result<ExitCode> {
         &transform(args.deform),
         |done| bar.set_position(done as u64),
     )
-    .with_context(|| format!("evaluating {}", args.model))?;
+    .with_context(|| format!("evaluating {}", args.model.as_deref().unwrap_or_default()))?;
     bar.finish_and_clear();
     let stats = report.fold_dice();
     let oof = report.out_of_fold.report();
@@ -282,7 +288,7 @@ fn run_cv(paths: &[PathBuf], args: &EvalArgs) -> anyhow::Result<ExitCode> {
             .map(|(n, s)| Ok((n.to_string(), serde_json::to_value(s)?)))
             .collect::<Result<_, serde_json::Error>>()?;
         let mut value = serde_json::json!({
-            "model": args.model,
+            "model": args.model.as_deref().unwrap_or_default(),
             "data": args.data.display().to_string(),
             "k": spec.folds.k,
             "cross_validations": cvs.len(),
@@ -333,5 +339,86 @@ fn run_cv(paths: &[PathBuf], args: &EvalArgs) -> anyhow::Result<ExitCode> {
         format!("{:.3}±{:.3}", stats[3].mean, stats[3].sd),
     )?;
     outln!("\nout of fold (every slice scored once, by the model that did not train on it):\n{oof}")?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `--pred DIR`: the masks in `pred` against the labelled split `--data`, no
+/// model. Every labelled slice must have its prediction (`<id>_mask.png`, the
+/// same size as its true mask); other files in `pred` are ignored.
+/// `summary.json` (per case, per class, mean and foreground mean) is written
+/// into `pred`.
+fn run_pred(pred: &std::path::Path, args: &EvalArgs) -> anyhow::Result<ExitCode> {
+    use cmr_data::{mask_file_name, read_mask};
+    use cmr_loss::{LabelMap, MetricsAccumulator};
+    if !pred.is_dir() {
+        bail!("{}: not a folder of predicted masks", pred.display());
+    }
+    if !args.data.join("mask").is_dir() {
+        bail!(
+            "{}: not a labelled split folder (image/, mask/): --pred scores against one split",
+            args.data.display()
+        );
+    }
+    // the true masks, at their own size (no fitting to a network)
+    let samples = load_split(&args.data, Labels::Required, LoadOptions::default())?;
+    let missing: Vec<&str> = samples
+        .iter()
+        .map(|s| s.id.as_str())
+        .filter(|id| !pred.join(mask_file_name(id)).is_file())
+        .collect();
+    if let Some(first) = missing.first() {
+        bail!(
+            "{}: no prediction for {} of the {} labelled slices of {} (the first: {})",
+            pred.display(),
+            missing.len(),
+            samples.len(),
+            args.data.display(),
+            pred.join(mask_file_name(first)).display()
+        );
+    }
+    let mut acc = MetricsAccumulator::new();
+    for s in &samples {
+        let truth_path = args.data.join("mask").join(mask_file_name(&s.id));
+        let pred_path = pred.join(mask_file_name(&s.id));
+        let truth = read_mask(&truth_path)?;
+        let p = read_mask(&pred_path)?;
+        if (p.height(), p.width()) != (truth.height(), truth.width()) {
+            bail!(
+                "{}: {}×{} pixels, but its true mask {} is {}×{}",
+                pred_path.display(),
+                p.width(),
+                p.height(),
+                truth_path.display(),
+                truth.width(),
+                truth.height()
+            );
+        }
+        acc.add(
+            &s.id,
+            LabelMap::new(p.data(), p.height(), p.width())?,
+            LabelMap::new(truth.data(), truth.height(), truth.width())?,
+        )?;
+    }
+    let report = acc.report();
+    let summary = serde_json::json!({
+        "pred": pred.display().to_string(),
+        "data": args.data.display().to_string(),
+        "cases": acc.len(),
+        "per_case": acc.images(),
+        "mean": &report,
+        "foreground_mean_dice": report.mean_dice,
+        "definitions": cmr_loss::DEFINITIONS,
+    });
+    let path = pred.join("summary.json");
+    cmr_data::write_atomic(&path, serde_json::to_string_pretty(&summary)?.as_bytes())?;
+    tracing::info!("{} scored: {}", count(acc.len(), "case"), path.display());
+    if args.json {
+        outln!("{}", serde_json::to_string_pretty(&summary)?)?;
+    } else {
+        if args.per_image {
+            print_per_image(acc.images())?;
+        }
+        outln!("{report}")?;
+    }
     Ok(ExitCode::SUCCESS)
 }
