@@ -230,3 +230,43 @@ fn eval_scores_a_folder_of_predicted_masks() {
     );
     assert!(err.contains("cannot be used with"), "{err}");
 }
+
+/// `predict --save-probabilities`: one tensor per image, `[4, H, W]`, each
+/// pixel's probabilities summing to 1, their argmax the written mask
+/// (no clean-up).
+#[test]
+fn predict_saves_probabilities() {
+    let Some(data) = shared_data() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let root = subset(&data, dir.path(), 0, 3);
+    let out = dir.path().join("pred");
+    ok(cmr()
+        .args([
+            "predict",
+            "--model",
+            "unet",
+            "--tta",
+            "--save-probabilities",
+            "--device",
+            "cpu",
+            "--input",
+        ])
+        .arg(root.join("test"))
+        .arg("--out")
+        .arg(&out));
+    for i in 121..124 {
+        let tensors = candle_core::safetensors::load(
+            out.join(format!("cmr{i}_probabilities.safetensors")),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let p = &tensors["probabilities"];
+        assert_eq!(p.dims(), &[4, 96, 96]);
+        let sums = p.sum(0).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(sums.iter().all(|s| (s - 1.0).abs() < 1e-4), "probabilities sum to 1");
+        let argmax = p.argmax(0).unwrap().flatten_all().unwrap().to_vec1::<u32>().unwrap();
+        let mask = read_mask(&out.join(format!("cmr{i}_mask.png"))).unwrap();
+        let labels: Vec<u32> = mask.data().iter().map(|&v| u32::from(v)).collect();
+        assert_eq!(argmax, labels, "cmr{i}: the mask is the argmax");
+    }
+}

@@ -302,6 +302,12 @@ pub struct PredictArgs {
     /// Output folder for <id>_mask.png (values 0..3), created if needed.
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
+    /// Also write <id>_probabilities.safetensors: one f32 tensor
+    /// `probabilities` [classes, H, W] at the image's size (background, RV,
+    /// Myo, LV), the softmax averaged over the ensemble and the TTA views,
+    /// before any clean-up: for ensembling outside cmr.
+    #[arg(long)]
+    pub save_probabilities: bool,
     /// Also write <id>_overlay.png: the image with RV, Myo and LV tinted.
     #[arg(long)]
     pub overlay: bool,

@@ -333,6 +333,32 @@ impl Predictor {
         Ok(out)
     }
 
+    /// [`Predictor::predict`], with each image's class probabilities (the
+    /// softmax averaged over members and TTA views, before any clean-up):
+    /// `[classes, h, w]` flat, at the network's input size.
+    pub fn predict_probabilities(
+        &self,
+        samples: &[Sample],
+        mut progress: impl FnMut(usize),
+    ) -> Result<Vec<(Mask, Vec<f32>)>> {
+        let plan = self.plan();
+        let mut out = Vec::with_capacity(samples.len());
+        for batch in plan.batches(samples, 0, &self.device)? {
+            let batch = batch?;
+            let probs = self.probabilities(&batch.images)?;
+            let masks = self.masks_of(&probs)?;
+            let flat = probs
+                .to_dtype(DType::F32)?
+                .to_device(&Device::Cpu)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            let per = flat.len() / masks.len().max(1);
+            out.extend(masks.into_iter().zip(flat.chunks(per).map(<[f32]>::to_vec)));
+            progress(out.len());
+        }
+        Ok(out)
+    }
+
     /// Metrics of the predictions of labelled `samples` and, when `loss` is
     /// given (for a single model without TTA), the mean batch loss.
     pub fn evaluate(&self, samples: &[Sample], loss: Option<&Loss>) -> Result<Evaluation> {

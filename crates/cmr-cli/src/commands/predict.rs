@@ -59,12 +59,28 @@ pub fn run(args: PredictArgs) -> anyhow::Result<ExitCode> {
         },
     )?;
     let bar = image_bar(samples.len(), "predict");
-    let masks = predictor.predict(&samples, |done| bar.set_position(done as u64))?;
+    let predictions: Vec<(cmr_data::Mask, Option<Vec<f32>>)> = if args.save_probabilities {
+        predictor
+            .predict_probabilities(&samples, |done| bar.set_position(done as u64))?
+            .into_iter()
+            .map(|(m, p)| (m, Some(p)))
+            .collect()
+    } else {
+        predictor
+            .predict(&samples, |done| bar.set_position(done as u64))?
+            .into_iter()
+            .map(|m| (m, None))
+            .collect()
+    };
     bar.finish_and_clear();
 
     let mut staged = Staged::new(&args.out)?;
     let mut rows = Vec::new();
-    for (sample, mask) in samples.iter().zip(masks) {
+    for (sample, (mask, probs)) in samples.iter().zip(predictions) {
+        if let Some(probs) = probs {
+            let path = staged.path(&format!("{}_probabilities.safetensors", sample.id))?;
+            write_probabilities(&path, &probs, &mask, sample.original)?;
+        }
         let mask = mask.unfit(sample.original);
         let name = format!("{}_mask", sample.id);
         write_mask(&staged.path(&format!("{name}.png"))?, &mask)?;
@@ -112,6 +128,43 @@ pub fn run(args: PredictArgs) -> anyhow::Result<ExitCode> {
 
 /// Write the submission for `rows` to a hidden file beside `csv` (creating
 /// its folder); the caller renames it into place.
+/// `probs` (`[classes, h, w]` flat, at the mask's size) mapped back to the
+/// image's size as the mask is, written as the tensor `probabilities`.
+/// Where the image was cropped for the network, the margin is background
+/// with probability 1.
+fn write_probabilities(
+    path: &std::path::Path,
+    probs: &[f32],
+    mask: &cmr_data::Mask,
+    original: cmr_data::Size,
+) -> anyhow::Result<()> {
+    let (h, w) = (mask.height(), mask.width());
+    let classes = probs.len() / (h * w).max(1);
+    let mut data = Vec::with_capacity(classes * original.height * original.width);
+    // 1 inside the network's window, 0 in a margin the crop left out
+    let inside = cmr_data::Plane::from_vec(h, w, vec![1f32; h * w])
+        .context("a plane of the mask's size")?
+        .unfit(original);
+    for (c, plane) in probs.chunks(h * w).enumerate() {
+        let fitted =
+            cmr_data::Plane::from_vec(h, w, plane.to_vec()).context("a probability plane of the mask's size")?;
+        let back = fitted.unfit(original);
+        if c == 0 {
+            data.extend(back.data().iter().zip(inside.data()).map(|(&p, &i)| p + (1.0 - i)));
+        } else {
+            data.extend_from_slice(back.data());
+        }
+    }
+    let tensor = candle_core::Tensor::from_vec(
+        data,
+        (classes, original.height, original.width),
+        &candle_core::Device::Cpu,
+    )?;
+    let tensors = std::collections::HashMap::from([("probabilities".to_string(), tensor)]);
+    candle_core::safetensors::save(&tensors, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
 fn prepare_csv(csv: &std::path::Path, rows: &[cmr_data::Row]) -> anyhow::Result<PathBuf> {
     let parent = csv.parent().filter(|p| !p.as_os_str().is_empty());
     if let Some(parent) = parent {
