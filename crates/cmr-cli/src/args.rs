@@ -76,6 +76,15 @@ fn parse_arch(s: &str) -> Result<Architecture, String> {
 }
 
 /// Augmentation recipes for `--augment`.
+/// How `--overlay` draws the classes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OverlayChoice {
+    /// The class colour blended into each region.
+    Fill,
+    /// Each region's boundary only.
+    Outline,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum AugmentChoice {
     /// No augmentation.
@@ -308,9 +317,16 @@ pub struct PredictArgs {
     /// before any clean-up: for ensembling outside cmr.
     #[arg(long)]
     pub save_probabilities: bool,
-    /// Also write <id>_overlay.png: the image with RV, Myo and LV tinted.
-    #[arg(long)]
-    pub overlay: bool,
+    /// Also write <id>_overlay.png: the image upscaled (--overlay-scale),
+    /// RV, Myo and LV tinted (`fill`, the default) or outlined (`outline`)
+    /// in a colour-blind-safe palette, a legend under it; for a split folder
+    /// with masks, its true mask's overlay on the left, the prediction's on
+    /// the right.
+    #[arg(long, value_enum, value_name = "STYLE", num_args = 0..=1, default_missing_value = "fill")]
+    pub overlay: Option<OverlayChoice>,
+    /// Output pixels per image pixel in overlays (nearest neighbour).
+    #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=16))]
+    pub overlay_scale: u16,
     /// Also write the competition's run-length CSV here.
     #[arg(long, value_name = "FILE")]
     pub csv: Option<PathBuf>,

@@ -11,6 +11,7 @@ mod dataset;
 mod error;
 mod lock;
 mod normalize;
+mod overlay;
 mod plane;
 mod png;
 mod record;
@@ -28,8 +29,9 @@ pub use dataset::{
 pub use error::{DataError, Result};
 pub use lock::DirLock;
 pub use normalize::{Normalization, to_unit};
+pub use overlay::{CLASS_COLOURS, OverlayMode, OverlayStyle, Rgb, compose, write_overlay_styled};
 pub use plane::{Image, Mask, Plane, Size};
-pub use png::{CLASS_COLOURS, NUM_CLASSES, overlay, read_image, read_mask, write_image, write_mask, write_overlay};
+pub use png::{NUM_CLASSES, read_image, read_mask, write_image, write_mask};
 pub use record::{SplitRecord, fingerprint};
 pub use rle::{
     FOREGROUND, Row, read_submission, rle_decode, rle_encode, submission_rows, write_rows, write_submission,

@@ -196,52 +196,6 @@ pub fn write_mask(path: &Path, mask: &Mask) -> Result<()> {
     write_image(path, mask)
 }
 
-/// Tint of each foreground class in overlays: RV red, Myo green, LV blue.
-pub const CLASS_COLOURS: [[u8; 3]; NUM_CLASSES] = [[0, 0, 0], [230, 60, 60], [60, 200, 80], [70, 120, 240]];
-
-/// Blend the class colours into a grayscale image (`alpha` of the colour where a
-/// class is present), giving RGB pixels, row-major.
-pub fn overlay(image: &Image, mask: &Mask, alpha: f32) -> Vec<[u8; 3]> {
-    image
-        .data()
-        .iter()
-        .zip(mask.data())
-        .map(|(&g, &c)| {
-            let c = usize::from(c);
-            if c == 0 || c >= NUM_CLASSES {
-                [g, g, g]
-            } else {
-                let tint = CLASS_COLOURS[c];
-                let g = f32::from(g);
-                tint.map(|t| (g * (1.0 - alpha) + f32::from(t) * alpha).round() as u8)
-            }
-        })
-        .collect()
-}
-
-/// Write a colour overlay PNG (image with RV, Myo and LV tinted), atomically.
-/// `image` and `mask` must have the same size.
-pub fn write_overlay(path: &Path, image: &Image, mask: &Mask) -> Result<()> {
-    if image.size() != mask.size() {
-        return Err(DataError::SizeMismatch {
-            image: path.to_path_buf(),
-            mask: path.to_path_buf(),
-            image_size: (image.width(), image.height()),
-            mask_size: (mask.width(), mask.height()),
-        });
-    }
-    let rgb: Vec<u8> = overlay(image, mask, 0.45).into_iter().flatten().collect();
-    let mut bytes = Vec::new();
-    image::RgbImage::from_raw(image.width() as u32, image.height() as u32, rgb)
-        .expect("overlay holds width × height pixels")
-        .write_to(&mut Cursor::new(&mut bytes), ImageFormat::Png)
-        .map_err(|source| DataError::Encode {
-            path: path.to_path_buf(),
-            source,
-        })?;
-    write_atomic(path, &bytes)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -283,15 +237,6 @@ mod tests {
         assert_eq!(g.get(0, 0), 200);
         // pure red has luma ≈ 0.2126·255 (sRGB weights used by `image`) or 0.299·255
         assert!((50..=80).contains(&g.get(0, 1)), "{}", g.get(0, 1));
-    }
-
-    #[test]
-    fn overlay_tints_only_foreground() {
-        let img = Plane::from_vec(1, 2, vec![100u8, 100]).unwrap();
-        let mask = Plane::from_vec(1, 2, vec![0u8, 1]).unwrap();
-        let rgb = overlay(&img, &mask, 0.5);
-        assert_eq!(rgb[0], [100, 100, 100]);
-        assert_eq!(rgb[1], [165, 80, 80]);
     }
 
     /// CRC-32 of PNG chunks (ISO 3309), bit by bit.

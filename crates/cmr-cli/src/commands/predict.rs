@@ -5,10 +5,11 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use cmr_data::{
-    LoadOptions, list_pngs, load_images, read_image, submission_rows, write_mask, write_overlay, write_rows,
+    LoadOptions, OverlayMode, OverlayStyle, list_pngs, load_images, mask_file_name, read_image, read_mask,
+    submission_rows, write_mask, write_overlay_styled, write_rows,
 };
 
-use crate::args::PredictArgs;
+use crate::args::{OverlayChoice, PredictArgs};
 use crate::commands::load_predictor;
 use crate::progress::image_bar;
 use crate::staged::Staged;
@@ -76,6 +77,8 @@ pub fn run(args: PredictArgs) -> anyhow::Result<ExitCode> {
 
     let mut staged = Staged::new(&args.out)?;
     let mut rows = Vec::new();
+    // a split folder's true masks, for the overlays
+    let truth_dir = Some(args.input.join("mask")).filter(|d| d.is_dir() && args.input.join("image").is_dir());
     for (sample, (mask, probs)) in samples.iter().zip(predictions) {
         if let Some(probs) = probs {
             let path = staged.path(&format!("{}_probabilities.safetensors", sample.id))?;
@@ -84,9 +87,24 @@ pub fn run(args: PredictArgs) -> anyhow::Result<ExitCode> {
         let mask = mask.unfit(sample.original);
         let name = format!("{}_mask", sample.id);
         write_mask(&staged.path(&format!("{name}.png"))?, &mask)?;
-        if args.overlay {
+        if let Some(choice) = args.overlay {
             let image = read_image(&sample.path)?;
-            write_overlay(&staged.path(&format!("{}_overlay.png", sample.id))?, &image, &mask)?;
+            let style = OverlayStyle {
+                mode: match choice {
+                    OverlayChoice::Fill => OverlayMode::Fill,
+                    OverlayChoice::Outline => OverlayMode::Outline,
+                },
+                scale: usize::from(args.overlay_scale),
+                legend: true,
+            };
+            // the true mask beside the prediction, where the split has one
+            let truth_path = truth_dir.as_ref().map(|d| d.join(mask_file_name(&sample.id)));
+            let truth = match truth_path.filter(|p| p.is_file()) {
+                Some(p) => Some(read_mask(&p)?),
+                None => None,
+            };
+            let path = staged.path(&format!("{}_overlay.png", sample.id))?;
+            write_overlay_styled(&path, &image, &mask, truth.as_ref(), style)?;
         }
         // run lengths only: the full-size masks are not all held at once
         if args.csv.is_some() {
