@@ -49,59 +49,97 @@ fn plot_err(path: &Path, e: impl std::fmt::Display) -> TrainError {
 
 type Series<'a> = (&'a str, RGBColor, Vec<(f64, f64)>);
 
+/// Pixels right of each panel's plot for its legend (outside the data).
+const LEGEND_WIDTH: u32 = 120;
+
+/// One panel: `series` over the epochs, a dashed vertical line at `marker`
+/// (the best epoch) when given, the legend right of the plot.
 fn panel(
     area: &DrawingArea<BitMapBackend, plotters::coord::Shift>,
     title: &str,
     epochs: f64,
     y: std::ops::Range<f64>,
     series: &[Series],
+    marker: Option<f64>,
     text: bool,
 ) -> std::result::Result<(), String> {
+    let (width, _) = area.dim_in_pixel();
     let mut builder = ChartBuilder::on(area);
-    builder.margin(12);
+    builder.margin(10).margin_right(if text { LEGEND_WIDTH } else { 10 });
     if text {
         builder
             .caption(title, ("sans-serif", 18))
-            .x_label_area_size(32)
-            .y_label_area_size(48);
+            .x_label_area_size(34)
+            .y_label_area_size(56);
     }
     let mut chart = builder
-        .build_cartesian_2d(1f64..epochs.max(2.0), y)
+        .build_cartesian_2d(1f64..epochs.max(2.0), y.clone())
         .map_err(|e| e.to_string())?;
     let mut mesh = chart.configure_mesh();
     if text {
-        mesh.x_desc("epoch");
+        mesh.x_desc("epoch")
+            .x_labels(8)
+            .x_label_formatter(&|v| format!("{v:.0}"))
+            .y_labels(6)
+            .label_style(("sans-serif", 13))
+            .light_line_style(RGBColor(235, 235, 235));
     } else {
         mesh.x_labels(0).y_labels(0);
     }
     mesh.draw().map_err(|e| e.to_string())?;
+    // the legend's entries, drawn right of the plot
+    let mut entries: Vec<(String, ShapeStyle)> = Vec::new();
+    if let Some(best) = marker {
+        let dashes = (0..20).map(|i| {
+            let t = |k: f64| y.start + (y.end - y.start) * k / 20.0;
+            PathElement::new(vec![(best, t(i as f64)), (best, t(i as f64 + 0.5))], BLACK.mix(0.6))
+        });
+        chart.draw_series(dashes).map_err(|e| e.to_string())?;
+        entries.push((format!("best: epoch {best}"), BLACK.mix(0.6).into()));
+    }
     for (name, colour, points) in series {
         if points.is_empty() {
             continue;
         }
         let colour = *colour;
-        let s = chart
+        chart
             .draw_series(LineSeries::new(points.clone(), colour.stroke_width(2)))
             .map_err(|e| e.to_string())?;
-        if text {
-            s.label(*name)
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], colour.stroke_width(2)));
+        entries.push((name.to_string(), colour.stroke_width(3)));
+        if let Some(best) = marker
+            && let Some(&(bx, by)) = points.iter().find(|p| p.0 == best)
+        {
+            chart
+                .draw_series(std::iter::once(Circle::new((bx, by), 4, colour.filled())))
+                .map_err(|e| e.to_string())?;
         }
     }
     if text {
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()
+        let x0 = width as i32 - LEGEND_WIDTH as i32 + 8;
+        for (i, (name, style)) in entries.iter().enumerate() {
+            let y = 44 + 20 * i as i32;
+            area.draw(&PathElement::new(vec![(x0, y), (x0 + 18, y)], *style))
+                .map_err(|e| e.to_string())?;
+            area.draw(&Text::new(
+                name.clone(),
+                (x0 + 24, y - 7),
+                ("sans-serif", 13).into_font().color(&BLACK),
+            ))
             .map_err(|e| e.to_string())?;
+        }
     }
     Ok(())
 }
 
-/// Draw the loss and Dice curves of `records` into `path` (PNG, atomic).
+/// The panels' size.
+const PANEL: (u32, u32) = (560, 340);
+
+/// Draw the training curves of `records` into `path` (PNG, atomic), four
+/// panels: loss (training and validation), validation Dice per class and
+/// mean, the learning rate, and the seconds per epoch; the best epoch (the
+/// highest mean validation Dice) marked in the first two.
 pub fn draw_curves(path: &Path, records: &[EpochRecord]) -> Result<()> {
-    let (w, h) = (1000u32, 420u32);
+    let (w, h) = (2 * PANEL.0, 2 * PANEL.1);
     let mut buf = vec![255u8; (w * h * 3) as usize];
     let text = font_available();
     let epochs = records.last().map_or(1.0, |r| r.epoch as f64);
@@ -114,18 +152,52 @@ pub fn draw_curves(path: &Path, records: &[EpochRecord]) -> Result<()> {
     let train = pts(&|r| Some(r.train_loss));
     let val = pts(&|r| r.val_loss);
     let max_loss = train.iter().chain(&val).map(|p| p.1).fold(0.0f64, f64::max).max(1e-3) * 1.05;
-    let loss_series = [("train loss", BLUE, train), ("val loss", RED, val)];
+    let best = records
+        .iter()
+        .filter_map(|r| r.val_mean_dice.map(|d| (r.epoch as f64, d)))
+        .fold(None, |b: Option<(f64, f64)>, (e, d)| match b {
+            Some((_, bd)) if bd >= d => b,
+            _ => Some((e, d)),
+        })
+        .map(|(e, _)| e);
+    // the overlays' colour-blind-safe palette for the classes
+    let class = |c: usize| {
+        let [r, g, b] = cmr_data::CLASS_COLOURS[c];
+        RGBColor(r, g, b)
+    };
+    let loss_series = [
+        ("training", RGBColor(0, 114, 178), train),
+        ("validation", RGBColor(213, 94, 0), val),
+    ];
     let dice_series = [
         ("mean", BLACK, pts(&|r| r.val_mean_dice)),
-        ("RV", RGBColor(230, 60, 60), pts(&|r| r.val_dice.map(|d| d[0]))),
-        ("Myo", RGBColor(40, 160, 70), pts(&|r| r.val_dice.map(|d| d[1]))),
-        ("LV", RGBColor(70, 120, 240), pts(&|r| r.val_dice.map(|d| d[2]))),
+        ("RV", class(1), pts(&|r| r.val_dice.map(|d| d[0]))),
+        ("Myo", class(2), pts(&|r| r.val_dice.map(|d| d[1]))),
+        ("LV", class(3), pts(&|r| r.val_dice.map(|d| d[2]))),
     ];
+    let lr = pts(&|r| Some(r.lr));
+    let max_lr = lr.iter().map(|p| p.1).fold(0.0f64, f64::max).max(1e-9) * 1.1;
+    let seconds = pts(&|r| Some(r.seconds));
+    let max_s = seconds.iter().map(|p| p.1).fold(0.0f64, f64::max).max(1e-3) * 1.1;
     {
         let root = BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
-        let (left, right) = root.split_horizontally(w / 2);
-        panel(&left, "loss", epochs, 0.0..max_loss, &loss_series, text).map_err(|e| plot_err(path, e))?;
-        panel(&right, "validation Dice", epochs, 0.0..1.0, &dice_series, text).map_err(|e| plot_err(path, e))?;
+        let areas = root.split_evenly((2, 2));
+        let err = |e| plot_err(path, e);
+        panel(&areas[0], "loss", epochs, 0.0..max_loss, &loss_series, best, text).map_err(err)?;
+        panel(&areas[1], "validation Dice", epochs, 0.0..1.0, &dice_series, best, text).map_err(err)?;
+        let lr_series = [("learning rate", RGBColor(0, 114, 178), lr)];
+        panel(&areas[2], "learning rate", epochs, 0.0..max_lr, &lr_series, None, text).map_err(err)?;
+        let s_series = [("seconds", RGBColor(204, 121, 167), seconds)];
+        panel(
+            &areas[3],
+            "seconds per epoch",
+            epochs,
+            0.0..max_s,
+            &s_series,
+            None,
+            text,
+        )
+        .map_err(err)?;
         root.present().map_err(|e| plot_err(path, e))?;
     }
     let mut png = Vec::new();
@@ -158,7 +230,7 @@ mod tests {
         let p = dir.path().join("c.png");
         draw_curves(&p, &records).unwrap();
         let img = image::open(&p).unwrap().to_rgb8();
-        assert_eq!(img.dimensions(), (1000, 420));
+        assert_eq!(img.dimensions(), (2 * PANEL.0, 2 * PANEL.1));
         // something other than white was drawn
         assert!(img.pixels().filter(|px| px.0 != [255, 255, 255]).count() > 1000);
     }
