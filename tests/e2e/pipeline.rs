@@ -270,3 +270,89 @@ fn predict_saves_probabilities() {
         assert_eq!(argmax, labels, "cmr{i}: the mask is the argmax");
     }
 }
+
+/// The headless Chromium of the machine, if it has one (Debian's package:
+/// `apt-get install chromium`); `CMR_REQUIRE_BROWSER=1` (CI, where it is
+/// installed) makes its absence a failure.
+fn chromium() -> Option<&'static str> {
+    for name in ["chromium", "chromium-browser", "google-chrome"] {
+        let found = std::process::Command::new(name)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if found {
+            return Some(name);
+        }
+    }
+    assert!(
+        std::env::var("CMR_REQUIRE_BROWSER").is_err(),
+        "CMR_REQUIRE_BROWSER is set but no chromium was found"
+    );
+    eprintln!("no chromium: the report is checked as HTML only");
+    None
+}
+
+/// `cmr eval --report`: one self-contained page with a gallery entry per
+/// slice, worst first; a real browser loads it with no broken picture and
+/// renders it.
+#[test]
+fn eval_writes_a_report_a_browser_renders() {
+    let Some(data) = shared_data() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let root = subset(&data, dir.path(), 8, 0);
+    let out = dir.path().join("report");
+    ok(cmr()
+        .args(["eval", "--model", "unet", "--device", "cpu", "--report"])
+        .arg(&out)
+        .arg("--data")
+        .arg(root.join("train")));
+    let page = out.join("report.html");
+    let html = std::fs::read_to_string(&page).unwrap();
+    assert_eq!(html.matches(r#"<figure class="entry">"#).count(), 8);
+    // nothing from the network (the SVG namespace is a name, not a fetch)
+    let own = html.replace("http://www.w3.org/2000/svg", "");
+    assert!(!own.contains("http://") && !own.contains("https://"), "self-contained");
+    assert!(html.contains("Pixel confusion matrix") && html.contains("<svg"));
+    // worst first: the captions' mean Dice never decrease
+    let means: Vec<f64> = html
+        .split("mean Dice ")
+        .skip(1)
+        .map(|s| s.split(' ').next().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(means.len(), 8);
+    assert!(means.windows(2).all(|w| w[0] <= w[1]), "{means:?}");
+    let Some(browser) = chromium() else { return };
+    let url = format!("file://{}", page.display());
+    let dom = std::process::Command::new(browser)
+        .args(["--headless", "--no-sandbox", "--disable-gpu", "--dump-dom"])
+        .arg(&url)
+        .output()
+        .unwrap();
+    let dom = String::from_utf8_lossy(&dom.stdout);
+    assert!(
+        dom.contains(r#"data-broken="0""#) && dom.contains(r#"data-gallery="8""#),
+        "the page's own count: {}",
+        dom.lines().find(|l| l.contains("<body")).unwrap_or("no body")
+    );
+    let shot = dir.path().join("shot.png");
+    let status = std::process::Command::new(browser)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            "--window-size=1000,1400",
+        ])
+        .arg(format!("--screenshot={}", shot.display()))
+        .arg(&url)
+        .output()
+        .unwrap();
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    let img = image::open(&shot).unwrap().to_rgb8();
+    assert_eq!(img.dimensions(), (1000, 1400));
+    let coloured = img.pixels().filter(|p| p.0[0] != p.0[1] || p.0[1] != p.0[2]).count();
+    assert!(
+        coloured > 1000,
+        "the rendered page shows the coloured overlays ({coloured} pixels)"
+    );
+}

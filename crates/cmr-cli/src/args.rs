@@ -285,6 +285,12 @@ pub struct EvalArgs {
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// Also write DIR/report.html, one self-contained page (opens from disk):
+    /// the summary per class with the metrics' definitions, each class's
+    /// Dice as a box plot, the pixel confusion matrix, and every slice as
+    /// image | truth | prediction | errors with its Dice, worst first.
+    #[arg(long, value_name = "DIR")]
+    pub report: Option<PathBuf>,
     /// Also list every image's scores (table) or include them (JSON).
     #[arg(long)]
     pub per_image: bool,

@@ -6,6 +6,7 @@ mod env;
 mod logging;
 mod models;
 mod progress;
+mod report;
 mod staged;
 mod text;
 

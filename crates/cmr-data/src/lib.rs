@@ -29,7 +29,7 @@ pub use dataset::{
 pub use error::{DataError, Result};
 pub use lock::DirLock;
 pub use normalize::{Normalization, to_unit};
-pub use overlay::{CLASS_COLOURS, OverlayMode, OverlayStyle, Rgb, compose, write_overlay_styled};
+pub use overlay::{CLASS_COLOURS, OverlayMode, OverlayStyle, Rgb, compose, encode_png, write_overlay_styled};
 pub use plane::{Image, Mask, Plane, Size};
 pub use png::{NUM_CLASSES, read_image, read_mask, write_image, write_mask};
 pub use record::{SplitRecord, fingerprint};

@@ -221,17 +221,21 @@ pub fn write_overlay_styled(
             });
         }
     }
-    let rgb = compose(image, prediction, truth, style);
+    let png = encode_png(&compose(image, prediction, truth, style)).map_err(|source| DataError::Encode {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    write_atomic(path, &png)
+}
+
+/// `rgb` as PNG bytes.
+pub fn encode_png(rgb: &Rgb) -> std::result::Result<Vec<u8>, image::ImageError> {
     let bytes: Vec<u8> = rgb.pixels.iter().flatten().copied().collect();
     let mut png = Vec::new();
     image::RgbImage::from_raw(rgb.width as u32, rgb.height as u32, bytes)
-        .expect("the overlay holds width × height pixels")
-        .write_to(&mut Cursor::new(&mut png), ImageFormat::Png)
-        .map_err(|source| DataError::Encode {
-            path: path.to_path_buf(),
-            source,
-        })?;
-    write_atomic(path, &png)
+        .expect("an Rgb holds width × height pixels")
+        .write_to(&mut Cursor::new(&mut png), ImageFormat::Png)?;
+    Ok(png)
 }
 
 #[cfg(test)]

@@ -89,6 +89,35 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
     bar.finish_and_clear();
     let report = eval.metrics.report();
     let options = *predictor.options();
+    if let Some(dir) = &args.report {
+        let masks = predictor.predict(&samples, |_| {})?;
+        let slices: Vec<crate::report::Slice> = samples
+            .iter()
+            .zip(masks)
+            .map(|(s, prediction)| crate::report::Slice {
+                id: s.id.clone(),
+                image: s.image.clone(),
+                truth: s.mask.clone().unwrap_or_else(|| prediction.map(|_| 0)),
+                prediction,
+            })
+            .collect();
+        let settings = format!(
+            "{} member(s); TTA {:?}; clean-up {}{}.",
+            predictor.members().len(),
+            options.tta,
+            options.clean,
+            args.deform
+                .map(|s| format!("; deformed copies (seed {s})"))
+                .unwrap_or_default()
+        );
+        let header = crate::report::Header {
+            model: &model,
+            data: &split,
+            settings,
+        };
+        let path = crate::report::write(dir, &header, &report, eval.metrics.images(), &slices)?;
+        tracing::info!("{}", path.display());
+    }
     if args.json {
         let mut value = serde_json::to_value(&report)?;
         value["model"] = model.clone().into();
@@ -229,6 +258,9 @@ fn print_per_image(images: &[cmr_loss::ImageMetrics]) -> std::io::Result<()> {
 /// (or the ensemble of the folders' fold models) on its own validation slices
 /// of `train/`.
 fn run_cv(paths: &[PathBuf], args: &EvalArgs) -> anyhow::Result<ExitCode> {
+    if args.report.is_some() {
+        bail!("--report scores one model or ensemble on one split; for a cross-validation give --data a split folder");
+    }
     let cvs = paths
         .iter()
         .map(|p| CvDir::open(p).with_context(|| format!("reading {}", p.display())))
