@@ -39,6 +39,9 @@ fn train_eval_predict_submit() {
     }
     let metrics = std::fs::read_to_string(run.join("metrics.csv")).unwrap();
     assert_eq!(metrics.lines().count(), 3, "{metrics}");
+    // what the terminal showed, kept in the run
+    let log = std::fs::read_to_string(run.join("train.log")).unwrap();
+    assert!(log.contains("epoch 1/2") && log.contains("epoch 2/2"), "{log}");
 
     // eval on the dataset root: the run's own held-out split, as JSON
     let json = ok(cmr()

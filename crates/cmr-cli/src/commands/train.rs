@@ -290,6 +290,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     };
     let cfg = trainer.config().clone();
     let run_dir = trainer.run().root().to_path_buf();
+    crate::logging::also_to(&run_dir.join("train.log"))?;
     tracing::info!(
         "{} ({} parameters) on {}: {} training and {} validation images (validation: {}), {}, run {}",
         cfg.model.architecture().display_name(),
@@ -346,6 +347,7 @@ fn train_samples(root: &Path, cfg: &TrainConfig) -> anyhow::Result<Vec<cmr_data:
 
 /// Train (or continue) every fold of a cross-validation.
 fn run_cv(cv: &mut CvDir, spec: &CvSpec, args: &TrainArgs) -> anyhow::Result<ExitCode> {
+    crate::logging::also_to(&cv.root().join("train.log"))?;
     if args.resume.is_some() {
         let (_, differences) = flag_differences(&spec.config, args, cv.root())?;
         let changed: Vec<String> = differences
