@@ -49,6 +49,23 @@ where
     Ok(())
 }
 
+/// A temporary name in `path`'s folder ending as `path` does (`.nii.gz`,
+/// `.nii`), for libraries that choose the format by the name.
+pub fn temp_path_like(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "out".to_string());
+    // one ending kept whole, no other dot (libraries replace "the extension")
+    let ending = [".nii.gz", ".hdr.gz", ".img.gz", ".nii", ".hdr", ".img"]
+        .into_iter()
+        .find(|e| name.ends_with(e))
+        .unwrap_or("");
+    let stem = name[..name.len() - ending.len()].replace('.', "_");
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    path.with_file_name(format!(".tmp-{}-{n}-{stem}{ending}", std::process::id()))
+}
+
 /// Make a rename into `path`'s folder durable: `fsync` the folder (on Unix;
 /// elsewhere the rename is as durable as the platform makes it).
 fn sync_parent(path: &Path) -> std::io::Result<()> {

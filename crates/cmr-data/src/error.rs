@@ -15,6 +15,9 @@ pub enum DataError {
     /// A folder the layout requires is not there.
     #[error("{}: folder not found ({what})", path.display())]
     MissingFolder { path: PathBuf, what: &'static str },
+    /// A NIfTI volume that cannot be read, written or used, and why.
+    #[error("{}: {message}", path.display())]
+    Nifti { path: PathBuf, message: String },
     /// A PNG that does not decode (truncated, corrupt, not a PNG, too large).
     #[error("{}: cannot decode PNG: {message}", path.display())]
     Decode { path: PathBuf, message: String },

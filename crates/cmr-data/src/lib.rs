@@ -19,8 +19,9 @@ mod rle;
 mod rng;
 mod split;
 mod transforms;
+mod volume;
 
-pub use atomic::{remove_stale_temps, write_atomic, write_atomic_with};
+pub use atomic::{remove_stale_temps, temp_path_like, write_atomic, write_atomic_with};
 pub use augment::{Affine, AugmentConfig, Elastic, Ranged, deform_sample};
 pub use batch::{Batch, BatchPlan};
 pub use dataset::{
@@ -42,3 +43,4 @@ pub use transforms::{
     AffineParams, Warp, affine_bilinear, affine_nearest, flip_h, flip_v, gaussian_blur, low_resolution,
     resize_bilinear, rot90, smooth_field,
 };
+pub use volume::{MIN_IN_PLANE, Volume, Voxels, read_volume, write_labels, write_volume};

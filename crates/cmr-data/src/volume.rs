@@ -1,0 +1,331 @@
+//! NIfTI-1 volumes (`.nii`, `.nii.gz`), read and written with the `nifti`
+//! crate: 3-D and 4-D, u8/i16/u16/f32/f64 voxels in either byte order, the
+//! scaling (`scl_slope`, `scl_inter`), the spacing (`pixdim`) and the
+//! qform/sform affine, kept in the header so that what is written back has
+//! the input's geometry. What `cmr` cannot honour is an error naming the
+//! file and the reason: NIfTI-2 (recognised by its 540-byte header), more
+//! than four dimensions, another voxel type; and, for a volume to segment
+//! ([`Volume::check_segmentable`]), a zero or negative spacing, an in-plane
+//! size under 16 voxels, or NaN voxels.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use nifti::{NiftiHeader, NiftiObject, NiftiType, NiftiVolume, ReaderOptions};
+
+use crate::atomic::temp_path_like;
+use crate::error::{DataError, Result};
+
+/// The smallest in-plane size a slice of a volume to segment may have.
+pub const MIN_IN_PLANE: usize = 16;
+
+/// A volume's voxels as stored (native byte order, before scaling), in
+/// NIfTI's order: x fastest, then y, z and t.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Voxels {
+    U8(Vec<u8>),
+    I16(Vec<i16>),
+    U16(Vec<u16>),
+    F32(Vec<f32>),
+    F64(Vec<f64>),
+}
+
+impl Voxels {
+    pub fn len(&self) -> usize {
+        match self {
+            Self::U8(v) => v.len(),
+            Self::I16(v) => v.len(),
+            Self::U16(v) => v.len(),
+            Self::F32(v) => v.len(),
+            Self::F64(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Each voxel as f64 (no scaling).
+    fn as_f64(&self) -> Vec<f64> {
+        match self {
+            Self::U8(v) => v.iter().map(|&x| f64::from(x)).collect(),
+            Self::I16(v) => v.iter().map(|&x| f64::from(x)).collect(),
+            Self::U16(v) => v.iter().map(|&x| f64::from(x)).collect(),
+            Self::F32(v) => v.iter().map(|&x| f64::from(x)).collect(),
+            Self::F64(v) => v.clone(),
+        }
+    }
+}
+
+/// A NIfTI-1 volume: its header (geometry, scaling, codes) and its voxels.
+#[derive(Clone, Debug)]
+pub struct Volume {
+    pub header: NiftiHeader,
+    pub voxels: Voxels,
+    /// Where it was read from.
+    pub path: PathBuf,
+}
+
+fn err(path: &Path, message: impl Into<String>) -> DataError {
+    DataError::Nifti {
+        path: path.to_path_buf(),
+        message: message.into(),
+    }
+}
+
+/// The first four bytes of the file, gunzipped when it is gzip.
+fn leading_bytes(path: &Path) -> Result<[u8; 4]> {
+    let mut raw = [0u8; 4];
+    let mut file = std::fs::File::open(path).map_err(|e| DataError::io(path, e))?;
+    file.read_exact(&mut raw)
+        .map_err(|_| err(path, "too short to be a NIfTI file"))?;
+    if raw[..2] == [0x1f, 0x8b] {
+        let file = std::fs::File::open(path).map_err(|e| DataError::io(path, e))?;
+        let mut gz = flate2::read::GzDecoder::new(file);
+        gz.read_exact(&mut raw)
+            .map_err(|e| err(path, format!("not a readable gzip file ({e})")))?;
+    }
+    Ok(raw)
+}
+
+/// Read a NIfTI-1 volume (header and voxels).
+pub fn read_volume(path: &Path) -> Result<Volume> {
+    let lead = leading_bytes(path)?;
+    let sizeof_hdr = [i32::from_le_bytes(lead), i32::from_be_bytes(lead)];
+    if sizeof_hdr.contains(&540) {
+        return Err(err(
+            path,
+            "a NIfTI-2 file (540-byte header): cmr reads NIfTI-1 (.nii, .nii.gz); convert it, e.g. with nibabel",
+        ));
+    }
+    if !sizeof_hdr.contains(&348) {
+        return Err(err(path, "not a NIfTI-1 file (its header does not start with 348)"));
+    }
+    let object = ReaderOptions::new()
+        .read_file(path)
+        .map_err(|e| err(path, format!("cannot read NIfTI: {e}")))?;
+    let header = object.header().clone();
+    let rank = usize::from(header.dim[0]);
+    if !(3..=4).contains(&rank) {
+        return Err(err(
+            path,
+            format!("a {rank}-D volume: cmr takes 3-D (x, y, slices) and 4-D (x, y, slices, time) volumes"),
+        ));
+    }
+    let volume = object.into_volume();
+    let kind = volume.data_type();
+    let voxels = match kind {
+        NiftiType::Uint8 => Voxels::U8(volume.into_nifti_typed_data().map_err(|e| err(path, e.to_string()))?),
+        NiftiType::Int16 => Voxels::I16(volume.into_nifti_typed_data().map_err(|e| err(path, e.to_string()))?),
+        NiftiType::Uint16 => Voxels::U16(volume.into_nifti_typed_data().map_err(|e| err(path, e.to_string()))?),
+        NiftiType::Float32 => Voxels::F32(volume.into_nifti_typed_data().map_err(|e| err(path, e.to_string()))?),
+        NiftiType::Float64 => Voxels::F64(volume.into_nifti_typed_data().map_err(|e| err(path, e.to_string()))?),
+        other => {
+            return Err(err(
+                path,
+                format!("voxels of type {other:?}: cmr reads u8, i16, u16, f32 and f64"),
+            ));
+        }
+    };
+    let v = Volume {
+        header,
+        voxels,
+        path: path.to_path_buf(),
+    };
+    let expect: usize = v.dims().iter().product();
+    if v.voxels.len() != expect {
+        return Err(err(
+            path,
+            format!("{} voxels for dimensions {:?}", v.voxels.len(), v.dims()),
+        ));
+    }
+    Ok(v)
+}
+
+impl Volume {
+    /// `[x, y, slices, frames]` (frames 1 for a 3-D volume).
+    pub fn dims(&self) -> [usize; 4] {
+        let d = &self.header.dim;
+        let t = if d[0] >= 4 { usize::from(d[4]).max(1) } else { 1 };
+        [usize::from(d[1]), usize::from(d[2]), usize::from(d[3]), t]
+    }
+
+    /// Voxel size in millimetres along x, y and the slices.
+    pub fn spacing(&self) -> [f32; 3] {
+        [self.header.pixdim[1], self.header.pixdim[2], self.header.pixdim[3]]
+    }
+
+    /// Each voxel's value, `raw · scl_slope + scl_inter` when the slope is set
+    /// (not 0 and finite), else the raw value.
+    pub fn values(&self) -> Vec<f32> {
+        let (slope, inter) = (self.header.scl_slope, self.header.scl_inter);
+        let scaled = slope != 0.0 && slope.is_finite();
+        self.voxels
+            .as_f64()
+            .into_iter()
+            .map(|v| {
+                if scaled {
+                    (v * f64::from(slope) + f64::from(inter)) as f32
+                } else {
+                    v as f32
+                }
+            })
+            .collect()
+    }
+
+    /// The voxel-to-scanner affine (4×4, millimetres): the sform where its
+    /// code is set, else the qform's rotation (quaternion), spacing and offset,
+    /// else the spacing alone (NIfTI's method 1).
+    pub fn affine(&self) -> [[f64; 4]; 4] {
+        let h = &self.header;
+        let row = |r: [f32; 4]| r.map(f64::from);
+        if h.sform_code > 0 {
+            return [row(h.srow_x), row(h.srow_y), row(h.srow_z), [0.0, 0.0, 0.0, 1.0]];
+        }
+        let [dx, dy, dz] = [h.pixdim[1], h.pixdim[2], h.pixdim[3]].map(f64::from);
+        if h.qform_code > 0 {
+            let (b, c, d) = (f64::from(h.quatern_b), f64::from(h.quatern_c), f64::from(h.quatern_d));
+            let a = (1.0 - (b * b + c * c + d * d)).max(0.0).sqrt();
+            let qfac = if h.pixdim[0] < 0.0 { -1.0 } else { 1.0 };
+            let r = [
+                [
+                    a * a + b * b - c * c - d * d,
+                    2.0 * (b * c - a * d),
+                    2.0 * (b * d + a * c),
+                ],
+                [
+                    2.0 * (b * c + a * d),
+                    a * a + c * c - b * b - d * d,
+                    2.0 * (c * d - a * b),
+                ],
+                [
+                    2.0 * (b * d - a * c),
+                    2.0 * (c * d + a * b),
+                    a * a + d * d - c * c - b * b,
+                ],
+            ];
+            let o = [h.quatern_x, h.quatern_y, h.quatern_z].map(f64::from);
+            let s = [dx, dy, dz * qfac];
+            let mut m = [[0.0; 4]; 4];
+            for i in 0..3 {
+                for j in 0..3 {
+                    m[i][j] = r[i][j] * s[j];
+                }
+                m[i][3] = o[i];
+            }
+            m[3][3] = 1.0;
+            return m;
+        }
+        [
+            [dx, 0.0, 0.0, 0.0],
+            [0.0, dy, 0.0, 0.0],
+            [0.0, 0.0, dz, 0.0],
+            [0.0, 0.0, 0.0, 1.0],
+        ]
+    }
+
+    /// Whether `cmr` can segment this volume slice by slice: a positive
+    /// finite spacing, slices of at least [`MIN_IN_PLANE`] voxels each way,
+    /// no NaN voxel. The error names the first problem.
+    pub fn check_segmentable(&self) -> Result<()> {
+        let [x, y, ..] = self.dims();
+        if let Some(s) = self.spacing().into_iter().find(|s| !(s.is_finite() && *s > 0.0)) {
+            return Err(err(
+                &self.path,
+                format!("a voxel spacing of {s} mm (pixdim): it must be positive"),
+            ));
+        }
+        if x < MIN_IN_PLANE || y < MIN_IN_PLANE {
+            return Err(err(
+                &self.path,
+                format!("slices of {x}×{y} voxels: cmr needs at least {MIN_IN_PLANE}×{MIN_IN_PLANE}"),
+            ));
+        }
+        let nans = self.values().iter().filter(|v| v.is_nan()).count();
+        if nans > 0 {
+            return Err(err(&self.path, format!("{nans} NaN voxels")));
+        }
+        Ok(())
+    }
+}
+
+/// Byte offsets of `scl_slope` and `scl_inter` in a NIfTI-1 header.
+const SCL_SLOPE_AT: usize = 112;
+const SCL_INTER_AT: usize = 116;
+
+/// Write `voxels` with `header`'s geometry, codes, scaling and byte order to
+/// `path` (`.nii`, or `.nii.gz` compressed), atomically. The `nifti` crate
+/// writes the file uncompressed into a temporary name (it resets the
+/// scaling to 1 and 0 as it writes: the header's own values are put back
+/// into those bytes), and the result is compressed and placed as `path`.
+fn write_with_header(path: &Path, header: &NiftiHeader, voxels: &Voxels, dims: [usize; 4]) -> Result<()> {
+    let shape = if header.dim[0] >= 4 {
+        ndarray::IxDyn(&[dims[0], dims[1], dims[2], dims[3]])
+    } else {
+        ndarray::IxDyn(&[dims[0], dims[1], dims[2]])
+    };
+    let tmp = temp_path_like(&path.with_file_name("volume.nii"));
+    let writer = nifti::writer::WriterOptions::new(&tmp).reference_header(header);
+    // NIfTI's order is x fastest: a Fortran-order array of the dimensions
+    macro_rules! write_as {
+        ($v:expr) => {{
+            let array = ndarray::ArrayD::from_shape_vec(ndarray::ShapeBuilder::f(shape), $v.clone())
+                .map_err(|e| err(path, e.to_string()))?;
+            writer.write_nifti(&array)
+        }};
+    }
+    let written = match voxels {
+        Voxels::U8(v) => write_as!(v),
+        Voxels::I16(v) => write_as!(v),
+        Voxels::U16(v) => write_as!(v),
+        Voxels::F32(v) => write_as!(v),
+        Voxels::F64(v) => write_as!(v),
+    };
+    let bytes = written
+        .map_err(|e| err(path, format!("cannot write NIfTI: {e}")))
+        .and_then(|()| std::fs::read(&tmp).map_err(|e| DataError::io(&tmp, e)));
+    let _ = std::fs::remove_file(&tmp);
+    let mut bytes = bytes?;
+    if bytes.len() < SCL_INTER_AT + 4 {
+        return Err(err(path, "the NIfTI writer wrote no header"));
+    }
+    let big = header.endianness == nifti::Endianness::Big;
+    let put = |b: &mut [u8], at: usize, v: f32| {
+        let raw = if big { v.to_be_bytes() } else { v.to_le_bytes() };
+        b[at..at + 4].copy_from_slice(&raw);
+    };
+    put(&mut bytes, SCL_SLOPE_AT, header.scl_slope);
+    put(&mut bytes, SCL_INTER_AT, header.scl_inter);
+    let gz = path.to_string_lossy().ends_with(".gz");
+    if gz {
+        use std::io::Write;
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        enc.write_all(&bytes).map_err(|e| DataError::io(path, e))?;
+        bytes = enc.finish().map_err(|e| DataError::io(path, e))?;
+    }
+    crate::atomic::write_atomic(path, &bytes)
+}
+
+/// Write `volume` back (the same header fields and voxels) to `path`.
+pub fn write_volume(path: &Path, volume: &Volume) -> Result<()> {
+    write_with_header(path, &volume.header, &volume.voxels, volume.dims())
+}
+
+/// Write a label volume (u8, one label per voxel of `reference`, in its
+/// order) with `reference`'s dimensions, spacing, affine and orientation,
+/// unscaled.
+pub fn write_labels(path: &Path, reference: &Volume, labels: &[u8]) -> Result<()> {
+    let dims = reference.dims();
+    if labels.len() != dims.iter().product::<usize>() {
+        return Err(err(
+            path,
+            format!("{} labels for a volume of {:?} voxels", labels.len(), dims),
+        ));
+    }
+    let mut header = reference.header.clone();
+    header.scl_slope = 1.0;
+    header.scl_inter = 0.0;
+    header.cal_min = 0.0;
+    header.cal_max = 3.0;
+    write_with_header(path, &header, &Voxels::U8(labels.to_vec()), dims)
+}

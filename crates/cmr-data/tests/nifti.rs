@@ -1,0 +1,200 @@
+//! NIfTI volumes written by another tool (nibabel's test files in
+//! `../shared/data/nifti-samples`): read, written back, read again, with the
+//! same header fields and voxels; their values as nibabel reports them; and
+//! every file cmr must refuse, refused with its reason.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+
+use cmr_data::{DataError, Voxels, read_volume, write_labels, write_volume};
+
+/// The samples' folder: beside the dataset (`$CMR_DATA_DIR/../nifti-samples`)
+/// or in the shared folder next to the checkout.
+fn samples() -> Option<PathBuf> {
+    let root = std::env::var_os("CMR_DATA_DIR")
+        .map(|d| PathBuf::from(d).join("../nifti-samples"))
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/nifti-samples"));
+    if root.join("anatomical.nii").is_file() {
+        return Some(root);
+    }
+    assert!(
+        std::env::var("CMR_REQUIRE_DATA").is_err(),
+        "NIfTI samples not found at {}",
+        root.display()
+    );
+    eprintln!("skipped: NIfTI samples not found at {}", root.display());
+    None
+}
+
+fn range(v: &[f32]) -> (f32, f32) {
+    v.iter()
+        .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &x| (a.min(x), b.max(x)))
+}
+
+/// Each sample read, written back (same name ending) and read again: the
+/// header fields that carry meaning and the voxels are identical; shapes,
+/// spacings, types and value ranges are nibabel's.
+#[test]
+fn samples_round_trip_with_their_geometry_and_values() {
+    let Some(dir) = samples() else { return };
+    let dir_out = tempfile::tempdir().unwrap();
+    // (file, dims, spacing, voxel type, value range)
+    type Case = (&'static str, [usize; 4], [f32; 3], &'static str, (f32, f32));
+    let cases: [Case; 4] = [
+        (
+            "anatomical.nii",
+            [33, 41, 25, 1],
+            [2.0, 2.0, 2.0],
+            "i16",
+            (-610.0, 30393.0),
+        ),
+        (
+            "example4d.nii.gz",
+            [128, 96, 24, 2],
+            [2.0, 2.0, 2.2],
+            "i16",
+            (0.0, 1162.0),
+        ),
+        (
+            "functional.nii",
+            [17, 21, 3, 20],
+            [4.0, 4.0, 8.0],
+            "i16",
+            (629.83, 5571.62),
+        ),
+        ("standard.nii.gz", [4, 5, 7, 1], [1.0, 3.0, 2.0], "u8", (0.0, 255.0)),
+    ];
+    for (name, dims, spacing, kind, (lo, hi)) in cases {
+        let v = read_volume(&dir.join(name)).unwrap();
+        assert_eq!(v.dims(), dims, "{name}");
+        let close = v.spacing().iter().zip(spacing).all(|(a, b)| (a - b).abs() < 1e-5);
+        assert!(close, "{name}: spacing {:?}", v.spacing());
+        let k = match v.voxels {
+            Voxels::U8(_) => "u8",
+            Voxels::I16(_) => "i16",
+            Voxels::U16(_) => "u16",
+            Voxels::F32(_) => "f32",
+            Voxels::F64(_) => "f64",
+        };
+        assert_eq!(k, kind, "{name}");
+        let (a, b) = range(&v.values());
+        assert!((a - lo).abs() < 0.01 && (b - hi).abs() < 0.01, "{name}: {a} … {b}");
+        let out = dir_out.path().join(name);
+        write_volume(&out, &v).unwrap();
+        let w = read_volume(&out).unwrap();
+        let (h, g) = (&v.header, &w.header);
+        assert_eq!(w.voxels, v.voxels, "{name}: voxels");
+        assert_eq!(g.dim, h.dim, "{name}");
+        assert_eq!(g.pixdim, h.pixdim, "{name}");
+        assert_eq!(g.datatype, h.datatype, "{name}");
+        assert_eq!(g.bitpix, h.bitpix, "{name}");
+        assert_eq!((g.scl_slope, g.scl_inter), (h.scl_slope, h.scl_inter), "{name}");
+        assert_eq!((g.qform_code, g.sform_code), (h.qform_code, h.sform_code), "{name}");
+        assert_eq!(
+            [
+                g.quatern_b,
+                g.quatern_c,
+                g.quatern_d,
+                g.quatern_x,
+                g.quatern_y,
+                g.quatern_z
+            ],
+            [
+                h.quatern_b,
+                h.quatern_c,
+                h.quatern_d,
+                h.quatern_x,
+                h.quatern_y,
+                h.quatern_z
+            ],
+            "{name}"
+        );
+        assert_eq!((g.srow_x, g.srow_y, g.srow_z), (h.srow_x, h.srow_y, h.srow_z), "{name}");
+        assert_eq!(g.endianness, h.endianness, "{name}: byte order kept");
+        assert_eq!(g.xyzt_units, h.xyzt_units, "{name}");
+        assert_eq!(w.affine(), v.affine(), "{name}");
+        assert!(
+            !std::fs::read_dir(dir_out.path()).unwrap().any(|e| e
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .contains(".tmp-")),
+            "no temporary file left"
+        );
+    }
+    // the big-endian file stays big-endian
+    let a = read_volume(&dir.join("anatomical.nii")).unwrap();
+    assert_eq!(a.header.endianness, nifti::Endianness::Big);
+}
+
+/// A label volume takes its reference's geometry; a label count that does
+/// not fit is refused and writes nothing.
+#[test]
+fn labels_take_the_reference_geometry() {
+    let Some(dir) = samples() else { return };
+    let v = read_volume(&dir.join("example4d.nii.gz")).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let path = out.path().join("seg.nii.gz");
+    let n: usize = v.dims().iter().product();
+    let labels: Vec<u8> = (0..n).map(|i| (i % 4) as u8).collect();
+    write_labels(&path, &v, &labels).unwrap();
+    let s = read_volume(&path).unwrap();
+    assert_eq!(s.voxels, Voxels::U8(labels));
+    assert_eq!(s.dims(), v.dims());
+    assert_eq!(s.spacing(), v.spacing());
+    assert_eq!(s.affine(), v.affine());
+    let bad = out.path().join("bad.nii.gz");
+    assert!(write_labels(&bad, &v, &[0u8; 7]).is_err());
+    assert!(!bad.exists());
+}
+
+fn message(e: DataError) -> String {
+    e.to_string()
+}
+
+/// NIfTI-2, five dimensions, a spacing of zero, slices under 16 voxels and
+/// NaN voxels: each refused, the message naming the file and the reason.
+#[test]
+fn what_cmr_cannot_honour_is_refused_by_name() {
+    let Some(dir) = samples() else { return };
+    let nifti2 = dir.join("example_nifti2.nii.gz");
+    let e = message(read_volume(&nifti2).unwrap_err());
+    assert!(e.contains("example_nifti2.nii.gz") && e.contains("NIfTI-2"), "{e}");
+    let out = tempfile::tempdir().unwrap();
+    // five dimensions: the header's dim[0] patched in an uncompressed copy
+    let a = read_volume(&dir.join("anatomical.nii")).unwrap();
+    let copy = out.path().join("five.nii");
+    write_volume(&copy, &a).unwrap();
+    let mut bytes = std::fs::read(&copy).unwrap();
+    // big-endian header: dim[0] at byte 40, dim[5] at byte 50
+    bytes[40..42].copy_from_slice(&5i16.to_be_bytes());
+    bytes[50..52].copy_from_slice(&1i16.to_be_bytes());
+    std::fs::write(&copy, &bytes).unwrap();
+    let e = message(read_volume(&copy).unwrap_err());
+    assert!(e.contains("five.nii") && e.contains("5-D"), "{e}");
+    // slices under 16 voxels
+    let small = read_volume(&dir.join("standard.nii.gz")).unwrap();
+    let e = message(small.check_segmentable().unwrap_err());
+    assert!(e.contains("4×5") && e.contains("16"), "{e}");
+    assert!(a.check_segmentable().is_ok());
+    // a zero spacing
+    let mut flat = a.clone();
+    flat.header.pixdim[3] = 0.0;
+    let e = message(flat.check_segmentable().unwrap_err());
+    assert!(e.contains("spacing of 0"), "{e}");
+    // NaN voxels, through a written f32 volume
+    let mut f = a.clone();
+    let mut vals = a.values();
+    vals[7] = f32::NAN;
+    vals[70] = f32::NAN;
+    f.voxels = Voxels::F32(vals);
+    f.header.datatype = 16;
+    f.header.bitpix = 32;
+    f.header.scl_slope = 1.0;
+    f.header.scl_inter = 0.0;
+    let nan = out.path().join("nan.nii.gz");
+    write_volume(&nan, &f).unwrap();
+    let e = message(read_volume(&nan).unwrap().check_segmentable().unwrap_err());
+    assert!(e.contains("nan.nii.gz") && e.contains("2 NaN voxels"), "{e}");
+}
