@@ -7,3 +7,4 @@ mod cv;
 mod errors;
 mod models;
 mod pipeline;
+mod volumes;

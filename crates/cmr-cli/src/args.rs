@@ -28,8 +28,12 @@ pub enum Command {
     Train(TrainArgs),
     /// Evaluate a model: Dice, IoU, HD95 and noise number per class.
     Eval(EvalArgs),
-    /// Predict masks (PNG, optional overlays and run-length CSV).
+    /// Predict masks (PNG, optional overlays and run-length CSV), or segment
+    /// NIfTI volumes (`<name>_seg.nii.gz`).
     Predict(PredictArgs),
+    /// The heart's clinical numbers from segmented volumes: LV and RV
+    /// volumes, EDV, ESV, stroke volume, ejection fraction, myocardial mass.
+    Measure(MeasureArgs),
     /// Write the competition's run-length CSV from a folder of masks.
     Submit(SubmitArgs),
     /// Parameters, size and forward FLOPs of a network.
@@ -311,7 +315,9 @@ pub struct PredictArgs {
     /// ensemble.
     #[arg(long, value_name = "M")]
     pub model: String,
-    /// A PNG, a folder of PNGs, or a split folder (its image/).
+    /// A PNG, a folder of PNGs, or a split folder (its image/); or a NIfTI
+    /// volume (.nii, .nii.gz: 3-D slices or a 4-D cine) or a folder of them,
+    /// each segmented slice by slice into <name>_seg.nii.gz.
     #[arg(long, value_name = "DIR|PNG")]
     pub input: PathBuf,
     /// Output folder for <id>_mask.png (values 0..3), created if needed.
@@ -334,6 +340,36 @@ pub struct PredictArgs {
     #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=16))]
     pub overlay_scale: u16,
     /// Also write the competition's run-length CSV here.
+    #[arg(long, value_name = "FILE")]
+    pub csv: Option<PathBuf>,
+    #[command(flatten)]
+    pub inference: InferenceArgs,
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:
+  cmr measure --masks seg/patient001_4d_seg.nii.gz          a segmented cine: EDV, ESV, SV, EF, mass
+  cmr measure --model unet3plus --input scans/ --csv numbers.csv --json")]
+pub struct MeasureArgs {
+    /// Segmentations to measure: a label volume (0 background, 1 RV, 2 Myo,
+    /// 3 LV) or a folder of them (*.nii, *.nii.gz).
+    #[arg(
+        long,
+        value_name = "PATH",
+        required_unless_present = "model",
+        conflicts_with = "model"
+    )]
+    pub masks: Option<PathBuf>,
+    /// Segment --input with this model first (as `cmr predict` takes it).
+    #[arg(long, value_name = "M", requires = "input")]
+    pub model: Option<String>,
+    /// The volumes to segment with --model: a .nii/.nii.gz or a folder.
+    #[arg(long, value_name = "PATH")]
+    pub input: Option<PathBuf>,
+    /// Print one JSON object per volume (a list) instead of the table.
+    #[arg(long)]
+    pub json: bool,
+    /// Also write one row per volume to this CSV file.
     #[arg(long, value_name = "FILE")]
     pub csv: Option<PathBuf>,
     #[command(flatten)]

@@ -40,6 +40,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Train(args) => commands::train::run(args),
         Command::Eval(args) => commands::eval::run(args),
         Command::Predict(args) => commands::predict::run(args),
+        Command::Measure(args) => commands::measure::run(args),
         Command::Submit(args) => commands::submit::run(args),
         Command::Info(args) => commands::info::run(args),
         Command::Deform(args) => commands::deform::run(args),

@@ -43,4 +43,7 @@ pub use transforms::{
     AffineParams, Warp, affine_bilinear, affine_nearest, flip_h, flip_v, gaussian_blur, low_resolution,
     resize_bilinear, rot90, smooth_field,
 };
-pub use volume::{MIN_IN_PLANE, Volume, Voxels, read_volume, write_labels, write_volume};
+pub use volume::{
+    MIN_IN_PLANE, Volume, Voxels, Window, labels_to_volume, read_volume, volume_slices, window_of, write_labels,
+    write_volume,
+};

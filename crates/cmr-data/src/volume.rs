@@ -143,6 +143,46 @@ pub fn read_volume(path: &Path) -> Result<Volume> {
 }
 
 impl Volume {
+    /// A new u8 volume of `dims` (`[x, y, slices, frames]`; 3-D when
+    /// `frames` is 1) at `spacing` mm, voxels in NIfTI's order, placed by an
+    /// sform of the spacing alone (millimetres, scanner coordinates): for
+    /// volumes built from slices (tests, synthetic data).
+    pub fn new_u8(dims: [usize; 4], spacing: [f32; 3], voxels: Vec<u8>, path: &Path) -> Result<Self> {
+        if voxels.len() != dims.iter().product::<usize>() || dims.iter().any(|&d| d == 0 || d > usize::from(u16::MAX)) {
+            return Err(err(path, format!("{} voxels for dimensions {dims:?}", voxels.len())));
+        }
+        let four = dims[3] > 1;
+        let mut header = NiftiHeader {
+            datatype: NiftiType::Uint8 as i16,
+            bitpix: 8,
+            scl_slope: 1.0,
+            scl_inter: 0.0,
+            sform_code: 1,
+            qform_code: 0,
+            xyzt_units: 2, // millimetres
+            ..NiftiHeader::default()
+        };
+        header.dim = [
+            if four { 4 } else { 3 },
+            dims[0] as u16,
+            dims[1] as u16,
+            dims[2] as u16,
+            dims[3] as u16,
+            1,
+            1,
+            1,
+        ];
+        header.pixdim = [1.0, spacing[0], spacing[1], spacing[2], 1.0, 1.0, 1.0, 1.0];
+        header.srow_x = [spacing[0], 0.0, 0.0, 0.0];
+        header.srow_y = [0.0, spacing[1], 0.0, 0.0];
+        header.srow_z = [0.0, 0.0, spacing[2], 0.0];
+        Ok(Self {
+            header,
+            voxels: Voxels::U8(voxels),
+            path: path.to_path_buf(),
+        })
+    }
+
     /// `[x, y, slices, frames]` (frames 1 for a 3-D volume).
     pub fn dims(&self) -> [usize; 4] {
         let d = &self.header.dim;
@@ -328,4 +368,73 @@ pub fn write_labels(path: &Path, reference: &Volume, labels: &[u8]) -> Result<()
     header.cal_min = 0.0;
     header.cal_max = 3.0;
     write_with_header(path, &header, &Voxels::U8(labels.to_vec()), dims)
+}
+
+/// How a volume's intensities become the 8-bit slices the networks take.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Window {
+    /// The values as they are (an unscaled u8 volume: the PNGs' convention).
+    AsIs,
+    /// `lo..hi` (the volume's 0.5th and 99.5th percentiles) stretched to
+    /// 0..255, clamped outside.
+    Percentiles { lo: f32, hi: f32 },
+}
+
+/// The window for `volume`: as it is for unscaled u8 voxels, else its 0.5th
+/// and 99.5th percentiles (over all slices and frames, as nnU-Net
+/// normalises per volume).
+pub fn window_of(volume: &Volume) -> Window {
+    let unscaled = volume.header.scl_slope == 0.0
+        || !volume.header.scl_slope.is_finite()
+        || (volume.header.scl_slope == 1.0 && volume.header.scl_inter == 0.0);
+    if matches!(volume.voxels, Voxels::U8(_)) && unscaled {
+        return Window::AsIs;
+    }
+    let mut v: Vec<f32> = volume.values().into_iter().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return Window::Percentiles { lo: 0.0, hi: 1.0 };
+    }
+    v.sort_by(f32::total_cmp);
+    let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+    let (lo, hi) = (at(0.005), at(0.995));
+    Window::Percentiles {
+        lo,
+        hi: if hi > lo { hi } else { lo + 1.0 },
+    }
+}
+
+/// Every slice of every frame as an 8-bit image (rows along y, columns along
+/// x: voxel `(x, y)` at row `y`, column `x`), frame by frame, slice by slice:
+/// index `t · slices + z`.
+pub fn volume_slices(volume: &Volume, window: Window) -> Vec<crate::plane::Image> {
+    let [nx, ny, nz, nt] = volume.dims();
+    let values = volume.values();
+    let to_u8 = |v: f32| -> u8 {
+        match window {
+            Window::AsIs => v.clamp(0.0, 255.0).round() as u8,
+            Window::Percentiles { lo, hi } => ((v - lo) / (hi - lo) * 255.0).clamp(0.0, 255.0).round() as u8,
+        }
+    };
+    let plane = nx * ny;
+    (0..nt * nz)
+        .map(|k| {
+            let slice = &values[k * plane..(k + 1) * plane];
+            crate::plane::Plane::from_fn(ny, nx, |y, x| to_u8(slice[y * nx + x]))
+        })
+        .collect()
+}
+
+/// Labels of every slice (in [`volume_slices`]' order and orientation) back
+/// into one volume's voxel order.
+pub fn labels_to_volume(dims: [usize; 4], slices: &[crate::plane::Mask]) -> Vec<u8> {
+    let [nx, ny, ..] = dims;
+    let mut out = Vec::with_capacity(dims.iter().product());
+    for s in slices {
+        for y in 0..ny {
+            for x in 0..nx {
+                out.push(s.get(y, x));
+            }
+        }
+    }
+    out
 }

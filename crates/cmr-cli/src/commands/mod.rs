@@ -3,6 +3,7 @@
 pub mod deform;
 pub mod eval;
 pub mod info;
+pub mod measure;
 pub mod predict;
 pub mod submit;
 pub mod train;

@@ -40,7 +40,131 @@ fn same_folder(a: &std::path::Path, b: &std::path::Path) -> bool {
     }
 }
 
+/// Whether `path` names a NIfTI volume (`.nii`, `.nii.gz`).
+pub fn is_volume(path: &std::path::Path) -> bool {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_lowercase())
+        .unwrap_or_default();
+    name.ends_with(".nii") || name.ends_with(".nii.gz")
+}
+
+/// A volume's name without its ending (`scan.nii.gz` → `scan`).
+pub fn volume_name(path: &std::path::Path) -> String {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let lower = name.to_lowercase();
+    let cut = if lower.ends_with(".nii.gz") {
+        7
+    } else if lower.ends_with(".nii") {
+        4
+    } else {
+        0
+    };
+    name[..name.len() - cut].to_string()
+}
+
+/// The NIfTI volumes `input` names: the file, or a folder's `.nii`/`.nii.gz`
+/// files in name order.
+pub fn volume_inputs(input: &std::path::Path) -> anyhow::Result<Option<Vec<PathBuf>>> {
+    if input.is_file() {
+        return Ok(is_volume(input).then(|| vec![input.to_path_buf()]));
+    }
+    if !input.is_dir() {
+        return Ok(None);
+    }
+    let mut found: Vec<PathBuf> = std::fs::read_dir(input)
+        .with_context(|| format!("reading {}", input.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file() && is_volume(p))
+        .collect();
+    found.sort();
+    Ok((!found.is_empty()).then_some(found))
+}
+
+/// Read and check every volume before anything is segmented or written.
+pub fn read_volumes(files: &[PathBuf]) -> anyhow::Result<Vec<cmr_data::Volume>> {
+    let mut volumes = Vec::with_capacity(files.len());
+    for f in files {
+        let v = cmr_data::read_volume(f)?;
+        v.check_segmentable()?;
+        volumes.push(v);
+    }
+    Ok(volumes)
+}
+
+/// The labels of every voxel of `v`, slice by slice by the 2-D network (in
+/// the volume's voxel order). The intensities are windowed per volume
+/// ([`cmr_data::window_of`]); slices are padded or cropped to the network's
+/// input size and the labels mapped back exactly.
+pub fn segment_volume(predictor: &cmr_train::Predictor, v: &cmr_data::Volume) -> anyhow::Result<Vec<u8>> {
+    let size = predictor.config().data.size;
+    let target = cmr_data::Size {
+        height: size,
+        width: size,
+    };
+    let [nx, ny, nz, nt] = v.dims();
+    let name = volume_name(&v.path);
+    let window = cmr_data::window_of(v);
+    let samples: Vec<cmr_data::Sample> = cmr_data::volume_slices(v, window)
+        .into_iter()
+        .enumerate()
+        .map(|(k, image)| cmr_data::Sample {
+            id: format!("{name}_t{}_z{}", k / nz, k % nz),
+            original: image.size(),
+            image: image.fit(target),
+            mask: None,
+            path: v.path.clone(),
+        })
+        .collect();
+    tracing::info!(
+        "{}: {nx}×{ny} voxels, {nz} slices × {nt} frames, spacing {:?} mm, {}",
+        v.path.display(),
+        v.spacing(),
+        match window {
+            cmr_data::Window::AsIs => "8-bit values as they are".to_string(),
+            cmr_data::Window::Percentiles { lo, hi } => format!("window {lo}…{hi} (0.5–99.5th percentiles)"),
+        }
+    );
+    let bar = image_bar(samples.len(), "segment");
+    let masks = predictor.predict(&samples, |done| bar.set_position(done as u64))?;
+    bar.finish_and_clear();
+    let masks: Vec<cmr_data::Mask> = samples.iter().zip(masks).map(|(s, m)| m.unfit(s.original)).collect();
+    Ok(cmr_data::labels_to_volume(v.dims(), &masks))
+}
+
+/// Segment volumes: every slice of every frame by the 2-D network, written
+/// as `<name>_seg.nii.gz` with the input's dimensions, spacing and affine.
+/// A model trained on PNG slices has no spacing: slices are padded or
+/// cropped to its input size, not resampled.
+fn run_volumes(args: &PredictArgs, files: &[PathBuf]) -> anyhow::Result<ExitCode> {
+    if args.overlay.is_some() || args.csv.is_some() || args.save_probabilities {
+        bail!("--overlay, --csv and --save-probabilities are for PNG slices, not NIfTI volumes");
+    }
+    let predictor = load_predictor(&args.model, &args.inference)?;
+    let volumes = read_volumes(files)?;
+    let mut staged = Staged::new(&args.out)?;
+    for v in &volumes {
+        let labels = segment_volume(&predictor, v)?;
+        let name = volume_name(&v.path);
+        cmr_data::write_labels(&staged.path(&format!("{name}_seg.nii.gz"))?, v, &labels)?;
+    }
+    let n = staged.commit_then(|| Ok(()))?;
+    tracing::info!(
+        "{}: {} for {}",
+        args.out.display(),
+        count(n, "file"),
+        count(volumes.len(), "volume")
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 pub fn run(args: PredictArgs) -> anyhow::Result<ExitCode> {
+    if let Some(volumes) = volume_inputs(&args.input)? {
+        return run_volumes(&args, &volumes);
+    }
     let files = inputs(&args.input)?;
     if let Some(dir) = files[0].parent().filter(|d| same_folder(d, &args.out)) {
         bail!(
