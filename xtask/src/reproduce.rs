@@ -316,6 +316,56 @@ fn score(
     Ok(CvScores::from(&report))
 }
 
+/// `report.html` of the cross-validation: every training slice predicted by
+/// the fold model that did not train on it (with TTA and the decided
+/// clean-up), as `cmr eval --report` draws it.
+fn out_of_fold_report(
+    dir: &Path,
+    cv: &CvDir,
+    spec: &CvSpec,
+    samples: &[Sample],
+    device: &candle_core::Device,
+    clean: PostProcess,
+) -> anyhow::Result<()> {
+    let options = PredictOptions {
+        tta: Tta::Dihedral,
+        clean,
+        kernels: spec.config.kernels,
+        ..PredictOptions::default()
+    };
+    let mut slices = Vec::with_capacity(samples.len());
+    let mut acc = cmr_loss::MetricsAccumulator::new();
+    for fold in 0..spec.folds.k {
+        let val = spec.folds.split(samples, fold)?.val;
+        let model = Predictor::load_ensemble(&[cv.fold_dir(fold)], device, options)?;
+        for (s, prediction) in val.iter().zip(model.predict(&val, |_| {})?) {
+            let Some(truth) = s.mask.clone() else { continue };
+            acc.add(
+                &s.id,
+                cmr_loss::LabelMap::new(prediction.data(), prediction.height(), prediction.width())?,
+                cmr_loss::LabelMap::new(truth.data(), truth.height(), truth.width())?,
+            )?;
+            slices.push(cmr_train::report::Slice {
+                id: s.id.clone(),
+                image: s.image.clone(),
+                truth,
+                prediction,
+            });
+        }
+    }
+    let header = cmr_train::report::Header {
+        model: &cv.root().display().to_string(),
+        data: "the training slices, each predicted by the fold model that did not train on it",
+        settings: format!(
+            "{}-fold cross-validation, TTA (8 views), clean-up {clean}.",
+            spec.folds.k
+        ),
+    };
+    let path = cmr_train::report::write(dir, &header, &acc.report(), acc.images(), &slices)?;
+    tracing::info!("{}", path.display());
+    Ok(())
+}
+
 /// Run the whole pipeline; the finished output folder.
 pub fn run(opts: &ReproduceOptions) -> anyhow::Result<Vec<NetworkResult>> {
     if opts.archs.is_empty() {
@@ -376,6 +426,14 @@ pub fn run(opts: &ReproduceOptions) -> anyhow::Result<Vec<NetworkResult>> {
         let decision = decide_clean_up(&[(cv.clone(), spec.clone())], &samples, &device, eight, |_| {})?;
         cv.write_clean(&decision)?;
         let clean = decision.chosen;
+        out_of_fold_report(
+            &partial.join(format!("report-{}", arch.name())),
+            &cv,
+            &spec,
+            &samples,
+            &device,
+            clean,
+        )?;
         let tta_clean = score(&dir, &spec, &samples, &device, Tta::Dihedral, clean, false)?;
         let deformed = score(&dir, &spec, &samples, &device, Tta::Dihedral, clean, true)?;
         tracing::info!(
@@ -464,7 +522,10 @@ pub fn run(opts: &ReproduceOptions) -> anyhow::Result<Vec<NetworkResult>> {
     if old.exists() {
         std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
     }
-    tracing::info!("{}: REPORT.md, submission.csv, runs/", opts.out.display());
+    tracing::info!(
+        "{}: REPORT.md, submission.csv, report-*/report.html, runs/",
+        opts.out.display()
+    );
     drop(lock);
     Ok(results)
 }

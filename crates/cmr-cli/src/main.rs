@@ -6,7 +6,6 @@ mod env;
 mod logging;
 mod models;
 mod progress;
-mod report;
 mod staged;
 mod text;
 

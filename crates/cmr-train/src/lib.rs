@@ -19,6 +19,7 @@ mod log;
 mod optim;
 mod plot;
 mod predict;
+pub mod report;
 mod run;
 mod schedule;
 mod strategy;

@@ -91,10 +91,10 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
     let options = *predictor.options();
     if let Some(dir) = &args.report {
         let masks = predictor.predict(&samples, |_| {})?;
-        let slices: Vec<crate::report::Slice> = samples
+        let slices: Vec<cmr_train::report::Slice> = samples
             .iter()
             .zip(masks)
-            .map(|(s, prediction)| crate::report::Slice {
+            .map(|(s, prediction)| cmr_train::report::Slice {
                 id: s.id.clone(),
                 image: s.image.clone(),
                 truth: s.mask.clone().unwrap_or_else(|| prediction.map(|_| 0)),
@@ -110,12 +110,12 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
                 .map(|s| format!("; deformed copies (seed {s})"))
                 .unwrap_or_default()
         );
-        let header = crate::report::Header {
+        let header = cmr_train::report::Header {
             model: &model,
             data: &split,
             settings,
         };
-        let path = crate::report::write(dir, &header, &report, eval.metrics.images(), &slices)?;
+        let path = cmr_train::report::write(dir, &header, &report, eval.metrics.images(), &slices)?;
         tracing::info!("{}", path.display());
     }
     if args.json {

@@ -13,7 +13,10 @@ use std::path::Path;
 use cmr_data::{CLASS_COLOURS, Image, Mask, OverlayMode, OverlayStyle, Rgb, compose, encode_png};
 use cmr_loss::{ImageMetrics, MetricsReport};
 
+use crate::error::{Result, TrainError};
+
 /// One evaluated slice: its image, truth and prediction at the image's size.
+#[derive(Clone, Debug)]
 pub struct Slice {
     pub id: String,
     pub image: Image,
@@ -99,8 +102,12 @@ fn gallery_picture(s: &Slice) -> Rgb {
 }
 
 /// `rgb` as a PNG data URI.
-fn data_uri(rgb: &Rgb) -> anyhow::Result<String> {
-    Ok(format!("data:image/png;base64,{}", base64(&encode_png(rgb)?)))
+fn data_uri(rgb: &Rgb, page: &Path) -> Result<String> {
+    let png = encode_png(rgb).map_err(|e| TrainError::Run {
+        path: page.to_path_buf(),
+        message: format!("cannot encode a picture: {e}"),
+    })?;
+    Ok(format!("data:image/png;base64,{}", base64(&png)))
 }
 
 /// Standard base64 with padding.
@@ -203,21 +210,24 @@ fn confusion(slices: &[Slice]) -> [[u64; 4]; 4] {
 }
 
 /// What the page says about the evaluation (the command's settings).
+#[derive(Clone, Debug)]
 pub struct Header<'a> {
     pub model: &'a str,
     pub data: &'a str,
     pub settings: String,
 }
 
-/// Write `report.html` into `dir` (created if needed), atomically.
+/// Write `report.html` into `dir` (created if needed), atomically; its path.
+/// `images[i]` are the metrics of `slices[i]`.
 pub fn write(
     dir: &Path,
     header: &Header,
     report: &MetricsReport,
     images: &[ImageMetrics],
     slices: &[Slice],
-) -> anyhow::Result<std::path::PathBuf> {
-    std::fs::create_dir_all(dir)?;
+) -> Result<std::path::PathBuf> {
+    std::fs::create_dir_all(dir).map_err(|e| TrainError::io(dir, e))?;
+    let path = dir.join("report.html");
     let mut html = String::new();
     let _ = write!(
         html,
@@ -318,7 +328,7 @@ pre {{ background: #f6f6f6; padding: 0.8em; }}
         let _ = write!(
             html,
             r#"<figure class="entry"><img src="{}" alt="{id}"><figcaption>{id}: mean Dice {:.3} (RV {:.3}, Myo {:.3}, LV {:.3})</figcaption></figure>"#,
-            data_uri(&gallery_picture(s))?,
+            data_uri(&gallery_picture(s), &path)?,
             mean(i),
             dice[0],
             dice[1],
@@ -339,7 +349,6 @@ window.addEventListener("load", function () {
 </body></html>
 "#,
     );
-    let path = dir.join("report.html");
     cmr_data::write_atomic(&path, html.as_bytes())?;
     Ok(path)
 }
