@@ -51,7 +51,7 @@ where
 
 /// A temporary name in `path`'s folder ending as `path` does (`.nii.gz`,
 /// `.nii`), for libraries that choose the format by the name.
-pub fn temp_path_like(path: &Path) -> PathBuf {
+pub(crate) fn temp_path_like(path: &Path) -> PathBuf {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())

@@ -21,7 +21,7 @@ mod split;
 mod transforms;
 mod volume;
 
-pub use atomic::{remove_stale_temps, temp_path_like, write_atomic, write_atomic_with};
+pub use atomic::{remove_stale_temps, write_atomic, write_atomic_with};
 pub use augment::{Affine, AugmentConfig, Elastic, Ranged, deform_sample};
 pub use batch::{Batch, BatchPlan};
 pub use dataset::{

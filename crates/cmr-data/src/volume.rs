@@ -264,17 +264,23 @@ impl Volume {
         ]
     }
 
+    /// A positive finite voxel spacing (volumes in mL need one).
+    pub fn check_spacing(&self) -> Result<()> {
+        match self.spacing().into_iter().find(|s| !(s.is_finite() && *s > 0.0)) {
+            Some(s) => Err(err(
+                &self.path,
+                format!("a voxel spacing of {s} mm (pixdim): it must be positive"),
+            )),
+            None => Ok(()),
+        }
+    }
+
     /// Whether `cmr` can segment this volume slice by slice: a positive
     /// finite spacing, slices of at least [`MIN_IN_PLANE`] voxels each way,
     /// no NaN voxel. The error names the first problem.
     pub fn check_segmentable(&self) -> Result<()> {
         let [x, y, ..] = self.dims();
-        if let Some(s) = self.spacing().into_iter().find(|s| !(s.is_finite() && *s > 0.0)) {
-            return Err(err(
-                &self.path,
-                format!("a voxel spacing of {s} mm (pixdim): it must be positive"),
-            ));
-        }
+        self.check_spacing()?;
         if x < MIN_IN_PLANE || y < MIN_IN_PLANE {
             return Err(err(
                 &self.path,

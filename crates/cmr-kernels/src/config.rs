@@ -58,6 +58,16 @@ impl KernelConfig {
     pub fn applies(&self, x: &Tensor) -> bool {
         self.enabled && x.device().is_cpu() && x.dtype() == DType::F32
     }
+
+    /// The backward pass for a training step on the input `x`: the kernels'
+    /// tape where they run, candle's elsewhere.
+    pub fn backward_for(&self, x: &Tensor) -> crate::Backward {
+        if self.applies(x) {
+            crate::Backward::Tape
+        } else {
+            crate::Backward::Candle
+        }
+    }
 }
 
 /// The vector instructions the kernels' own loops are compiled for

@@ -282,8 +282,9 @@ pub(crate) fn backward(
         None => Tensor::from_vec(db, cout, dev),
     };
     let layer = shape((b, cin, h, w), (cout, k), source);
+    let algorithm = plan(&layer, Pass::WeightGrad, cfg);
     // The two algorithms that compute all three gradients in one go.
-    let together = match (source, plan(&layer, Pass::WeightGrad, cfg)) {
+    let together = match (source, algorithm) {
         (Source::Upsampled(f), _) => {
             let d = upsampled::Dims {
                 b,
@@ -335,11 +336,9 @@ pub(crate) fn backward(
     } else {
         None
     };
-    let (dw, db) = with_data(x, |xs| match plan(&layer, Pass::WeightGrad, cfg) {
+    let (dw, db) = with_data(x, |xs| match algorithm {
         Algorithm::Winograd(tile) => winograd::weight_grad(simd, tile, xs, g, (b, cin, h, w, cout)),
-        algorithm => {
-            weight_grad::conv_weight_grad(simd, xs, g, (b, cin, h, w), (cout, k), algorithm == Algorithm::Shifted)
-        }
+        other => weight_grad::conv_weight_grad(simd, xs, g, (b, cin, h, w), (cout, k), other == Algorithm::Shifted),
     })?;
     Ok((
         dx,

@@ -315,8 +315,7 @@ pub fn forward_backward<E: From<candle_core::Error>>(
     forward: impl FnOnce() -> std::result::Result<Tensor, E>,
     loss: impl FnOnce(&Tensor) -> std::result::Result<Tensor, E>,
 ) -> std::result::Result<Step, E> {
-    let by_candle = |output: &Tensor, loss: Tensor| -> std::result::Result<Step, E> {
-        let _ = output;
+    let by_candle = |loss: Tensor| -> std::result::Result<Step, E> {
         let grads = loss.backward()?;
         Ok(Step {
             loss,
@@ -326,13 +325,11 @@ pub fn forward_backward<E: From<candle_core::Error>>(
     };
     if backward == Backward::Candle {
         let output = forward()?;
-        let l = loss(&output)?;
-        return by_candle(&output, l);
+        return by_candle(loss(&output)?);
     }
     let (output, tape) = record(forward)?;
     if !tape.covers(&output) {
-        let l = loss(&output)?;
-        return by_candle(&output, l);
+        return by_candle(loss(&output)?);
     }
     let leaf = Var::from_tensor(&output.detach())?;
     let l = loss(leaf.as_tensor())?;

@@ -34,7 +34,7 @@ use std::io::{BufRead, Write};
 
 use candle_core::{DType, Device, ModuleT, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use cmr_kernels::{Backward, Batched, KernelConfig, Winograd, forward_backward};
+use cmr_kernels::{Batched, KernelConfig, Winograd, forward_backward};
 use cmr_loss::Loss;
 use cmr_models::{Architecture, Model, ModelConfig, Preset, build, forward_flops};
 
@@ -139,11 +139,7 @@ impl Net {
         match case {
             Case::Train { x, y } => {
                 // as `cmr train` does: on the kernels' tape when they run
-                let backward = if self.kernels.applies(x) {
-                    Backward::Tape
-                } else {
-                    Backward::Candle
-                };
+                let backward = self.kernels.backward_for(x);
                 let step = forward_backward(
                     backward,
                     || self.model.forward_t(x, true),

@@ -34,7 +34,9 @@ pub struct BatchNormParts<'a> {
 }
 
 impl BatchNormParts<'_> {
-    /// Inference-mode BatchNorm as `x·scale + shift` per channel.
+    /// Inference-mode BatchNorm as a per-channel affine map `x·scale +
+    /// shift` (running statistics folded in), as differentiable tensors
+    /// `[C]`.
     fn folded(&self) -> Result<(Tensor, Tensor)> {
         let scale = self.weight.div(&(self.running_var + self.eps)?.sqrt()?)?;
         let shift = (self.bias - self.running_mean.mul(&scale)?)?;

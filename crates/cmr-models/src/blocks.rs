@@ -118,14 +118,6 @@ impl BatchNorm2d {
         }
     }
 
-    /// Inference-mode BatchNorm as a per-channel affine map `x·scale + shift`
-    /// (running statistics folded in), as differentiable tensors `[C]`.
-    pub fn folded(&self) -> Result<(Tensor, Tensor)> {
-        let scale = self.weight.div(&(self.running_var.as_tensor() + BN_EPS)?.sqrt()?)?;
-        let shift = (&self.bias - self.running_mean.as_tensor().mul(&scale)?)?;
-        Ok((scale, shift))
-    }
-
     /// BatchNorm then ReLU: `[B, C, H, W] -> [B, C, H, W]`. In training mode
     /// the batch statistics normalise and update the running ones.
     pub fn forward_relu(&self, xs: &Tensor, train: bool) -> Result<Tensor> {

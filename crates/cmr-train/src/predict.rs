@@ -364,6 +364,7 @@ impl Predictor {
     pub fn evaluate(&self, samples: &[Sample], loss: Option<&Loss>) -> Result<Evaluation> {
         let plan = self.plan();
         let mut acc = MetricsAccumulator::new();
+        let mut predicted = Vec::with_capacity(samples.len());
         let (mut loss_sum, mut batches) = (0.0, 0usize);
         // the evaluation plan keeps the sample order
         let mut next = 0;
@@ -397,10 +398,12 @@ impl Predictor {
                     LabelMap::new(gt.data(), gt.height(), gt.width())?,
                 )?;
             }
+            predicted.extend(preds);
         }
         Ok(Evaluation {
             loss: (batches > 0).then(|| loss_sum / batches as f64),
             metrics: acc,
+            masks: predicted,
         })
     }
 }
@@ -410,4 +413,6 @@ impl Predictor {
 pub struct Evaluation {
     pub metrics: MetricsAccumulator,
     pub loss: Option<f64>,
+    /// The predicted masks, in the samples' order, at the network's size.
+    pub masks: Vec<Mask>,
 }

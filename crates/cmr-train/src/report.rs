@@ -64,23 +64,10 @@ fn gallery_picture(s: &Slice) -> Rgb {
         scale: 2,
         legend: false,
     };
-    let plain = {
-        let g = s.image.data();
-        let (w, h) = (s.image.width() * 2, s.image.height() * 2);
-        let pixels = (0..w * h)
-            .map(|k| {
-                let v = g[(k / w / 2) * s.image.width() + (k % w) / 2];
-                [v, v, v]
-            })
-            .collect();
-        Rgb {
-            width: w,
-            height: h,
-            pixels,
-        }
-    };
+    // the image alone: the drawing of an all-background mask
+    let empty = s.prediction.map(|_| 0);
     let panels = [
-        plain,
+        compose(&s.image, &empty, None, style),
         compose(&s.image, &s.truth, None, style),
         compose(&s.image, &s.prediction, None, style),
         error_map(s, 2),

@@ -9,7 +9,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, ModuleT, Tensor};
 use candle_nn::VarMap;
 use cmr_data::{BatchPlan, Dataset, LoadOptions, SplitRecord, Splits};
-use cmr_kernels::{Backward, forward_backward};
+use cmr_kernels::forward_backward;
 use cmr_models::{Model, build, is_running_stat};
 
 use crate::checkpoint::{Checkpoint, load_tensors, load_varmap, save_varmap, set_varmap, varmap_tensors};
@@ -361,11 +361,7 @@ impl Trainer {
                 // On the CPU kernels the backward pass runs on their tape
                 // (no zero tensor and addition per gradient, as candle's
                 // `Tensor::backward` makes); elsewhere by candle.
-                let backward = if cfg.kernels.applies(&batch.images) {
-                    Backward::Tape
-                } else {
-                    Backward::Candle
-                };
+                let backward = cfg.kernels.backward_for(&batch.images);
                 let step = forward_backward(
                     backward,
                     || Ok::<_, TrainError>(self.model.forward_t(&batch.images, true)?),

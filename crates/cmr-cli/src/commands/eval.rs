@@ -90,10 +90,9 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
     let report = eval.metrics.report();
     let options = *predictor.options();
     if let Some(dir) = &args.report {
-        let masks = predictor.predict(&samples, |_| {})?;
         let slices: Vec<cmr_train::report::Slice> = samples
             .iter()
-            .zip(masks)
+            .zip(eval.masks.iter().cloned())
             .map(|(s, prediction)| cmr_train::report::Slice {
                 id: s.id.clone(),
                 image: s.image.clone(),

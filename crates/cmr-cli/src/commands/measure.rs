@@ -136,12 +136,7 @@ pub fn run(args: MeasureArgs) -> anyhow::Result<ExitCode> {
                         f.display()
                     );
                 }
-                if let Some(s) = v.spacing().into_iter().find(|s| !(s.is_finite() && *s > 0.0)) {
-                    bail!(
-                        "{}: a voxel spacing of {s} mm: volumes need a positive spacing",
-                        f.display()
-                    );
-                }
+                v.check_spacing()?;
                 all.push(numbers(f.display().to_string(), &labels, v.dims(), v.spacing()));
             }
         }
