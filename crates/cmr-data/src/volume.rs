@@ -11,7 +11,7 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use nifti::{NiftiHeader, NiftiObject, NiftiType, NiftiVolume, ReaderOptions};
+use nifti::{NiftiHeader, NiftiType};
 
 use crate::atomic::temp_path_like;
 use crate::error::{DataError, Result};
@@ -73,24 +73,93 @@ fn err(path: &Path, message: impl Into<String>) -> DataError {
     }
 }
 
-/// The first four bytes of the file, gunzipped when it is gzip.
-fn leading_bytes(path: &Path) -> Result<[u8; 4]> {
-    let mut raw = [0u8; 4];
+/// The most bytes a volume's file may hold once unpacked (header,
+/// extensions and voxels): 2 GiB, a 512×512×2048 i16 volume. Larger claims
+/// are refused before anything is allocated for them.
+pub const MAX_VOLUME_BYTES: u64 = 2 << 30;
+
+/// The largest in-plane side a volume may have (as for PNGs).
+pub const MAX_VOLUME_SIDE: usize = 4096;
+
+/// The file's bytes, gunzipped when they start as gzip (whatever the name
+/// says; every member of a multi-member gzip), at most [`MAX_VOLUME_BYTES`].
+fn read_bounded(path: &Path) -> Result<Vec<u8>> {
     let mut file = std::fs::File::open(path).map_err(|e| DataError::io(path, e))?;
-    file.read_exact(&mut raw)
-        .map_err(|_| err(path, "too short to be a NIfTI file"))?;
-    if raw[..2] == [0x1f, 0x8b] {
-        let file = std::fs::File::open(path).map_err(|e| DataError::io(path, e))?;
-        let mut gz = flate2::read::GzDecoder::new(file);
-        gz.read_exact(&mut raw)
+    let on_disk = file.metadata().map_err(|e| DataError::io(path, e))?.len();
+    let mut magic = [0u8; 2];
+    let n = file.read(&mut magic).map_err(|e| DataError::io(path, e))?;
+    let gzip = n == 2 && magic == [0x1f, 0x8b];
+    let file = std::fs::File::open(path).map_err(|e| DataError::io(path, e))?;
+    let too_big = || {
+        err(
+            path,
+            format!("unpacks to more than {MAX_VOLUME_BYTES} bytes, the most cmr reads of one volume"),
+        )
+    };
+    let mut bytes = Vec::new();
+    if gzip {
+        let mut gz = flate2::read::MultiGzDecoder::new(file).take(MAX_VOLUME_BYTES + 1);
+        gz.read_to_end(&mut bytes)
             .map_err(|e| err(path, format!("not a readable gzip file ({e})")))?;
+    } else {
+        if on_disk > MAX_VOLUME_BYTES {
+            return Err(too_big());
+        }
+        bytes.reserve_exact(on_disk as usize);
+        file.take(MAX_VOLUME_BYTES + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|e| DataError::io(path, e))?;
     }
-    Ok(raw)
+    if bytes.len() as u64 > MAX_VOLUME_BYTES {
+        return Err(too_big());
+    }
+    Ok(bytes)
 }
 
-/// Read a NIfTI-1 volume (header and voxels).
+/// The voxel count of `header`'s dimensions, each checked: a rank of 3 or
+/// 4, every extent at least 1, the in-plane sides at most
+/// [`MAX_VOLUME_SIDE`].
+fn voxel_count(path: &Path, header: &NiftiHeader) -> Result<usize> {
+    let rank = usize::from(header.dim[0]);
+    if !(3..=4).contains(&rank) {
+        return Err(err(
+            path,
+            format!("a {rank}-D volume: cmr takes 3-D (x, y, slices) and 4-D (x, y, slices, time) volumes"),
+        ));
+    }
+    let extents = &header.dim[1..=rank];
+    // dim holds i16 values: a negative one reads as above i16::MAX
+    if let Some(bad) = extents.iter().find(|&&d| d == 0 || d > i16::MAX as u16) {
+        let shown = *bad as i16;
+        return Err(err(
+            path,
+            format!(
+                "dimensions {:?}: an extent of {shown} (each must be at least 1)",
+                extents.iter().map(|&d| d as i16).collect::<Vec<_>>()
+            ),
+        ));
+    }
+    let (x, y) = (usize::from(extents[0]), usize::from(extents[1]));
+    if x > MAX_VOLUME_SIDE || y > MAX_VOLUME_SIDE {
+        return Err(err(
+            path,
+            format!("slices of {x}×{y} voxels: volumes are limited to {MAX_VOLUME_SIDE} voxels a side"),
+        ));
+    }
+    // at most 32767⁴ < 2⁶⁴: no overflow
+    Ok(extents.iter().map(|&d| usize::from(d)).product())
+}
+
+/// Read a NIfTI-1 volume (header and voxels): a single file (`.nii`,
+/// `.nii.gz`) or a pair (`.hdr` with `.img` or `.img.gz` beside it).
+/// The header's claims are checked against the bytes there before anything
+/// is allocated for them; extensions are skipped.
 pub fn read_volume(path: &Path) -> Result<Volume> {
-    let lead = leading_bytes(path)?;
+    let bytes = read_bounded(path)?;
+    if bytes.len() < 4 {
+        return Err(err(path, "too short to be a NIfTI file"));
+    }
+    let lead = [bytes[0], bytes[1], bytes[2], bytes[3]];
     let sizeof_hdr = [i32::from_le_bytes(lead), i32::from_be_bytes(lead)];
     if sizeof_hdr.contains(&540) {
         return Err(err(
@@ -101,31 +170,89 @@ pub fn read_volume(path: &Path) -> Result<Volume> {
     if !sizeof_hdr.contains(&348) {
         return Err(err(path, "not a NIfTI-1 file (its header does not start with 348)"));
     }
-    let object = ReaderOptions::new()
-        .read_file(path)
-        .map_err(|e| err(path, format!("cannot read NIfTI: {e}")))?;
-    let header = object.header().clone();
-    let rank = usize::from(header.dim[0]);
-    if !(3..=4).contains(&rank) {
+    if bytes.len() < 348 {
         return Err(err(
             path,
-            format!("a {rank}-D volume: cmr takes 3-D (x, y, slices) and 4-D (x, y, slices, time) volumes"),
+            format!("{} bytes: shorter than a NIfTI-1 header (348)", bytes.len()),
         ));
     }
-    let volume = object.into_volume();
-    let kind = volume.data_type();
-    let voxels = match kind {
-        NiftiType::Uint8 => Voxels::U8(volume.into_nifti_typed_data().map_err(|e| err(path, e.to_string()))?),
-        NiftiType::Int16 => Voxels::I16(volume.into_nifti_typed_data().map_err(|e| err(path, e.to_string()))?),
-        NiftiType::Uint16 => Voxels::U16(volume.into_nifti_typed_data().map_err(|e| err(path, e.to_string()))?),
-        NiftiType::Float32 => Voxels::F32(volume.into_nifti_typed_data().map_err(|e| err(path, e.to_string()))?),
-        NiftiType::Float64 => Voxels::F64(volume.into_nifti_typed_data().map_err(|e| err(path, e.to_string()))?),
+    let header =
+        NiftiHeader::from_reader(&bytes[..]).map_err(|e| err(path, format!("cannot read the NIfTI header: {e}")))?;
+    let kind = header.data_type().map_err(|_| {
+        err(
+            path,
+            format!(
+                "voxels of datatype code {}: cmr reads u8, i16, u16, f32 and f64",
+                header.datatype
+            ),
+        )
+    })?;
+    let width = match kind {
+        NiftiType::Uint8 => 1,
+        NiftiType::Int16 | NiftiType::Uint16 => 2,
+        NiftiType::Float32 => 4,
+        NiftiType::Float64 => 8,
         other => {
             return Err(err(
                 path,
                 format!("voxels of type {other:?}: cmr reads u8, i16, u16, f32 and f64"),
             ));
         }
+    };
+    let count = voxel_count(path, &header)?;
+    let claimed = (count as u64).saturating_mul(width);
+    if claimed > MAX_VOLUME_BYTES {
+        return Err(err(
+            path,
+            format!(
+                "dimensions {:?} of {width}-byte voxels: {claimed} bytes, more than the {MAX_VOLUME_BYTES} cmr reads of one volume",
+                &header.dim[1..=usize::from(header.dim[0])]
+            ),
+        ));
+    }
+    let offset = header.vox_offset;
+    if !(offset.is_finite() && offset >= 0.0 && offset.fract() == 0.0) {
+        return Err(err(path, format!("a voxel offset (vox_offset) of {offset}")));
+    }
+    let offset = offset as u64;
+    // a pair keeps its voxels in the .img beside the .hdr
+    let (data, data_path) = if header.magic == *b"ni1\0" {
+        let img = pair_image(path)?;
+        (read_bounded(&img)?, img)
+    } else if header.magic == *b"n+1\0" {
+        if offset < 348 {
+            return Err(err(
+                path,
+                format!("a voxel offset (vox_offset) of {offset}, inside the header"),
+            ));
+        }
+        (bytes, path.to_path_buf())
+    } else {
+        return Err(err(
+            path,
+            "not a NIfTI-1 file (its magic is neither \"n+1\" nor \"ni1\")",
+        ));
+    };
+    let end = offset.saturating_add(claimed);
+    if end > data.len() as u64 {
+        return Err(err(
+            &data_path,
+            format!(
+                "the header claims {claimed} bytes of voxels from byte {offset} ({} × {width} bytes), but the file holds {}",
+                count,
+                data.len()
+            ),
+        ));
+    }
+    let raw = data[offset as usize..end as usize].to_vec();
+    drop(data);
+    let volume = nifti::InMemNiftiVolume::from_raw_data(&header, raw).map_err(|e| err(path, e.to_string()))?;
+    let voxels = match kind {
+        NiftiType::Uint8 => Voxels::U8(volume.into_nifti_typed_data().map_err(|e| err(path, e.to_string()))?),
+        NiftiType::Int16 => Voxels::I16(volume.into_nifti_typed_data().map_err(|e| err(path, e.to_string()))?),
+        NiftiType::Uint16 => Voxels::U16(volume.into_nifti_typed_data().map_err(|e| err(path, e.to_string()))?),
+        NiftiType::Float32 => Voxels::F32(volume.into_nifti_typed_data().map_err(|e| err(path, e.to_string()))?),
+        _ => Voxels::F64(volume.into_nifti_typed_data().map_err(|e| err(path, e.to_string()))?),
     };
     let v = Volume {
         header,
@@ -140,6 +267,35 @@ pub fn read_volume(path: &Path) -> Result<Volume> {
         ));
     }
     Ok(v)
+}
+
+/// The `.img` (or `.img.gz`) beside a pair's `.hdr` (or `.hdr.gz`).
+fn pair_image(hdr: &Path) -> Result<PathBuf> {
+    let name = hdr
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let lower = name.to_lowercase();
+    let stem = lower
+        .strip_suffix(".hdr.gz")
+        .or_else(|| lower.strip_suffix(".hdr"))
+        .map(|s| &name[..s.len()])
+        .ok_or_else(|| {
+            err(
+                hdr,
+                "a header without voxels (magic \"ni1\") must be named .hdr, with its .img beside it",
+            )
+        })?;
+    ["img", "img.gz", "IMG", "IMG.GZ"]
+        .iter()
+        .map(|ext| hdr.with_file_name(format!("{stem}.{ext}")))
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            err(
+                hdr,
+                format!("a header without voxels: its image {stem}.img is not beside it"),
+            )
+        })
 }
 
 impl Volume {

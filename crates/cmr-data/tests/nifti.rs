@@ -198,3 +198,35 @@ fn what_cmr_cannot_honour_is_refused_by_name() {
     let e = message(read_volume(&nan).unwrap().check_segmentable().unwrap_err());
     assert!(e.contains("nan.nii.gz") && e.contains("2 NaN voxels"), "{e}");
 }
+
+/// A header whose dimensions claim more voxels than its file holds (or
+/// than cmr reads of one volume) is refused before anything is allocated
+/// for the claim; a negative extent is named.
+#[test]
+fn a_header_claiming_more_than_its_file_is_refused() {
+    let Some(dir) = samples() else { return };
+    let out = tempfile::tempdir().unwrap();
+    // anatomical.nii is big-endian: dim[k] is the i16 at byte 40 + 2k
+    let bytes = std::fs::read(dir.join("anatomical.nii")).unwrap();
+    let patched = |k: usize, value: i16| {
+        let mut b = bytes.clone();
+        b[40 + 2 * k..42 + 2 * k].copy_from_slice(&value.to_be_bytes());
+        let p = out.path().join(format!("dim{k}-{value}.nii"));
+        std::fs::write(&p, b).unwrap();
+        p
+    };
+    let longer = patched(3, 200);
+    let m = message(read_volume(&longer).unwrap_err());
+    assert!(m.contains("the header claims") && m.contains("dim3-200.nii"), "{m}");
+    let huge = patched(3, i16::MAX);
+    let m = message(read_volume(&huge).unwrap_err());
+    assert!(m.contains("the header claims") || m.contains("more than"), "{m}");
+    let wide = patched(1, 5000);
+    let m = message(read_volume(&wide).unwrap_err());
+    assert!(m.contains("limited to 4096"), "{m}");
+    let negative = patched(2, -3);
+    let m = message(read_volume(&negative).unwrap_err());
+    assert!(m.contains("an extent of -3"), "{m}");
+    // the file itself still reads
+    assert!(read_volume(&dir.join("anatomical.nii")).is_ok());
+}
