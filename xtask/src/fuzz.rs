@@ -360,6 +360,17 @@ pub fn targets(dir: &Path) -> Vec<Target> {
     if built && ckpt.save(&ckpt_path).is_ok() {
         binaries.extend(std::fs::read(&ckpt_path).ok());
     }
+    // NIfTI volumes, plain and gzipped (read by their bytes, not their name)
+    let mut volumes = Vec::new();
+    let voxels: Vec<u8> = (0..8 * 8 * 3 * 2).map(|i| (i * 7 % 251) as u8).collect();
+    if let Ok(v) = cmr_data::Volume::new_u8([8, 8, 3, 2], [1.5, 1.5, 8.0], voxels, &dir.join("seed.nii")) {
+        for name in ["seed.nii", "seed.nii.gz"] {
+            let p = dir.join(name);
+            if cmr_data::write_volume(&p, &v).is_ok() {
+                volumes.extend(std::fs::read(&p).ok());
+            }
+        }
+    }
     let text = |s: &str| s.as_bytes().to_vec();
     vec![
         Target {
@@ -416,6 +427,12 @@ pub fn targets(dir: &Path) -> Vec<Target> {
                 let t = std::fs::read_to_string(p).map_err(|e| e.to_string())?;
                 TrainState::from_json(&t, p).map(|_| ()).map_err(|e| e.to_string())
             }),
+        },
+        Target {
+            name: "nifti",
+            kind: Kind::Binary,
+            seeds: volumes,
+            run: Box::new(|p| cmr_data::read_volume(p).map(|_| ()).map_err(|e| e.to_string())),
         },
         Target {
             name: "safetensors",
