@@ -8,7 +8,7 @@
 //! ([`Volume::check_segmentable`]), a zero or negative spacing, an in-plane
 //! size under 16 voxels, or NaN voxels.
 
-use std::io::Read;
+use std::io::{Read, Seek};
 use std::path::{Path, PathBuf};
 
 use nifti::{NiftiHeader, NiftiType};
@@ -89,7 +89,7 @@ fn read_bounded(path: &Path) -> Result<Vec<u8>> {
     let mut magic = [0u8; 2];
     let n = file.read(&mut magic).map_err(|e| DataError::io(path, e))?;
     let gzip = n == 2 && magic == [0x1f, 0x8b];
-    let file = std::fs::File::open(path).map_err(|e| DataError::io(path, e))?;
+    file.rewind().map_err(|e| DataError::io(path, e))?;
     let too_big = || {
         err(
             path,
@@ -244,8 +244,10 @@ pub fn read_volume(path: &Path) -> Result<Volume> {
             ),
         ));
     }
-    let raw = data[offset as usize..end as usize].to_vec();
-    drop(data);
+    // the voxels, cut out in place (no second copy of the volume)
+    let mut raw = data;
+    raw.truncate(end as usize);
+    raw.drain(..offset as usize);
     let volume = nifti::InMemNiftiVolume::from_raw_data(&header, raw).map_err(|e| err(path, e.to_string()))?;
     let voxels = match kind {
         NiftiType::Uint8 => Voxels::U8(volume.into_nifti_typed_data().map_err(|e| err(path, e.to_string()))?),
@@ -254,19 +256,12 @@ pub fn read_volume(path: &Path) -> Result<Volume> {
         NiftiType::Float32 => Voxels::F32(volume.into_nifti_typed_data().map_err(|e| err(path, e.to_string()))?),
         _ => Voxels::F64(volume.into_nifti_typed_data().map_err(|e| err(path, e.to_string()))?),
     };
-    let v = Volume {
+    // from_raw_data checked the length against the dimensions
+    Ok(Volume {
         header,
         voxels,
         path: path.to_path_buf(),
-    };
-    let expect: usize = v.dims().iter().product();
-    if v.voxels.len() != expect {
-        return Err(err(
-            path,
-            format!("{} voxels for dimensions {:?}", v.voxels.len(), v.dims()),
-        ));
-    }
-    Ok(v)
+    })
 }
 
 /// The `.img` (or `.img.gz`) beside a pair's `.hdr` (or `.hdr.gz`).
