@@ -183,3 +183,86 @@ fn install_from_a_folder_and_an_archive_file() {
     );
     assert!(msg.contains("none of the dataset's files"), "{msg}");
 }
+
+/// A tmpfs of `size` mounted at `at` while it lives (needs root: `None`
+/// otherwise).
+struct SmallDisk(PathBuf);
+
+impl SmallDisk {
+    fn mount(at: &Path, size: &str) -> Option<Self> {
+        std::fs::create_dir_all(at).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| Self(at.to_path_buf()))
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// The names in `dir`, sorted.
+fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+#[cfg(unix)]
+#[test]
+fn a_full_disk_fails_clearly_and_keeps_the_installed_copy() {
+    let Some(shared) = shared() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let Some(disk) = SmallDisk::mount(&dir.path().join("disk"), "8m") else {
+        eprintln!("skipped: cannot mount a tmpfs here (not root)");
+        return;
+    };
+    let src = Source::from_path(&shared.join("cmr-2021")).unwrap();
+    let dest = disk.0.join("cmr");
+    assert!(matches!(
+        install(&src, &dest, false).unwrap(),
+        Installed::Fresh { files: 280, .. }
+    ));
+
+    // fill what is left
+    let filler = disk.0.join("filler");
+    {
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let block = vec![7u8; 4096];
+        while f.write_all(&block).is_ok() {}
+        let _ = f.sync_all();
+    }
+
+    // a forced reinstall cannot stage its copy: a clear error, the installed
+    // copy as it was, no staging folder left
+    let msg = format!("{:#}", install(&src, &dest, true).unwrap_err());
+    assert!(
+        msg.contains("No space left on device") && msg.contains(&*disk.0.to_string_lossy()),
+        "{msg}"
+    );
+    assert_eq!(verify_installed(&dest).unwrap(), 280);
+    assert_eq!(names(&disk.0), ["cmr", "filler"]);
+
+    // a fresh install on the full disk leaves nothing at all
+    let other = disk.0.join("other");
+    let msg = format!("{:#}", install(&src, &other, false).unwrap_err());
+    assert!(msg.contains("No space left on device"), "{msg}");
+    assert_eq!(names(&disk.0), ["cmr", "filler"]);
+
+    // with room again, the same command works
+    std::fs::remove_file(&filler).unwrap();
+    assert!(matches!(
+        install(&src, &other, false).unwrap(),
+        Installed::Fresh { files: 280, .. }
+    ));
+    assert_eq!(verify_installed(&other).unwrap(), 280);
+}

@@ -15,13 +15,16 @@ use cmr_data::DirLock;
 const PREFIX: &str = ".cmr-staging-";
 
 /// A staging folder in `dest`. Dropped without [`Staged::commit`], it is
-/// removed with everything in it.
+/// removed with everything in it, and so is `dest` if it was made for it
+/// and holds nothing else.
 #[derive(Debug)]
 pub struct Staged {
     dest: PathBuf,
     tmp: PathBuf,
     files: Vec<String>,
     committed: bool,
+    // whether `dest` was made here (removed again, if empty, on failure)
+    created: bool,
     // held until the folder is removed
     lock: Option<DirLock>,
 }
@@ -49,6 +52,7 @@ fn sweep(dest: &Path) {
 impl Staged {
     /// Create `dest` if needed and a staging folder inside it.
     pub fn new(dest: &Path) -> anyhow::Result<Self> {
+        let created = !dest.exists();
         std::fs::create_dir_all(dest).with_context(|| format!("creating {}", dest.display()))?;
         sweep(dest);
         let tmp = dest.join(format!("{PREFIX}{}", std::process::id()));
@@ -57,6 +61,9 @@ impl Staged {
             Ok(lock) => lock,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&tmp);
+                if created {
+                    let _ = std::fs::remove_dir(dest);
+                }
                 return Err(e.into());
             }
         };
@@ -65,6 +72,7 @@ impl Staged {
             tmp,
             files: Vec::new(),
             committed: false,
+            created,
             lock: Some(lock),
         })
     }
@@ -139,7 +147,12 @@ impl Staged {
 impl Drop for Staged {
     fn drop(&mut self) {
         if !self.committed {
+            self.lock = None;
             let _ = std::fs::remove_dir_all(&self.tmp);
+            // a folder this run made stays only if something else is in it
+            if self.created {
+                let _ = std::fs::remove_dir(&self.dest);
+            }
         }
     }
 }
@@ -193,6 +206,21 @@ mod tests {
         assert_eq!(s.commit().unwrap(), 2);
         assert_eq!(names(&out), ["a.png", "sub"]);
         assert_eq!(std::fs::read(out.join("a.png")).unwrap(), b"a.png");
+
+        // a failed run leaves no folder it made, and keeps one it did not
+        let fresh = dir.path().join("fresh");
+        let mut s = Staged::new(&fresh).unwrap();
+        std::fs::write(s.path("a.png").unwrap(), "a").unwrap();
+        drop(s);
+        assert!(!fresh.exists());
+        let s = Staged::new(&out).unwrap();
+        drop(s);
+        assert_eq!(names(&out), ["a.png", "sub"]);
+        // nor one that something else wrote into meanwhile
+        let s = Staged::new(&fresh).unwrap();
+        std::fs::write(fresh.join("theirs.txt"), "x").unwrap();
+        drop(s);
+        assert_eq!(names(&fresh), ["theirs.txt"]);
     }
 
     #[test]

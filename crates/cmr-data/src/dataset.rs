@@ -273,15 +273,12 @@ pub fn list_pngs(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(png_files(dir)?.into_values().collect())
 }
 
-/// Load images (no masks) from a list of PNG files, fitted to `opts.size`.
-/// Ids are the file stems; two files with the same stem are an error.
-pub fn load_images(paths: &[PathBuf], opts: LoadOptions) -> Result<Vec<Sample>> {
-    let target = Size {
-        height: opts.size,
-        width: opts.size,
-    };
+/// The ids of a list of image files: their stems, which must be UTF-8 and
+/// distinct. Reads no file, so that a long list can be checked whole before
+/// its images are loaded a chunk at a time.
+pub fn image_ids(paths: &[PathBuf]) -> Result<Vec<String>> {
     let mut seen = BTreeMap::new();
-    let mut samples = Vec::with_capacity(paths.len());
+    let mut ids = Vec::with_capacity(paths.len());
     for path in paths {
         let id = path
             .file_stem()
@@ -298,6 +295,22 @@ pub fn load_images(paths: &[PathBuf], opts: LoadOptions) -> Result<Vec<Sample>> 
                 id,
             });
         }
+        ids.push(id);
+    }
+    Ok(ids)
+}
+
+/// Load images (no masks) from a list of PNG files, fitted to `opts.size`.
+/// Ids are the file stems ([`image_ids`]); two files with the same stem are
+/// an error.
+pub fn load_images(paths: &[PathBuf], opts: LoadOptions) -> Result<Vec<Sample>> {
+    let target = Size {
+        height: opts.size,
+        width: opts.size,
+    };
+    let ids = image_ids(paths)?;
+    let mut samples = Vec::with_capacity(paths.len());
+    for (path, id) in paths.iter().zip(ids) {
         let image = read_image(path)?;
         samples.push(Sample {
             id,

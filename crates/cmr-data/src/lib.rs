@@ -25,7 +25,7 @@ pub use atomic::{remove_stale_temps, write_atomic, write_atomic_with};
 pub use augment::{Affine, AugmentConfig, Elastic, Ranged, deform_sample};
 pub use batch::{Batch, BatchPlan};
 pub use dataset::{
-    Dataset, Labels, LoadOptions, Sample, list_pngs, load_images, load_split, mask_file_name, natural_cmp,
+    Dataset, Labels, LoadOptions, Sample, image_ids, list_pngs, load_images, load_split, mask_file_name, natural_cmp,
 };
 pub use error::{DataError, Result};
 pub use lock::DirLock;

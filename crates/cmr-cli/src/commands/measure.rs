@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use crate::args::MeasureArgs;
 use crate::commands::load_predictor;
-use crate::commands::predict::{read_volumes, segment_volume, volume_inputs};
+use crate::commands::predict::{read_segmentable, segment_volume, volume_inputs};
 use crate::text::outln;
 
 /// Density of myocardium, g/mL (the ACDC challenge's).
@@ -121,7 +121,8 @@ pub fn run(args: MeasureArgs) -> anyhow::Result<ExitCode> {
     match &args.model {
         Some(model) => {
             let predictor = load_predictor(model, &args.inference)?;
-            for v in read_volumes(&files)? {
+            for f in &files {
+                let v = read_segmentable(f)?;
                 let labels = segment_volume(&predictor, &v)?;
                 all.push(numbers(v.path.display().to_string(), &labels, v.dims(), v.spacing()));
             }

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use cmr_data::{
-    LoadOptions, OverlayMode, OverlayStyle, list_pngs, load_images, mask_file_name, read_image, read_mask,
+    LoadOptions, OverlayMode, OverlayStyle, image_ids, list_pngs, load_images, mask_file_name, read_image, read_mask,
     submission_rows, write_mask, write_overlay_styled, write_rows,
 };
 
@@ -14,6 +14,10 @@ use crate::commands::load_predictor;
 use crate::progress::image_bar;
 use crate::staged::Staged;
 use crate::text::count;
+
+/// Images loaded and predicted at a time: enough to fill the predictor's
+/// batches, few enough that memory does not grow with the folder.
+pub const PREDICT_CHUNK: usize = 64;
 
 /// The PNGs `--input` names: a file, a split folder's image/, or a folder.
 fn inputs(input: &std::path::Path) -> anyhow::Result<Vec<PathBuf>> {
@@ -84,15 +88,12 @@ pub fn volume_inputs(input: &std::path::Path) -> anyhow::Result<Option<Vec<PathB
     Ok((!found.is_empty()).then_some(found))
 }
 
-/// Read and check every volume before anything is segmented or written.
-pub fn read_volumes(files: &[PathBuf]) -> anyhow::Result<Vec<cmr_data::Volume>> {
-    let mut volumes = Vec::with_capacity(files.len());
-    for f in files {
-        let v = cmr_data::read_volume(f)?;
-        v.check_segmentable()?;
-        volumes.push(v);
-    }
-    Ok(volumes)
+/// Read one volume and check that the 2-D network can segment it. Volumes
+/// are read one at a time: only one is held in memory.
+pub fn read_segmentable(file: &std::path::Path) -> anyhow::Result<cmr_data::Volume> {
+    let v = cmr_data::read_volume(file)?;
+    v.check_segmentable()?;
+    Ok(v)
 }
 
 /// The labels of every voxel of `v`, slice by slice by the 2-D network (in
@@ -144,19 +145,20 @@ fn run_volumes(args: &PredictArgs, files: &[PathBuf]) -> anyhow::Result<ExitCode
         bail!("--overlay, --csv and --save-probabilities are for PNG slices, not NIfTI volumes");
     }
     let predictor = load_predictor(&args.model, &args.inference)?;
-    let volumes = read_volumes(files)?;
+    // One volume at a time; a bad one fails the run and, staged, nothing lands.
     let mut staged = Staged::new(&args.out)?;
-    for v in &volumes {
-        let labels = segment_volume(&predictor, v)?;
+    for f in files {
+        let v = read_segmentable(f)?;
+        let labels = segment_volume(&predictor, &v)?;
         let name = volume_name(&v.path);
-        cmr_data::write_labels(&staged.path(&format!("{name}_seg.nii.gz"))?, v, &labels)?;
+        cmr_data::write_labels(&staged.path(&format!("{name}_seg.nii.gz"))?, &v, &labels)?;
     }
     let n = staged.commit_then(|| Ok(()))?;
     tracing::info!(
         "{}: {} for {}",
         args.out.display(),
         count(n, "file"),
-        count(volumes.len(), "volume")
+        count(files.len(), "volume")
     );
     Ok(ExitCode::SUCCESS)
 }
@@ -176,65 +178,41 @@ pub fn run(args: PredictArgs) -> anyhow::Result<ExitCode> {
         bail!("{}: --csv names a folder, not a file", csv.display());
     }
     let predictor = load_predictor(&args.model, &args.inference)?;
-    // Read and validate every image before writing anything.
-    let samples = load_images(
-        &files,
-        LoadOptions {
-            size: predictor.config().data.size,
-        },
-    )?;
-    let bar = image_bar(samples.len(), "predict");
-    let predictions: Vec<(cmr_data::Mask, Option<Vec<f32>>)> = if args.save_probabilities {
-        predictor
-            .predict_probabilities(&samples, |done| bar.set_position(done as u64))?
-            .into_iter()
-            .map(|(m, p)| (m, Some(p)))
-            .collect()
-    } else {
-        predictor
-            .predict(&samples, |done| bar.set_position(done as u64))?
-            .into_iter()
-            .map(|m| (m, None))
-            .collect()
+    // Every name is checked first (no file read); then the images stream
+    // through in chunks, so that memory does not grow with the folder. A bad
+    // image fails the run, and staged, nothing lands.
+    image_ids(&files)?;
+    let opts = LoadOptions {
+        size: predictor.config().data.size,
     };
-    bar.finish_and_clear();
-
+    let bar = image_bar(files.len(), "predict");
     let mut staged = Staged::new(&args.out)?;
     let mut rows = Vec::new();
     // a split folder's true masks, for the overlays
     let truth_dir = Some(args.input.join("mask")).filter(|d| d.is_dir() && args.input.join("image").is_dir());
-    for (sample, (mask, probs)) in samples.iter().zip(predictions) {
-        if let Some(probs) = probs {
-            let path = staged.path(&format!("{}_probabilities.safetensors", sample.id))?;
-            write_probabilities(&path, &probs, &mask, sample.original)?;
-        }
-        let mask = mask.unfit(sample.original);
-        let name = format!("{}_mask", sample.id);
-        write_mask(&staged.path(&format!("{name}.png"))?, &mask)?;
-        if let Some(choice) = args.overlay {
-            let image = read_image(&sample.path)?;
-            let style = OverlayStyle {
-                mode: match choice {
-                    OverlayChoice::Fill => OverlayMode::Fill,
-                    OverlayChoice::Outline => OverlayMode::Outline,
-                },
-                scale: usize::from(args.overlay_scale),
-                legend: true,
-            };
-            // the true mask beside the prediction, where the split has one
-            let truth_path = truth_dir.as_ref().map(|d| d.join(mask_file_name(&sample.id)));
-            let truth = match truth_path.filter(|p| p.is_file()) {
-                Some(p) => Some(read_mask(&p)?),
-                None => None,
-            };
-            let path = staged.path(&format!("{}_overlay.png", sample.id))?;
-            write_overlay_styled(&path, &image, &mask, truth.as_ref(), style)?;
-        }
-        // run lengths only: the full-size masks are not all held at once
-        if args.csv.is_some() {
-            rows.extend(submission_rows(&name, &mask));
+    for (k, chunk) in files.chunks(PREDICT_CHUNK).enumerate() {
+        let samples = load_images(chunk, opts)?;
+        let done = k * PREDICT_CHUNK;
+        let progress = |n: usize| bar.set_position((done + n) as u64);
+        let predictions: Vec<(cmr_data::Mask, Option<Vec<f32>>)> = if args.save_probabilities {
+            predictor
+                .predict_probabilities(&samples, progress)?
+                .into_iter()
+                .map(|(m, p)| (m, Some(p)))
+                .collect()
+        } else {
+            predictor
+                .predict(&samples, progress)?
+                .into_iter()
+                .map(|m| (m, None))
+                .collect()
+        };
+        for (sample, (mask, probs)) in samples.iter().zip(predictions) {
+            write_outputs(&args, &mut staged, truth_dir.as_deref(), sample, mask, probs, &mut rows)?;
         }
     }
+    bar.finish_and_clear();
+
     // The CSV is written beside its place before any mask moves, and placed
     // last: if it cannot be, the masks are taken back out.
     let csv = match &args.csv {
@@ -260,7 +238,7 @@ pub fn run(args: PredictArgs) -> anyhow::Result<ExitCode> {
         "{}: {} for {}",
         args.out.display(),
         count(n, "file"),
-        count(samples.len(), "image")
+        count(files.len(), "image")
     );
     if let Some((csv, _)) = &csv {
         tracing::info!("{}: {}", csv.display(), count(rows.len(), "row"));
@@ -268,8 +246,50 @@ pub fn run(args: PredictArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Write the submission for `rows` to a hidden file beside `csv` (creating
-/// its folder); the caller renames it into place.
+/// Stage the outputs for one predicted image: its mask at the image's size,
+/// and, as asked, its probabilities, its overlay and its CSV rows (run
+/// lengths only: the full-size masks are not all held at once).
+fn write_outputs(
+    args: &PredictArgs,
+    staged: &mut Staged,
+    truth_dir: Option<&std::path::Path>,
+    sample: &cmr_data::Sample,
+    mask: cmr_data::Mask,
+    probs: Option<Vec<f32>>,
+    rows: &mut Vec<cmr_data::Row>,
+) -> anyhow::Result<()> {
+    if let Some(probs) = probs {
+        let path = staged.path(&format!("{}_probabilities.safetensors", sample.id))?;
+        write_probabilities(&path, &probs, &mask, sample.original)?;
+    }
+    let mask = mask.unfit(sample.original);
+    let name = format!("{}_mask", sample.id);
+    write_mask(&staged.path(&format!("{name}.png"))?, &mask)?;
+    if let Some(choice) = args.overlay {
+        let image = read_image(&sample.path)?;
+        let style = OverlayStyle {
+            mode: match choice {
+                OverlayChoice::Fill => OverlayMode::Fill,
+                OverlayChoice::Outline => OverlayMode::Outline,
+            },
+            scale: usize::from(args.overlay_scale),
+            legend: true,
+        };
+        // the true mask beside the prediction, where the split has one
+        let truth_path = truth_dir.map(|d| d.join(mask_file_name(&sample.id)));
+        let truth = match truth_path.filter(|p| p.is_file()) {
+            Some(p) => Some(read_mask(&p)?),
+            None => None,
+        };
+        let path = staged.path(&format!("{}_overlay.png", sample.id))?;
+        write_overlay_styled(&path, &image, &mask, truth.as_ref(), style)?;
+    }
+    if args.csv.is_some() {
+        rows.extend(submission_rows(&name, &mask));
+    }
+    Ok(())
+}
+
 /// `probs` (`[classes, h, w]` flat, at the mask's size) mapped back to the
 /// image's size as the mask is, written as the tensor `probabilities`.
 /// Where the image was cropped for the network, the margin is background
@@ -307,6 +327,8 @@ fn write_probabilities(
     Ok(())
 }
 
+/// Write the submission for `rows` to a hidden file beside `csv` (creating
+/// its folder); the caller renames it into place.
 fn prepare_csv(csv: &std::path::Path, rows: &[cmr_data::Row]) -> anyhow::Result<PathBuf> {
     let parent = csv.parent().filter(|p| !p.as_os_str().is_empty());
     if let Some(parent) = parent {
