@@ -100,3 +100,156 @@ fn a_volume_of_slices_segments_like_its_pngs_and_is_measured() {
         assert!(!out.exists() || std::fs::read_dir(&out).unwrap().next().is_none());
     }
 }
+
+/// Stack training slices `first..first+4` (images, and masks as labels) into
+/// one 96 × 96 × 4 volume pair at 1.25 × 1.25 × 8 mm.
+fn stack(data: &std::path::Path, first: usize, image: &std::path::Path, label: &std::path::Path) -> Vec<u8> {
+    let ids: Vec<usize> = (first..first + 4).collect();
+    let images: Vec<_> = ids
+        .iter()
+        .map(|i| read_image(&data.join(format!("train/image/cmr{i}.png"))).unwrap())
+        .collect();
+    let masks: Vec<_> = ids
+        .iter()
+        .map(|i| read_mask(&data.join(format!("train/mask/cmr{i}_mask.png"))).unwrap())
+        .collect();
+    std::fs::create_dir_all(image.parent().unwrap()).unwrap();
+    let v = Volume::new_u8(
+        [96, 96, 4, 1],
+        [1.25, 1.25, 8.0],
+        labels_to_volume([96, 96, 4, 1], &images),
+        image,
+    )
+    .unwrap();
+    write_volume(image, &v).unwrap();
+    let labels = labels_to_volume([96, 96, 4, 1], &masks);
+    write_labels(label, &v, &labels).unwrap();
+    labels
+}
+
+#[test]
+fn an_acdc_shaped_dataset_is_scored_in_3d_with_its_clinical_numbers() {
+    let Some(data) = shared_data() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("acdc");
+    // two patients, ED and ES each; patient001 names its phases in Info.cfg
+    let mut truth = std::collections::BTreeMap::new();
+    for (patient, frames) in [("patient001", [(1, 1), (12, 5)]), ("patient002", [(1, 9), (9, 13)])] {
+        for (frame, first) in frames {
+            let id = format!("{patient}_frame{frame:02}");
+            let labels = stack(
+                &data,
+                first,
+                &root.join(format!("{patient}/{id}.nii.gz")),
+                &root.join(format!("{patient}/{id}_gt.nii.gz")),
+            );
+            truth.insert(id, labels);
+        }
+    }
+    std::fs::write(root.join("patient001/Info.cfg"), "ED: 1\nES: 12\nGroup: NOR\n").unwrap();
+
+    // the labels themselves as predictions: perfect scores, no errors
+    let same = dir.path().join("same");
+    std::fs::create_dir_all(&same).unwrap();
+    let reference = read_volume(&root.join("patient001/patient001_frame01.nii.gz")).unwrap();
+    for (id, labels) in &truth {
+        write_labels(&same.join(format!("{id}_seg.nii.gz")), &reference, labels).unwrap();
+    }
+    let json = ok(cmr()
+        .args(["eval", "--json", "--pred"])
+        .arg(&same)
+        .arg("--data")
+        .arg(&root));
+    let r: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(r["layout"], "ACDC");
+    assert_eq!(r["cases"].as_array().unwrap().len(), 4);
+    assert_eq!(r["mean_dice"], 1.0, "{json}");
+    assert_eq!(r["classes"]["LV"]["hd95_mm_mean"], 0.0);
+    let patients = r["patients"].as_array().unwrap();
+    assert_eq!(patients[0]["phases_from"], "dataset");
+    assert_eq!(patients[0]["es_case"], "patient001_frame12");
+    assert_eq!(patients[1]["phases_from"], "labels");
+    for a in r["clinical"].as_array().unwrap() {
+        assert_eq!(a["mean_abs_error"], 0.0, "{a}");
+    }
+    // by hand: patient001's LV EDV and EF from the voxel counts (12.5 mm³)
+    let lv = |id: &str| truth[id].iter().filter(|&&l| l == 3).count() as f64 * 12.5 / 1000.0;
+    let (edv, esv) = (lv("patient001_frame01"), lv("patient001_frame12"));
+    let t = &patients[0]["truth"];
+    assert!((t["lv_edv_ml"].as_f64().unwrap() - edv).abs() < 1e-9);
+    assert!((t["lv_ef"].as_f64().unwrap() - 100.0 * (edv - esv) / edv).abs() < 1e-9);
+
+    // patient001's ES prediction misses the LV of its first slice: the EF
+    // error is what the counts say, and only the LV's Dice of that case drops
+    let mut es = truth["patient001_frame12"].clone();
+    let missed = es[..96 * 96].iter().filter(|&&l| l == 3).count() as f64 * 12.5 / 1000.0;
+    assert!(missed > 0.0);
+    for l in &mut es[..96 * 96] {
+        if *l == 3 {
+            *l = 0;
+        }
+    }
+    write_labels(&same.join("patient001_frame12_seg.nii.gz"), &reference, &es).unwrap();
+    let r: serde_json::Value = serde_json::from_str(&ok(cmr()
+        .args(["eval", "--json", "--pred"])
+        .arg(&same)
+        .arg("--data")
+        .arg(&root)))
+    .unwrap();
+    let pred_ef = 100.0 * (edv - (esv - missed)) / edv;
+    let got = r["patients"][0]["pred"]["lv_ef"].as_f64().unwrap();
+    assert!((got - pred_ef).abs() < 1e-9, "{got} vs {pred_ef}");
+    let lv_dice = r["cases"][1]["dice"][2].as_f64().unwrap();
+    let kept = esv - missed;
+    assert!((lv_dice - 2.0 * kept / (kept + esv)).abs() < 1e-9, "{lv_dice}");
+    assert_eq!(r["cases"][1]["dice"][0], 1.0);
+
+    // a model: its scores equal those of its own segmentations scored as files
+    let model_json = ok(cmr()
+        .args(["eval", "--json", "--model", "unet", "--device", "cpu", "--data"])
+        .arg(&root));
+    let images = dir.path().join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    for id in truth.keys() {
+        let patient = &id[..10];
+        std::fs::copy(
+            root.join(format!("{patient}/{id}.nii.gz")),
+            images.join(format!("{id}.nii.gz")),
+        )
+        .unwrap();
+    }
+    let segs = dir.path().join("segs");
+    ok(cmr()
+        .args(["predict", "--model", "unet", "--device", "cpu", "--input"])
+        .arg(&images)
+        .arg("--out")
+        .arg(&segs));
+    let file_json = ok(cmr()
+        .args(["eval", "--json", "--pred"])
+        .arg(&segs)
+        .arg("--data")
+        .arg(&root));
+    let (m, f): (serde_json::Value, serde_json::Value) = (
+        serde_json::from_str(&model_json).unwrap(),
+        serde_json::from_str(&file_json).unwrap(),
+    );
+    assert_eq!(m["cases"], f["cases"]);
+    assert_eq!(m["clinical"], f["clinical"]);
+    assert!(m["mean_dice"].as_f64().unwrap() > 0.5, "{model_json}");
+    // the table names the layout and the clinical rows
+    let table = ok(cmr().args(["eval", "--pred"]).arg(&segs).arg("--data").arg(&root));
+    assert!(
+        table.contains("ACDC") && table.contains("lv_ef") && table.contains("HD95"),
+        "{table}"
+    );
+
+    // a missing prediction and a mislabelled volume are named
+    std::fs::remove_file(segs.join("patient002_frame09_seg.nii.gz")).unwrap();
+    let err = fails(cmr().args(["eval", "--pred"]).arg(&segs).arg("--data").arg(&root));
+    assert!(err.contains("patient002_frame09"), "{err}");
+    let mut bad = truth["patient002_frame09"].clone();
+    bad[5] = 7;
+    write_labels(&segs.join("patient002_frame09_seg.nii.gz"), &reference, &bad).unwrap();
+    let err = fails(cmr().args(["eval", "--pred"]).arg(&segs).arg("--data").arg(&root));
+    assert!(err.contains("label 7"), "{err}");
+}

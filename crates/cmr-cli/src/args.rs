@@ -267,7 +267,12 @@ pub struct EvalArgs {
     /// A labelled split folder (image/, mask/), or a dataset root: then, for a
     /// cross-validation folder (or several on the same folds), each fold's
     /// model (ensemble) on its own validation slices of train/; otherwise its
-    /// val/ split, or the model's own held-out part of train/.
+    /// val/ split, or the model's own held-out part of train/. Or a labelled
+    /// volume dataset (ACDC: patientNNN/patientNNN_frameMM[_gt].nii.gz and
+    /// Info.cfg; nnU-Net: imagesTr/<case>_0000.nii.gz, labelsTr/): 3-D Dice
+    /// and HD95 in mm per case, and per patient EDV, ESV, EF and myocardial
+    /// mass against the labels' (with --pred DIR: <case>_seg.nii.gz or
+    /// <case>.nii.gz segmentations from any tool).
     #[arg(long, value_name = "DIR")]
     pub data: PathBuf,
     /// Score deformed copies of the images instead (elastic warp, rotation up
@@ -422,6 +427,8 @@ fn eval_help() -> String {
   cmr eval --model runs/unet3plus-cpu-cv5 --data data/cmr-2021 --deform 1  the same on deformed copies
   cmr eval --model runs/cv-a,runs/cv-b --data data/cmr-2021              two CVs' fold ensembles
   cmr eval --model runs/a,runs/b --data data/cmr-2021/val                an ensemble of two runs
-  cmr eval --model unet3plus --data some/labelled/split --json --tta --clean";
+  cmr eval --model unet3plus --data some/labelled/split --json --tta --clean
+  cmr eval --model unet3plus --data ACDC/database/training --per-image    volumes: 3-D Dice, HD95 mm, EF
+  cmr eval --pred nnunet-out --data Dataset027_ACDC                      score another tool's segmentations";
     format!("{examples}\n\nMetrics:\n{}", cmr_loss::DEFINITIONS)
 }

@@ -15,6 +15,9 @@ pub enum DataError {
     /// A folder the layout requires is not there.
     #[error("{}: folder not found ({what})", path.display())]
     MissingFolder { path: PathBuf, what: &'static str },
+    /// A volume dataset whose layout (ACDC, nnU-Net) is broken, and how.
+    #[error("{}: {message}", path.display())]
+    Layout { path: PathBuf, message: String },
     /// A NIfTI volume that cannot be read, written or used, and why.
     #[error("{}: {message}", path.display())]
     Nifti { path: PathBuf, message: String },

@@ -9,6 +9,7 @@ mod augment;
 mod batch;
 mod dataset;
 mod error;
+mod layout;
 mod lock;
 mod normalize;
 mod overlay;
@@ -28,6 +29,7 @@ pub use dataset::{
     Dataset, Labels, LoadOptions, Sample, image_ids, list_pngs, load_images, load_split, mask_file_name, natural_cmp,
 };
 pub use error::{DataError, Result};
+pub use layout::{Layout, Phase, VolumeCase, VolumeDataset, find_volume_dataset, read_info_cfg};
 pub use lock::DirLock;
 pub use normalize::{Normalization, to_unit};
 pub use overlay::{CLASS_COLOURS, OverlayMode, OverlayStyle, Rgb, compose, encode_png, write_overlay_styled};

@@ -479,7 +479,11 @@ fn write_with_header(path: &Path, header: &NiftiHeader, voxels: &Voxels, dims: [
         Voxels::F64(v) => write_as!(v),
     };
     let bytes = written
-        .map_err(|e| err(path, format!("cannot write NIfTI: {e}")))
+        .map_err(|e| match e {
+            // a missing folder, a full disk: said as the OS says it
+            nifti::NiftiError::Io(io) => DataError::io(path, io),
+            other => err(path, format!("cannot write NIfTI: {other}")),
+        })
         .and_then(|()| std::fs::read(&tmp).map_err(|e| DataError::io(&tmp, e)));
     let _ = std::fs::remove_file(&tmp);
     let mut bytes = bytes?;

@@ -24,6 +24,9 @@ fn transform(deform: Option<u64>) -> impl Fn(&Sample) -> Sample {
 }
 
 pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
+    if let Some(ds) = cmr_data::find_volume_dataset(&args.data)? {
+        return crate::commands::eval_volumes::run(&args, ds);
+    }
     if let Some(pred) = &args.pred {
         return run_pred(pred, &args);
     }

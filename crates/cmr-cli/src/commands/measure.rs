@@ -17,7 +17,7 @@ use crate::commands::predict::{read_segmentable, segment_volume, volume_inputs};
 use crate::text::outln;
 
 /// Density of myocardium, g/mL (the ACDC challenge's).
-const MYO_DENSITY: f64 = 1.05;
+pub const MYO_DENSITY: f64 = 1.05;
 
 /// One frame's volumes, mL.
 #[derive(Clone, Copy, Debug, Serialize)]

@@ -2,6 +2,7 @@
 
 pub mod deform;
 pub mod eval;
+pub mod eval_volumes;
 pub mod info;
 pub mod measure;
 pub mod predict;
