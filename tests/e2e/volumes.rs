@@ -179,6 +179,26 @@ fn an_acdc_shaped_dataset_is_scored_in_3d_with_its_clinical_numbers() {
     assert!((t["lv_edv_ml"].as_f64().unwrap() - edv).abs() < 1e-9);
     assert!((t["lv_ef"].as_f64().unwrap() - 100.0 * (edv - esv) / edv).abs() < 1e-9);
 
+    // measured from its labels, the dataset or one patient's folder: ED and ES
+    // as Info.cfg names them
+    for source in [root.clone(), root.join("patient001")] {
+        let json = ok(cmr().args(["measure", "--json", "--masks"]).arg(&source));
+        let m: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(m[0]["volume"], "patient001", "{json}");
+        assert_eq!(m[0]["phases_from"], "dataset");
+        assert_eq!(
+            m[0]["per_frame"][m[0]["es_frame"].as_u64().unwrap() as usize]["case"],
+            "patient001_frame12"
+        );
+        assert!((m[0]["lv_edv_ml"].as_f64().unwrap() - edv).abs() < 1e-9);
+        assert!((m[0]["lv_ef"].as_f64().unwrap() - 100.0 * (edv - esv) / edv).abs() < 1e-9);
+    }
+    let table = ok(cmr().args(["measure", "--masks"]).arg(&root));
+    assert!(
+        table.contains("patient002") && table.contains("from the volumes"),
+        "{table}"
+    );
+
     // patient001's ES prediction misses the LV of its first slice: the EF
     // error is what the counts say, and only the LV's Dice of that case drops
     let mut es = truth["patient001_frame12"].clone();

@@ -5,7 +5,8 @@
 //!   `patientNNN_frameMM_gt.nii.gz` and the patient's `Info.cfg`, whose `ED:`
 //!   and `ES:` lines name the end-diastolic and end-systolic frames (a
 //!   `patientNNN_4d.nii.gz` cine beside them is not a case). The patient
-//!   folders lie in the root or in its `training/` or `testing/` folder.
+//!   folders lie in the root or in its `training/` or `testing/` folder, or
+//!   the root is one patient's folder.
 //! - **nnU-Net**: `imagesTr/<case>_0000.nii.gz` with labels in
 //!   `labelsTr/<case>.nii.gz` (`.nii` too). One channel only: a `_0001`
 //!   image is refused. The patient is the case name without a trailing
@@ -213,6 +214,12 @@ fn acdc_patient(dir: &Path, cases: &mut Vec<VolumeCase>) -> Result<()> {
 }
 
 fn find_acdc(root: &Path) -> Result<Option<Vec<VolumeCase>>> {
+    // one patient's folder on its own
+    if is_patient_folder(root) {
+        let mut cases = Vec::new();
+        acdc_patient(root, &mut cases)?;
+        return Ok((!cases.is_empty()).then_some(cases));
+    }
     for dir in [root.to_path_buf(), root.join("training"), root.join("testing")] {
         if !dir.is_dir() {
             continue;
@@ -331,6 +338,9 @@ mod tests {
         assert_eq!(ds.cases[2].phase, None, "no Info.cfg: the phase is not known");
         assert_eq!(ds.cases[3].patient, "patient002");
         assert!(ds.cases.iter().all(|c| c.label.is_some()));
+        // one patient's folder is a dataset of one
+        let one = find_volume_dataset(&root.join("patient001")).unwrap().unwrap();
+        assert_eq!(one.cases, ds.cases[..2]);
 
         // a broken Info.cfg is named with its line
         std::fs::write(root.join("patient002/Info.cfg"), "ED: one\nES: 12\n").unwrap();
