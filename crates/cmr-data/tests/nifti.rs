@@ -230,3 +230,87 @@ fn a_header_claiming_more_than_its_file_is_refused() {
     // the file itself still reads
     assert!(read_volume(&dir.join("anatomical.nii")).is_ok());
 }
+
+/// Where a Python with nibabel is at hand: nibabel reads what cmr wrote
+/// with the same shape, affine, spacing and voxel values (scaled) as cmr
+/// reads back. Skipped, saying so, without one.
+#[test]
+fn nibabel_reads_what_cmr_writes() {
+    let Some(dir) = samples() else { return };
+    let python = "python3";
+    let has = std::process::Command::new(python)
+        .args(["-c", "import nibabel, numpy"])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has {
+        eprintln!("skipped: no Python with nibabel (pip install nibabel)");
+        return;
+    }
+    let out = tempfile::tempdir().unwrap();
+    let script = r#"
+import json, sys
+import nibabel as nib, numpy as np
+img = nib.load(sys.argv[1])
+data = np.asarray(img.dataobj, dtype=np.float64)
+data.reshape(-1, order="F").astype("<f8").tofile(sys.argv[2])
+print(json.dumps({"shape": list(img.shape), "affine": img.affine.tolist(),
+                  "zooms": [float(z) for z in img.header.get_zooms()[:3]]}))
+"#;
+    for name in [
+        "anatomical.nii",
+        "example4d.nii.gz",
+        "functional.nii",
+        "standard.nii.gz",
+    ] {
+        let v = read_volume(&dir.join(name)).unwrap();
+        let written = out.path().join(name);
+        write_volume(&written, &v).unwrap();
+        let raw = out.path().join(format!("{name}.f64"));
+        let run = std::process::Command::new(python)
+            .arg("-c")
+            .arg(script)
+            .arg(&written)
+            .arg(&raw)
+            .output()
+            .unwrap();
+        assert!(run.status.success(), "{name}: {}", String::from_utf8_lossy(&run.stderr));
+        let info: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+        let dims = v.dims();
+        let shape: Vec<usize> = info["shape"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d.as_u64().unwrap() as usize)
+            .collect();
+        let expect: Vec<usize> = if dims[3] > 1 { dims.to_vec() } else { dims[..3].to_vec() };
+        assert_eq!(shape, expect, "{name}");
+        let affine = v.affine();
+        for (r, row) in info["affine"].as_array().unwrap().iter().enumerate() {
+            for (c, x) in row.as_array().unwrap().iter().enumerate() {
+                let x = x.as_f64().unwrap();
+                assert!(
+                    (x - affine[r][c]).abs() < 1e-4,
+                    "{name}: affine[{r}][{c}] {x} vs {}",
+                    affine[r][c]
+                );
+            }
+        }
+        for (z, s) in info["zooms"].as_array().unwrap().iter().zip(v.spacing()) {
+            assert!((z.as_f64().unwrap() - f64::from(s)).abs() < 1e-5, "{name}: spacing");
+        }
+        let bytes = std::fs::read(&raw).unwrap();
+        let theirs: Vec<f64> = bytes
+            .chunks_exact(8)
+            .map(|b| f64::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        let ours = v.values();
+        assert_eq!(theirs.len(), ours.len(), "{name}");
+        for (i, (&t, &o)) in theirs.iter().zip(&ours).enumerate() {
+            assert!(
+                (t - f64::from(o)).abs() <= 1e-4 * t.abs().max(1.0),
+                "{name}: voxel {i}: nibabel {t}, cmr {o}"
+            );
+        }
+    }
+}
