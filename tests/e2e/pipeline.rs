@@ -178,11 +178,14 @@ fn eval_scores_a_folder_of_predicted_masks() {
     let root = subset(&data, dir.path(), 8, 0);
     let split = root.join("train");
     let masks = dir.path().join("pred");
+    let csv = dir.path().join("pred.csv");
     ok(cmr()
         .args(["predict", "--model", "unet", "--device", "cpu", "--input"])
         .arg(&split)
         .arg("--out")
-        .arg(&masks));
+        .arg(&masks)
+        .arg("--csv")
+        .arg(&csv));
     let by_model: serde_json::Value = serde_json::from_str(&ok(cmr()
         .args([
             "eval",
@@ -216,6 +219,33 @@ fn eval_scores_a_folder_of_predicted_masks() {
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(masks.join("summary.json")).unwrap()).unwrap();
     assert_eq!(summary, by_masks);
+    // the same predictions as a run-length CSV: the same scores, nothing written
+    let by_csv: serde_json::Value = serde_json::from_str(&ok(cmr()
+        .args(["eval", "--json", "--pred"])
+        .arg(&csv)
+        .arg("--data")
+        .arg(&split)))
+    .unwrap();
+    assert_eq!(by_csv["per_case"], by_masks["per_case"]);
+    assert_eq!(by_csv["mean"], by_masks["mean"]);
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        3,
+        "root, pred, pred.csv only"
+    );
+    // a CSV without one slice's rows names it
+    let text = std::fs::read_to_string(&csv).unwrap();
+    let cut: String = text
+        .lines()
+        .filter(|l| !l.starts_with("cmr5_mask"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&csv, cut).unwrap();
+    let err = fails(cmr().args(["eval", "--pred"]).arg(&csv).arg("--data").arg(&split));
+    assert!(
+        err.contains("no prediction for 1 of the 8") && err.contains("cmr5_mask1"),
+        "{err}"
+    );
     // one prediction missing: named, nothing scored
     std::fs::remove_file(masks.join("cmr3_mask.png")).unwrap();
     let err = fails(cmr().args(["eval", "--pred"]).arg(&masks).arg("--data").arg(&split));

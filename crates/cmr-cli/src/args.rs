@@ -261,7 +261,9 @@ pub struct EvalArgs {
     /// Score a folder of predicted masks instead of a model (<id>_mask.png,
     /// as `cmr predict` writes them, or from any other tool) against the
     /// masks of the split folder --data, and write summary.json into it
-    /// (per case, per class, the mean and the foreground mean).
+    /// (per case, per class, the mean and the foreground mean). Or a
+    /// run-length CSV (rows <id>_mask1…3, as `cmr predict --csv` and `cmr
+    /// submit` write it), decoded at the true masks' size.
     #[arg(long, value_name = "DIR", conflicts_with_all = ["model", "deform", "decide_clean", "tta", "clean"])]
     pub pred: Option<PathBuf>,
     /// A labelled split folder (image/, mask/), or a dataset root: then, for a

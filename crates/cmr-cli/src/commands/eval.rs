@@ -384,8 +384,12 @@ fn run_cv(paths: &[PathBuf], args: &EvalArgs) -> anyhow::Result<ExitCode> {
 fn run_pred(pred: &std::path::Path, args: &EvalArgs) -> anyhow::Result<ExitCode> {
     use cmr_data::{mask_file_name, read_mask};
     use cmr_loss::{LabelMap, MetricsAccumulator};
-    if !pred.is_dir() {
-        bail!("{}: not a folder of predicted masks", pred.display());
+    let csv = pred.is_file();
+    if !csv && !pred.is_dir() {
+        bail!(
+            "{}: neither a folder of predicted masks nor a run-length CSV",
+            pred.display()
+        );
     }
     if !args.data.join("mask").is_dir() {
         bail!(
@@ -395,31 +399,57 @@ fn run_pred(pred: &std::path::Path, args: &EvalArgs) -> anyhow::Result<ExitCode>
     }
     // the true masks, at their own size (no fitting to a network)
     let samples = load_split(&args.data, Labels::Required, LoadOptions::default())?;
+    // a run-length CSV (as `cmr predict --csv` and `cmr submit` write it),
+    // decoded at the true masks' size
+    let decoded: Option<std::collections::BTreeMap<String, cmr_data::Mask>> = if csv {
+        let truth = read_mask(&args.data.join("mask").join(mask_file_name(&samples[0].id)))?;
+        let size = cmr_data::Size {
+            height: truth.height(),
+            width: truth.width(),
+        };
+        Some(cmr_data::read_submission(pred, size)?.into_iter().collect())
+    } else {
+        None
+    };
+    let row_name = |id: &str| format!("{id}_mask");
     let missing: Vec<&str> = samples
         .iter()
         .map(|s| s.id.as_str())
-        .filter(|id| !pred.join(mask_file_name(id)).is_file())
+        .filter(|id| match &decoded {
+            Some(rows) => !rows.contains_key(&row_name(id)),
+            None => !pred.join(mask_file_name(id)).is_file(),
+        })
         .collect();
     if let Some(first) = missing.first() {
+        let where_ = match &decoded {
+            Some(_) => format!("no rows {}1…3", row_name(first)),
+            None => pred.join(mask_file_name(first)).display().to_string(),
+        };
         bail!(
-            "{}: no prediction for {} of the {} labelled slices of {} (the first: {})",
+            "{}: no prediction for {} of the {} labelled slices of {} (the first: {where_})",
             pred.display(),
             missing.len(),
             samples.len(),
             args.data.display(),
-            pred.join(mask_file_name(first)).display()
         );
     }
     let mut acc = MetricsAccumulator::new();
     for s in &samples {
         let truth_path = args.data.join("mask").join(mask_file_name(&s.id));
-        let pred_path = pred.join(mask_file_name(&s.id));
         let truth = read_mask(&truth_path)?;
-        let p = read_mask(&pred_path)?;
+        let (p, pred_path) = match &decoded {
+            Some(rows) => (
+                rows.get(&row_name(&s.id)).cloned().context("checked above")?,
+                format!("{} (rows {}1…3)", pred.display(), row_name(&s.id)),
+            ),
+            None => {
+                let path = pred.join(mask_file_name(&s.id));
+                (read_mask(&path)?, path.display().to_string())
+            }
+        };
         if (p.height(), p.width()) != (truth.height(), truth.width()) {
             bail!(
-                "{}: {}×{} pixels, but its true mask {} is {}×{}",
-                pred_path.display(),
+                "{pred_path}: {}×{} pixels, but its true mask {} is {}×{} (a run-length CSV holds masks of one size)",
                 p.width(),
                 p.height(),
                 truth_path.display(),
@@ -443,9 +473,13 @@ fn run_pred(pred: &std::path::Path, args: &EvalArgs) -> anyhow::Result<ExitCode>
         "foreground_mean_dice": report.mean_dice,
         "definitions": cmr_loss::DEFINITIONS,
     });
-    let path = pred.join("summary.json");
-    cmr_data::write_atomic(&path, serde_json::to_string_pretty(&summary)?.as_bytes())?;
-    tracing::info!("{} scored: {}", count(acc.len(), "case"), path.display());
+    if csv {
+        tracing::info!("{} scored", count(acc.len(), "case"));
+    } else {
+        let path = pred.join("summary.json");
+        cmr_data::write_atomic(&path, serde_json::to_string_pretty(&summary)?.as_bytes())?;
+        tracing::info!("{} scored: {}", count(acc.len(), "case"), path.display());
+    }
     if args.json {
         outln!("{}", serde_json::to_string_pretty(&summary)?)?;
     } else {
