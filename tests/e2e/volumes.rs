@@ -114,6 +114,7 @@ fn stack(data: &std::path::Path, first: usize, image: &std::path::Path, label: &
         .map(|i| read_mask(&data.join(format!("train/mask/cmr{i}_mask.png"))).unwrap())
         .collect();
     std::fs::create_dir_all(image.parent().unwrap()).unwrap();
+    std::fs::create_dir_all(label.parent().unwrap()).unwrap();
     let v = Volume::new_u8(
         [96, 96, 4, 1],
         [1.25, 1.25, 8.0],
@@ -272,4 +273,134 @@ fn an_acdc_shaped_dataset_is_scored_in_3d_with_its_clinical_numbers() {
     write_labels(&segs.join("patient002_frame09_seg.nii.gz"), &reference, &bad).unwrap();
     let err = fails(cmr().args(["eval", "--pred"]).arg(&segs).arg("--data").arg(&root));
     assert!(err.contains("label 7"), "{err}");
+}
+
+/// The patients of a split's ids (`patientNNN_frameMM_zKK` → `patientNNN`).
+fn patients_of(ids: &serde_json::Value) -> std::collections::BTreeSet<String> {
+    ids.as_array()
+        .unwrap()
+        .iter()
+        .map(|id| id.as_str().unwrap().split("_frame").next().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn training_on_acdc_and_nnunet_shaped_folders_splits_by_patient() {
+    let Some(data) = shared_data() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    // ACDC: three patients, ED and ES each (4 slices a frame)
+    let acdc = dir.path().join("acdc");
+    for (p, patient) in ["patient001", "patient002", "patient003"].iter().enumerate() {
+        for (f, frame) in [1, 10].iter().enumerate() {
+            let id = format!("{patient}_frame{frame:02}");
+            stack(
+                &data,
+                1 + 8 * p + 4 * f,
+                &acdc.join(format!("{patient}/{id}.nii.gz")),
+                &acdc.join(format!("{patient}/{id}_gt.nii.gz")),
+            );
+        }
+        std::fs::write(acdc.join(format!("{patient}/Info.cfg")), "ED: 1\nES: 10\n").unwrap();
+    }
+    let cv = dir.path().join("cv");
+    ok(cmr()
+        .args([
+            "train",
+            "--arch",
+            "unet",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "4",
+            "--folds",
+            "3",
+            "--device",
+            "cpu",
+        ])
+        .arg("--data")
+        .arg(&acdc)
+        .arg("--out")
+        .arg(&cv));
+    let mut seen = std::collections::BTreeSet::new();
+    for k in 0..3 {
+        let splits: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(cv.join(format!("fold-{k}/splits.json"))).unwrap()).unwrap();
+        let (train, val) = (patients_of(&splits["train"]), patients_of(&splits["val"]));
+        assert_eq!(val.len(), 1, "fold {k}: one patient of three: {val:?}");
+        assert!(train.is_disjoint(&val), "fold {k}: a heart on both sides");
+        assert_eq!(
+            splits["val"].as_array().unwrap().len(),
+            8,
+            "both frames' slices of the patient"
+        );
+        seen.extend(val);
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(cv.join(format!("fold-{k}/config.json"))).unwrap()).unwrap();
+        assert_eq!(config["data"]["grouping"]["kind"], "volume");
+    }
+    assert_eq!(seen.len(), 3, "every patient validated once");
+    // the cross-validation scores out of fold
+    let json = ok(cmr()
+        .args(["eval", "--json", "--model"])
+        .arg(&cv)
+        .arg("--data")
+        .arg(&acdc));
+    let r: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(r["out_of_fold"]["images"], 24, "every slice scored once");
+    assert!(r["grouping"].to_string().contains("volume"), "{}", r["grouping"]);
+
+    // nnU-Net: cases named <patient>_frameMM, one unlabelled
+    let nn = dir.path().join("nnunet");
+    for (p, patient) in ["patient001", "patient002"].iter().enumerate() {
+        for (f, frame) in [1, 10].iter().enumerate() {
+            let case = format!("{patient}_frame{frame:02}");
+            stack(
+                &data,
+                1 + 8 * p + 4 * f,
+                &nn.join(format!("imagesTr/{case}_0000.nii.gz")),
+                &nn.join(format!("labelsTr/{case}.nii.gz")),
+            );
+        }
+    }
+    let run = dir.path().join("run");
+    ok(cmr()
+        .args([
+            "train",
+            "--arch",
+            "unet",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "4",
+            "--device",
+            "cpu",
+        ])
+        .arg("--data")
+        .arg(&nn)
+        .arg("--out")
+        .arg(&run));
+    let splits: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("splits.json")).unwrap()).unwrap();
+    let (train, val) = (patients_of(&splits["train"]), patients_of(&splits["val"]));
+    assert!(
+        train.is_disjoint(&val) && !val.is_empty() && !train.is_empty(),
+        "{splits}"
+    );
+
+    // a label volume that does not fit its image is named
+    let bad = Volume::new_u8([96, 96, 3, 1], [1.25, 1.25, 8.0], vec![0; 96 * 96 * 3], &nn).unwrap();
+    write_volume(&nn.join("labelsTr/patient002_frame10.nii.gz"), &bad).unwrap();
+    let err = fails(
+        cmr()
+            .args(["train", "--arch", "unet", "--epochs", "1", "--device", "cpu"])
+            .arg("--data")
+            .arg(&nn)
+            .arg("--out")
+            .arg(dir.path().join("run2")),
+    );
+    assert!(
+        err.contains("patient002_frame10.nii.gz") && err.contains("voxels"),
+        "{err}"
+    );
+    assert!(!dir.path().join("run2").exists());
 }

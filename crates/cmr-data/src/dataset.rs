@@ -323,6 +323,77 @@ pub fn load_images(paths: &[PathBuf], opts: LoadOptions) -> Result<Vec<Sample>> 
     Ok(samples)
 }
 
+/// The slices of a volume dataset's cases as samples, fitted to
+/// `opts.size` (padded or cropped, not resampled): the labelled cases'
+/// slices (with their masks) and the unlabelled ones'. Ids are
+/// `<case>_zNN`, grouped by patient with [`crate::Grouping::Volume`].
+/// Intensities are windowed per volume, as `cmr predict` does
+/// ([`crate::window_of`]). A label volume must match its image's
+/// dimensions, be 3-D and hold classes 0–3.
+pub fn volume_samples(ds: &crate::layout::VolumeDataset, opts: LoadOptions) -> Result<(Vec<Sample>, Vec<Sample>)> {
+    let target = Size {
+        height: opts.size,
+        width: opts.size,
+    };
+    let (mut labelled, mut unlabelled) = (Vec::new(), Vec::new());
+    for case in &ds.cases {
+        let image = crate::volume::read_volume(&case.image)?;
+        image.check_segmentable()?;
+        let [_, _, nz, nt] = image.dims();
+        if nt != 1 {
+            return Err(DataError::Layout {
+                path: case.image.clone(),
+                message: format!("{nt} frames: a case is one 3-D frame (as ACDC and nnU-Net keep them)"),
+            });
+        }
+        let slices = crate::volume::volume_slices(&image, crate::volume::window_of(&image));
+        let masks = match &case.label {
+            Some(path) => {
+                let label = crate::volume::read_volume(path)?;
+                if label.dims() != image.dims() {
+                    return Err(DataError::Layout {
+                        path: path.clone(),
+                        message: format!(
+                            "{:?} voxels, but its image {} has {:?}",
+                            label.dims(),
+                            case.image.display(),
+                            image.dims()
+                        ),
+                    });
+                }
+                let masks = crate::volume::volume_slices(&label, crate::volume::Window::AsIs);
+                if let Some((z, bad)) = masks
+                    .iter()
+                    .enumerate()
+                    .find_map(|(z, m)| m.data().iter().find(|&&v| v > 3).map(|&v| (z, v)))
+                {
+                    return Err(DataError::Layout {
+                        path: path.clone(),
+                        message: format!("label {bad} in slice {z} (0 background, 1 RV, 2 Myo, 3 LV)"),
+                    });
+                }
+                Some(masks)
+            }
+            None => None,
+        };
+        let width = nz.to_string().len().max(2);
+        for (z, slice) in slices.into_iter().enumerate() {
+            let sample = Sample {
+                id: format!("{}_z{z:0width$}", case.id),
+                original: slice.size(),
+                image: slice.fit(target),
+                mask: masks.as_ref().map(|m| m[z].fit(target)),
+                path: case.image.clone(),
+            };
+            match sample.mask {
+                Some(_) => labelled.push(sample),
+                None => unlabelled.push(sample),
+            }
+        }
+    }
+    Ok((labelled, unlabelled))
+}
+
 /// A dataset root: `train/` (labelled), optional `val/` (labelled) and `test/`
 /// (images; any masks there are not labels and are ignored).
 #[derive(Clone, Debug)]
@@ -340,6 +411,23 @@ impl Dataset {
             return Err(DataError::MissingFolder {
                 path: root.to_path_buf(),
                 what: "dataset root",
+            });
+        }
+        if !root.join("train").exists()
+            && let Some(volumes) = crate::layout::find_volume_dataset(root)?
+        {
+            let (train, test) = volume_samples(&volumes, opts)?;
+            if train.is_empty() {
+                return Err(DataError::Layout {
+                    path: root.to_path_buf(),
+                    message: format!("a {} dataset without labelled cases", volumes.layout),
+                });
+            }
+            return Ok(Self {
+                root: root.to_path_buf(),
+                train,
+                val: None,
+                test: (!test.is_empty()).then_some(test),
             });
         }
         let train = load_split(&root.join("train"), Labels::Required, opts)?;

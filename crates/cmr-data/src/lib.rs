@@ -27,6 +27,7 @@ pub use augment::{Affine, AugmentConfig, Elastic, Ranged, deform_sample};
 pub use batch::{Batch, BatchPlan};
 pub use dataset::{
     Dataset, Labels, LoadOptions, Sample, image_ids, list_pngs, load_images, load_split, mask_file_name, natural_cmp,
+    volume_samples,
 };
 pub use error::{DataError, Result};
 pub use layout::{Layout, Phase, VolumeCase, VolumeDataset, find_volume_dataset, read_info_cfg};

@@ -30,6 +30,18 @@ pub enum Grouping {
     /// `size` consecutive numbers. An id without a trailing number is a
     /// patient of its own.
     Consecutive { size: u32 },
+    /// Slices of a volume dataset (`<case>_zNN`, as [`crate::volume_samples`]
+    /// names them): the patient is the case without its `_frameMM` (ACDC's
+    /// frames of one heart), so no heart is split.
+    Volume,
+}
+
+/// `id` without a trailing `<marker><digits>`, if it has one.
+fn strip_numbered<'a>(id: &'a str, marker: &str) -> &'a str {
+    match id.rsplit_once(marker) {
+        Some((head, n)) if !head.is_empty() && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => head,
+        _ => id,
+    }
 }
 
 impl Grouping {
@@ -44,6 +56,10 @@ impl Grouping {
                     Ok(n) if n >= 1 && size >= 1 => format!("{stem}#{}", (n - 1) / u64::from(size)),
                     _ => id.to_owned(),
                 }
+            }
+            Self::Volume => {
+                let case = strip_numbered(id, "_z");
+                strip_numbered(case, "_frame").to_owned()
             }
         }
     }
@@ -77,6 +93,7 @@ impl std::fmt::Display for Grouping {
         match self {
             Self::Slice => write!(f, "by slice"),
             Self::Consecutive { size } => write!(f, "by patient ({size} consecutive slices each)"),
+            Self::Volume => write!(f, "by patient (the volumes of one heart)"),
         }
     }
 }
@@ -328,6 +345,21 @@ mod tests {
         assert_eq!(g.patient("cmr0"), "cmr0");
         assert_eq!(Grouping::Slice.patient("cmr1"), "cmr1");
         assert!(Grouping::Consecutive { size: 0 }.validate().is_err());
+    }
+
+    #[test]
+    fn volume_slices_go_by_patient() {
+        let g = Grouping::Volume;
+        assert_eq!(g.patient("patient001_frame01_z03"), "patient001");
+        assert_eq!(g.patient("patient001_frame12_z10"), "patient001");
+        assert_eq!(g.patient("heart7_z00"), "heart7");
+        assert_eq!(g.patient("heart7"), "heart7");
+        assert_eq!(g.patient("a_z"), "a_z");
+        assert_eq!(g.patient("_z1"), "_z1");
+        // saved as {"kind": "volume"}
+        let json = serde_json::to_string(&g).unwrap();
+        assert_eq!(json, r#"{"kind":"volume"}"#);
+        assert_eq!(serde_json::from_str::<Grouping>(&json).unwrap(), g);
     }
 
     #[test]

@@ -53,6 +53,16 @@ fn build_config(args: &TrainArgs) -> anyhow::Result<TrainConfig> {
     }
     apply_flags(&mut cfg, args);
     apply_deep_supervision(&mut cfg, args)?;
+    // a volume dataset's slices go by patient, whatever the recipe groups by
+    if !args.data.join("train").exists() && cmr_data::find_volume_dataset(&args.data)?.is_some() {
+        if cfg.data.grouping != cmr_data::Grouping::Volume {
+            tracing::info!(
+                "{}: a volume dataset: its slices are grouped by patient (data.grouping = volume)",
+                args.data.display()
+            );
+        }
+        cfg.data.grouping = cmr_data::Grouping::Volume;
+    }
     if let Some(kernels) = crate::env::kernels(cfg.kernels)? {
         cfg.kernels = kernels;
     }
