@@ -14,7 +14,7 @@ use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use cmr_data::{AugmentConfig, Dataset, Folds, LoadOptions, Sample, deform_sample, write_submission};
+use cmr_data::{AugmentConfig, Dataset, Folds, Sample, deform_sample, write_submission};
 use cmr_loss::{MetricsReport, PostProcess};
 use cmr_models::{Architecture, KernelConfig, model_stats};
 use cmr_train::{
@@ -387,7 +387,7 @@ pub fn run(opts: &ReproduceOptions) -> anyhow::Result<Vec<NetworkResult>> {
     let lock = cmr_data::DirLock::acquire(&partial)?;
 
     let first = config_for(opts, opts.archs[0]);
-    let mut dataset = Dataset::open(&opts.data, LoadOptions { size: first.data.size })?;
+    let mut dataset = Dataset::open(&opts.data, first.data.load_options())?;
     if let Some(n) = opts.train_limit {
         dataset.train.truncate(n);
     }

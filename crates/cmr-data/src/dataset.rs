@@ -40,11 +40,18 @@ pub enum Labels {
 pub struct LoadOptions {
     /// Side length every image and mask is centre padded/cropped to.
     pub size: usize,
+    /// In-plane spacing (mm) that volume slices are resampled to before they
+    /// are fitted (bilinear for images, nearest for masks); `None`: as they
+    /// are. PNG slices have no spacing and are never resampled.
+    pub spacing_mm: Option<f64>,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { size: 96 }
+        Self {
+            size: 96,
+            spacing_mm: None,
+        }
     }
 }
 
@@ -323,9 +330,9 @@ pub fn load_images(paths: &[PathBuf], opts: LoadOptions) -> Result<Vec<Sample>> 
     Ok(samples)
 }
 
-/// The slices of a volume dataset's cases as samples, fitted to
-/// `opts.size` (padded or cropped, not resampled): the labelled cases'
-/// slices (with their masks) and the unlabelled ones'. Ids are
+/// The slices of a volume dataset's cases as samples, resampled in plane to
+/// `opts.spacing_mm` where given and fitted to `opts.size` (padded or
+/// cropped): the labelled cases' slices (with their masks) and the unlabelled ones'. Ids are
 /// `<case>_zNN`, grouped by patient with [`crate::Grouping::Volume`].
 /// Intensities are windowed per volume, as `cmr predict` does
 /// ([`crate::window_of`]). A label volume must match its image's
@@ -346,7 +353,17 @@ pub fn volume_samples(ds: &crate::layout::VolumeDataset, opts: LoadOptions) -> R
                 message: format!("{nt} frames: a case is one 3-D frame (as ACDC and nnU-Net keep them)"),
             });
         }
-        let slices = crate::volume::volume_slices(&image, crate::volume::window_of(&image));
+        let [sx, sy, _] = image.spacing();
+        let grid = opts
+            .spacing_mm
+            .map(|t| crate::volume::resampled_size(image.dims(), [sx, sy], t));
+        let slices: Vec<Image> = crate::volume::volume_slices(&image, crate::volume::window_of(&image))
+            .into_iter()
+            .map(|s| match grid {
+                Some(g) => crate::transforms::resize_u8_bilinear(&s, g.height, g.width),
+                None => s,
+            })
+            .collect();
         let masks = match &case.label {
             Some(path) => {
                 let label = crate::volume::read_volume(path)?;
@@ -361,7 +378,13 @@ pub fn volume_samples(ds: &crate::layout::VolumeDataset, opts: LoadOptions) -> R
                         ),
                     });
                 }
-                let masks = crate::volume::volume_slices(&label, crate::volume::Window::AsIs);
+                let masks: Vec<Mask> = crate::volume::volume_slices(&label, crate::volume::Window::AsIs)
+                    .into_iter()
+                    .map(|m| match grid {
+                        Some(g) => crate::transforms::resize_nearest(&m, g.height, g.width),
+                        None => m,
+                    })
+                    .collect();
                 if let Some((z, bad)) = masks
                     .iter()
                     .enumerate()

@@ -279,6 +279,33 @@ fn find_nnunet(root: &Path) -> Result<Option<Vec<VolumeCase>>> {
     Ok(Some(cases))
 }
 
+impl VolumeDataset {
+    /// The median in-plane spacing (mm) of the labelled cases (x and y
+    /// pooled), as nnU-Net takes its target spacing: a default for
+    /// training on these volumes. Reads every labelled image.
+    pub fn median_spacing(&self) -> Result<f64> {
+        let mut all = Vec::new();
+        for case in self.cases.iter().filter(|c| c.label.is_some()) {
+            let v = crate::volume::read_volume(&case.image)?;
+            v.check_spacing()?;
+            let [sx, sy, _] = v.spacing();
+            all.extend([f64::from(sx), f64::from(sy)]);
+        }
+        if all.is_empty() {
+            return Err(layout_err(&self.root, "no labelled case to take a spacing from"));
+        }
+        all.sort_by(f64::total_cmp);
+        let n = all.len();
+        let median = if n % 2 == 1 {
+            all[n / 2]
+        } else {
+            (all[n / 2 - 1] + all[n / 2]) / 2.0
+        };
+        // to 0.1 µm: the header's f32 read as f64 without its noise digits
+        Ok((median * 1e4).round() / 1e4)
+    }
+}
+
 /// The volume dataset at `root`, if it is in one of the [`Layout`]s
 /// (`None` when it is in neither, e.g. a folder of PNG slices).
 pub fn find_volume_dataset(root: &Path) -> Result<Option<VolumeDataset>> {

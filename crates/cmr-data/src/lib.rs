@@ -44,9 +44,9 @@ pub use rng::{StreamRng, hash_str, purpose, stream};
 pub use split::{Folds, Grouping, Splits, ValSource, hold_out};
 pub use transforms::{
     AffineParams, Warp, affine_bilinear, affine_nearest, flip_h, flip_v, gaussian_blur, low_resolution,
-    resize_bilinear, rot90, smooth_field,
+    resize_bilinear, resize_nearest, resize_u8_bilinear, rot90, smooth_field,
 };
 pub use volume::{
-    MIN_IN_PLANE, Volume, Voxels, Window, labels_to_volume, read_volume, volume_slices, window_of, write_labels,
-    write_volume,
+    MIN_IN_PLANE, Volume, Voxels, Window, labels_to_volume, read_volume, resampled_size, volume_slices, window_of,
+    write_labels, write_volume,
 };

@@ -257,6 +257,29 @@ pub fn resize_bilinear(p: &Plane<f32>, h: usize, w: usize) -> Plane<f32> {
     })
 }
 
+/// The source index whose pixel centre is nearest to target pixel `i`'s (the
+/// same alignment as [`resize_bilinear`]).
+fn nearest_index(i: usize, from: usize, to: usize) -> usize {
+    let s = (i as f64 + 0.5) * from as f64 / to as f64 - 0.5;
+    (s.round().max(0.0) as usize).min(from - 1)
+}
+
+/// Nearest-neighbour resize to `h × w` (for masks: labels stay labels).
+pub fn resize_nearest<T: Copy>(p: &Plane<T>, h: usize, w: usize) -> Plane<T> {
+    let (sh, sw) = (p.height(), p.width());
+    Plane::from_fn(h, w, |y, x| p.get(nearest_index(y, sh, h), nearest_index(x, sw, w)))
+}
+
+/// [`resize_bilinear`] of an 8-bit image, rounded back to 8 bits.
+pub fn resize_u8_bilinear(p: &Plane<u8>, h: usize, w: usize) -> Plane<u8> {
+    if (h, w) == (p.height(), p.width()) {
+        return p.clone();
+    }
+    let f = Plane::from_fn(p.height(), p.width(), |y, x| f32::from(p.get(y, x)));
+    let r = resize_bilinear(&f, h, w);
+    Plane::from_fn(h, w, |y, x| r.get(y, x).round().clamp(0.0, 255.0) as u8)
+}
+
 /// Simulate a scan acquired at `factor` times coarser resolution: resize down
 /// to `round(side / factor)` (at least 2) and back up, both bilinear.
 pub fn low_resolution(p: &Plane<f32>, factor: f64) -> Plane<f32> {
@@ -363,6 +386,21 @@ mod tests {
         assert!((total - 1.0).abs() < 1e-5);
         assert!(b.get(7, 7) < 0.2 && b.get(7, 8) > 0.05 && (b.get(7, 8) - b.get(8, 7)).abs() < 1e-6);
         assert_eq!(gaussian_blur(&spike, 0.0), spike);
+    }
+
+    #[test]
+    fn nearest_resize_keeps_labels_and_inverts_an_integer_upscale() {
+        let m = Plane::from_fn(3, 4, |y, x| (y * 4 + x) as u8);
+        let up = resize_nearest(&m, 6, 8);
+        assert_eq!(up.get(0, 0), 0);
+        assert_eq!(up.get(1, 1), 0);
+        assert_eq!(up.get(5, 7), 11);
+        assert_eq!(resize_nearest(&up, 3, 4), m);
+        assert_eq!(resize_nearest(&m, 3, 4), m);
+        let i = resize_u8_bilinear(&m, 3, 4);
+        assert_eq!(i, m);
+        let flat = Plane::from_fn(5, 5, |_, _| 200u8);
+        assert!(resize_u8_bilinear(&flat, 9, 3).data().iter().all(|&v| v == 200));
     }
 
     #[test]

@@ -541,6 +541,16 @@ pub enum Window {
     Percentiles { lo: f32, hi: f32 },
 }
 
+/// The in-plane grid of a volume's slices resampled from `[sx, sy]` mm to
+/// `target` mm (at least 1 voxel a side).
+pub fn resampled_size(dims: [usize; 4], spacing: [f32; 2], target: f64) -> crate::plane::Size {
+    let side = |n: usize, s: f32| ((n as f64 * f64::from(s) / target).round() as usize).max(1);
+    crate::plane::Size {
+        height: side(dims[1], spacing[1]),
+        width: side(dims[0], spacing[0]),
+    }
+}
+
 /// The window for `volume`: as it is for unscaled u8 voxels, else its 0.5th
 /// and 99.5th percentiles (over all slices and frames, as nnU-Net
 /// normalises per volume).

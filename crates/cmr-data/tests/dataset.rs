@@ -31,7 +31,10 @@ fn split(n: usize) -> tempfile::TempDir {
     dir
 }
 
-const OPTS: LoadOptions = LoadOptions { size: 8 };
+const OPTS: LoadOptions = LoadOptions {
+    size: 8,
+    spacing_mm: None,
+};
 
 fn load(dir: &Path) -> Result<Vec<cmr_data::Sample>, DataError> {
     load_split(dir, Labels::Required, OPTS)

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use cmr_data::{AugmentConfig, Grouping, Normalization};
+use cmr_data::{AugmentConfig, Grouping, LoadOptions, Normalization};
 use cmr_loss::Loss;
 use cmr_models::{Architecture, KernelConfig, ModelConfig, Preset};
 use serde::{Deserialize, Serialize};
@@ -46,6 +46,21 @@ pub struct DataConfig {
     pub normalization: Normalization,
     #[serde(default)]
     pub augment: AugmentConfig,
+    /// In-plane spacing (mm) that volume slices are resampled to, for
+    /// training and prediction alike; absent for PNG slices (they have no
+    /// spacing) and then volumes are padded or cropped, not resampled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spacing_mm: Option<f64>,
+}
+
+impl DataConfig {
+    /// How the data of this recipe are loaded.
+    pub fn load_options(&self) -> LoadOptions {
+        LoadOptions {
+            size: self.size,
+            spacing_mm: self.spacing_mm,
+        }
+    }
 }
 
 impl Default for DataConfig {
@@ -56,6 +71,7 @@ impl Default for DataConfig {
             grouping: Grouping::Consecutive { size: 2 },
             normalization: Normalization::default(),
             augment: AugmentConfig::none(),
+            spacing_mm: None,
         }
     }
 }
@@ -288,6 +304,13 @@ impl TrainConfig {
         self.schedule.validate()?;
         self.data.augment.validate()?;
         self.data.grouping.validate()?;
+        if let Some(t) = self.data.spacing_mm
+            && !(t.is_finite() && (0.05..=50.0).contains(&t))
+        {
+            return Err(TrainError::Config(format!(
+                "data.spacing_mm must be from 0.05 to 50 mm, got {t}"
+            )));
+        }
         if self.data.size > MAX_SIZE {
             return Err(TrainError::Config(format!(
                 "data.size is limited to {MAX_SIZE} pixels (the slices are 96), got {}",

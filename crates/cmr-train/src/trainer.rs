@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, ModuleT, Tensor};
 use candle_nn::VarMap;
-use cmr_data::{BatchPlan, Dataset, LoadOptions, SplitRecord, Splits};
+use cmr_data::{BatchPlan, Dataset, SplitRecord, Splits};
 use cmr_kernels::forward_backward;
 use cmr_models::{Model, build, is_running_stat};
 
@@ -57,7 +57,7 @@ pub enum Outcome {
 /// Load a dataset root for `config`: its images fitted to `data.size`, the
 /// validation split from `val/` or held out of `train/` by the seed.
 pub fn load_splits(root: &Path, config: &TrainConfig) -> Result<Splits> {
-    let dataset = Dataset::open(root, LoadOptions { size: config.data.size })?;
+    let dataset = Dataset::open(root, config.data.load_options())?;
     Ok(Splits::from_dataset(
         &dataset,
         config.data.val_fraction,

@@ -18,8 +18,15 @@ pub fn run(args: DeformArgs) -> anyhow::Result<ExitCode> {
     } else {
         args.data.join("train")
     };
-    let samples = load_split(&split, Labels::Required, LoadOptions { size: args.size })
-        .with_context(|| format!("loading {}", split.display()))?;
+    let samples = load_split(
+        &split,
+        Labels::Required,
+        LoadOptions {
+            size: args.size,
+            spacing_mm: None,
+        },
+    )
+    .with_context(|| format!("loading {}", split.display()))?;
     let config = AugmentConfig::deformed_test();
     let mut staged = Staged::new(&args.out)?;
     for sample in &samples {

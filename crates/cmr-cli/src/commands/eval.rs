@@ -62,7 +62,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
     let members = model_members(&model)?;
     let predictor = load_members(&members, &model, &args.inference)?;
     let config = predictor.config().clone();
-    let opts = LoadOptions { size: config.data.size };
+    let opts = config.data.load_options();
     let records = members
         .iter()
         .map(|m| member_split(m))
@@ -285,13 +285,8 @@ fn run_cv(paths: &[PathBuf], args: &EvalArgs) -> anyhow::Result<ExitCode> {
         .collect::<anyhow::Result<Vec<_>>>()?;
     let spec = cvs[0].1.clone();
     let path = &paths[0];
-    let dataset = Dataset::open(
-        &args.data,
-        LoadOptions {
-            size: spec.config.data.size,
-        },
-    )
-    .with_context(|| format!("loading {}", args.data.display()))?;
+    let dataset = Dataset::open(&args.data, spec.config.data.load_options())
+        .with_context(|| format!("loading {}", args.data.display()))?;
     let device = open_device(&args.inference.device, DeviceSpec::Auto)?;
     let recorded = if cvs.len() == 1 {
         cvs[0].0.read_clean()?.map(|d| d.chosen)

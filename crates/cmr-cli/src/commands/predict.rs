@@ -109,15 +109,28 @@ pub fn segment_volume(predictor: &cmr_train::Predictor, v: &cmr_data::Volume) ->
     let [nx, ny, nz, nt] = v.dims();
     let name = volume_name(&v.path);
     let window = cmr_data::window_of(v);
+    // a model trained on volumes records its in-plane spacing: resample to it
+    let [sx, sy, _] = v.spacing();
+    let grid = predictor
+        .config()
+        .data
+        .spacing_mm
+        .map(|t| cmr_data::resampled_size(v.dims(), [sx, sy], t));
     let samples: Vec<cmr_data::Sample> = cmr_data::volume_slices(v, window)
         .into_iter()
         .enumerate()
-        .map(|(k, image)| cmr_data::Sample {
-            id: format!("{name}_t{}_z{}", k / nz, k % nz),
-            original: image.size(),
-            image: image.fit(target),
-            mask: None,
-            path: v.path.clone(),
+        .map(|(k, image)| {
+            let image = match grid {
+                Some(g) => cmr_data::resize_u8_bilinear(&image, g.height, g.width),
+                None => image,
+            };
+            cmr_data::Sample {
+                id: format!("{name}_t{}_z{}", k / nz, k % nz),
+                original: image.size(),
+                image: image.fit(target),
+                mask: None,
+                path: v.path.clone(),
+            }
         })
         .collect();
     tracing::info!(
@@ -130,10 +143,68 @@ pub fn segment_volume(predictor: &cmr_train::Predictor, v: &cmr_data::Volume) ->
         }
     );
     let bar = image_bar(samples.len(), "segment");
-    let masks = predictor.predict(&samples, |done| bar.set_position(done as u64))?;
+    let masks: Vec<cmr_data::Mask> = match grid {
+        None => {
+            let masks = predictor.predict(&samples, |done| bar.set_position(done as u64))?;
+            samples.iter().zip(masks).map(|(s, m)| m.unfit(s.original)).collect()
+        }
+        Some(grid) => {
+            if let Some(t) = predictor.config().data.spacing_mm {
+                tracing::info!(
+                    "{}: slices resampled from {sx}×{sy} mm to {t} mm ({}×{} → {}×{}) and back",
+                    v.path.display(),
+                    nx,
+                    ny,
+                    grid.width,
+                    grid.height
+                );
+            }
+            let out = predictor.predict_probabilities(&samples, |done| bar.set_position(done as u64))?;
+            let mut masks = Vec::with_capacity(out.len());
+            for (_, probs) in out {
+                let mut labels = back_to_grid(&probs, target, grid, [ny, nx])?;
+                predictor.options().clean.apply(&mut labels, ny, nx);
+                masks.push(cmr_data::Plane::from_vec(ny, nx, labels).context("a slice of the volume's size")?);
+            }
+            masks
+        }
+    };
     bar.finish_and_clear();
-    let masks: Vec<cmr_data::Mask> = samples.iter().zip(masks).map(|(s, m)| m.unfit(s.original)).collect();
     Ok(cmr_data::labels_to_volume(v.dims(), &masks))
+}
+
+/// Labels on the volume's own `[height, width]` grid from probabilities
+/// `[classes, h, w]` at the network's input `net`: each class's plane
+/// mapped back from the crop or pad to the resampled `grid` (the margin is
+/// background), resampled bilinearly to the volume's grid, then the argmax.
+fn back_to_grid(
+    probs: &[f32],
+    net: cmr_data::Size,
+    grid: cmr_data::Size,
+    [height, width]: [usize; 2],
+) -> anyhow::Result<Vec<u8>> {
+    let per = net.height * net.width;
+    let inside = cmr_data::Plane::from_vec(net.height, net.width, vec![1f32; per])
+        .context("a plane of the network's size")?
+        .unfit(grid);
+    let mut best: Vec<(f32, u8)> = vec![(f32::NEG_INFINITY, 0); height * width];
+    for (c, plane) in probs.chunks(per).enumerate() {
+        let fitted = cmr_data::Plane::from_vec(net.height, net.width, plane.to_vec())
+            .context("a probability plane of the network's size")?;
+        let mut back = fitted.unfit(grid);
+        if c == 0 {
+            for (p, &i) in back.data_mut().iter_mut().zip(inside.data()) {
+                *p += 1.0 - i;
+            }
+        }
+        let resized = cmr_data::resize_bilinear(&back, height, width);
+        for (b, &p) in best.iter_mut().zip(resized.data()) {
+            if p > b.0 {
+                *b = (p, c as u8);
+            }
+        }
+    }
+    Ok(best.into_iter().map(|(_, c)| c).collect())
 }
 
 /// Segment volumes: every slice of every frame by the 2-D network, written
@@ -184,6 +255,7 @@ pub fn run(args: PredictArgs) -> anyhow::Result<ExitCode> {
     image_ids(&files)?;
     let opts = LoadOptions {
         size: predictor.config().data.size,
+        spacing_mm: None,
     };
     let bar = image_bar(files.len(), "predict");
     let mut staged = Staged::new(&args.out)?;

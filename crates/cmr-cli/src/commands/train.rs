@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, bail};
-use cmr_data::{AugmentConfig, Dataset, Folds, LoadOptions};
+use cmr_data::{AugmentConfig, Dataset, Folds};
 use cmr_loss::Loss;
 use cmr_models::Architecture;
 use cmr_train::{
@@ -54,7 +54,9 @@ fn build_config(args: &TrainArgs) -> anyhow::Result<TrainConfig> {
     apply_flags(&mut cfg, args);
     apply_deep_supervision(&mut cfg, args)?;
     // a volume dataset's slices go by patient, whatever the recipe groups by
-    if !args.data.join("train").exists() && cmr_data::find_volume_dataset(&args.data)?.is_some() {
+    if !args.data.join("train").exists()
+        && let Some(volumes) = cmr_data::find_volume_dataset(&args.data)?
+    {
         if cfg.data.grouping != cmr_data::Grouping::Volume {
             tracing::info!(
                 "{}: a volume dataset: its slices are grouped by patient (data.grouping = volume)",
@@ -62,6 +64,16 @@ fn build_config(args: &TrainArgs) -> anyhow::Result<TrainConfig> {
             );
         }
         cfg.data.grouping = cmr_data::Grouping::Volume;
+        // slices resampled to one in-plane spacing: the recipe's, else the
+        // median of the training set (as nnU-Net chooses it)
+        if cfg.data.spacing_mm.is_none() {
+            let median = volumes.median_spacing()?;
+            tracing::info!(
+                "{}: slices resampled to {median} mm in plane, the median spacing (data.spacing_mm)",
+                args.data.display()
+            );
+            cfg.data.spacing_mm = Some(median);
+        }
     }
     if let Some(kernels) = crate::env::kernels(cfg.kernels)? {
         cfg.kernels = kernels;
@@ -344,8 +356,8 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
 /// recipe's size (a cross-validation runs over these; `val/`, if any, is
 /// left for a final check).
 fn train_samples(root: &Path, cfg: &TrainConfig) -> anyhow::Result<Vec<cmr_data::Sample>> {
-    let dataset = Dataset::open(root, LoadOptions { size: cfg.data.size })
-        .with_context(|| format!("loading {}", root.display()))?;
+    let dataset =
+        Dataset::open(root, cfg.data.load_options()).with_context(|| format!("loading {}", root.display()))?;
     if dataset.val.is_some() {
         tracing::info!(
             "{}: cross-validating over train/ only (val/ is not used)",
