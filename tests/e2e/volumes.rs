@@ -390,6 +390,7 @@ fn training_on_acdc_and_nnunet_shaped_folders_splits_by_patient() {
     let config_text = std::fs::read_to_string(run.join("config.json")).unwrap();
     let config: serde_json::Value = serde_json::from_str(&config_text).unwrap();
     assert_eq!(config["data"]["spacing_mm"], 1.25, "{config_text}");
+    assert_eq!(config["data"]["window"]["hi_percentile"], 99.5, "the window, stated");
 
     // predicting at the model's own spacing resamples nothing: the same
     // labels as the same weights without a spacing (padded or cropped)

@@ -44,6 +44,8 @@ pub struct LoadOptions {
     /// are fitted (bilinear for images, nearest for masks); `None`: as they
     /// are. PNG slices have no spacing and are never resampled.
     pub spacing_mm: Option<f64>,
+    /// The intensity window of volume slices (PNG slices are 8-bit already).
+    pub window: crate::volume::VolumeWindow,
 }
 
 impl Default for LoadOptions {
@@ -51,6 +53,7 @@ impl Default for LoadOptions {
         Self {
             size: 96,
             spacing_mm: None,
+            window: crate::volume::VolumeWindow::CLIP,
         }
     }
 }
@@ -335,7 +338,7 @@ pub fn load_images(paths: &[PathBuf], opts: LoadOptions) -> Result<Vec<Sample>> 
 /// cropped): the labelled cases' slices (with their masks) and the unlabelled ones'. Ids are
 /// `<case>_zNN`, grouped by patient with [`crate::Grouping::Volume`].
 /// Intensities are windowed per volume, as `cmr predict` does
-/// ([`crate::window_of`]). A label volume must match its image's
+/// ([`crate::window_with`] of `opts.window`). A label volume must match its image's
 /// dimensions, be 3-D and hold classes 0–3.
 pub fn volume_samples(ds: &crate::layout::VolumeDataset, opts: LoadOptions) -> Result<(Vec<Sample>, Vec<Sample>)> {
     let target = Size {
@@ -357,7 +360,7 @@ pub fn volume_samples(ds: &crate::layout::VolumeDataset, opts: LoadOptions) -> R
         let grid = opts
             .spacing_mm
             .map(|t| crate::volume::resampled_size(image.dims(), [sx, sy], t));
-        let slices: Vec<Image> = crate::volume::volume_slices(&image, crate::volume::window_of(&image))
+        let slices: Vec<Image> = crate::volume::volume_slices(&image, crate::volume::window_with(&image, opts.window))
             .into_iter()
             .map(|s| match grid {
                 Some(g) => crate::transforms::resize_u8_bilinear(&s, g.height, g.width),

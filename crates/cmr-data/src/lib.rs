@@ -47,6 +47,6 @@ pub use transforms::{
     resize_bilinear, resize_nearest, resize_u8_bilinear, rot90, smooth_field,
 };
 pub use volume::{
-    MIN_IN_PLANE, Volume, Voxels, Window, labels_to_volume, read_volume, resampled_size, volume_slices, window_of,
-    write_labels, write_volume,
+    MIN_IN_PLANE, Volume, VolumeWindow, Voxels, Window, labels_to_volume, read_volume, resampled_size, volume_slices,
+    window_of, window_with, write_labels, write_volume,
 };

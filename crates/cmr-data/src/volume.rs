@@ -551,10 +551,50 @@ pub fn resampled_size(dims: [usize; 4], spacing: [f32; 2], target: f64) -> crate
     }
 }
 
-/// The window for `volume`: as it is for unscaled u8 voxels, else its 0.5th
-/// and 99.5th percentiles (over all slices and frames, as nnU-Net
-/// normalises per volume).
+/// Which percentiles of a volume's intensities map to 0 and 255 (saved with
+/// each model: training and prediction window alike).
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeWindow {
+    pub lo_percentile: f64,
+    pub hi_percentile: f64,
+}
+
+impl Default for VolumeWindow {
+    fn default() -> Self {
+        Self::CLIP
+    }
+}
+
+impl VolumeWindow {
+    /// The 0.5th and 99.5th percentiles, as nnU-Net clips.
+    pub const CLIP: Self = Self {
+        lo_percentile: 0.5,
+        hi_percentile: 99.5,
+    };
+
+    /// Both in 0–100, the lower below the upper.
+    pub fn validate(&self) -> Result<()> {
+        let (lo, hi) = (self.lo_percentile, self.hi_percentile);
+        if !(lo.is_finite() && hi.is_finite() && (0.0..100.0).contains(&lo) && hi > lo && hi <= 100.0) {
+            return Err(DataError::Config(format!(
+                "window percentiles {lo}…{hi}: each from 0 to 100, the lower below the upper"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The default window for `volume` ([`window_with`] of the 0.5th and 99.5th
+/// percentiles).
 pub fn window_of(volume: &Volume) -> Window {
+    window_with(volume, VolumeWindow::default())
+}
+
+/// The window for `volume`: as it is for unscaled u8 voxels, else the
+/// percentiles `w` names (over all slices and frames, as nnU-Net normalises
+/// per volume).
+pub fn window_with(volume: &Volume, w: VolumeWindow) -> Window {
     let unscaled = volume.header.scl_slope == 0.0
         || !volume.header.scl_slope.is_finite()
         || (volume.header.scl_slope == 1.0 && volume.header.scl_inter == 0.0);
@@ -567,7 +607,7 @@ pub fn window_of(volume: &Volume) -> Window {
     }
     v.sort_by(f32::total_cmp);
     let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
-    let (lo, hi) = (at(0.005), at(0.995));
+    let (lo, hi) = (at(w.lo_percentile / 100.0), at(w.hi_percentile / 100.0));
     Window::Percentiles {
         lo,
         hi: if hi > lo { hi } else { lo + 1.0 },

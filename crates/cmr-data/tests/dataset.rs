@@ -34,6 +34,7 @@ fn split(n: usize) -> tempfile::TempDir {
 const OPTS: LoadOptions = LoadOptions {
     size: 8,
     spacing_mm: None,
+    window: cmr_data::VolumeWindow::CLIP,
 };
 
 fn load(dir: &Path) -> Result<Vec<cmr_data::Sample>, DataError> {

@@ -314,3 +314,34 @@ print(json.dumps({"shape": list(img.shape), "affine": img.affine.tolist(),
         }
     }
 }
+
+/// The window's percentiles come from the config: 0 and 100 are the range,
+/// the default clips 0.5 % at each end; nonsense is refused.
+#[test]
+fn the_intensity_window_takes_its_percentiles() {
+    use cmr_data::{VolumeWindow, Window, window_of, window_with};
+    let Some(dir) = samples() else { return };
+    let v = read_volume(&dir.join("functional.nii")).unwrap();
+    let (min, max) = range(&v.values());
+    let all = VolumeWindow {
+        lo_percentile: 0.0,
+        hi_percentile: 100.0,
+    };
+    assert_eq!(window_with(&v, all), Window::Percentiles { lo: min, hi: max });
+    let Window::Percentiles { lo, hi } = window_of(&v) else {
+        panic!("a scaled int16 volume is windowed")
+    };
+    assert!(lo > min && hi < max && lo < hi, "{lo} {hi}");
+    assert_eq!(window_of(&v), window_with(&v, VolumeWindow::CLIP));
+    // unscaled u8 stays as it is
+    let u8v = read_volume(&dir.join("standard.nii.gz")).unwrap();
+    assert_eq!(window_with(&u8v, all), Window::AsIs);
+    for (lo, hi) in [(50.0, 50.0), (-1.0, 99.0), (1.0, 101.0), (f64::NAN, 99.0)] {
+        let w = VolumeWindow {
+            lo_percentile: lo,
+            hi_percentile: hi,
+        };
+        assert!(w.validate().is_err(), "{lo} {hi}");
+    }
+    assert!(VolumeWindow::CLIP.validate().is_ok());
+}

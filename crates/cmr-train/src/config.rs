@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use cmr_data::{AugmentConfig, Grouping, LoadOptions, Normalization};
+use cmr_data::{AugmentConfig, Grouping, LoadOptions, Normalization, VolumeWindow};
 use cmr_loss::Loss;
 use cmr_models::{Architecture, KernelConfig, ModelConfig, Preset};
 use serde::{Deserialize, Serialize};
@@ -51,6 +51,10 @@ pub struct DataConfig {
     /// spacing) and then volumes are padded or cropped, not resampled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spacing_mm: Option<f64>,
+    /// The percentiles of a volume's intensities that map to 0 and 255, in
+    /// training and prediction alike (PNG slices are 8-bit already).
+    #[serde(default)]
+    pub window: VolumeWindow,
 }
 
 impl DataConfig {
@@ -59,6 +63,7 @@ impl DataConfig {
         LoadOptions {
             size: self.size,
             spacing_mm: self.spacing_mm,
+            window: self.window,
         }
     }
 }
@@ -72,6 +77,7 @@ impl Default for DataConfig {
             normalization: Normalization::default(),
             augment: AugmentConfig::none(),
             spacing_mm: None,
+            window: VolumeWindow::CLIP,
         }
     }
 }
@@ -304,6 +310,7 @@ impl TrainConfig {
         self.schedule.validate()?;
         self.data.augment.validate()?;
         self.data.grouping.validate()?;
+        self.data.window.validate()?;
         if let Some(t) = self.data.spacing_mm
             && !(t.is_finite() && (0.05..=50.0).contains(&t))
         {

@@ -24,6 +24,7 @@ pub fn run(args: DeformArgs) -> anyhow::Result<ExitCode> {
         LoadOptions {
             size: args.size,
             spacing_mm: None,
+            window: cmr_data::VolumeWindow::CLIP,
         },
     )
     .with_context(|| format!("loading {}", split.display()))?;

@@ -108,7 +108,8 @@ pub fn segment_volume(predictor: &cmr_train::Predictor, v: &cmr_data::Volume) ->
     };
     let [nx, ny, nz, nt] = v.dims();
     let name = volume_name(&v.path);
-    let window = cmr_data::window_of(v);
+    let chosen = predictor.config().data.window;
+    let window = cmr_data::window_with(v, chosen);
     // a model trained on volumes records its in-plane spacing: resample to it
     let [sx, sy, _] = v.spacing();
     let grid = predictor
@@ -139,7 +140,10 @@ pub fn segment_volume(predictor: &cmr_train::Predictor, v: &cmr_data::Volume) ->
         v.spacing(),
         match window {
             cmr_data::Window::AsIs => "8-bit values as they are".to_string(),
-            cmr_data::Window::Percentiles { lo, hi } => format!("window {lo}…{hi} (0.5–99.5th percentiles)"),
+            cmr_data::Window::Percentiles { lo, hi } => format!(
+                "window {lo}…{hi} (the {}th–{}th percentiles)",
+                chosen.lo_percentile, chosen.hi_percentile
+            ),
         }
     );
     let bar = image_bar(samples.len(), "segment");
@@ -256,6 +260,7 @@ pub fn run(args: PredictArgs) -> anyhow::Result<ExitCode> {
     let opts = LoadOptions {
         size: predictor.config().data.size,
         spacing_mm: None,
+        window: cmr_data::VolumeWindow::CLIP,
     };
     let bar = image_bar(files.len(), "predict");
     let mut staged = Staged::new(&args.out)?;
