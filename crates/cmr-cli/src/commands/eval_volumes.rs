@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use crate::args::EvalArgs;
 use crate::commands::load_predictor;
-use crate::commands::measure::MYO_DENSITY;
+use crate::commands::measure::{MYO_DENSITY, label_values};
 use crate::commands::predict::{read_segmentable, segment_volume, volume_name};
 use crate::progress::image_bar;
 use crate::text::{count, outln};
@@ -212,14 +212,7 @@ fn labels_of(v: &cmr_data::Volume) -> anyhow::Result<Vec<u8>> {
             v.path.display()
         );
     }
-    let labels: Vec<u8> = v.values().iter().map(|&x| x.round().clamp(0.0, 255.0) as u8).collect();
-    if let Some(bad) = labels.iter().find(|&&l| l > 3) {
-        bail!(
-            "{}: label {bad} in a segmentation (0 background, 1 RV, 2 Myo, 3 LV)",
-            v.path.display()
-        );
-    }
-    Ok(labels)
+    label_values(v)
 }
 
 pub fn run(args: &EvalArgs, ds: VolumeDataset) -> anyhow::Result<ExitCode> {

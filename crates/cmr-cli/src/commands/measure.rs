@@ -218,7 +218,7 @@ fn measure_patients(args: &MeasureArgs, ds: &cmr_data::VolumeDataset) -> anyhow:
 }
 
 /// A segmentation's labels, checked to be classes (0–3).
-fn label_values(v: &cmr_data::Volume) -> anyhow::Result<Vec<u8>> {
+pub fn label_values(v: &cmr_data::Volume) -> anyhow::Result<Vec<u8>> {
     let labels: Vec<u8> = v.values().iter().map(|&x| x.round().clamp(0.0, 255.0) as u8).collect();
     if let Some(bad) = labels.iter().find(|&&l| l > 3) {
         bail!(
