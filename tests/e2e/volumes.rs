@@ -339,15 +339,54 @@ fn training_on_acdc_and_nnunet_shaped_folders_splits_by_patient() {
         assert_eq!(config["data"]["grouping"]["kind"], "volume");
     }
     assert_eq!(seen.len(), 3, "every patient validated once");
-    // the cross-validation scores out of fold
+    // the cross-validation scores each volume in 3-D by the fold that held
+    // it out: the same as that fold's model alone on that patient
     let json = ok(cmr()
         .args(["eval", "--json", "--model"])
         .arg(&cv)
         .arg("--data")
         .arg(&acdc));
     let r: serde_json::Value = serde_json::from_str(&json).unwrap();
-    assert_eq!(r["out_of_fold"]["images"], 24, "every slice scored once");
-    assert!(r["grouping"].to_string().contains("volume"), "{}", r["grouping"]);
+    assert_eq!(r["cases"].as_array().unwrap().len(), 6, "{json}");
+    assert_eq!(r["patients"].as_array().unwrap().len(), 3);
+    let splits0: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(cv.join("fold-0/splits.json")).unwrap()).unwrap();
+    let held = patients_of(&splits0["val"]).into_iter().next().unwrap();
+    let alone = dir.path().join("alone");
+    std::fs::create_dir_all(alone.join(&held)).unwrap();
+    for f in std::fs::read_dir(acdc.join(&held)).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, alone.join(&held).join(f.file_name().unwrap())).unwrap();
+    }
+    let one: serde_json::Value = serde_json::from_str(&ok(cmr()
+        .args(["eval", "--json", "--model"])
+        .arg(cv.join("fold-0"))
+        .arg("--data")
+        .arg(&alone)))
+    .unwrap();
+    let of = |v: &serde_json::Value| -> Vec<serde_json::Value> {
+        v["cases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["patient"] == held.as_str())
+            .cloned()
+            .collect()
+    };
+    assert_eq!(of(&r), of(&one), "patient {held}: scored by fold 0");
+    // a case no fold held out is refused: its models trained on it, or never
+    // saw this dataset
+    let stranger = alone.join("patient009");
+    std::fs::create_dir_all(&stranger).unwrap();
+    for f in ["patient009_frame01.nii.gz", "patient009_frame01_gt.nii.gz"] {
+        let from = acdc.join(&held).join(f.replace("patient009", &held));
+        std::fs::copy(from, stranger.join(f)).unwrap();
+    }
+    let err = fails(cmr().args(["eval", "--model"]).arg(&cv).arg("--data").arg(&alone));
+    assert!(
+        err.contains("patient009_frame01") && err.contains("held out by no fold"),
+        "{err}"
+    );
 
     // nnU-Net: cases named <patient>_frameMM, one unlabelled
     let nn = dir.path().join("nnunet");

@@ -25,23 +25,7 @@ fn transform(deform: Option<u64>) -> impl Fn(&Sample) -> Sample {
 
 pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
     if let Some(ds) = cmr_data::find_volume_dataset(&args.data)? {
-        let cv = match &args.model {
-            Some(m) if args.pred.is_none() => m
-                .split(',')
-                .map(|m| crate::models::resolve(m.trim()))
-                .collect::<anyhow::Result<Vec<_>>>()?
-                .iter()
-                .all(|p| CvDir::is_cv(p)),
-            _ => false,
-        };
-        if !cv {
-            return crate::commands::eval_volumes::run(&args, ds);
-        }
-        // a fold ensemble would score cases its members trained on
-        tracing::info!(
-            "{}: a cross-validation on a volume dataset: each fold's model on its own validation slices (2-D, out of fold); 3-D scores per volume take a model that did not train on these cases",
-            args.data.display()
-        );
+        return crate::commands::eval_volumes::run(&args, ds);
     }
     if let Some(pred) = &args.pred {
         return run_pred(pred, &args);

@@ -199,8 +199,52 @@ fn prediction_file(dir: &Path, case: &VolumeCase) -> anyhow::Result<PathBuf> {
 /// Where the predictions come from.
 enum Source<'a> {
     Model(Box<cmr_train::Predictor>),
+    /// A cross-validation (or several on the same folds): each case scored
+    /// by the fold (ensemble) that held it out.
+    Folds(Vec<(std::collections::BTreeSet<String>, cmr_train::Predictor)>),
     /// A folder of segmentations.
     Pred(&'a Path),
+}
+
+/// The case of a volume slice's sample id (`<case>_zNN` → `<case>`).
+fn case_of(slice: &str) -> &str {
+    match slice.rsplit_once("_z") {
+        Some((case, n)) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => case,
+        _ => slice,
+    }
+}
+
+/// Each fold of the cross-validations `paths` (on the same folds): the
+/// cases it held out, and its model (ensemble).
+fn fold_predictors(
+    model: &str,
+    paths: &[PathBuf],
+    args: &EvalArgs,
+) -> anyhow::Result<Vec<(std::collections::BTreeSet<String>, cmr_train::Predictor)>> {
+    let mut opened = Vec::with_capacity(paths.len());
+    for p in paths {
+        opened.push(cmr_train::CvDir::open(p)?);
+    }
+    let k = opened[0].1.folds.k;
+    if let Some((cv, spec)) = opened.iter().find(|(_, s)| s.folds != opened[0].1.folds) {
+        bail!(
+            "{}: {} folds that are not those of {} (give cross-validations made with --folds-from)",
+            cv.root().display(),
+            spec.folds.k,
+            paths[0].display()
+        );
+    }
+    let mut folds = Vec::with_capacity(k);
+    for fold in 0..k {
+        let members: Vec<PathBuf> = opened.iter().map(|(cv, _)| cv.fold_dir(fold)).collect();
+        let record = crate::commands::member_split(&members[0])?
+            .with_context(|| format!("{}: no splits.json", members[0].display()))?;
+        let held_out = record.val.iter().map(|id| case_of(id).to_string()).collect();
+        // `model` names the cross-validation: its decided clean-up applies
+        let predictor = crate::commands::load_members(&members, model, &args.inference)?;
+        folds.push((held_out, predictor));
+    }
+    Ok(folds)
 }
 
 /// A label volume's labels, checked: 3-D, values 0–3.
@@ -229,7 +273,18 @@ pub fn run(args: &EvalArgs, ds: VolumeDataset) -> anyhow::Result<ExitCode> {
     }
     let source = match (&args.pred, &args.model) {
         (Some(dir), _) => Source::Pred(dir),
-        (None, Some(m)) => Source::Model(Box::new(load_predictor(m, &args.inference)?)),
+        (None, Some(m)) => {
+            let paths = m
+                .split(',')
+                .map(|m| crate::models::resolve(m.trim()))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            if paths.iter().all(|p| cmr_train::CvDir::is_cv(p)) {
+                tracing::info!("each case scored by the fold that held it out (cross-validated, out of fold)");
+                Source::Folds(fold_predictors(m, &paths, args)?)
+            } else {
+                Source::Model(Box::new(load_predictor(m, &args.inference)?))
+            }
+        }
         (None, None) => bail!("give --model M, or --pred DIR to score segmentations"),
     };
     tracing::info!(
@@ -246,8 +301,25 @@ pub fn run(args: &EvalArgs, ds: VolumeDataset) -> anyhow::Result<ExitCode> {
         let truth = cmr_data::read_volume(label_path)?;
         truth.check_spacing()?;
         let gt = labels_of(&truth)?;
-        let pred = match &source {
-            Source::Model(p) => {
+        let model: Option<&cmr_train::Predictor> = match &source {
+            Source::Model(p) => Some(p),
+            Source::Folds(folds) => Some(
+                folds
+                    .iter()
+                    .find(|(held, _)| held.contains(&case.id))
+                    .map(|(_, p)| p)
+                    .with_context(|| {
+                        format!(
+                            "case {} ({}) was held out by no fold: the cross-validation was not made on this dataset, and scoring it would score cases its models trained on",
+                            case.id,
+                            case.image.display()
+                        )
+                    })?,
+            ),
+            Source::Pred(_) => None,
+        };
+        let pred = match (model, &source) {
+            (Some(p), _) => {
                 let image = read_segmentable(&case.image)?;
                 if image.dims() != truth.dims() {
                     bail!(
@@ -260,7 +332,7 @@ pub fn run(args: &EvalArgs, ds: VolumeDataset) -> anyhow::Result<ExitCode> {
                 }
                 segment_volume(p, &image)?
             }
-            Source::Pred(dir) => {
+            (None, Source::Pred(dir)) => {
                 let file = prediction_file(dir, case)?;
                 let v = cmr_data::read_volume(&file)?;
                 if v.dims() != truth.dims() {
@@ -274,6 +346,7 @@ pub fn run(args: &EvalArgs, ds: VolumeDataset) -> anyhow::Result<ExitCode> {
                 }
                 labels_of(&v)?
             }
+            (None, _) => bail!("{}: no model and no predictions for this case", case.image.display()),
         };
         let [nx, ny, nz, _] = truth.dims();
         let spacing = truth.spacing().map(f64::from);
