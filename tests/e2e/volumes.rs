@@ -374,6 +374,19 @@ fn training_on_acdc_and_nnunet_shaped_folders_splits_by_patient() {
             .collect()
     };
     assert_eq!(of(&r), of(&one), "patient {held}: scored by fold 0");
+    // that fold's model on every case: its training cases are warned about
+    let (status, _, stderr) = cmr_tests::output(
+        cmr()
+            .args(["eval", "--model"])
+            .arg(cv.join("fold-0"))
+            .arg("--data")
+            .arg(&acdc),
+    );
+    assert!(status.success(), "{stderr}");
+    assert!(
+        stderr.contains("4 of the 6 labelled cases were in the model's training set"),
+        "{stderr}"
+    );
     // a case no fold held out is refused: its models trained on it, or never
     // saw this dataset
     let stranger = alone.join("patient009");

@@ -282,6 +282,21 @@ pub fn run(args: &EvalArgs, ds: VolumeDataset) -> anyhow::Result<ExitCode> {
                 tracing::info!("each case scored by the fold that held it out (cross-validated, out of fold)");
                 Source::Folds(fold_predictors(m, &paths, args)?)
             } else {
+                // cases a member trained on score optimistically: say so
+                let mut trained = std::collections::BTreeSet::new();
+                for member in crate::commands::model_members(m)? {
+                    if let Some(record) = crate::commands::member_split(&member)? {
+                        trained.extend(record.train.iter().map(|id| case_of(id).to_string()));
+                    }
+                }
+                let seen = labelled.iter().filter(|c| trained.contains(&c.id)).count();
+                if seen > 0 {
+                    tracing::warn!(
+                        "{} of the {} labelled cases were in the model's training set: their scores are optimistic (a cross-validation folder scores each case out of fold)",
+                        seen,
+                        labelled.len()
+                    );
+                }
                 Source::Model(Box::new(load_predictor(m, &args.inference)?))
             }
         }
