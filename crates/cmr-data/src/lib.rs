@@ -41,7 +41,7 @@ pub use rle::{
     FOREGROUND, Row, read_submission, rle_decode, rle_encode, submission_rows, write_rows, write_submission,
 };
 pub use rng::{StreamRng, hash_str, purpose, stream};
-pub use split::{Folds, Grouping, Splits, ValSource, hold_out};
+pub use split::{Folds, Grouping, Splits, ValSource, hold_out, slice_case};
 pub use transforms::{
     AffineParams, Warp, affine_bilinear, affine_nearest, flip_h, flip_v, gaussian_blur, low_resolution,
     resize_bilinear, resize_nearest, resize_u8_bilinear, rot90, smooth_field,

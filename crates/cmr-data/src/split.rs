@@ -44,6 +44,12 @@ fn strip_numbered<'a>(id: &'a str, marker: &str) -> &'a str {
     }
 }
 
+/// The case of a volume slice's sample id (`<case>_zNN` → `<case>`, as
+/// [`crate::volume_samples`] names them); another id as it is.
+pub fn slice_case(id: &str) -> &str {
+    strip_numbered(id, "_z")
+}
+
 impl Grouping {
     /// The patient key of a slice id.
     pub fn patient(&self, id: &str) -> String {
@@ -57,10 +63,7 @@ impl Grouping {
                     _ => id.to_owned(),
                 }
             }
-            Self::Volume => {
-                let case = strip_numbered(id, "_z");
-                strip_numbered(case, "_frame").to_owned()
-            }
+            Self::Volume => strip_numbered(slice_case(id), "_frame").to_owned(),
         }
     }
 

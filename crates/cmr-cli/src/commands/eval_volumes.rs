@@ -206,14 +206,6 @@ enum Source<'a> {
     Pred(&'a Path),
 }
 
-/// The case of a volume slice's sample id (`<case>_zNN` → `<case>`).
-fn case_of(slice: &str) -> &str {
-    match slice.rsplit_once("_z") {
-        Some((case, n)) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => case,
-        _ => slice,
-    }
-}
-
 /// Each fold of the cross-validations `paths` (on the same folds): the
 /// cases it held out, and its model (ensemble).
 fn fold_predictors(
@@ -239,7 +231,11 @@ fn fold_predictors(
         let members: Vec<PathBuf> = opened.iter().map(|(cv, _)| cv.fold_dir(fold)).collect();
         let record = crate::commands::member_split(&members[0])?
             .with_context(|| format!("{}: no splits.json", members[0].display()))?;
-        let held_out = record.val.iter().map(|id| case_of(id).to_string()).collect();
+        let held_out = record
+            .val
+            .iter()
+            .map(|id| cmr_data::slice_case(id).to_string())
+            .collect();
         // `model` names the cross-validation: its decided clean-up applies
         let predictor = crate::commands::load_members(&members, model, &args.inference)?;
         folds.push((held_out, predictor));
@@ -286,7 +282,7 @@ pub fn run(args: &EvalArgs, ds: VolumeDataset) -> anyhow::Result<ExitCode> {
                 let mut trained = std::collections::BTreeSet::new();
                 for member in crate::commands::model_members(m)? {
                     if let Some(record) = crate::commands::member_split(&member)? {
-                        trained.extend(record.train.iter().map(|id| case_of(id).to_string()));
+                        trained.extend(record.train.iter().map(|id| cmr_data::slice_case(id).to_string()));
                     }
                 }
                 let seen = labelled.iter().filter(|c| trained.contains(&c.id)).count();
