@@ -23,7 +23,7 @@
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use crate::cpu::{Simd, output_buffer, simd_fn, threads};
+use crate::cpu::{Fresh, Simd, simd_fn, threads};
 use crate::gemm::{Epilogue, View, add_plane_sums, copy_out, copy_out_affine, matmul, rows, with_scratch};
 use crate::im2col::im2col;
 
@@ -49,14 +49,18 @@ pub(crate) fn backward(
     let kk = cin * taps;
     let per_run = run_images(hw, b, run_columns);
     let par = Parallelism::Rayon(threads());
-    // SAFETY: the first run's GEMM writes every value (`accumulate` false).
-    let mut dw = unsafe { output_buffer(cout * kk) };
-    // SAFETY: each run folds a value into every pixel of its images.
-    let mut dx = want_dx.then(|| unsafe { output_buffer(b * cin * hw) });
-    let mut db = vec![0f64; cout];
+    let mut dw_fresh = Fresh::new(cout * kk);
+    // SAFETY: the first run's GEMM writes every value (`accumulate` false)
+    // before the later runs read them; without images they are zeroed here.
+    let dw = unsafe { dw_fresh.slots() };
     if b == 0 {
         dw.fill(0.0);
     }
+    let mut dx_fresh = want_dx.then(|| Fresh::new(b * cin * hw));
+    // SAFETY: each run writes (folds) a value into every pixel of its
+    // images, reading none.
+    let mut dx = dx_fresh.as_mut().map(|f| unsafe { f.slots() });
+    let mut db = vec![0f64; cout];
     with_scratch(|scratch| {
         for (run, first) in (0..b).step_by(per_run).enumerate() {
             let r = per_run.min(b - first);
@@ -81,7 +85,7 @@ pub(crate) fn backward(
                 rs: 1,
                 cs: ld,
             };
-            matmul(&mut dw, kk, 1, run > 0, rows(gcat, ld), cols_t, (cout, kk, ld), par);
+            matmul(dw, kk, 1, run > 0, rows(gcat, ld), cols_t, (cout, kk, ld), par);
             let Some(dx) = dx.as_mut() else { continue };
             // dcols = Wᵀ · dY, over the unfolded inputs (no longer needed);
             // Wᵀ's element (j, co) is weight[co·kk + j].
@@ -101,6 +105,8 @@ pub(crate) fn backward(
                 });
         }
     });
+    // SAFETY: every value of both was written above.
+    let (dx, dw) = unsafe { (dx_fresh.map(|f| f.written()), dw_fresh.written()) };
     (dx, dw, db.into_iter().map(|v| v as f32).collect())
 }
 

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::cpu::{BLOCK, LANES, Simd, block_sum, output_buffer, simd_fn};
+use crate::cpu::{BLOCK, LANES, Simd, block_sum, fresh, simd_fn};
 use crate::{KernelConfig, slice, with_data};
 
 /// Batch statistics of one forward pass, per channel.
@@ -183,15 +183,18 @@ pub(crate) fn relu_backward(
             (sg as f32, (sgx * f64::from(is)) as f32)
         })
         .collect();
-    // SAFETY: `backward_plane` writes every plane in full.
-    let mut dx = unsafe { output_buffer(xs.len()) };
-    dx.par_chunks_mut(hw).enumerate().for_each(|(p, d)| {
-        let ch = p % c;
-        let (sg, sgx) = (sums[ch].0 / n, sums[ch].1 / n);
-        let k = gamma[ch] * stats.inv_std[ch];
-        let r = p * hw..(p + 1) * hw;
-        backward_plane(simd, d, &xs[r.clone()], &gs[r], param(ch), k, sg, sgx);
-    });
+    // SAFETY: `backward_plane` writes every plane in full before reading it.
+    let dx = unsafe {
+        fresh(xs.len(), |dx| {
+            dx.par_chunks_mut(hw).enumerate().for_each(|(p, d)| {
+                let ch = p % c;
+                let (sg, sgx) = (sums[ch].0 / n, sums[ch].1 / n);
+                let k = gamma[ch] * stats.inv_std[ch];
+                let r = p * hw..(p + 1) * hw;
+                backward_plane(simd, d, &xs[r.clone()], &gs[r], param(ch), k, sg, sgx);
+            })
+        })
+    };
     let dgamma: Vec<f32> = sums.iter().map(|s| s.1).collect();
     let dbeta: Vec<f32> = sums.iter().map(|s| s.0).collect();
     (dx, dgamma, dbeta)
@@ -215,9 +218,12 @@ impl CustomOp3 for BnReluTrain {
         let (x, gamma, beta) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
         let simd = self.cfg.simd;
         let stats = statistics(simd, x, b, c, h * w, self.eps);
-        // SAFETY: `normalise_relu` writes every plane in full.
-        let mut out = unsafe { output_buffer(x.len()) };
-        normalise_relu(simd, x, &mut out, c, h * w, &stats, gamma, beta);
+        // SAFETY: `normalise_relu` writes every plane in full, reading none.
+        let out = unsafe {
+            fresh(x.len(), |out| {
+                normalise_relu(simd, x, out, c, h * w, &stats, gamma, beta)
+            })
+        };
         *self.stats.lock().expect("stats lock") = Some(stats);
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
@@ -294,9 +300,12 @@ impl CustomOp1 for AffineRelu {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (_, c, h, w) = l.shape().dims4()?;
         let x = slice(s, l)?;
-        // SAFETY: `affine_relu` writes every plane in full.
-        let mut out = unsafe { output_buffer(x.len()) };
-        affine_relu(self.cfg.simd, x, &mut out, c, h * w, &self.scale, &self.shift);
+        // SAFETY: `affine_relu` writes every plane in full, reading none.
+        let out = unsafe {
+            fresh(x.len(), |out| {
+                affine_relu(self.cfg.simd, x, out, c, h * w, &self.scale, &self.shift)
+            })
+        };
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 }

@@ -6,7 +6,7 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::cpu::output_buffer;
+use crate::cpu::fresh;
 use crate::{slice, tape, with_data};
 
 /// `[a; b]` along the channels, as one op.
@@ -25,14 +25,18 @@ impl CustomOp2 for Cat2 {
         }
         let (x1, x2) = (slice(s1, l1)?, slice(s2, l2)?);
         let hw = h * w;
-        // SAFETY: each image's block is written in full by its two copies.
-        let mut out = unsafe { output_buffer(b * (c1 + c2) * hw) };
-        out.par_chunks_mut((c1 + c2) * hw)
-            .zip(x1.par_chunks(c1 * hw).zip(x2.par_chunks(c2 * hw)))
-            .for_each(|(o, (a, bb))| {
-                o[..c1 * hw].copy_from_slice(a);
-                o[c1 * hw..].copy_from_slice(bb);
-            });
+        // SAFETY: each image's block is written in full by its two copies,
+        // and none read.
+        let out = unsafe {
+            fresh(b * (c1 + c2) * hw, |out| {
+                out.par_chunks_mut((c1 + c2) * hw)
+                    .zip(x1.par_chunks(c1 * hw).zip(x2.par_chunks(c2 * hw)))
+                    .for_each(|(o, (a, bb))| {
+                        o[..c1 * hw].copy_from_slice(a);
+                        o[c1 * hw..].copy_from_slice(bb);
+                    })
+            })
+        };
         Ok((CpuStorage::F32(out), Shape::from((b, c1 + c2, h, w))))
     }
 
@@ -61,11 +65,15 @@ pub(crate) fn split_channels(g: &Tensor, sizes: &[usize]) -> Result<Vec<Tensor>>
         sizes
             .iter()
             .map(|&n| {
-                // SAFETY: each image's block of the part is copied in full.
-                let mut part = unsafe { output_buffer(b * n * hw) };
-                part.par_chunks_mut(n * hw)
-                    .zip(gs.par_chunks(c * hw))
-                    .for_each(|(p, gi)| p.copy_from_slice(&gi[start * hw..(start + n) * hw]));
+                // SAFETY: each image's block of the part is copied in full,
+                // and none read.
+                let part = unsafe {
+                    fresh(b * n * hw, |part| {
+                        part.par_chunks_mut(n * hw)
+                            .zip(gs.par_chunks(c * hw))
+                            .for_each(|(p, gi)| p.copy_from_slice(&gi[start * hw..(start + n) * hw]))
+                    })
+                };
                 start += n;
                 Tensor::from_vec(part, (b, n, h, w), g.device())
             })

@@ -14,7 +14,7 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use crate::config::KernelConfig;
-use crate::cpu::{output_buffer, simd_fn, threads};
+use crate::cpu::{Fresh, fresh, simd_fn, threads};
 use crate::gemm::{Epilogue, Scratch, affine_in_place, matmul, relu_in_place, relu_mask, rows, with_scratch};
 use crate::im2col::im2col;
 use crate::plan::{Algorithm, ConvShape, Pass, plan};
@@ -190,17 +190,19 @@ pub(crate) fn conv_forward(
 fn flip_transpose(weight: &[f32], cout: usize, cin: usize, k: usize) -> Vec<f32> {
     let kk = k * k;
     // SAFETY: every row, and in it every channel's `kk` values, is written
-    // below.
-    let mut out = unsafe { output_buffer(cin * cout * kk) };
-    out.par_chunks_mut(cout * kk).enumerate().for_each(|(ci, row)| {
-        for (co, dst) in row.chunks_mut(kk).enumerate() {
-            let src = &weight[(co * cin + ci) * kk..][..kk];
-            for (d, &v) in dst.iter_mut().rev().zip(src) {
-                *d = v;
-            }
-        }
-    });
-    out
+    // below, and none read.
+    unsafe {
+        fresh(cin * cout * kk, |out| {
+            out.par_chunks_mut(cout * kk).enumerate().for_each(|(ci, row)| {
+                for (co, dst) in row.chunks_mut(kk).enumerate() {
+                    let src = &weight[(co * cin + ci) * kk..][..kk];
+                    for (d, &v) in dst.iter_mut().rev().zip(src) {
+                        *d = v;
+                    }
+                }
+            })
+        })
+    }
 }
 
 /// The custom op: `(x [B, Cin, H, W], weight [Cout, Cin, k, k], bias [Cout])`,
@@ -226,15 +228,18 @@ impl CustomOp3 for Conv2dOp {
     ) -> Result<(CpuStorage, Shape)> {
         let (b, cin, h, w) = dims4(l1)?;
         let (cout, _, k, _) = dims4(l2)?;
-        // SAFETY: `conv_forward` writes every output value.
-        let mut out = unsafe { output_buffer(b * cout * h * w) };
         let epi = Epilogue {
             bias: Some(slice(s3, l3)?),
             affine: None,
             relu: self.relu,
         };
         let (x, weight) = (slice(s1, l1)?, slice(s2, l2)?);
-        conv_forward(x, (b, cin, h, w), weight, (cout, k), epi, &mut out, &self.cfg);
+        // SAFETY: `conv_forward` writes every output value before reading it.
+        let out = unsafe {
+            fresh(b * cout * h * w, |out| {
+                conv_forward(x, (b, cin, h, w), weight, (cout, k), epi, out, &self.cfg)
+            })
+        };
         Ok((CpuStorage::F32(out), Shape::from((b, cout, h, w))))
     }
 
@@ -321,17 +326,12 @@ pub(crate) fn backward(
     // kernel, channels swapped (planned as that forward pass).
     let dx = if x.track_op() {
         let flipped = with_data(weight, |wt| flip_transpose(wt, cout, cin, k))?;
-        // SAFETY: `conv_forward` writes every output value.
-        let mut dx = unsafe { output_buffer(b * cin * h * w) };
-        conv_forward(
-            g,
-            (b, cout, h, w),
-            &flipped,
-            (cin, k),
-            Epilogue::default(),
-            &mut dx,
-            cfg,
-        );
+        // SAFETY: `conv_forward` writes every output value before reading it.
+        let dx = unsafe {
+            fresh(b * cin * h * w, |dx| {
+                conv_forward(g, (b, cout, h, w), &flipped, (cin, k), Epilogue::default(), dx, cfg)
+            })
+        };
         Some(Tensor::from_vec(dx, (b, cin, h, w), x.device())?)
     } else {
         None
@@ -412,19 +412,13 @@ impl CustomOp3 for ConvAffineReluOp {
             affine: Some((&packed[cout..2 * cout], &packed[2 * cout..])),
             relu: true,
         };
-        // SAFETY: `source_forward` writes every output value.
-        let mut out = unsafe { output_buffer(b * cout * ho * wo) };
         let (x, weight) = (slice(s1, l1)?, slice(s2, l2)?);
-        source_forward(
-            self.source,
-            x,
-            (b, cin, h, w),
-            weight,
-            (cout, k),
-            epi,
-            &mut out,
-            &self.cfg,
-        );
+        // SAFETY: `source_forward` writes every output value before reading it.
+        let out = unsafe {
+            fresh(b * cout * ho * wo, |out| {
+                source_forward(self.source, x, (b, cin, h, w), weight, (cout, k), epi, out, &self.cfg)
+            })
+        };
         Ok((CpuStorage::F32(out), Shape::from((b, cout, ho, wo))))
     }
 
@@ -445,16 +439,21 @@ impl CustomOp3 for ConvAffineReluOp {
         // The convolution plus bias again, exactly as the forward pass had it.
         let z = with_data(x, |xs| {
             with_data(weight, |wt| {
-                // SAFETY: `source_forward` writes every output value.
-                let mut z = unsafe { output_buffer(b * cout * hw) };
                 let epi = Epilogue::bias(bias);
-                source_forward(self.source, xs, (b, cin, h, w), wt, (cout, k), epi, &mut z, &self.cfg);
-                z
+                // SAFETY: `source_forward` writes every output value before
+                // reading it.
+                unsafe {
+                    fresh(b * cout * hw, |z| {
+                        source_forward(self.source, xs, (b, cin, h, w), wt, (cout, k), epi, z, &self.cfg)
+                    })
+                }
             })
         })??;
+        let mut dz_fresh = Fresh::new(z.len());
         // SAFETY: every plane is written in full by
-        // `affine_relu_backward_plane`.
-        let mut dz = unsafe { output_buffer(z.len()) };
+        // `affine_relu_backward_plane`, which reads none of it; the slots are
+        // handed on only once written (below).
+        let dz = unsafe { dz_fresh.slots() };
         let per_plane: Vec<(f64, f64)> = with_data(dy, |g| {
             dz.par_chunks_mut(hw)
                 .zip(z.par_chunks(hw).zip(g.par_chunks(hw)))
@@ -464,6 +463,8 @@ impl CustomOp3 for ConvAffineReluOp {
                 })
                 .collect()
         })?;
+        // SAFETY: every plane was written above.
+        let dz = unsafe { dz_fresh.written() };
         let (mut dscale, mut dshift) = (vec![0f64; cout], vec![0f64; cout]);
         for (p, (sgz, sg)) in per_plane.into_iter().enumerate() {
             dscale[p % cout] += sgz;

@@ -112,27 +112,92 @@ pub fn has_avx512() -> bool {
     false
 }
 
-/// `n` values for a kernel that writes every one of them before anything
-/// reads them, without filling them first: a zero fill is a pass over
-/// memory, made on one thread before the parallel kernel starts, and on a
-/// training step's activations it was 4–6 % of the step's samples (see
-/// BENCHMARKS.md, fifth round). In this crate's tests the values are NaN
-/// instead, so that a kernel that leaves one unwritten fails its comparison
-/// against candle.
+/// `n` output values for a kernel that writes every one of them before
+/// anything reads them, without filling them first: a zero fill is a pass
+/// over memory, made on one thread before the parallel kernel starts, and on
+/// a training step's activations it was 4–6 % of the step's samples (see
+/// BENCHMARKS.md, fifth round).
+///
+/// The values live in the spare capacity of an empty `Vec` (as
+/// [`MaybeUninit`](std::mem::MaybeUninit) slots, which may hold anything)
+/// until [`Fresh::written`] gives the vector its length: no `Vec<f32>` ever
+/// holds a value that was not written, and a kernel that panics half-way
+/// drops an empty vector. In this crate's tests the slots are NaN instead of
+/// left as they were, so that a kernel that leaves one unwritten fails its
+/// comparison against candle.
+pub(crate) struct Fresh {
+    values: Vec<f32>,
+    n: usize,
+}
+
+impl Fresh {
+    /// Room for `n` values, none of them written.
+    pub(crate) fn new(n: usize) -> Self {
+        #[allow(unused_mut)]
+        let mut values = Vec::with_capacity(n);
+        #[cfg(test)]
+        for slot in values.spare_capacity_mut() {
+            slot.write(f32::NAN);
+        }
+        Self { values, n }
+    }
+
+    /// The `n` values, for the kernel to write.
+    ///
+    /// # Safety
+    /// The caller writes each value before it reads it, here or through
+    /// the buffer's later views, and hands the buffer on only through
+    /// [`Fresh::written`].
+    pub(crate) unsafe fn slots(&mut self) -> &mut [f32] {
+        let spare = &mut self.values.spare_capacity_mut()[..self.n];
+        // SAFETY: the `n` slots lie inside the vector's allocation, aligned
+        // for f32 (`MaybeUninit<f32>` has f32's layout), borrowed mutably
+        // from `self` for the slice's lifetime. The slice is a write-first
+        // view: by the caller's contract no value is read before it is
+        // written, so no unwritten float is ever produced.
+        unsafe { std::slice::from_raw_parts_mut(spare.as_mut_ptr().cast::<f32>(), self.n) }
+    }
+
+    /// The first value's address, for a kernel that writes the values through
+    /// raw pointers (on several threads).
+    pub(crate) fn as_mut_ptr(&mut self) -> *mut f32 {
+        self.values.as_mut_ptr()
+    }
+
+    /// The values, once the kernel has written all of them.
+    ///
+    /// # Safety
+    /// Every one of the `n` values has been written.
+    pub(crate) unsafe fn written(mut self) -> Vec<f32> {
+        // SAFETY: the capacity is at least `n`, and by the caller's
+        // contract all `n` values are initialised.
+        unsafe { self.values.set_len(self.n) };
+        self.values
+    }
+}
+
+/// `n` values written by `write`, which writes every one of them before it
+/// reads any (the common case of [`Fresh`]), and what `write` returns.
 ///
 /// # Safety
-/// The caller writes every element before any is read, and before the
-/// buffer reaches anything that reads it (a tensor, another kernel).
-#[allow(clippy::uninit_vec)]
-pub(crate) unsafe fn output_buffer(n: usize) -> Vec<f32> {
-    let mut v = Vec::with_capacity(n);
-    // SAFETY: the capacity is `n`; every `f32` bit pattern is a valid value,
-    // and the caller's contract is that no element is read before it is
-    // written.
-    unsafe { v.set_len(n) };
-    #[cfg(test)]
-    v.fill(f32::NAN);
-    v
+/// `write` writes each of the `n` values before reading it, and all of
+/// them before it returns.
+pub(crate) unsafe fn fresh_with<R>(n: usize, write: impl FnOnce(&mut [f32]) -> R) -> (Vec<f32>, R) {
+    let mut fresh = Fresh::new(n);
+    // SAFETY: by the caller's contract `write` writes before it reads, and
+    // the slots reach nothing else.
+    let r = write(unsafe { fresh.slots() });
+    // SAFETY: by the caller's contract `write` wrote all `n` values.
+    (unsafe { fresh.written() }, r)
+}
+
+/// [`fresh_with`] for a `write` that returns nothing.
+///
+/// # Safety
+/// As for [`fresh_with`].
+pub(crate) unsafe fn fresh(n: usize, write: impl FnOnce(&mut [f32])) -> Vec<f32> {
+    // SAFETY: the caller's contract is `fresh_with`'s.
+    unsafe { fresh_with(n, write) }.0
 }
 
 /// Vector lanes of f32 partial sums: independent running sums the compiler

@@ -18,7 +18,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 use crate::bn::{BnStats, normalise_relu, relu_backward, statistics};
 use crate::conv::{self, Source, source_forward};
-use crate::cpu::output_buffer;
+use crate::cpu::fresh;
 use crate::gemm::Epilogue;
 use crate::{KernelConfig, slice};
 
@@ -55,25 +55,22 @@ impl CustomOp3 for ConvBnReluTrain {
         let (bias, gamma, beta) = (&packed[..cout], &packed[cout..2 * cout], &packed[2 * cout..]);
         let (ho, wo) = self.source.out_hw(h, w);
         let hw = ho * wo;
-        // SAFETY: `source_forward` writes every output value.
-        let mut z = unsafe { output_buffer(b * cout * hw) };
         let (x, weight) = (slice(s1, l1)?, slice(s2, l2)?);
         let epi = Epilogue::bias(bias);
-        source_forward(
-            self.source,
-            x,
-            (b, cin, h, w),
-            weight,
-            (cout, k),
-            epi,
-            &mut z,
-            &self.cfg,
-        );
+        // SAFETY: `source_forward` writes every output value before reading it.
+        let z = unsafe {
+            fresh(b * cout * hw, |z| {
+                source_forward(self.source, x, (b, cin, h, w), weight, (cout, k), epi, z, &self.cfg)
+            })
+        };
         let simd = self.cfg.simd;
         let stats = statistics(simd, &z, b, cout, hw, self.eps);
-        // SAFETY: `normalise_relu` writes every plane in full.
-        let mut out = unsafe { output_buffer(z.len()) };
-        normalise_relu(simd, &z, &mut out, cout, hw, &stats, gamma, beta);
+        // SAFETY: `normalise_relu` writes every plane in full, reading none.
+        let out = unsafe {
+            fresh(z.len(), |out| {
+                normalise_relu(simd, &z, out, cout, hw, &stats, gamma, beta)
+            })
+        };
         *self.saved.lock().expect("saved lock") = Some(Saved { z, stats });
         Ok((CpuStorage::F32(out), Shape::from((b, cout, ho, wo))))
     }

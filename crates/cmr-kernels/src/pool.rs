@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::cpu::{output_buffer, simd_fn};
+use crate::cpu::{fresh, simd_fn};
 use crate::{KernelConfig, slice, with_data};
 
 simd_fn! {
@@ -53,13 +53,16 @@ impl CustomOp1 for MaxPoolOp {
         }
         let (ho, wo) = (h / k, w / k);
         let x = slice(s, l)?;
-        // SAFETY: `pool_plane` writes every output of its plane.
-        let mut out = unsafe { output_buffer(b * c * ho * wo) };
-        let mut arg = vec![0u32; out.len()];
-        out.par_chunks_mut(ho * wo)
-            .zip(arg.par_chunks_mut(ho * wo))
-            .zip(x.par_chunks(h * w))
-            .for_each(|((o, a), plane)| pool_plane(simd, o, a, plane, k, w, ho, wo));
+        let mut arg = vec![0u32; b * c * ho * wo];
+        // SAFETY: `pool_plane` writes every output of its plane, reading none.
+        let out = unsafe {
+            fresh(arg.len(), |out| {
+                out.par_chunks_mut(ho * wo)
+                    .zip(arg.par_chunks_mut(ho * wo))
+                    .zip(x.par_chunks(h * w))
+                    .for_each(|((o, a), plane)| pool_plane(simd, o, a, plane, k, w, ho, wo))
+            })
+        };
         *self.argmax.lock().expect("argmax lock") = arg;
         Ok((CpuStorage::F32(out), Shape::from((b, c, ho, wo))))
     }
@@ -168,19 +171,22 @@ impl CustomOp1 for UnpoolOp {
         let (b, c, h, w) = self.argmax.input;
         let per = arg.elem_count() / (b * c).max(1);
         let dx = with_data(dy, |g| {
-            // SAFETY: every element is written below, from its position.
-            let mut dx = unsafe { output_buffer(arg.elem_count()) };
-            self.argmax.with_positions(|pos| {
-                dx.par_chunks_mut(per)
-                    .zip(g.par_chunks(h * w))
-                    .zip(pos.par_chunks(per))
-                    .for_each(|((d, gp), pp)| {
-                        for (d, &i) in d.iter_mut().zip(pp) {
-                            *d = gp[i as usize];
-                        }
-                    });
-            });
-            dx
+            // SAFETY: every element is written below, from its position,
+            // and none is read.
+            unsafe {
+                fresh(arg.elem_count(), |dx| {
+                    self.argmax.with_positions(|pos| {
+                        dx.par_chunks_mut(per)
+                            .zip(g.par_chunks(h * w))
+                            .zip(pos.par_chunks(per))
+                            .for_each(|((d, gp), pp)| {
+                                for (d, &i) in d.iter_mut().zip(pp) {
+                                    *d = gp[i as usize];
+                                }
+                            });
+                    })
+                })
+            }
         })?;
         Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
     }

@@ -14,7 +14,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use crate::cpu::{block_sum, output_buffer, simd_fn, threads};
+use crate::cpu::{block_sum, fresh, simd_fn, threads};
 use crate::gemm::{View, matmul, rows, with_scratch};
 use crate::{KernelConfig, slice, with_data};
 
@@ -88,8 +88,6 @@ impl CustomOp3 for UpConvOp {
             rs: 1,
             cs: c4,
         };
-        // SAFETY: `interleave` writes both values of every pair.
-        let mut out = unsafe { output_buffer(b * c4 * hw) };
         let one = |xi: &[f32], yi: &mut [f32], par| {
             with_scratch(|scratch| {
                 // Every element is written by the GEMM (no accumulation).
@@ -99,15 +97,21 @@ impl CustomOp3 for UpConvOp {
                 interleave(simd, yi, t, bias, h, w);
             });
         };
-        if b < threads() {
-            for (xi, yi) in x.chunks(cin * hw).zip(out.chunks_mut(c4 * hw)) {
-                one(xi, yi, Parallelism::Rayon(threads()));
-            }
-        } else {
-            out.par_chunks_mut(c4 * hw)
-                .zip(x.par_chunks(cin * hw))
-                .for_each(|(yi, xi)| one(xi, yi, Parallelism::None));
-        }
+        // SAFETY: `interleave` writes both values of every pair, of every
+        // image, and reads none.
+        let out = unsafe {
+            fresh(b * c4 * hw, |out| {
+                if b < threads() {
+                    for (xi, yi) in x.chunks(cin * hw).zip(out.chunks_mut(c4 * hw)) {
+                        one(xi, yi, Parallelism::Rayon(threads()));
+                    }
+                } else {
+                    out.par_chunks_mut(c4 * hw)
+                        .zip(x.par_chunks(cin * hw))
+                        .for_each(|(yi, xi)| one(xi, yi, Parallelism::None));
+                }
+            })
+        };
         Ok((CpuStorage::F32(out), Shape::from((b, cout, 2 * h, 2 * w))))
     }
 

@@ -7,7 +7,7 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::cpu::{output_buffer, simd_fn};
+use crate::cpu::{fresh, simd_fn};
 use crate::{KernelConfig, slice, with_data};
 
 /// For each output index along one axis: the two input indices it reads and
@@ -96,11 +96,14 @@ impl CustomOp1 for UpsampleOp {
         let f = self.factor;
         let (th, tw) = (taps(h, f), taps(w, f));
         let x = slice(s, l)?;
-        // SAFETY: `up_plane` writes every row of its output plane.
-        let mut out = unsafe { output_buffer(b * c * h * f * w * f) };
-        out.par_chunks_mut(h * f * w * f)
-            .zip(x.par_chunks(h * w))
-            .for_each_init(Vec::new, |rows, (y, xp)| up_plane(simd, xp, w, &th, &tw, rows, y));
+        // SAFETY: `up_plane` writes every row of its output plane, reading none.
+        let out = unsafe {
+            fresh(b * c * h * f * w * f, |out| {
+                out.par_chunks_mut(h * f * w * f)
+                    .zip(x.par_chunks(h * w))
+                    .for_each_init(Vec::new, |rows, (y, xp)| up_plane(simd, xp, w, &th, &tw, rows, y))
+            })
+        };
         Ok((CpuStorage::F32(out), Shape::from((b, c, h * f, w * f))))
     }
 

@@ -30,7 +30,7 @@
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use crate::cpu::{Simd, block_sum, output_buffer, simd_fn, threads};
+use crate::cpu::{Fresh, Simd, block_sum, simd_fn, threads};
 use crate::gemm::{Epilogue, View, matmul, rows};
 use crate::upsample::{Taps, taps};
 
@@ -243,11 +243,13 @@ pub(crate) fn forward(simd: Simd, x: &[f32], weight: &[f32], d: Dims, epi: Epilo
     let wr = tap_major(weight, cout, cin, kk);
     let (th, tw) = (taps(h, f), taps(w, f));
     let interp = Interp { d, th: &th, tw: &tw };
-    // SAFETY: the GEMM writes every value (no accumulation).
-    let mut z = unsafe { output_buffer(cout * kk * hw) };
+    let mut z = Fresh::new(cout * kk * hw);
+    // SAFETY: scratch that each image's GEMM writes in full (no accumulation)
+    // before the expansion reads it.
+    let z = unsafe { z.slots() };
     for (xi, oi) in x.chunks(cin * hw).zip(out.chunks_mut(cout * d.out_plane())) {
         matmul(
-            &mut z,
+            z,
             hw,
             1,
             false,
@@ -296,12 +298,16 @@ pub(crate) fn backward(
     let wr = tap_major(weight, cout, cin, kk);
     let (th, tw) = (taps(h, f), taps(w, f));
     let interp = Interp { d, th: &th, tw: &tw };
-    // SAFETY: `expand_adjoint` writes every value of each channel's block.
-    let mut dz = unsafe { output_buffer(cout * kk * hw) };
+    let mut dz = Fresh::new(cout * kk * hw);
+    // SAFETY: scratch in which `expand_adjoint` writes every value of each
+    // channel's block, for each image, before the GEMMs read it.
+    let dz = unsafe { dz.slots() };
     let mut dwr = vec![0f32; cout * kk * cin];
     let mut db = vec![0f64; cout];
-    // SAFETY: each image's slice is written by a GEMM without accumulation.
-    let mut dx = need_dx.then(|| unsafe { output_buffer(b * cin * hw) });
+    let mut dx_fresh = need_dx.then(|| Fresh::new(b * cin * hw));
+    // SAFETY: each image's slice is written by a GEMM without accumulation,
+    // and nothing reads it here.
+    let mut dx = dx_fresh.as_mut().map(|f| unsafe { f.slots() });
     for (i, (xi, gi)) in x.chunks(cin * hw).zip(g.chunks(cout * plane)).enumerate() {
         for (co, gp) in gi.chunks(plane).enumerate() {
             db[co] += block_sum(gp, |v| v);
@@ -317,16 +323,7 @@ pub(crate) fn backward(
             rs: 1,
             cs: hw,
         };
-        matmul(
-            &mut dwr,
-            cin,
-            1,
-            i > 0,
-            rows(&dz, hw),
-            xt,
-            (cout * kk, cin, hw),
-            inner(),
-        );
+        matmul(&mut dwr, cin, 1, i > 0, rows(dz, hw), xt, (cout * kk, cin, hw), inner());
         if let Some(dx) = dx.as_mut() {
             // dX = Wrᵀ · dZ: [cin, cout·kk] × [cout·kk, hw]
             let wt = View {
@@ -335,11 +332,12 @@ pub(crate) fn backward(
                 cs: cin,
             };
             let dxi = &mut dx[i * cin * hw..][..cin * hw];
-            matmul(dxi, hw, 1, false, wt, rows(&dz, hw), (cin, hw, cout * kk), inner());
+            matmul(dxi, hw, 1, false, wt, rows(dz, hw), (cin, hw, cout * kk), inner());
         }
     }
     (
-        dx,
+        // SAFETY: every image's slice was written above.
+        dx_fresh.map(|f| unsafe { f.written() }),
         weight_major(&dwr, cout, cin, kk),
         db.into_iter().map(|v| v as f32).collect(),
     )

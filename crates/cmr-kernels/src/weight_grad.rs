@@ -6,7 +6,7 @@
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use crate::cpu::{Simd, output_buffer, simd_fn, threads};
+use crate::cpu::{Simd, fresh, simd_fn, threads};
 use crate::gemm::{Scratch, add_plane_sums, matmul, rows, transposed, with_scratch};
 use crate::im2col::im2col;
 use crate::shifted::{tap_major_to_weight, weight_grad_shifted};
@@ -34,7 +34,7 @@ pub(crate) fn conv_weight_grad(
     };
     // One image's share, added to `dw` (or written, the first image of a
     // sum: `acc` false).
-    let one = |xi: &[f32], gi: &[f32], dw: &mut Vec<f32>, db: &mut Vec<f64>, scratch: &mut Scratch, par, acc| {
+    let one = |xi: &[f32], gi: &[f32], dw: &mut [f32], db: &mut Vec<f64>, scratch: &mut Scratch, par, acc| {
         add_plane_sums(simd, db, gi, hw);
         if shifted {
             weight_grad_shifted(simd, xi, gi, (cin, h, w, cout, k), dw, scratch, par, acc);
@@ -60,19 +60,22 @@ pub(crate) fn conv_weight_grad(
             par,
         );
     };
-    // A fresh sum: the first image's GEMMs write every value.
-    // SAFETY: the callers below pass `acc` false for the first image.
-    let fresh = || (unsafe { output_buffer(cout * kk) }, vec![0f64; cout]);
     if b == 0 {
         return finish(vec![0f32; cout * kk], vec![0f64; cout]);
     }
     if b < threads() {
-        let (mut dw, mut db) = fresh();
-        with_scratch(|scratch| {
-            for (i, (xi, gi)) in x.chunks(cin * hw).zip(dy.chunks(cout * hw)).enumerate() {
-                one(xi, gi, &mut dw, &mut db, scratch, Parallelism::Rayon(threads()), i > 0);
-            }
-        });
+        let mut db = vec![0f64; cout];
+        // SAFETY: a fresh sum: the first image (there is one) passes `acc`
+        // false, so its GEMMs write every value before any is read.
+        let dw = unsafe {
+            fresh(cout * kk, |dw| {
+                with_scratch(|scratch| {
+                    for (i, (xi, gi)) in x.chunks(cin * hw).zip(dy.chunks(cout * hw)).enumerate() {
+                        one(xi, gi, dw, &mut db, scratch, Parallelism::Rayon(threads()), i > 0);
+                    }
+                })
+            })
+        };
         return finish(dw, db);
     }
     // Images split into one contiguous run per thread, partial sums added in
@@ -81,14 +84,21 @@ pub(crate) fn conv_weight_grad(
     let partials: Vec<(Vec<f32>, Vec<f64>)> = (0..b.div_ceil(per))
         .into_par_iter()
         .map(|t| {
-            let (mut dw, mut db) = fresh();
-            with_scratch(|scratch| {
-                for i in t * per..((t + 1) * per).min(b) {
-                    let xi = &x[i * cin * hw..(i + 1) * cin * hw];
-                    let gi = &dy[i * cout * hw..(i + 1) * cout * hw];
-                    one(xi, gi, &mut dw, &mut db, scratch, Parallelism::None, i > t * per);
-                }
-            });
+            let mut db = vec![0f64; cout];
+            // SAFETY: a fresh sum: the run's first image (`t·per < b`, so
+            // there is one) passes `acc` false, so its GEMMs write every
+            // value before any is read.
+            let dw = unsafe {
+                fresh(cout * kk, |dw| {
+                    with_scratch(|scratch| {
+                        for i in t * per..((t + 1) * per).min(b) {
+                            let xi = &x[i * cin * hw..(i + 1) * cin * hw];
+                            let gi = &dy[i * cout * hw..(i + 1) * cout * hw];
+                            one(xi, gi, dw, &mut db, scratch, Parallelism::None, i > t * per);
+                        }
+                    })
+                })
+            };
             (dw, db)
         })
         .collect();

@@ -29,7 +29,7 @@
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use crate::cpu::{SendPtr, Simd, block_sum, output_buffer, simd_fn};
+use crate::cpu::{Fresh, SendPtr, Simd, block_sum, fresh, simd_fn};
 use crate::gemm::{Epilogue, View, matmul, rows};
 use crate::plan::Tile;
 
@@ -83,8 +83,7 @@ const KERNEL_BLOCK: usize = 64;
 fn transform_weights(simd: Simd, tile: Tile, weight: &[f32], cout: usize, cin: usize) -> Vec<f32> {
     let n = cout * cin;
     let p = tile.positions();
-    // SAFETY: every (ξ, co, ci) value is written below.
-    let mut u = unsafe { output_buffer(p * n) };
+    let mut u = Fresh::new(p * n);
     let up = SendPtr(u.as_mut_ptr());
     weight.par_chunks(cin * 9).enumerate().for_each_init(
         || (vec![0f32; 9 * cin], vec![0f32; 18 * KERNEL_BLOCK]),
@@ -108,7 +107,8 @@ fn transform_weights(simd: Simd, tile: Tile, weight: &[f32], cout: usize, cin: u
             }
         },
     );
-    u
+    // SAFETY: every (ξ, co, ci) value was written above.
+    unsafe { u.written() }
 }
 
 /// `G g Gᵀ` (`N × N`) of `len` kernels side by side, `g[i·3 + j]` tap `(i,
@@ -637,8 +637,7 @@ fn transform_input(simd: Simd, tile: Tile, x: &[f32], (cin, h, w): (usize, usize
     let (first, r) = (c.first, c.r);
     let t = c.tiles(tw);
     let wp = m * q;
-    // SAFETY: every (ξ, channel, tile) value is written below.
-    let mut v = unsafe { output_buffer(p * cin * t) };
+    let mut v = Fresh::new(p * cin * t);
     let vp = SendPtr(v.as_mut_ptr());
     // the band's input rows, m·ty0 − 1 ..= m·ty1, zero-padded
     let band_rows = m * (c.ty1 - c.ty0) + 2;
@@ -679,7 +678,8 @@ fn transform_input(simd: Simd, tile: Tile, x: &[f32], (cin, h, w): (usize, usize
             }
         },
     );
-    v
+    // SAFETY: every (ξ, channel, tile) value was written above.
+    unsafe { v.written() }
 }
 
 /// The weight and bias gradients of the convolution (`[cout, cin, 3, 3]`,
@@ -705,15 +705,20 @@ pub(crate) fn weight_grad(
                 .sum::<f64>() as f32
         })
         .collect();
-    // SAFETY: the first chunk's GEMMs write every value (no accumulation).
-    let mut du = unsafe { output_buffer(p * cout * cin) };
+    if b == 0 {
+        return (vec![0f32; cout * cin * 9], db);
+    }
+    let mut du = Fresh::new(p * cout * cin);
+    // SAFETY: scratch whose every value the first chunk's GEMMs write (no
+    // accumulation; with an image there is a first chunk) before the later
+    // chunks and the last step read it.
+    let du = unsafe { du.slots() };
     for (ci_, c) in Chunk::all(b, th, tw, tile.chunk_tiles()).into_iter().enumerate() {
         let (first, r) = (c.first, c.r);
         let t = c.tiles(tw);
         let v = transform_input(simd, tile, x, (cin, h, w), c);
         // dM [positions, cout, t]
-        // SAFETY: every (ξ, channel, tile) value is written below.
-        let mut dm = unsafe { output_buffer(p * cout * t) };
+        let mut dm = Fresh::new(p * cout * t);
         let dp = SendPtr(dm.as_mut_ptr());
         let nty = c.ty1 - c.ty0;
         // the chunk's rows of each plane of dy
@@ -733,6 +738,8 @@ pub(crate) fn weight_grad(
                 }
             },
         );
+        // SAFETY: every (ξ, channel, tile) value was written above.
+        let dm = unsafe { dm.written() };
         // dU[ξ] (+)= dM[ξ] · V[ξ]ᵀ: [cout, t] × [t, cin]
         let accumulate = ci_ > 0;
         du.par_chunks_mut(cout * cin)
@@ -800,22 +807,26 @@ pub(crate) fn forward(
         let t = c.tiles(tw);
         let v = transform_input(simd, tile, x, (cin, h, w), c);
         // M[ξ] = U[ξ] · V[ξ]: [cout, cin] × [cin, t], the products on the threads
-        // SAFETY: every M[ξ] is written by its GEMM (no accumulation).
-        let mut mm = unsafe { output_buffer(p * cout * t) };
-        mm.par_chunks_mut(cout * t)
-            .zip(u.par_chunks(cout * cin).zip(v.par_chunks(cin * t)))
-            .for_each(|(mx, (ux, vx))| {
-                matmul(
-                    mx,
-                    t,
-                    1,
-                    false,
-                    rows(ux, cin),
-                    rows(vx, t),
-                    (cout, t, cin),
-                    Parallelism::None,
-                );
-            });
+        // SAFETY: every M[ξ] is written by its GEMM (no accumulation), and
+        // none read.
+        let mm = unsafe {
+            fresh(p * cout * t, |mm| {
+                mm.par_chunks_mut(cout * t)
+                    .zip(u.par_chunks(cout * cin).zip(v.par_chunks(cin * t)))
+                    .for_each(|(mx, (ux, vx))| {
+                        matmul(
+                            mx,
+                            t,
+                            1,
+                            false,
+                            rows(ux, cin),
+                            rows(vx, t),
+                            (cout, t, cin),
+                            Parallelism::None,
+                        );
+                    })
+            })
+        };
         // outputs, one task per (image, output channel): output rows m·ty0
         // .. m·ty1 of each plane
         let (y0, y1) = (m * c.ty0, (m * c.ty1).min(h));
@@ -936,18 +947,13 @@ mod tests {
                 ),
             ] {
                 for tile in [Tile::F2x2, Tile::F4x4] {
-                    // NaN-filled (`output_buffer` in tests): a value not written fails
+                    // NaN-filled (`Fresh` in tests): a value not written fails
                     // SAFETY: `forward` writes every value (what the test checks).
-                    let mut out = unsafe { output_buffer(b * cout * h * w) };
-                    forward(
-                        CFG.simd,
-                        tile,
-                        &data(&x),
-                        &data(&wt),
-                        (b, cin, h, w, cout),
-                        epi,
-                        &mut out,
-                    );
+                    let out = unsafe {
+                        fresh(b * cout * h * w, |out| {
+                            forward(CFG.simd, tile, &data(&x), &data(&wt), (b, cin, h, w, cout), epi, out)
+                        })
+                    };
                     let got = Tensor::from_vec(out, (b, cout, h, w), &dev).unwrap();
                     let e = max_rel(&got, &expected);
                     assert!(e < tolerance(tile), "{tile:?} {shape:?} {name}: {e}");
