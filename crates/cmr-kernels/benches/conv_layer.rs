@@ -8,11 +8,15 @@
 //! images' shapes, where their backward pass runs batch-wide, and in a third
 //! what Winograd's minimal filtering does for layers with many channels;
 //! the fourth compares its two tiles there: F(2×2, 3×3) everywhere, or the
-//! default's choice (F(4×4, 3×3) where the batch has 144 of its tiles).
+//! default's choice (F(4×4, 3×3) where the batch has 144 of its tiles);
+//! the fifth, `bf16`, the forward pass alone (inference) in f32 and in bf16
+//! on the AMX tiles, with the bf16 side's GFLOP/s of direct-convolution work
+//! and its fraction of the tiles' peak (1024 flops per cycle and core at the
+//! clock of the f32 peak, 294 GFLOP/s on two cores: about 4.7 TFLOP/s).
 //!
 //! `cargo bench -p cmr-kernels --bench conv_layer [-- --rounds N] [TABLE…]`
 //! (one thread unless `RAYON_NUM_THREADS` says otherwise); `TABLE` is one
-//! of `direct`, `batched`, `winograd`, `tiles` (default: all four).
+//! of `direct`, `batched`, `winograd`, `tiles`, `bf16` (default: all five).
 
 #![allow(clippy::print_stdout, clippy::unwrap_used)]
 
@@ -29,7 +33,7 @@ fn main() {
         .and_then(|i| args.get(i + 1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(7);
-    const TABLES: [&str; 4] = ["direct", "batched", "winograd", "tiles"];
+    const TABLES: [&str; 5] = ["direct", "batched", "winograd", "tiles", "bf16"];
     let mut chosen: Vec<&str> = Vec::new();
     let mut rest = args.iter();
     while let Some(a) = rest.next() {
@@ -123,6 +127,73 @@ fn main() {
             ..on
         };
         table(&winograd, rounds, [("F(2×2)", f2), ("default", on)]);
+    }
+    if wanted("bf16") {
+        if !cmr_kernels::amx::has_amx() {
+            println!("# bf16: no AMX-BF16 on this CPU (both sides would run f32)");
+            return;
+        }
+        let bf16 = KernelConfig {
+            precision: cmr_kernels::Precision::Bf16,
+            ..on
+        };
+        // the report's widths' layers (U-Net, U-Net 3+'s encoder), batch 1
+        // and 8
+        let layers = [
+            (1, 64, 64, 96),
+            (1, 128, 128, 48),
+            (1, 256, 256, 24),
+            (1, 512, 512, 12),
+            (1, 1024, 1024, 6),
+            (8, 64, 64, 96),
+            (8, 128, 128, 48),
+            (8, 256, 256, 24),
+            (8, 512, 512, 12),
+            (8, 1024, 1024, 6),
+        ];
+        forward_table(&layers, rounds, [("f32", on), ("bf16", bf16)]);
+    }
+}
+
+/// The bf16 tiles' peak on this machine's two cores (see the module doc).
+const BF16_PEAK_GFLOPS: f64 = 294.0 * 16.0;
+
+/// One line per shape: the layer's forward time (conv + bias) under each
+/// setting, alternating, and the second's GFLOP/s.
+fn forward_table(shapes: &[(usize, usize, usize, usize)], rounds: usize, modes: [(&str, KernelConfig); 2]) {
+    let names = modes.map(|(n, _)| n);
+    let dev = Device::Cpu;
+    println!(
+        "{:<22} {} {:>10} {:>9}",
+        "b, cin, cout, side",
+        names.map(|m| format!("{m:>12}")).join(""),
+        "GFLOP/s",
+        "of peak"
+    );
+    for &(b, cin, cout, side) in shapes {
+        let x = Tensor::randn(0f32, 1.0, (b, cin, side, side), &dev).unwrap();
+        let w = Tensor::randn(0f32, 0.1, (cout, cin, 3, 3), &dev).unwrap();
+        let bias = Tensor::zeros(cout, candle_core::DType::F32, &dev).unwrap();
+        let run = |cfg: &KernelConfig| {
+            std::hint::black_box(cmr_kernels::conv2d(&x, &w, &bias, cfg).unwrap());
+        };
+        let mut best = [f64::INFINITY; 2];
+        for _ in 0..rounds {
+            for (i, (_, cfg)) in modes.iter().enumerate() {
+                run(cfg);
+                let t = Instant::now();
+                run(cfg);
+                best[i] = best[i].min(t.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        let flops = 2.0 * (b * cin * cout * 9 * side * side) as f64;
+        let gflops = flops / (best[1] * 1e-3) / 1e9;
+        println!(
+            "{:<22} {} {gflops:>10.0} {:>8.1}%",
+            format!("{b}, {cin}, {cout}, {side}"),
+            best.map(|v| format!("{v:>12.2}")).join(""),
+            100.0 * gflops / BF16_PEAK_GFLOPS
+        );
     }
 }
 

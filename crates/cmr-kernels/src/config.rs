@@ -27,6 +27,10 @@ pub struct KernelConfig {
     /// Convolve an up-sampled input at its own resolution (U-Net 3+'s
     /// decoder branches) instead of up-sampling it first.
     pub upsampled: bool,
+    /// The precision of the convolutions' products: bf16 on the CPU's
+    /// matrix engine (AMX) where it has one and the layer suits it
+    /// ([`crate::plan`]), f32 elsewhere.
+    pub precision: Precision,
 }
 
 impl Default for KernelConfig {
@@ -44,6 +48,7 @@ impl KernelConfig {
         batched: Batched::Auto,
         direct: true,
         upsampled: true,
+        precision: Precision::F32,
     };
 
     /// candle's own ops everywhere.
@@ -82,6 +87,28 @@ pub enum Simd {
     /// The build's baseline (SSE2 on x86-64): the same bits, slower; for
     /// comparisons.
     Baseline,
+}
+
+/// The precision of the convolutions' products (their sums, BatchNorm, the
+/// loss and the weights stay f32).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    /// f32 products everywhere.
+    #[default]
+    F32,
+    /// bf16 operands, f32 sums, on AMX tiles where the CPU has them (for the
+    /// layers [`crate::plan`] gives them); f32 elsewhere.
+    Bf16,
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+        })
+    }
 }
 
 /// Where 3×3 convolutions run by Winograd's minimal filtering.
@@ -137,7 +164,7 @@ mod tests {
         let json = serde_json::to_string(&cfg).unwrap();
         assert_eq!(
             json,
-            r#"{"enabled":true,"simd":"baseline","winograd":"f4x4","batched":"always","direct":false,"upsampled":true}"#
+            r#"{"enabled":true,"simd":"baseline","winograd":"f4x4","batched":"always","direct":false,"upsampled":true,"precision":"f32"}"#
         );
         assert_eq!(serde_json::from_str::<KernelConfig>(&json).unwrap(), cfg);
         assert_eq!(

@@ -18,7 +18,7 @@ use crate::cpu::{Fresh, fresh, simd_fn, threads};
 use crate::gemm::{Epilogue, Scratch, affine_in_place, matmul, relu_in_place, relu_mask, rows, with_scratch};
 use crate::im2col::im2col;
 use crate::plan::{Algorithm, ConvShape, Pass, plan};
-use crate::{batched, dims4, direct, shifted, slice, upsampled, weight_grad, winograd, with_data};
+use crate::{batched, bf16_conv, dims4, direct, shifted, slice, upsampled, weight_grad, winograd, with_data};
 
 /// What a convolution op convolves: its input, or its input bilinearly
 /// up-sampled by an integer factor (computed at the input's resolution by
@@ -113,6 +113,11 @@ pub(crate) fn conv_forward(
     let algorithm = plan(&shape(dims, (cout, k), Source::Input), Pass::Forward, cfg);
     match algorithm {
         Algorithm::Winograd(tile) => return winograd::forward(simd, tile, x, weight, (b, cin, h, w, cout), epi, out),
+        Algorithm::Tiles => {
+            let done = bf16_conv::forward(x, dims, weight, (cout, k), epi, out);
+            assert!(done, "plan: bf16 tiles without AMX");
+            return;
+        }
         Algorithm::Batched => {
             return batched::forward(simd, x, weight, (b, cin, h, w, cout, k), epi, out, batched::RUN_COLUMNS);
         }

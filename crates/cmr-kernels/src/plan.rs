@@ -9,6 +9,9 @@
 //!   convolved at its own resolution ([`Algorithm::Upsampled`], all three
 //!   gradients in one pass), unless that is turned off: then the layer is
 //!   planned as a convolution of the up-sampled image;
+//! - with bf16 precision on a CPU with AMX, the products on its tiles for
+//!   odd kernels with at least [`TILES_MIN_CHANNELS`] channels in and out
+//!   ([`Algorithm::Tiles`]; forward, and so the input gradient);
 //! - Winograd's minimal filtering for 3×3 kernels from 8×8 up with many
 //!   channels and enough tiles, F(4×4) tiles where the batch has 144 of
 //!   them, else F(2×2) ([`winograd_tile`]);
@@ -22,7 +25,12 @@
 //! with the flipped kernel, channels swapped: it is planned as that forward
 //! pass.
 
-use crate::config::{Batched, KernelConfig, Winograd};
+use crate::config::{Batched, KernelConfig, Precision, Winograd};
+
+/// The fewest input and output channels whose products go on AMX tiles in
+/// bf16: a tile multiply takes 32 input channels (fewer are padded with
+/// zeros), and the sums leave the tiles 32 output channels at a time.
+pub const TILES_MIN_CHANNELS: usize = 16;
 
 /// Images with at least this many pixels are convolved on the zero-padded
 /// input in place (the direct kernel, or shifted views); smaller ones by
@@ -104,6 +112,8 @@ pub enum Algorithm {
     Im2col,
     /// A 1×1 kernel: one GEMM on the input itself.
     Gemm,
+    /// bf16 products on AMX tiles, f32 sums (`bf16_conv.rs`).
+    Tiles,
 }
 
 impl std::fmt::Display for Algorithm {
@@ -117,6 +127,7 @@ impl std::fmt::Display for Algorithm {
             Self::Shifted => "shifted views",
             Self::Im2col => "im2col",
             Self::Gemm => "GEMM (1×1)",
+            Self::Tiles => "bf16 tiles",
         })
     }
 }
@@ -150,7 +161,9 @@ pub fn plan(shape: &ConvShape, pass: Pass, cfg: &KernelConfig) -> Algorithm {
     } = *shape;
     match pass {
         Pass::Forward => {
-            if let Some(tile) = winograd_tile(shape, cfg) {
+            if on_tiles(shape, cfg) {
+                Algorithm::Tiles
+            } else if let Some(tile) = winograd_tile(shape, cfg) {
                 Algorithm::Winograd(tile)
             } else if b > 1 && batched(shape, cfg) {
                 Algorithm::Batched
@@ -190,6 +203,15 @@ pub fn plan(shape: &ConvShape, pass: Pass, cfg: &KernelConfig) -> Algorithm {
             }
         }
     }
+}
+
+/// Whether the layer's products go on AMX tiles in bf16.
+fn on_tiles(s: &ConvShape, cfg: &KernelConfig) -> bool {
+    cfg.precision == Precision::Bf16
+        && s.k % 2 == 1
+        && s.cin >= TILES_MIN_CHANNELS
+        && s.cout >= TILES_MIN_CHANNELS
+        && crate::amx::has_amx()
 }
 
 /// Whether the layer's convolution runs batch-wide: images under 32×32 with
