@@ -11,8 +11,10 @@
 //! default's choice (F(4×4, 3×3) where the batch has 144 of its tiles);
 //! the fifth, `bf16`, the forward pass alone (inference) in f32 and in bf16
 //! on the AMX tiles, with the bf16 side's GFLOP/s of direct-convolution work
-//! and its fraction of the tiles' peak (1024 flops per cycle and core at the
-//! clock of the f32 peak, 294 GFLOP/s on two cores: about 4.7 TFLOP/s).
+//! and its fraction of the tiles' peak: the nominal one (1024 flops per
+//! cycle and core at the clock of the f32 peak, 294 GFLOP/s on two cores:
+//! about 4.7 TFLOP/s) and the rate measured here on cached operands
+//! (`amx::measured_peak_gflops`, times the threads).
 //!
 //! `cargo bench -p cmr-kernels --bench conv_layer [-- --rounds N] [TABLE…]`
 //! (one thread unless `RAYON_NUM_THREADS` says otherwise); `TABLE` is one
@@ -155,7 +157,8 @@ fn main() {
     }
 }
 
-/// The bf16 tiles' peak on this machine's two cores (see the module doc).
+/// The bf16 tiles' nominal peak on this machine's two cores (see the module
+/// doc).
 const BF16_PEAK_GFLOPS: f64 = 294.0 * 16.0;
 
 /// One line per shape: the layer's forward time (conv + bias) under each
@@ -163,12 +166,21 @@ const BF16_PEAK_GFLOPS: f64 = 294.0 * 16.0;
 fn forward_table(shapes: &[(usize, usize, usize, usize)], rounds: usize, modes: [(&str, KernelConfig); 2]) {
     let names = modes.map(|(n, _)| n);
     let dev = Device::Cpu;
+    let measured = (0..5)
+        .filter_map(|_| cmr_kernels::amx::measured_peak_gflops(200_000))
+        .fold(0f64, f64::max)
+        * rayon::current_num_threads() as f64;
     println!(
-        "{:<22} {} {:>10} {:>9}",
+        "# tiles on cached operands: {measured:.0} GFLOP/s on {} thread(s)",
+        rayon::current_num_threads()
+    );
+    println!(
+        "{:<22} {} {:>10} {:>9} {:>9}",
         "b, cin, cout, side",
         names.map(|m| format!("{m:>12}")).join(""),
         "GFLOP/s",
-        "of peak"
+        "nominal",
+        "measured"
     );
     for &(b, cin, cout, side) in shapes {
         let x = Tensor::randn(0f32, 1.0, (b, cin, side, side), &dev).unwrap();
@@ -189,10 +201,11 @@ fn forward_table(shapes: &[(usize, usize, usize, usize)], rounds: usize, modes: 
         let flops = 2.0 * (b * cin * cout * 9 * side * side) as f64;
         let gflops = flops / (best[1] * 1e-3) / 1e9;
         println!(
-            "{:<22} {} {gflops:>10.0} {:>8.1}%",
+            "{:<22} {} {gflops:>10.0} {:>8.1}% {:>8.1}%",
             format!("{b}, {cin}, {cout}, {side}"),
             best.map(|v| format!("{v:>12.2}")).join(""),
-            100.0 * gflops / BF16_PEAK_GFLOPS
+            100.0 * gflops / BF16_PEAK_GFLOPS,
+            100.0 * gflops / measured
         );
     }
 }

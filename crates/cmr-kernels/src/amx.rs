@@ -90,11 +90,11 @@ fn request_tile_state() -> bool {
 /// its bits.
 #[inline(always)]
 pub fn to_bf16(v: f32) -> u16 {
+    // Branch-free (a select), so that loops over it vectorise.
     let b = v.to_bits();
-    if v.is_nan() {
-        return ((b >> 16) | 0x0040) as u16;
-    }
-    (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16
+    let rounded = b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16;
+    let quiet = (b >> 16) | 0x0040;
+    (if b & 0x7fff_ffff > 0x7f80_0000 { quiet } else { rounded }) as u16
 }
 
 /// The f32 value of bf16 bits.
@@ -128,9 +128,6 @@ const CONFIG: TileConfig = TileConfig {
 /// lives, and released (back to the state a context switch need not save)
 /// when it drops. Only [`Tiles::new`] makes one, where [`has_amx`] holds.
 pub(crate) struct Tiles(std::marker::PhantomData<*const ()>);
-
-/// A 32 × 32 block of f32 sums: row `i`, column `j` at `[i·32 + j]`.
-pub(crate) type Block = [f32; 1024];
 
 /// One step's operands: the addresses of the left operand's two 16-row
 /// slices (rows `a_stride` bytes apart, 32 bf16 each) and the right
@@ -182,6 +179,33 @@ impl Tiles {
         }
     }
 
+    /// Set the 32 × 32 sums to those in `sums` (laid out as [`Tiles::store`]
+    /// writes them).
+    pub(crate) fn load(&mut self, sums: &[f32], stride: usize) {
+        assert!(
+            stride >= 32 && sums.len() >= 31 * stride + 32,
+            "tile load out of bounds"
+        );
+        let base = sums.as_ptr();
+        // SAFETY: the four tiles' 16 rows of 64 bytes, `stride` floats apart,
+        // at offsets 0, 16, 16·stride and 16·stride + 16, lie inside `sums`
+        // (asserted); only the tile registers are written.
+        unsafe {
+            std::arch::asm!(
+                "tileloadd tmm0, [{c0} + {s}*1]",
+                "tileloadd tmm1, [{c1} + {s}*1]",
+                "tileloadd tmm2, [{c2} + {s}*1]",
+                "tileloadd tmm3, [{c3} + {s}*1]",
+                c0 = in(reg) base,
+                c1 = in(reg) base.add(16),
+                c2 = in(reg) base.add(16 * stride),
+                c3 = in(reg) base.add(16 * stride + 16),
+                s = in(reg) stride * 4,
+                options(nostack, readonly, preserves_flags)
+            );
+        }
+    }
+
     /// Add `s.count` steps of 32 products to the sums.
     ///
     /// # Safety
@@ -226,12 +250,18 @@ impl Tiles {
         }
     }
 
-    /// The 32 × 32 sums, written to `out`.
-    pub(crate) fn store(&mut self, out: &mut Block) {
+    /// The 32 × 32 sums, written to `out`: row `i`, column `j` at `[i·stride
+    /// + j]`.
+    pub(crate) fn store(&mut self, out: &mut [f32], stride: usize) {
+        assert!(
+            stride >= 32 && out.len() >= 31 * stride + 32,
+            "tile store out of bounds"
+        );
         let base = out.as_mut_ptr();
-        // SAFETY: the four 16 × 16 tiles go to rows of 64 bytes, 128 bytes
-        // apart, at offsets 0, 16, 512 and 528 floats: all inside `out`'s
-        // 1024 floats, which are borrowed mutably.
+        // SAFETY: the four 16 × 16 tiles go to 16 rows of 64 bytes each,
+        // `stride` floats apart, at offsets 0, 16, 16·stride and 16·stride +
+        // 16: the last byte written is below `(31·stride + 32)` floats,
+        // inside `out` (asserted), which is borrowed mutably.
         unsafe {
             std::arch::asm!(
                 "tilestored [{c0} + {s}*1], tmm0",
@@ -240,9 +270,9 @@ impl Tiles {
                 "tilestored [{c3} + {s}*1], tmm3",
                 c0 = in(reg) base,
                 c1 = in(reg) base.add(16),
-                c2 = in(reg) base.add(512),
-                c3 = in(reg) base.add(528),
-                s = in(reg) 128usize,
+                c2 = in(reg) base.add(16 * stride),
+                c3 = in(reg) base.add(16 * stride + 16),
+                s = in(reg) stride * 4,
                 options(nostack, preserves_flags)
             );
         }
@@ -257,6 +287,31 @@ impl Drop for Tiles {
             std::arch::asm!("tilerelease", options(nostack, nomem, preserves_flags));
         }
     }
+}
+
+/// The tiles' rate on this core, GFLOP/s: tile multiplies on operands in
+/// the first-level cache, timed over about `n·16` k multiply-adds (for the
+/// benchmarks' "fraction of peak"); `None` without AMX.
+pub fn measured_peak_gflops(n: usize) -> Option<f64> {
+    let mut tiles = Tiles::new()?;
+    let ones = vec![0x3f80u16; 2048];
+    tiles.zero();
+    let start = std::time::Instant::now();
+    // SAFETY: every step reads the same 16 rows of 64 bytes at offsets 0
+    // and 1024 bytes of `ones` (2048 values, 4096 bytes).
+    unsafe {
+        tiles.steps(Steps {
+            a: [ones.as_ptr(), ones[512..].as_ptr()],
+            a_stride: 64,
+            a_step: 0,
+            b: [ones.as_ptr(), ones[512..].as_ptr()],
+            b_stride: 64,
+            b_step: 0,
+            count: n.max(1),
+        });
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    Some(n.max(1) as f64 * 4.0 * 16.0 * 16.0 * 32.0 * 2.0 / seconds / 1e9)
 }
 
 #[cfg(test)]
@@ -327,7 +382,7 @@ mod tests {
             });
         }
         let mut out = [0f32; 1024];
-        tiles.store(&mut out);
+        tiles.store(&mut out, 32);
         let mut largest = 0f64;
         let mut expected = vec![0f64; 1024];
         for i in 0..32 {

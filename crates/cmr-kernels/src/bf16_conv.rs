@@ -2,129 +2,216 @@
 //! padding, odd kernels, the epilogue (bias, inference BatchNorm's affine,
 //! ReLU) applied in f32 as the sums leave the tiles.
 //!
-//! Each image is copied once into bf16, zero-padded by `k / 2` on every
-//! side and channels last (`[pixel, channel]`, channels padded to a multiple
-//! of 32). Output pixels are numbered in the padded width (`q = y·wp + x`,
-//! the last `k − 1` columns of each row are not outputs and are dropped),
-//! so tap `(dy, dx)` of output `q` reads padded pixel `q + dy·wp + dx`: every
-//! tap is a constant shift, and 16 consecutive outputs read 16 consecutive
-//! pixel rows of the copy, one tile load (rows `channels·2` bytes apart). The
-//! products are then `sums [q, cout] += Σ_tap copy[q + shift, cin] ·
-//! W_tap [cin, cout]`, the weights packed once per call as the tiles' right
-//! operand (pairs of input channels side by side, 16 output channels per
-//! slice). No im2col: the copy is `(h + k − 1)·(w + k − 1)` pixels, read in
-//! place by all `k²` taps.
+//! The batch is copied once into bf16, each image zero-padded by `k / 2` on
+//! every side and the images stacked (`[pixel]` over `b·hp·wp` padded
+//! pixels), in the tiles' right-operand layout: input channels in pairs,
+//! each pair a plane of pixels with its two values side by side
+//! (`[cp/2, pixels, 2]`, channels padded to a multiple of 32). Outputs are
+//! numbered as padded pixels (`q = (i·hp + y)·wp + x`; those in padding rows
+//! and columns are not outputs and are dropped), so tap `(dy, dx)` of output
+//! `q` reads padded pixel `q + dy·wp + dx`: every tap is a constant shift,
+//! and 16 consecutive outputs read 16 consecutive pixels of each pair plane,
+//! one 64-byte row of a tile. The products are then `sums [cout, q] +=
+//! Σ_tap W_tap [cout, cin] · copy [cin, q + shift]`, the weights packed once
+//! per call (`[cout, tap, cp]` bf16). No im2col: all `k²` taps read the one
+//! copy in place, and the images share each tile multiply (at 6×6 one
+//! image has 64 numbered outputs, two blocks).
+//!
+//! The work is a grid of jobs, one per 32 output channels and run of output
+//! blocks: the run's share of the copy and the 32 channels' weights stay in
+//! cache while its blocks go through the tiles.
 
 use rayon::prelude::*;
 
-use crate::amx::{Block, Steps, Tiles, to_bf16};
-use crate::cpu::SendPtr;
+use crate::amx::{Steps, Tiles, to_bf16};
+use crate::cpu::{SendPtr, Simd, simd_fn};
 use crate::gemm::Epilogue;
 
-/// Output rows (pixels in the padded width) of one block of sums.
+/// Output channels (tile rows) of one block of sums.
 const M: usize = 32;
-/// Output channels of one block of sums.
+/// Numbered outputs (tile columns) of one block of sums.
 const N: usize = 32;
-/// Blocks of output pixels that go through every block of output channels
-/// before the next ones: their share of the padded copy and one block of
-/// output channels' weights stay in cache together.
-const CHUNK: usize = 4;
+/// The most blocks of outputs in one job's run.
+const MAX_RUN: usize = 16;
+/// The bytes of the copy that one job's run may read (its blocks, all input
+/// channels), so that it stays in the core's cache.
+const RUN_BYTES: usize = 256 << 10;
 
 /// The layer's sizes in the layout of the tiles.
 #[derive(Clone, Copy, Debug)]
 struct Layout {
+    b: usize,
     cin: usize,
     h: usize,
     w: usize,
-    cout: usize,
     k: usize,
     /// Input channels, padded to a multiple of 32.
     cp: usize,
-    /// Output channels, padded to a multiple of 32.
+    /// Output channels, padded to a multiple of [`M`].
     np: usize,
-    /// The padded width.
+    /// The padded height and width.
+    hp: usize,
     wp: usize,
-    /// Blocks of [`M`] outputs per image (over `h·wp` numbered outputs).
+    /// Blocks of [`N`] numbered outputs over the batch's `b·hp·wp`.
     blocks: usize,
-    /// Pixels of an image's padded copy: the padded image, and what the
-    /// last block's taps read beyond it (zeros).
+    /// Pixels of each pair plane: the stacked padded images and what the
+    /// last block's taps read beyond them (zeros).
     pixels: usize,
 }
 
 impl Layout {
-    fn new(cin: usize, h: usize, w: usize, cout: usize, k: usize) -> Self {
-        let wp = w + k - 1;
-        let blocks = (h * wp).div_ceil(M);
-        let pixels = blocks * M + (k - 1) * (wp + 1);
+    fn new((b, cin, h, w): (usize, usize, usize, usize), cout: usize, k: usize) -> Self {
+        let (hp, wp) = (h + k - 1, w + k - 1);
+        let blocks = (b * hp * wp).div_ceil(N);
         Self {
+            b,
             cin,
             h,
             w,
-            cout,
             k,
             cp: cin.next_multiple_of(32),
-            np: cout.next_multiple_of(N),
+            np: cout.next_multiple_of(M),
+            hp,
             wp,
             blocks,
-            pixels,
+            pixels: blocks * N + (k - 1) * (wp + 1),
         }
     }
 }
 
-/// `weight [cout, cin, k, k]` as the tiles' right operand: for tap `t`,
-/// slice `s` of 16 output channels and input-channel pair `p`, the 16
-/// channels' two weights side by side, at `((t·slices + s)·cp/2 + p)·32 + 2j + e`
-/// for output channel `16s + j` and input channel `2p + e`; zero where the
-/// channels are padding.
-fn pack_weights(weight: &[f32], l: Layout) -> Vec<u16> {
-    let kk = l.k * l.k;
-    let slices = l.np / 16;
-    let pairs = l.cp / 2;
-    let mut packed = vec![0u16; kk * slices * pairs * 32];
-    packed.par_chunks_mut(pairs * 32).enumerate().for_each(|(ts, part)| {
-        let (t, s) = (ts / slices, ts % slices);
-        for j in 0..16 {
-            let co = 16 * s + j;
-            if co >= l.cout {
-                break;
-            }
-            for ci in 0..l.cin {
-                part[(ci / 2) * 32 + 2 * j + ci % 2] = to_bf16(weight[(co * l.cin + ci) * kk + t]);
-            }
+simd_fn! {
+    /// `dst[i] = bf16(src[i·stride])`.
+    fn convert_strided(simd: Simd, dst: &mut [u16], src: &[f32], stride: usize) {
+        for (i, d) in dst.iter_mut().enumerate() {
+            *d = to_bf16(src[i * stride]);
         }
-    });
+    }
+
+    /// `dst[i] = bf16(a[i]) | bf16(b[i]) << 16`: two channels' values side by
+    /// side.
+    fn convert_pairs(simd: Simd, dst: &mut [u32], a: &[f32], b: &[f32]) {
+        for (d, (&a, &b)) in dst.iter_mut().zip(a.iter().zip(b)) {
+            *d = u32::from(to_bf16(a)) | (u32::from(to_bf16(b)) << 16);
+        }
+    }
+
+    /// As [`convert_pairs`] with the second channel zero (padding).
+    fn convert_single(simd: Simd, dst: &mut [u32], a: &[f32]) {
+        for (d, &a) in dst.iter_mut().zip(a) {
+            *d = u32::from(to_bf16(a));
+        }
+    }
+}
+
+/// `weight [cout, cin, k, k]` as the tiles' left operand: output channel
+/// `co`, tap `t`, input channel `ci` at `(co·k² + t)·cp + ci`; zero where the
+/// channels are padding.
+fn pack_weights(simd: Simd, weight: &[f32], l: Layout) -> Vec<u16> {
+    let kk = l.k * l.k;
+    let n = l.np * kk * l.cp;
+    let mut packed = Vec::with_capacity(n);
+    // Each output channel's rows written in full by one task (zeros, then
+    // the channel's weights): no serial zero fill of the whole buffer first.
+    packed.spare_capacity_mut()[..n]
+        .par_chunks_mut(kk * l.cp)
+        .enumerate()
+        .for_each(|(co, rows)| {
+            for v in rows.iter_mut() {
+                v.write(0);
+            }
+            // SAFETY: every value of `rows` was written just above, and
+            // `MaybeUninit<u16>` has `u16`'s layout.
+            let rows = unsafe { std::slice::from_raw_parts_mut(rows.as_mut_ptr().cast::<u16>(), rows.len()) };
+            if co < weight.len() / (l.cin * kk) {
+                let kernels = &weight[co * l.cin * kk..][..l.cin * kk];
+                for (t, row) in rows.chunks_exact_mut(l.cp).enumerate() {
+                    convert_strided(simd, &mut row[..l.cin], &kernels[t..], kk);
+                }
+            }
+        });
+    // SAFETY: the tasks above wrote all `n` values.
+    unsafe { packed.set_len(n) };
     packed
 }
 
-/// Image `x [cin, h, w]` as its padded channels-last bf16 copy
-/// `[pixels, cp]`, zero outside the image and in the padding channels.
-fn pad_channels_last(x: &[f32], l: Layout, copy: &mut [u16]) {
+/// `x [b, cin, h, w]` as the tiles' right operand: pair plane `p` holds
+/// input channels `2p` and `2p + 1`, pixel `(i·hp + y + k/2)·wp + x + k/2`
+/// of image `i` at `(p·pixels + pixel)·2 + e`; zero in the padding and in
+/// the padding channels.
+fn pair_planes(simd: Simd, x: &[f32], l: Layout) -> Vec<u32> {
     let pad = l.k / 2;
-    copy.fill(0);
-    for y in 0..l.h {
-        let row = &mut copy[((y + pad) * l.wp + pad) * l.cp..][..l.w * l.cp];
-        for c in 0..l.cin {
-            let src = &x[(c * l.h + y) * l.w..][..l.w];
-            for (px, &v) in src.iter().enumerate() {
-                row[px * l.cp + c] = to_bf16(v);
+    let hw = l.h * l.w;
+    let mut copy = vec![0u32; l.cp / 2 * l.pixels];
+    copy.par_chunks_mut(l.pixels)
+        .enumerate()
+        .take(l.cin.div_ceil(2))
+        .for_each(|(p, dst)| {
+            for i in 0..l.b {
+                let plane = |c: usize| &x[(i * l.cin + c) * hw..][..hw];
+                for y in 0..l.h {
+                    let at = (i * l.hp + y + pad) * l.wp + pad;
+                    let d = &mut dst[at..at + l.w];
+                    let a = &plane(2 * p)[y * l.w..][..l.w];
+                    if 2 * p + 1 < l.cin {
+                        convert_pairs(simd, d, a, &plane(2 * p + 1)[y * l.w..][..l.w]);
+                    } else {
+                        convert_single(simd, d, a);
+                    }
+                }
             }
+        });
+    copy
+}
+
+/// A job's numbered outputs that are outputs: `len` of them from `at` in
+/// its run, image `i`'s plane offset `offset`.
+#[derive(Clone, Copy, Debug)]
+struct Segment {
+    at: usize,
+    i: usize,
+    offset: usize,
+    len: usize,
+}
+
+/// The outputs among numbered outputs `q0 .. q0 + len`, row by row.
+fn segments(l: Layout, q0: usize, len: usize) -> Vec<Segment> {
+    let mut out = Vec::new();
+    // padded rows `q0 / wp ..` that hold outputs (output row y is padded row
+    // y of its image: the taps reach k − 1 rows and columns further)
+    let (first, last) = (q0 / l.wp, (q0 + len).div_ceil(l.wp));
+    for row in first..last.min(l.b * l.hp) {
+        let (i, y) = (row / l.hp, row % l.hp);
+        if y >= l.h {
+            continue;
+        }
+        let start = (row * l.wp).max(q0);
+        let end = (row * l.wp + l.w).min(q0 + len);
+        if start < end {
+            out.push(Segment {
+                at: start - q0,
+                i,
+                offset: y * l.w + (start - row * l.wp),
+                len: end - start,
+            });
         }
     }
+    out
 }
 
 /// `x [b, cin, h, w]` convolved with `weight [cout, cin, k, k]` (odd `k`,
 /// padding `k / 2`) into `out [b, cout, h, w]`, `epi` applied; the products
 /// in bf16 on AMX tiles, summed in f32. Returns `false`, having written
 /// nothing, where this CPU has no AMX.
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn forward(
+    simd: Simd,
     x: &[f32],
-    (b, cin, h, w): (usize, usize, usize, usize),
+    dims: (usize, usize, usize, usize),
     weight: &[f32],
     (cout, k): (usize, usize),
     epi: Epilogue,
     out: &mut [f32],
 ) -> bool {
+    let (b, cin, h, w) = dims;
     assert!(k % 2 == 1, "bf16 convolution: odd kernels only, not {k}");
     assert!(
         x.len() == b * cin * h * w && weight.len() == cout * cin * k * k && out.len() == b * cout * h * w,
@@ -133,87 +220,99 @@ pub(crate) fn forward(
     if !crate::amx::has_amx() {
         return false;
     }
-    let l = Layout::new(cin, h, w, cout, k);
-    let packed = pack_weights(weight, l);
-    let mut copies = vec![0u16; b * l.pixels * l.cp];
-    copies
-        .par_chunks_mut(l.pixels * l.cp)
-        .zip(x.par_chunks(cin * h * w))
-        .for_each(|(copy, xi)| pad_channels_last(xi, l, copy));
-    let chunks = l.blocks.div_ceil(CHUNK);
+    if out.is_empty() {
+        return true;
+    }
+    let l = Layout::new(dims, cout, k);
+    let kk = k * k;
+    let packed = pack_weights(simd, weight, l);
+    let copy = pair_planes(simd, x, l);
+    let run = (RUN_BYTES / (l.cp * 2 * N)).clamp(1, MAX_RUN);
+    let runs = l.blocks.div_ceil(run);
     let outp = SendPtr(out.as_mut_ptr());
-    (0..b * chunks).into_par_iter().for_each(|job| {
-        let (i, chunk) = (job / chunks, job % chunks);
-        let copy = &copies[i * l.pixels * l.cp..][..l.pixels * l.cp];
-        // SAFETY: this job alone writes image `i`'s outputs of blocks
-        // `chunk·CHUNK ..`: pixels `q` of those blocks, every channel; other
-        // jobs write other images or other pixels, and `out` holds `b·cout·h·w`
-        // values (asserted above).
-        let out_i = unsafe { std::slice::from_raw_parts_mut(outp.get().add(i * cout * h * w), cout * h * w) };
-        let Some(mut tiles) = Tiles::new() else {
-            unreachable!("AMX was found above")
-        };
-        let mut sums: Block = [0.0; M * N];
-        let blocks = chunk * CHUNK..((chunk + 1) * CHUNK).min(l.blocks);
-        for n0 in (0..l.np).step_by(N) {
-            for block in blocks.clone() {
-                let q0 = block * M;
-                tiles.zero();
-                for t in 0..k * k {
-                    let shift = (t / k) * l.wp + t % k;
-                    let a = &copy[(q0 + shift) * l.cp..];
-                    let slice = |s: usize| &packed[((t * (l.np / 16) + s) * (l.cp / 2)) * 32..];
-                    // SAFETY: rows `q0 + shift + r`, `r < 32`, of the copy
-                    // lie below `blocks·M + (k − 1)·(wp + 1)` pixels (the
-                    // copy's length), each `cp` values of which a step reads
-                    // 32 at offsets `0, 32, .. cp − 32`; each slice of the
-                    // packed weights holds `cp/2` pair rows of 64 bytes, read
-                    // 16 rows a step.
-                    unsafe {
-                        tiles.steps(Steps {
-                            a: [a.as_ptr(), a[16 * l.cp..].as_ptr()],
-                            a_stride: l.cp * 2,
-                            a_step: 64,
-                            b: [slice(n0 / 16).as_ptr(), slice(n0 / 16 + 1).as_ptr()],
-                            b_stride: 64,
-                            b_step: 16 * 64,
-                            count: l.cp / 32,
-                        });
+    let hw = h * w;
+    (0..(l.np / M) * runs)
+        .into_par_iter()
+        .for_each_init(Vec::new, |sums, job| {
+            let (n0, r) = ((job / runs) * M, job % runs);
+            let blocks = r * run..((r + 1) * run).min(l.blocks);
+            let (q0, len) = (blocks.start * N, blocks.len() * N);
+            sums.resize(M * len, 0f32);
+            let Some(mut tiles) = Tiles::new() else {
+                unreachable!("AMX was found above")
+            };
+            // Channel blocks outermost: one block's weights for all taps (32
+            // output channels × k² × 32 values) stay in the core's first cache
+            // while every output block of the run goes through them, and the
+            // sums go back to `sums` in between. The k² taps of one output block
+            // read pixels at most `(k − 1)·(wp + 1)` apart in the same pair
+            // planes, in cache after the first.
+            for c in 0..l.cp / 32 {
+                for (bi, block) in blocks.clone().enumerate() {
+                    if c == 0 {
+                        tiles.zero();
+                    } else {
+                        tiles.load(&sums[bi * N..], len);
                     }
+                    for t in 0..kk {
+                        let q = block * N + (t / k) * l.wp + t % k;
+                        let (a, p) = (c * 32 + t * l.cp, 16 * c * l.pixels + q);
+                        // SAFETY: the left operand's rows `n0 + r`, `r < 32`, are
+                        // rows of `packed` (`np` of them, `k²·cp` values each), read
+                        // at values `t·cp + 32c ..`, 32 of them, inside the row;
+                        // the right operand's pair planes `16c + j`, `j < 16`, of
+                        // `cp/2`, are read at pixels `q .. q + 32`, below
+                        // `blocks·N + (k − 1)·(wp + 1)` = `pixels`.
+                        unsafe {
+                            tiles.steps(Steps {
+                                a: [
+                                    packed[n0 * kk * l.cp + a..].as_ptr(),
+                                    packed[(n0 + 16) * kk * l.cp + a..].as_ptr(),
+                                ],
+                                a_stride: kk * l.cp * 2,
+                                a_step: 0,
+                                b: [copy[p..].as_ptr().cast(), copy[p + 16..].as_ptr().cast()],
+                                b_stride: l.pixels * 4,
+                                b_step: 0,
+                                count: 1,
+                            });
+                        }
+                    }
+                    tiles.store(&mut sums[bi * N..], len);
                 }
-                tiles.store(&mut sums);
-                write_block(&sums, q0, n0, l, epi, out_i);
             }
-        }
-    });
+            drop(tiles);
+            for seg in segments(l, q0, len) {
+                for j in 0..M.min(cout.saturating_sub(n0)) {
+                    let co = n0 + j;
+                    // SAFETY: this job alone writes channels `n0 .. n0 + 32` of
+                    // the outputs numbered `q0 .. q0 + len` (each output has one
+                    // number); `seg` lies inside image `seg.i`'s plane `co`, and
+                    // `out` holds `b·cout·h·w` values (asserted above).
+                    let dst = unsafe {
+                        std::slice::from_raw_parts_mut(outp.get().add((seg.i * cout + co) * hw + seg.offset), seg.len)
+                    };
+                    let src = &sums[j * len + seg.at..][..seg.len];
+                    epilogue_row(dst, src, epi, co);
+                }
+            }
+        });
     true
 }
 
-/// Block `sums [M, N]` (outputs `q0 ..`, channels `n0 ..`) into the image's
-/// output planes, the epilogue applied; numbered outputs in the padding
-/// columns, or past the image, are dropped.
-fn write_block(sums: &Block, q0: usize, n0: usize, l: Layout, epi: Epilogue, out: &mut [f32]) {
-    let hw = l.h * l.w;
-    let mut at = [usize::MAX; M];
-    for (r, at) in at.iter_mut().enumerate() {
-        let (y, x) = ((q0 + r) / l.wp, (q0 + r) % l.wp);
-        if y < l.h && x < l.w {
-            *at = y * l.w + x;
-        }
-    }
-    for j in 0..N.min(l.cout.saturating_sub(n0)) {
-        let co = n0 + j;
-        let bias = epi.bias.map_or(0.0, |b| b[co]);
-        let (scale, shift) = epi.affine.map_or((1.0, 0.0), |(a, t)| (a[co], t[co]));
-        let plane = &mut out[co * hw..][..hw];
-        for (r, &p) in at.iter().enumerate() {
-            if p == usize::MAX {
-                continue;
+/// `dst = epi(src)` for output channel `co`.
+fn epilogue_row(dst: &mut [f32], src: &[f32], epi: Epilogue, co: usize) {
+    let bias = epi.bias.map_or(0.0, |b| b[co]);
+    match (epi.affine, epi.relu) {
+        (Some((a, t)), relu) => {
+            let (a, t) = (a[co], t[co]);
+            for (d, &v) in dst.iter_mut().zip(src) {
+                let v = (v + bias) * a + t;
+                *d = if relu { v.max(0.0) } else { v };
             }
-            let v = sums[r * N + j] + bias;
-            let v = if epi.affine.is_some() { v * scale + shift } else { v };
-            plane[p] = if epi.relu { v.max(0.0) } else { v };
         }
+        (None, true) => dst.iter_mut().zip(src).for_each(|(d, &v)| *d = (v + bias).max(0.0)),
+        (None, false) => dst.iter_mut().zip(src).for_each(|(d, &v)| *d = v + bias),
     }
 }
 
@@ -297,7 +396,7 @@ mod tests {
                 ),
             ] {
                 let mut out = vec![f32::NAN; b * cout * h * w];
-                assert!(forward(&x, (b, cin, h, w), &wt, (cout, k), epi, &mut out));
+                assert!(forward(Simd::Widest, &x, (b, cin, h, w), &wt, (cout, k), epi, &mut out));
                 for (idx, (&got, &s)) in out.iter().zip(&want).enumerate() {
                     let co = (idx / (h * w)) % cout;
                     let mut v = s + epi.bias.map_or(0.0, |b| f64::from(b[co]));

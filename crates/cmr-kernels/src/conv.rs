@@ -114,7 +114,7 @@ pub(crate) fn conv_forward(
     match algorithm {
         Algorithm::Winograd(tile) => return winograd::forward(simd, tile, x, weight, (b, cin, h, w, cout), epi, out),
         Algorithm::Tiles => {
-            let done = bf16_conv::forward(x, dims, weight, (cout, k), epi, out);
+            let done = bf16_conv::forward(simd, x, dims, weight, (cout, k), epi, out);
             assert!(done, "plan: bf16 tiles without AMX");
             return;
         }

@@ -12,8 +12,9 @@
 //! `--json` prints one JSON object per row instead of the table; `--what
 //! "train b8"` keeps only the rows of that kind (to measure one case's peak
 //! memory with `/usr/bin/time -v`); `--no-kernels` runs candle's own ops
-//! (`KernelConfig::off`). `--compare batched` (or `direct`, `upsampled`, `winograd`, `f4`: F(2×2)
-//! everywhere Winograd runs against the default's tiles) times
+//! (`KernelConfig::off`), `--bf16` bf16 products on the AMX tiles where the CPU has them. `--compare batched` (or `direct`, `upsampled`, `winograd`, `f4`: F(2×2)
+//! everywhere Winograd runs against the default's tiles; `bf16`: f32 products against bf16 on the
+//! AMX tiles) times
 //! each case with that switch of the fast kernels off and on, alternating
 //! run by run in one process, so that a slow minute of the machine hits both
 //! alike: two rows per case, the mode in brackets.
@@ -34,7 +35,7 @@ use std::io::{BufRead, Write};
 
 use candle_core::{DType, Device, ModuleT, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use cmr_kernels::{Batched, KernelConfig, Winograd, forward_backward};
+use cmr_kernels::{Batched, KernelConfig, Precision, Winograd, forward_backward};
 use cmr_loss::Loss;
 use cmr_models::{Architecture, Model, ModelConfig, Preset, build, forward_flops};
 
@@ -81,7 +82,18 @@ fn switch(name: &str, base: KernelConfig) -> [KernelConfig; 2] {
             winograd: Winograd::F2x2,
             ..base
         }),
-        other => panic!("--compare: unknown switch {other:?} (batched, direct, upsampled, winograd, f4)"),
+        // off: f32 products; on: bf16 on the AMX tiles where the plan puts them
+        "bf16" => [
+            KernelConfig {
+                precision: Precision::F32,
+                ..base
+            },
+            KernelConfig {
+                precision: Precision::Bf16,
+                ..base
+            },
+        ],
+        other => panic!("--compare: unknown switch {other:?} (batched, direct, upsampled, winograd, f4, bf16)"),
     }
 }
 
@@ -228,6 +240,7 @@ fn main() {
             "--runs" => runs = it.next().and_then(|v| v.parse().ok()).expect("--runs N"),
             "--compare" => compare = it.next().cloned(),
             "--no-kernels" => kernels = KernelConfig::off(),
+            "--bf16" => kernels.precision = Precision::Bf16,
             "--serve" => serving = true,
             f => filters.push(f.to_string()),
         }

@@ -6,7 +6,8 @@
 
 use candle_core::{ModuleT, Result, Tensor};
 use candle_nn::BatchNorm;
-pub use cmr_kernels::{Batched, BnStats, KernelConfig, Simd, Winograd};
+pub use cmr_kernels::amx::{MatrixUnit, matrix_unit};
+pub use cmr_kernels::{Batched, BnStats, KernelConfig, Precision, Simd, Winograd};
 
 use crate::ops;
 

@@ -15,9 +15,10 @@ use anyhow::Context;
 use candle_core::Device;
 use cmr_loss::PostProcess;
 use cmr_models::KernelConfig;
+use cmr_models::backend::{MatrixUnit, Precision};
 use cmr_train::{CvDir, DeviceSpec, PredictOptions, Predictor, Tta, device_name, ensemble_members};
 
-use crate::args::{DeviceArg, InferenceArgs, TtaChoice};
+use crate::args::{DeviceArg, InferenceArgs, PrecisionChoice, TtaChoice};
 
 /// Open the device of `--device` (or `fallback`), saying which.
 pub fn open_device(arg: &DeviceArg, fallback: DeviceSpec) -> anyhow::Result<Device> {
@@ -43,8 +44,32 @@ pub fn predict_options(args: &InferenceArgs, recorded: Option<PostProcess>) -> a
             PostProcess::NONE
         },
         batch_size: args.batch_size.max(1),
-        kernels: crate::env::kernels(KernelConfig::default())?.unwrap_or_default(),
+        kernels: KernelConfig {
+            precision: precision(args.precision),
+            ..crate::env::kernels(KernelConfig::default())?.unwrap_or_default()
+        },
     })
+}
+
+/// The precision `--precision` asks for on this CPU, said once.
+pub fn precision(choice: PrecisionChoice) -> Precision {
+    let unit = cmr_models::backend::matrix_unit();
+    let amx = unit == MatrixUnit::Amx;
+    let chosen = match choice {
+        PrecisionChoice::Auto if amx => Precision::Bf16,
+        PrecisionChoice::Auto | PrecisionChoice::F32 => Precision::F32,
+        PrecisionChoice::Bf16 => Precision::Bf16,
+    };
+    match (chosen, amx) {
+        (Precision::Bf16, true) => {
+            tracing::info!("precision: bf16 products on the AMX-BF16 tiles, f32 sums (--precision f32 for f32)")
+        }
+        (Precision::Bf16, false) => tracing::warn!(
+            "--precision bf16: this CPU has {unit} (or Linux did not grant its tiles): the convolutions run in f32"
+        ),
+        (Precision::F32, _) => tracing::info!("precision: f32 (this CPU has {unit})"),
+    }
+    chosen
 }
 
 /// The models `--model` names: each comma-separated entry resolved (a

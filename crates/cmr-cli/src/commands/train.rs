@@ -78,6 +78,9 @@ fn build_config(args: &TrainArgs) -> anyhow::Result<TrainConfig> {
     if let Some(kernels) = crate::env::kernels(cfg.kernels)? {
         cfg.kernels = kernels;
     }
+    if let Some(choice) = args.precision {
+        cfg.kernels.precision = crate::commands::precision(choice);
+    }
     cfg.validate()?;
     Ok(cfg)
 }
@@ -168,6 +171,9 @@ fn flag_differences(cfg: &TrainConfig, args: &TrainArgs, run: &Path) -> anyhow::
     apply_deep_supervision(&mut wanted, args)?;
     if let Some(kernels) = crate::env::kernels(cfg.kernels)? {
         wanted.kernels = kernels;
+    }
+    if let Some(choice) = args.precision {
+        wanted.kernels.precision = crate::commands::precision(choice);
     }
     let differences = cfg.differences(&wanted);
     Ok((wanted, differences))
