@@ -15,6 +15,13 @@ alternates it with our benchmark run by run: one request per line on stdin,
 one line back, {"ms": ...} or {"error": "..."}. Networks and inputs are built
 on first use and kept; the driver discards each case's first run.
 Needs torch (a venv with `pip install torch`).
+
+--mode says how PyTorch runs: `f32` (eager, the default), `bf16` (the
+networks and inputs channels-last, the forward pass and the loss under
+`torch.autocast("cpu", dtype=torch.bfloat16)`: oneDNN's AMX kernels where the
+CPU has them), or `onnx` (inference only: each case's network exported to
+ONNX and run by ONNX Runtime's CPU provider in f32, `pip install onnxruntime
+onnx`; a training case is answered with an error).
 """
 
 import argparse
@@ -171,32 +178,64 @@ def median_ms(fn, runs):
     return statistics.median(times)
 
 
-def case(model, what):
+def case(model, what, mode="f32"):
     """The function that runs `what` ("train bN" or "infer bN") once."""
     kind, _, b = what.partition(" b")
     b = int(b)
     x = torch.randn(b, 1, 96, 96)
+    if kind not in ("train", "infer"):
+        raise ValueError(f"unknown case {what!r} (train bN, infer bN)")
+    if mode == "onnx":
+        return onnx_case(model, kind, x)
+    if mode == "bf16":
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "bf16")
     if kind == "train":
         y = torch.randint(0, 4, (b, 96, 96))
 
         def step():
             model.train()
             model.zero_grad(set_to_none=True)
-            soft_dice_loss(model(x), y).backward()
+            with autocast():
+                loss = soft_dice_loss(model(x).float(), y)
+            loss.backward()
 
         return step
-    if kind == "infer":
 
-        def infer():
-            model.eval()
-            with torch.no_grad():
-                model(x).argmax(1)
+    def infer():
+        model.eval()
+        with torch.no_grad(), autocast():
+            model(x).argmax(1)
 
-        return infer
-    raise ValueError(f"unknown case {what!r} (train bN, infer bN)")
+    return infer
 
 
-def serve():
+def onnx_case(model, kind, x):
+    """An inference case on ONNX Runtime (f32, its CPU provider)."""
+    if kind != "infer":
+        raise ValueError("ONNX Runtime: inference cases only")
+    import io
+
+    import onnxruntime as ort
+
+    model.eval()
+    buf = io.BytesIO()
+    torch.onnx.export(model, (x,), buf, input_names=["x"], output_names=["y"], dynamo=False)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = torch.get_num_threads()
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
+    feed = {"x": x.numpy()}
+
+    def infer():
+        session.run(None, feed)[0].argmax(1)
+
+    return infer
+
+
+def serve(mode):
     models, cases = {}, {}
     for line in sys.stdin:
         line = line.strip()
@@ -208,7 +247,7 @@ def serve():
             if label not in models:
                 models[label] = build(arch, widths)
             if line not in cases:
-                cases[line] = case(models[label], what.strip())
+                cases[line] = case(models[label], what.strip(), mode)
             t = time.perf_counter()
             cases[line]()
             reply = {"ms": (time.perf_counter() - t) * 1e3}
@@ -224,19 +263,22 @@ def main():
     ap.add_argument("--widths", default="seed,small")
     ap.add_argument("--archs", default="unet,unet3plus,segnet")
     ap.add_argument("--serve", action="store_true")
+    ap.add_argument("--mode", choices=["f32", "bf16", "onnx"], default="f32")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     if args.serve:
-        serve()
+        serve(args.mode)
         return
     for widths in args.widths.split(","):
         for arch in args.archs.split(","):
             model = build(arch, widths)
             params = sum(p.numel() for p in model.parameters())
             for what in ("train b4", "train b8", "infer b1", "infer b20"):
-                ms = median_ms(case(model, what), args.runs)
-                print(json.dumps({"arch": arch, "widths": widths, "what": what, "ms": ms, "parameters": params}), flush=True)
+                if args.mode == "onnx" and what.startswith("train"):
+                    continue
+                ms = median_ms(case(model, what, args.mode), args.runs)
+                print(json.dumps({"arch": arch, "widths": widths, "what": what, "mode": args.mode, "ms": ms, "parameters": params}), flush=True)
 
 if __name__ == "__main__":
     main()

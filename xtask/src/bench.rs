@@ -10,9 +10,15 @@
 //! reports both medians, their ratio, and in how many of its pairs our run
 //! was the faster one.
 //!
-//! The PyTorch side (`xtask/bench/torch_reference.py`) runs when a Python with
-//! `torch` is found: `--python PATH`, else `$CMR_TORCH_PYTHON`, else
-//! `python3`. Get one with `python3 -m venv .venv && .venv/bin/pip install torch`.
+//! The peers (`--peers`, default `torch`) are PyTorch f32 eager (`torch`),
+//! PyTorch with bf16 autocast and channels-last tensors (`torch-bf16`,
+//! oneDNN's AMX kernels where the CPU has them) and ONNX Runtime in f32
+//! (`onnx`, inference rows only), all from `xtask/bench/torch_reference.py`,
+//! which runs when a Python with `torch` (and `onnxruntime`, `onnx` for
+//! `onnx`) is found: `--python PATH`, else `$CMR_TORCH_PYTHON`, else
+//! `python3`. Get one with `python3 -m venv .venv && .venv/bin/pip install
+//! torch onnxruntime onnx`. With several peers each of our runs is paired
+//! with one run of each peer, the order reversed every other run.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
@@ -36,16 +42,68 @@ pub struct BenchOptions {
     /// Rows of each network (of [`WHATS`]).
     pub whats: Vec<String>,
     pub python: Option<String>,
-    pub torch: bool,
-    /// Another build's step benchmark as the other side, instead of PyTorch.
-    pub against: Option<std::path::PathBuf>,
+    /// The other sides, in table order.
+    pub peers: Vec<Peer>,
+    /// Our side in bf16 on the AMX tiles (`step --bf16`) instead of f32.
+    pub bf16: bool,
+}
+
+/// One other side of the comparison.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Peer {
+    /// PyTorch, f32 eager.
+    Torch,
+    /// PyTorch, bf16 autocast and channels-last.
+    TorchBf16,
+    /// ONNX Runtime, f32, inference only.
+    Onnx,
+    /// Another build's step benchmark (`--against`).
+    Build(std::path::PathBuf),
+}
+
+impl Peer {
+    /// The names `--peers` takes.
+    pub const NAMES: [&'static str; 3] = ["torch", "torch-bf16", "onnx"];
+
+    pub fn parse(name: &str) -> anyhow::Result<Self> {
+        match name {
+            "torch" => Ok(Self::Torch),
+            "torch-bf16" => Ok(Self::TorchBf16),
+            "onnx" => Ok(Self::Onnx),
+            other => bail!("unknown peer {other:?} (torch, torch-bf16, onnx)"),
+        }
+    }
+
+    /// Its column name.
+    fn label(&self) -> &'static str {
+        match self {
+            Self::Torch => "PyTorch",
+            Self::TorchBf16 => "PyTorch bf16",
+            Self::Onnx => "ONNX Runtime",
+            Self::Build(_) => "other build",
+        }
+    }
+
+    /// Whether it runs `what` (ONNX Runtime: inference only).
+    fn runs(&self, what: &str) -> bool {
+        !(matches!(self, Self::Onnx) && what.starts_with("train"))
+    }
 }
 
 /// One side's answer to a request.
 #[derive(Debug, Deserialize)]
 struct Reply {
     ms: Option<f64>,
+    /// The case's convolution work (our side only).
+    gflop: Option<f64>,
     error: Option<String>,
+}
+
+/// One run's answer.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Answer {
+    ms: f64,
+    gflop: Option<f64>,
 }
 
 /// A benchmark process that runs one case per request line.
@@ -75,7 +133,7 @@ impl Server {
     }
 
     /// Run `request` (`ARCH/WIDTHS WHAT`) once; its time in ms.
-    fn run(&mut self, request: &str) -> anyhow::Result<f64> {
+    fn run(&mut self, request: &str) -> anyhow::Result<Answer> {
         let name = self.name;
         let stdin = self.stdin.as_mut().context("server closed")?;
         writeln!(stdin, "{request}")
@@ -89,7 +147,7 @@ impl Server {
             .with_context(|| format!("the {name} benchmark answered {:?} to {request:?}", line.trim()))?;
         match (reply.ms, reply.error) {
             (_, Some(e)) => bail!("the {name} benchmark, {request:?}: {e}"),
-            (Some(ms), None) => Ok(ms),
+            (Some(ms), None) => Ok(Answer { ms, gflop: reply.gflop }),
             (None, None) => bail!("the {name} benchmark answered {:?} to {request:?}", line.trim()),
         }
     }
@@ -105,13 +163,15 @@ impl Drop for Server {
 
 fn ours(opts: &BenchOptions) -> anyhow::Result<Server> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let bf16 = if opts.bf16 { " --bf16" } else { "" };
     tracing::info!(
-        "cmr: cargo bench -p cmr-models --bench step -- --serve ({} threads)",
+        "cmr: cargo bench -p cmr-models --bench step -- --serve{bf16} ({} threads)",
         opts.threads
     );
     let mut command = Command::new(cargo);
     command
         .args(["bench", "-q", "-p", "cmr-models", "--bench", "step", "--", "--serve"])
+        .args(opts.bf16.then_some("--bf16"))
         .env("RAYON_NUM_THREADS", opts.threads.to_string());
     Server::spawn("cmr", command)
 }
@@ -138,15 +198,34 @@ fn torch_python(opts: &BenchOptions) -> Option<String> {
     Some(python)
 }
 
-fn torch(opts: &BenchOptions, python: &str) -> anyhow::Result<Server> {
+fn torch(opts: &BenchOptions, python: &str, peer: &Peer) -> anyhow::Result<Server> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/torch_reference.py");
-    tracing::info!("PyTorch: {} --serve ({} threads)", script.display(), opts.threads);
+    let mode = match peer {
+        Peer::TorchBf16 => "bf16",
+        Peer::Onnx => "onnx",
+        _ => "f32",
+    };
+    tracing::info!(
+        "{}: {} --serve --mode {mode} ({} threads)",
+        peer.label(),
+        script.display(),
+        opts.threads
+    );
     let mut command = Command::new(python);
     command
         .arg(&script)
-        .args(["--threads", &opts.threads.to_string(), "--serve"])
+        .args(["--threads", &opts.threads.to_string(), "--serve", "--mode", mode])
         .env("OMP_NUM_THREADS", opts.threads.to_string());
-    Server::spawn("PyTorch", command)
+    Server::spawn(peer.label(), command)
+}
+
+/// Whether `python` can import `module`.
+fn has_module(python: &str, module: &str) -> bool {
+    Command::new(python)
+        .args(["-c", &format!("import {module}")])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 /// The median of `v` (the mean of the middle two for an even count).
@@ -188,62 +267,122 @@ fn summarise(ours: &[f64], theirs: &[f64]) -> Summary {
 /// spinning (OpenMP's and rayon's spin briefly after their last task).
 const SETTLE: Duration = Duration::from_millis(10);
 
-/// Run every row, both sides alternating run by run, and return the table
-/// (markdown).
+/// Run every row, our side and each peer alternating run by run, and return
+/// the table (markdown).
 pub fn run(opts: &BenchOptions) -> anyhow::Result<String> {
     if opts.runs == 0 {
         bail!("--runs must be at least 1");
     }
-    let (mut reference, other) = match &opts.against {
-        Some(path) => {
-            tracing::info!("the other side: {} --serve ({} threads)", path.display(), opts.threads);
-            let mut command = Command::new(path);
-            command
-                .arg("--serve")
-                .env("RAYON_NUM_THREADS", opts.threads.to_string());
-            (Some(Server::spawn("other build", command)?), "other build")
-        }
-        None => {
-            // Checked once: importing torch takes seconds.
-            let python = if opts.torch { torch_python(opts) } else { None };
-            (python.as_deref().map(|p| torch(opts, p)).transpose()?, "PyTorch")
-        }
-    };
+    // Checked once: importing torch takes seconds.
+    let wants_python = opts.peers.iter().any(|p| !matches!(p, Peer::Build(_)));
+    let python = if wants_python { torch_python(opts) } else { None };
+    let mut peers: Vec<(&Peer, Server)> = Vec::new();
+    for peer in &opts.peers {
+        let server = match peer {
+            Peer::Build(path) => {
+                tracing::info!("the other side: {} --serve ({} threads)", path.display(), opts.threads);
+                let mut command = Command::new(path);
+                command
+                    .arg("--serve")
+                    .env("RAYON_NUM_THREADS", opts.threads.to_string());
+                Server::spawn("other build", command)?
+            }
+            _ => {
+                let Some(python) = python.as_deref() else { continue };
+                if *peer == Peer::Onnx && !(has_module(python, "onnxruntime") && has_module(python, "onnx")) {
+                    tracing::warn!(
+                        "{python} has no onnxruntime or onnx: ONNX Runtime left out (pip install onnxruntime onnx)"
+                    );
+                    continue;
+                }
+                torch(opts, python, peer)?
+            }
+        };
+        peers.push((peer, server));
+    }
     let mut cmr = ours(opts)?;
-    let mut table = format!(
-        "| network | widths | what | cmr (ms) | {other} (ms) | cmr / {other} | cmr faster |\n|---|---|---|---|---|---|---|\n",
-    );
+    let mut table = String::from("| network | widths | what | cmr (ms) | cmr GFLOP/s |");
+    let mut rule = String::from("|---|---|---|---|---|");
+    for (peer, _) in &peers {
+        let l = peer.label();
+        table.push_str(&format!(" {l} (ms) | cmr / {l} | cmr faster |"));
+        rule.push_str("---|---|---|");
+    }
+    if peers.len() > 1 {
+        table.push_str(" cmr / fastest peer |");
+        rule.push_str("---|");
+    }
+    table.push('\n');
+    table.push_str(&rule);
+    table.push('\n');
     for widths in &opts.widths {
         for arch in &opts.archs {
             for what in &opts.whats {
                 let request = format!("{arch}/{widths} {what}");
                 // warm-up, not counted
                 cmr.run(&request)?;
-                if let Some(r) = reference.as_mut() {
-                    r.run(&request)?;
+                for (peer, server) in peers.iter_mut() {
+                    if peer.runs(what) {
+                        server.run(&request)?;
+                    }
                 }
-                let (mut mine, mut theirs) = (Vec::new(), Vec::new());
+                let mut mine = Vec::new();
+                let mut gflop = None;
+                let mut theirs: Vec<Vec<f64>> = vec![Vec::new(); peers.len()];
                 for i in 0..opts.runs {
-                    let torch_first = i % 2 == 1;
-                    if let (true, Some(r)) = (torch_first, reference.as_mut()) {
+                    // ours first in even runs, last in odd ones (the peers
+                    // then in reverse order)
+                    let ours_first = i % 2 == 0;
+                    if ours_first {
                         std::thread::sleep(SETTLE);
-                        theirs.push(r.run(&request)?);
+                        let a = cmr.run(&request)?;
+                        mine.push(a.ms);
+                        gflop = gflop.or(a.gflop);
                     }
-                    std::thread::sleep(SETTLE);
-                    mine.push(cmr.run(&request)?);
-                    if let (false, Some(r)) = (torch_first, reference.as_mut()) {
+                    let order: Vec<usize> = if ours_first {
+                        (0..peers.len()).collect()
+                    } else {
+                        (0..peers.len()).rev().collect()
+                    };
+                    for j in order {
+                        let (peer, server) = &mut peers[j];
+                        if peer.runs(what) {
+                            std::thread::sleep(SETTLE);
+                            theirs[j].push(server.run(&request)?.ms);
+                        }
+                    }
+                    if !ours_first {
                         std::thread::sleep(SETTLE);
-                        theirs.push(r.run(&request)?);
+                        let a = cmr.run(&request)?;
+                        mine.push(a.ms);
+                        gflop = gflop.or(a.gflop);
                     }
                 }
-                let s = summarise(&mine, &theirs);
-                let line = format!(
-                    "| {arch} | {widths} | {what} | {:.1} | {} | {} | {} |",
-                    s.ours_ms,
-                    s.theirs_ms.map_or("–".into(), |t| format!("{t:.1}")),
-                    s.theirs_ms.map_or("–".into(), |t| format!("{:.2}×", s.ours_ms / t)),
-                    s.faster.map_or("–".into(), |(k, n)| format!("{k} of {n}")),
+                let ours_ms = median(&mine);
+                let mut line = format!(
+                    "| {arch} | {widths} | {what} | {ours_ms:.1} | {} |",
+                    gflop.map_or("–".into(), |g| format!("{:.0}", g / (ours_ms / 1e3)))
                 );
+                let mut fastest = f64::INFINITY;
+                for t in &theirs {
+                    let s = summarise(&mine, t);
+                    if let Some(t) = s.theirs_ms {
+                        fastest = fastest.min(t);
+                    }
+                    line.push_str(&format!(
+                        " {} | {} | {} |",
+                        s.theirs_ms.map_or("–".into(), |t| format!("{t:.1}")),
+                        s.theirs_ms.map_or("–".into(), |t| format!("{:.2}×", s.ours_ms / t)),
+                        s.faster.map_or("–".into(), |(k, n)| format!("{k} of {n}")),
+                    ));
+                }
+                if peers.len() > 1 {
+                    line.push_str(&if fastest.is_finite() {
+                        format!(" {:.2}× |", ours_ms / fastest)
+                    } else {
+                        " – |".into()
+                    });
+                }
                 tracing::info!("{line}");
                 table.push_str(&line);
                 table.push('\n');
@@ -291,7 +430,7 @@ mod tests {
             r#"read a; echo '{"ms": 1.5}'; read b; echo '{"error": "no such case"}'; read c"#,
         ]);
         let mut s = Server::spawn("test", command).unwrap();
-        assert_eq!(s.run("unet/seed infer b1").unwrap(), 1.5);
+        assert_eq!(s.run("unet/seed infer b1").unwrap().ms, 1.5);
         let e = s.run("unet/seed frob").unwrap_err().to_string();
         assert!(e.contains("no such case") && e.contains("unet/seed frob"), "{e}");
         let e = s.run("unet/seed infer b1").unwrap_err().to_string();

@@ -85,13 +85,22 @@ struct BenchArgs {
     /// Python with torch [default: $CMR_TORCH_PYTHON, else python3].
     #[arg(long)]
     python: Option<String>,
-    /// Skip the PyTorch side.
+    /// Skip the peers: our side alone.
     #[arg(long)]
     no_torch: bool,
+    /// The peers, each a column: torch (PyTorch f32 eager), torch-bf16
+    /// (PyTorch bf16 autocast, channels-last), onnx (ONNX Runtime f32,
+    /// inference rows).
+    #[arg(long, value_delimiter = ',', default_value = "torch",
+          value_parser = clap::builder::PossibleValuesParser::new(xtask::bench::Peer::NAMES))]
+    peers: Vec<String>,
+    /// Our side's precision: f32, or bf16 on the CPU's AMX tiles.
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
+    precision: String,
     /// Compare with another build of our step benchmark instead of PyTorch:
     /// the path of its binary (`cargo bench -p cmr-models --bench step
     /// --no-run` prints it), e.g. one built from the commit before a change.
-    #[arg(long, value_name = "STEP_BINARY", conflicts_with_all = ["python", "no_torch"])]
+    #[arg(long, value_name = "STEP_BINARY", conflicts_with_all = ["python", "no_torch", "peers"])]
     against: Option<PathBuf>,
 }
 
@@ -250,8 +259,17 @@ fn main() -> ExitCode {
             widths: args.widths,
             whats: args.what,
             python: args.python,
-            torch: !args.no_torch,
-            against: args.against,
+            peers: match (args.against, args.no_torch) {
+                (Some(path), _) => vec![xtask::bench::Peer::Build(path)],
+                (None, true) => Vec::new(),
+                // (names clap has checked against Peer::NAMES)
+                (None, false) => args
+                    .peers
+                    .iter()
+                    .filter_map(|p| xtask::bench::Peer::parse(p).ok())
+                    .collect(),
+            },
+            bf16: args.precision == "bf16",
         })
         .map(|table| {
             #[allow(clippy::print_stdout)]

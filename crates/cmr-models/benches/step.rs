@@ -22,7 +22,8 @@
 //! `--serve` is for `cargo xtask bench`, which alternates this benchmark
 //! and the PyTorch reference run by run: it reads one request per line on
 //! stdin, `ARCH/WIDTHS WHAT` (e.g. `unet3plus/seed train b8`), runs that
-//! case once and answers one line, `{"ms":…}` or `{"error":"…"}`. Networks
+//! case once and answers one line, `{"ms":…,"gflop":…}` (the case's
+//! convolution work) or `{"error":"…"}`. Networks
 //! and inputs are built on first use and kept; the driver discards each
 //! case's first run as its warm-up.
 
@@ -193,7 +194,7 @@ fn serve(kernels: KernelConfig) {
         if line.is_empty() {
             continue;
         }
-        let answer = (|| -> Result<f64, String> {
+        let answer = (|| -> Result<(f64, f64), String> {
             let (label, what) = line.split_once(' ').ok_or("expected `ARCH/WIDTHS WHAT`")?;
             let (arch, preset) = label.split_once('/').ok_or("expected `ARCH/WIDTHS`")?;
             let arch: Architecture = arch.parse()?;
@@ -208,10 +209,12 @@ fn serve(kernels: KernelConfig) {
                 .or_insert_with(|| Net::new(arch, preset, kernels));
             let t = Instant::now();
             net.run(&cases[line]);
-            Ok(t.elapsed().as_secs_f64() * 1e3)
+            let ms = t.elapsed().as_secs_f64() * 1e3;
+            // the case's convolution work, GFLOP (its rate times its time)
+            Ok((ms, net.rate(&cases[line], ms) * ms / 1e3))
         })();
         let reply = match answer {
-            Ok(ms) => format!("{{\"ms\":{ms:.3}}}"),
+            Ok((ms, gflop)) => format!("{{\"ms\":{ms:.3},\"gflop\":{gflop:.4}}}"),
             Err(e) => format!("{{\"error\":{e:?}}}"),
         };
         if writeln!(out, "{reply}").and_then(|()| out.flush()).is_err() {
