@@ -319,11 +319,16 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<String> {
         for arch in &opts.archs {
             for what in &opts.whats {
                 let request = format!("{arch}/{widths} {what}");
-                // warm-up, not counted
+                // warm-up, not counted; a peer that cannot run the case (an
+                // export ONNX does not take) is left out of the row
                 cmr.run(&request)?;
-                for (peer, server) in peers.iter_mut() {
+                let mut runs_it = vec![false; peers.len()];
+                for (j, (peer, server)) in peers.iter_mut().enumerate() {
                     if peer.runs(what) {
-                        server.run(&request)?;
+                        match server.run(&request) {
+                            Ok(_) => runs_it[j] = true,
+                            Err(e) => tracing::warn!("{e:#}: left out of this row"),
+                        }
                     }
                 }
                 let mut mine = Vec::new();
@@ -345,8 +350,8 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<String> {
                         (0..peers.len()).rev().collect()
                     };
                     for j in order {
-                        let (peer, server) = &mut peers[j];
-                        if peer.runs(what) {
+                        let (_, server) = &mut peers[j];
+                        if runs_it[j] {
                             std::thread::sleep(SETTLE);
                             theirs[j].push(server.run(&request)?.ms);
                         }
