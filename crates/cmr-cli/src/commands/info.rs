@@ -70,7 +70,9 @@ fn member(dir: &Path) -> anyhow::Result<serde_json::Value> {
         "size_mb": stats.size_mb,
         "gflops": stats.gflops,
         "input": config.data.size,
+        // the weights are stored in f32 whatever the products were
         "precision": "f32",
+        "trained_in": config.kernels.precision.to_string(),
         "epochs": config.epochs,
         "keep": config.keep,
         "training_slices": split.as_ref().map(|s| s.train.len()),
@@ -149,9 +151,10 @@ fn describe(model: &str, json: bool) -> anyhow::Result<ExitCode> {
     }
     for m in &described {
         outln!(
-            "member      {}: {} epochs, kept {}, trained on {} slices (validated on {}), data sha256 {}",
+            "member      {}: {} epochs in {}, kept {}, trained on {} slices (validated on {}), data sha256 {}",
             m["run"].as_str().unwrap_or("?"),
             m["epochs"],
+            m["trained_in"].as_str().unwrap_or("?"),
             m["keep"].as_str().unwrap_or("?"),
             shown(&m["training_slices"]),
             shown(&m["validation_slices"]),
