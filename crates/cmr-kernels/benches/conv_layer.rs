@@ -157,6 +157,21 @@ fn main() {
     }
 }
 
+/// The minimum time (ms) of `run` under each setting over `rounds` rounds,
+/// the settings alternating, each timed run after an untimed one.
+fn alternating(rounds: usize, modes: &[(&str, KernelConfig); 2], run: impl Fn(&KernelConfig)) -> [f64; 2] {
+    let mut best = [f64::INFINITY; 2];
+    for _ in 0..rounds {
+        for (i, (_, cfg)) in modes.iter().enumerate() {
+            run(cfg);
+            let t = Instant::now();
+            run(cfg);
+            best[i] = best[i].min(t.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    best
+}
+
 /// The bf16 tiles' nominal peak on this machine's two cores (see the module
 /// doc).
 const BF16_PEAK_GFLOPS: f64 = 294.0 * 16.0;
@@ -189,15 +204,7 @@ fn forward_table(shapes: &[(usize, usize, usize, usize)], rounds: usize, modes: 
         let run = |cfg: &KernelConfig| {
             std::hint::black_box(cmr_kernels::conv2d(&x, &w, &bias, cfg).unwrap());
         };
-        let mut best = [f64::INFINITY; 2];
-        for _ in 0..rounds {
-            for (i, (_, cfg)) in modes.iter().enumerate() {
-                run(cfg);
-                let t = Instant::now();
-                run(cfg);
-                best[i] = best[i].min(t.elapsed().as_secs_f64() * 1e3);
-            }
-        }
+        let best = alternating(rounds, &modes, run);
         let flops = 2.0 * (b * cin * cout * 9 * side * side) as f64;
         let gflops = flops / (best[1] * 1e-3) / 1e9;
         println!(
@@ -230,15 +237,7 @@ fn table(shapes: &[(usize, usize, usize, usize)], rounds: usize, modes: [(&str, 
             let g = (&y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
             std::hint::black_box(g.get(&w).unwrap());
         };
-        let mut best = [f64::INFINITY; 2];
-        for _ in 0..rounds {
-            for (i, (_, cfg)) in modes.iter().enumerate() {
-                run(cfg);
-                let t = Instant::now();
-                run(cfg);
-                best[i] = best[i].min(t.elapsed().as_secs_f64() * 1e3);
-            }
-        }
+        let best = alternating(rounds, &modes, run);
         println!(
             "{:<22} {}",
             format!("{b}, {cin}, {cout}, {side}"),
