@@ -116,12 +116,12 @@ pub enum SplitChoice {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum PrecisionChoice {
     /// bf16 where this CPU has a bf16 matrix engine (AMX-BF16), f32
-    /// elsewhere.
+    /// elsewhere (AVX512-BF16 alone is slower than f32).
     Auto,
     /// f32 products everywhere.
     F32,
-    /// bf16 operands and f32 sums on the AMX tiles (f32 where the CPU has
-    /// none, with a warning).
+    /// bf16 operands and f32 sums on the AMX tiles, else on AVX512-BF16 dot
+    /// products (f32 where the CPU has neither, with a warning).
     Bf16,
 }
 
@@ -225,11 +225,11 @@ pub struct TrainArgs {
     /// Stop after N validations without improvement.
     #[arg(long, value_name = "N")]
     pub patience: Option<usize>,
-    /// The convolutions' products: f32, bf16 on the CPU's matrix engine
-    /// (AMX: the forward pass and the input gradients; weight gradients,
-    /// BatchNorm, the loss and the weights stay f32), or auto (bf16 where
-    /// the CPU has AMX-BF16) [default: f32, or the run's; recorded in
-    /// config.json as kernels.precision]
+    /// The convolutions' products: f32, bf16 on the CPU's bf16 unit (AMX,
+    /// else AVX512-BF16: the forward pass and the input gradients; weight
+    /// gradients, BatchNorm, the loss and the weights stay f32), or auto
+    /// (bf16 where the CPU has AMX-BF16) [default: f32, or the run's;
+    /// recorded in config.json as kernels.precision]
     #[arg(long, value_enum, value_name = "P")]
     pub precision: Option<PrecisionChoice>,
     #[command(flatten)]
@@ -264,8 +264,9 @@ pub struct InferenceArgs {
     /// Images per forward pass.
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
-    /// The convolutions' products: bf16 on the CPU's matrix engine (AMX)
-    /// with f32 sums, f32, or auto (bf16 where the CPU has AMX-BF16).
+    /// The convolutions' products: bf16 on the CPU's bf16 unit (AMX, else
+    /// AVX512-BF16) with f32 sums, f32, or auto (bf16 where the CPU has
+    /// AMX-BF16).
     #[arg(long, value_enum, default_value_t = PrecisionChoice::Auto, value_name = "P")]
     pub precision: PrecisionChoice,
     #[command(flatten)]

@@ -10,11 +10,13 @@
 //! the fourth compares its two tiles there: F(2×2, 3×3) everywhere, or the
 //! default's choice (F(4×4, 3×3) where the batch has 144 of its tiles);
 //! the fifth, `bf16`, the forward pass alone (inference) in f32 and in bf16
-//! on the AMX tiles, with the bf16 side's GFLOP/s of direct-convolution work
-//! and its fraction of the tiles' peak: the nominal one (1024 flops per
-//! cycle and core at the clock of the f32 peak, 294 GFLOP/s on two cores:
-//! about 4.7 TFLOP/s) and the rate measured here on cached operands
-//! (`amx::measured_peak_gflops`, times the threads).
+//! on the CPU's bf16 unit (AMX tiles, else AVX512-BF16 dot products), with
+//! the bf16 side's GFLOP/s of direct-convolution work and its fraction of
+//! the unit's peak: the nominal one (tiles: 1024 flops per cycle and core at
+//! the clock of the f32 peak, 294 GFLOP/s on two cores, so about 4.7
+//! TFLOP/s; dot products: twice the f32 peak, 588 GFLOP/s) and the rate
+//! measured here on cached operands (`amx::measured_peak_gflops`, times the
+//! threads).
 //!
 //! `cargo bench -p cmr-kernels --bench conv_layer [-- --rounds N] [TABLE…]`
 //! (one thread unless `RAYON_NUM_THREADS` says otherwise); `TABLE` is one
@@ -131,8 +133,8 @@ fn main() {
         table(&winograd, rounds, [("F(2×2)", f2), ("default", on)]);
     }
     if wanted("bf16") {
-        if !cmr_kernels::amx::has_amx() {
-            println!("# bf16: no AMX-BF16 on this CPU (both sides would run f32)");
+        if !cmr_kernels::amx::has_bf16_unit() {
+            println!("# bf16: neither AMX-BF16 nor AVX512-BF16 on this CPU (both sides would run f32)");
             return;
         }
         let bf16 = KernelConfig {
@@ -172,9 +174,14 @@ fn alternating(rounds: usize, modes: &[(&str, KernelConfig); 2], run: impl Fn(&K
     best
 }
 
-/// The bf16 tiles' nominal peak on this machine's two cores (see the module
-/// doc).
-const BF16_PEAK_GFLOPS: f64 = 294.0 * 16.0;
+/// The bf16 unit's nominal peak on this machine's two cores (see the
+/// module doc): the tiles 16 times the f32 peak, the dot products twice it.
+fn bf16_peak_gflops() -> f64 {
+    match cmr_kernels::amx::matrix_unit() {
+        cmr_kernels::amx::MatrixUnit::Amx => 294.0 * 16.0,
+        _ => 294.0 * 2.0,
+    }
+}
 
 /// One line per shape: the layer's forward time (conv + bias) under each
 /// setting, alternating, and the second's GFLOP/s.
@@ -186,7 +193,8 @@ fn forward_table(shapes: &[(usize, usize, usize, usize)], rounds: usize, modes: 
         .fold(0f64, f64::max)
         * rayon::current_num_threads() as f64;
     println!(
-        "# tiles on cached operands: {measured:.0} GFLOP/s on {} thread(s)",
+        "# {} on cached operands: {measured:.0} GFLOP/s on {} thread(s)",
+        cmr_kernels::amx::matrix_unit(),
         rayon::current_num_threads()
     );
     println!(
@@ -211,7 +219,7 @@ fn forward_table(shapes: &[(usize, usize, usize, usize)], rounds: usize, modes: 
             "{:<22} {} {gflops:>10.0} {:>8.1}% {:>8.1}%",
             format!("{b}, {cin}, {cout}, {side}"),
             best.map(|v| format!("{v:>12.2}")).join(""),
-            100.0 * gflops / BF16_PEAK_GFLOPS,
+            100.0 * gflops / bf16_peak_gflops(),
             100.0 * gflops / measured
         );
     }

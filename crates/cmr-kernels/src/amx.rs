@@ -23,6 +23,9 @@ use std::sync::OnceLock;
 pub enum MatrixUnit {
     /// AMX-BF16 tiles, their state granted by the OS.
     Amx,
+    /// No tiles, but AVX512-BF16's dot products (`vdpbf16ps`: 16 lanes,
+    /// each the sum of two bf16 products added into f32).
+    Avx512Bf16,
     /// None usable: the f32 kernels run instead.
     None,
 }
@@ -31,6 +34,7 @@ impl std::fmt::Display for MatrixUnit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Self::Amx => "AMX-BF16",
+            Self::Avx512Bf16 => "AVX512-BF16 (no AMX)",
             Self::None => "no bf16 matrix unit",
         })
     }
@@ -38,12 +42,15 @@ impl std::fmt::Display for MatrixUnit {
 
 /// The matrix unit of this CPU: AMX where the CPU has AMX-TILE and
 /// AMX-BF16 and Linux grants the tile state (`arch_prctl(ARCH_REQ_XCOMP_PERM,
-/// XFEATURE_XTILEDATA)`, asked once per process), else none.
+/// XFEATURE_XTILEDATA)`, asked once per process), else AVX512-BF16 where
+/// the CPU has it, else none.
 pub fn matrix_unit() -> MatrixUnit {
     static UNIT: OnceLock<MatrixUnit> = OnceLock::new();
     *UNIT.get_or_init(|| {
         if cpu_has_amx_bf16() && request_tile_state() {
             MatrixUnit::Amx
+        } else if has_avx512_bf16() {
+            MatrixUnit::Avx512Bf16
         } else {
             MatrixUnit::None
         }
@@ -53,6 +60,24 @@ pub fn matrix_unit() -> MatrixUnit {
 /// Whether the bf16 tile kernels can run here.
 pub fn has_amx() -> bool {
     matrix_unit() == MatrixUnit::Amx
+}
+
+/// Whether the CPU has AVX512-BF16's dot products (with AVX-512F), whether
+/// or not it also has AMX.
+pub fn has_avx512_bf16() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Whether the convolutions can run in bf16 here, on either unit.
+pub fn has_bf16_unit() -> bool {
+    matrix_unit() != MatrixUnit::None
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -289,10 +314,19 @@ impl Drop for Tiles {
     }
 }
 
-/// The tiles' rate on this core, GFLOP/s: tile multiplies on operands in
-/// the first-level cache, timed over about `n·16` k multiply-adds (for the
-/// benchmarks' "fraction of peak"); `None` without AMX.
+/// The bf16 unit's rate on this core, GFLOP/s: AMX tile multiplies on
+/// operands in the first-level cache, or AVX512-BF16 dot products on
+/// registers, timed over about `n·16` k multiply-adds (for the benchmarks'
+/// "fraction of peak"); `None` without either.
 pub fn measured_peak_gflops(n: usize) -> Option<f64> {
+    match matrix_unit() {
+        MatrixUnit::Amx => tiles_peak_gflops(n),
+        MatrixUnit::Avx512Bf16 => dots_peak_gflops(n),
+        MatrixUnit::None => None,
+    }
+}
+
+fn tiles_peak_gflops(n: usize) -> Option<f64> {
     let mut tiles = Tiles::new()?;
     let ones = vec![0x3f80u16; 2048];
     tiles.zero();
@@ -312,6 +346,54 @@ pub fn measured_peak_gflops(n: usize) -> Option<f64> {
     }
     let seconds = start.elapsed().as_secs_f64();
     Some(n.max(1) as f64 * 4.0 * 16.0 * 16.0 * 32.0 * 2.0 / seconds / 1e9)
+}
+
+/// `n` rounds of 16 independent dot products (16 lanes × 2 products each),
+/// as many as an unrolled kernel keeps in flight.
+fn dots_peak_gflops(n: usize) -> Option<f64> {
+    if !has_avx512_bf16() {
+        return None;
+    }
+    let rounds = (n * 16).div_ceil(16).max(1);
+    let start = std::time::Instant::now();
+    // SAFETY: the CPU has AVX512-BF16 and AVX-512F (checked above).
+    let sum = unsafe { dots_rounds(rounds) };
+    let seconds = start.elapsed().as_secs_f64();
+    std::hint::black_box(sum);
+    Some(rounds as f64 * 16.0 * 16.0 * 2.0 * 2.0 / seconds / 1e9)
+}
+
+/// # Safety
+/// The CPU has AVX512-BF16 and AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+#[allow(clippy::needless_range_loop)]
+unsafe fn dots_rounds(rounds: usize) -> f32 {
+    use std::arch::x86_64::*;
+    // 1 + 2⁻⁷ and 1 − 2⁻⁷ in every bf16 lane: sums that stay finite
+    // SAFETY: both types are 512 bits of plain data.
+    let (a, b) = unsafe {
+        (
+            std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(0x3f81_3f81)),
+            std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(0x3f7e_3f7e)),
+        )
+    };
+    let mut acc = [_mm512_setzero_ps(); 16];
+    for _ in 0..rounds {
+        for i in 0..16 {
+            acc[i] = _mm512_dpbf16_ps(acc[i], a, b);
+        }
+    }
+    let mut total = _mm512_setzero_ps();
+    for v in acc {
+        total = _mm512_add_ps(total, v);
+    }
+    _mm512_reduce_add_ps(total)
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn dots_rounds(_: usize) -> f32 {
+    unreachable!("AVX512-BF16 on a CPU that is not x86-64")
 }
 
 #[cfg(test)]

@@ -5,6 +5,8 @@
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
+use crate::amx::MatrixUnit;
+
 /// The kernels' settings. The default is what was measured fastest on this
 /// project's machines; every other value computes the same function (the
 /// results differ to rounding only, except [`Simd`], which gives the same
@@ -28,9 +30,11 @@ pub struct KernelConfig {
     /// decoder branches) instead of up-sampling it first.
     pub upsampled: bool,
     /// The precision of the convolutions' products: bf16 on the CPU's
-    /// matrix engine (AMX) where it has one and the layer suits it
-    /// ([`crate::plan`]), f32 elsewhere.
+    /// matrix engine (AMX, else AVX512-BF16) where it has one and the layer
+    /// suits it ([`crate::plan`]), f32 elsewhere.
     pub precision: Precision,
+    /// Which of the CPU's bf16 units bf16 products go to.
+    pub bf16_unit: Bf16Unit,
 }
 
 impl Default for KernelConfig {
@@ -49,6 +53,7 @@ impl KernelConfig {
         direct: true,
         upsampled: true,
         precision: Precision::F32,
+        bf16_unit: Bf16Unit::Auto,
     };
 
     /// candle's own ops everywhere.
@@ -97,8 +102,9 @@ pub enum Precision {
     /// f32 products everywhere.
     #[default]
     F32,
-    /// bf16 operands, f32 sums, on AMX tiles where the CPU has them (for the
-    /// layers [`crate::plan`] gives them); f32 elsewhere.
+    /// bf16 operands, f32 sums, on AMX tiles where the CPU has them, else on
+    /// AVX512-BF16 dot products (for the layers [`crate::plan`] gives them;
+    /// [`Bf16Unit`] chooses); f32 elsewhere.
     Bf16,
 }
 
@@ -108,6 +114,33 @@ impl std::fmt::Display for Precision {
             Self::F32 => "f32",
             Self::Bf16 => "bf16",
         })
+    }
+}
+
+/// Which bf16 unit [`Precision::Bf16`]'s products go to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Bf16Unit {
+    /// The best this CPU has: AMX tiles, else AVX512-BF16 dot products,
+    /// else none (f32).
+    #[default]
+    Auto,
+    /// AVX512-BF16's dot products even where the CPU has AMX (for
+    /// comparisons); none where it lacks them.
+    Dots,
+    /// None: f32 products, as on a CPU without a bf16 unit (to test the
+    /// fallback anywhere).
+    None,
+}
+
+impl Bf16Unit {
+    /// The unit this setting gives on this CPU.
+    pub fn unit(self) -> MatrixUnit {
+        match self {
+            Self::Auto => crate::amx::matrix_unit(),
+            Self::Dots if crate::amx::has_avx512_bf16() => MatrixUnit::Avx512Bf16,
+            Self::Dots | Self::None => MatrixUnit::None,
+        }
     }
 }
 
@@ -164,7 +197,7 @@ mod tests {
         let json = serde_json::to_string(&cfg).unwrap();
         assert_eq!(
             json,
-            r#"{"enabled":true,"simd":"baseline","winograd":"f4x4","batched":"always","direct":false,"upsampled":true,"precision":"f32"}"#
+            r#"{"enabled":true,"simd":"baseline","winograd":"f4x4","batched":"always","direct":false,"upsampled":true,"precision":"f32","bf16_unit":"auto"}"#
         );
         assert_eq!(serde_json::from_str::<KernelConfig>(&json).unwrap(), cfg);
         assert_eq!(

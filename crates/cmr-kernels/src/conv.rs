@@ -13,6 +13,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+use crate::amx::MatrixUnit;
 use crate::config::KernelConfig;
 use crate::cpu::{Fresh, fresh, simd_fn, threads};
 use crate::gemm::{Epilogue, Scratch, affine_in_place, matmul, relu_in_place, relu_mask, rows, with_scratch};
@@ -113,9 +114,14 @@ pub(crate) fn conv_forward(
     let algorithm = plan(&shape(dims, (cout, k), Source::Input), Pass::Forward, cfg);
     match algorithm {
         Algorithm::Winograd(tile) => return winograd::forward(simd, tile, x, weight, (b, cin, h, w, cout), epi, out),
-        Algorithm::Tiles => {
-            let done = bf16_conv::forward(simd, x, dims, weight, (cout, k), epi, out);
-            assert!(done, "plan: bf16 tiles without AMX");
+        Algorithm::Tiles | Algorithm::Dots => {
+            let unit = if algorithm == Algorithm::Tiles {
+                MatrixUnit::Amx
+            } else {
+                MatrixUnit::Avx512Bf16
+            };
+            let done = bf16_conv::forward(simd, unit, x, dims, weight, (cout, k), epi, out);
+            assert!(done, "plan: {algorithm} without {unit}");
             return;
         }
         Algorithm::Batched => {

@@ -57,7 +57,7 @@ pub mod testing;
 use candle_core::{CpuStorage, Layout, Result, Storage, Tensor};
 
 pub use bn::{BnStats, bn_relu_eval, bn_relu_train};
-pub use config::{Batched, KernelConfig, Precision, Simd, Winograd};
+pub use config::{Batched, Bf16Unit, KernelConfig, Precision, Simd, Winograd};
 pub use conv::{conv2d, conv2d_affine_relu, conv2d_relu, upsampled_conv2d_affine_relu};
 pub use cpu::keep_freed_memory;
 pub use fused::{conv_bn_relu_train, upsampled_conv_bn_relu_train};

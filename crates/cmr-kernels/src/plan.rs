@@ -12,7 +12,8 @@
 //! - with bf16 precision on a CPU with AMX, the products on its tiles for
 //!   odd kernels with at least [`TILES_MIN_CHANNELS`] channels in and out
 //!   on images of at least [`TILES_MIN_PIXELS`] ([`Algorithm::Tiles`];
-//!   forward, and so the input gradient);
+//!   forward, and so the input gradient); on a CPU with AVX512-BF16 but no
+//!   AMX, the same layers on its dot products ([`Algorithm::Dots`]);
 //! - Winograd's minimal filtering for 3×3 kernels from 8×8 up with many
 //!   channels and enough tiles, F(4×4) tiles where the batch has 144 of
 //!   them, else F(2×2) ([`winograd_tile`]);
@@ -26,6 +27,7 @@
 //! with the flipped kernel, channels swapped: it is planned as that forward
 //! pass.
 
+use crate::amx::MatrixUnit;
 use crate::config::{Batched, KernelConfig, Precision, Winograd};
 
 /// The fewest input and output channels whose products go on AMX tiles in
@@ -120,6 +122,9 @@ pub enum Algorithm {
     Gemm,
     /// bf16 products on AMX tiles, f32 sums (`bf16_conv.rs`).
     Tiles,
+    /// bf16 products on AVX512-BF16 dot products, f32 sums (`bf16_conv.rs`):
+    /// where the CPU has no AMX.
+    Dots,
 }
 
 impl std::fmt::Display for Algorithm {
@@ -134,6 +139,7 @@ impl std::fmt::Display for Algorithm {
             Self::Im2col => "im2col",
             Self::Gemm => "GEMM (1×1)",
             Self::Tiles => "bf16 tiles",
+            Self::Dots => "bf16 dot products",
         })
     }
 }
@@ -167,8 +173,8 @@ pub fn plan(shape: &ConvShape, pass: Pass, cfg: &KernelConfig) -> Algorithm {
     } = *shape;
     match pass {
         Pass::Forward => {
-            if on_tiles(shape, cfg) {
-                Algorithm::Tiles
+            if let Some(bf16) = in_bf16(shape, cfg) {
+                bf16
             } else if let Some(tile) = winograd_tile(shape, cfg) {
                 Algorithm::Winograd(tile)
             } else if b > 1 && batched(shape, cfg) {
@@ -211,14 +217,20 @@ pub fn plan(shape: &ConvShape, pass: Pass, cfg: &KernelConfig) -> Algorithm {
     }
 }
 
-/// Whether the layer's products go on AMX tiles in bf16.
-fn on_tiles(s: &ConvShape, cfg: &KernelConfig) -> bool {
-    cfg.precision == Precision::Bf16
+/// The bf16 algorithm for the layer, if its products go to the CPU's bf16
+/// unit: AMX tiles, else AVX512-BF16's dot products.
+fn in_bf16(s: &ConvShape, cfg: &KernelConfig) -> Option<Algorithm> {
+    let fits = cfg.precision == Precision::Bf16
         && s.k % 2 == 1
         && s.cin >= TILES_MIN_CHANNELS
         && s.cout >= TILES_MIN_CHANNELS
-        && s.h * s.w >= TILES_MIN_PIXELS
-        && crate::amx::has_amx()
+        && s.h * s.w >= TILES_MIN_PIXELS;
+    match cfg.bf16_unit.unit() {
+        _ if !fits => None,
+        MatrixUnit::Amx => Some(Algorithm::Tiles),
+        MatrixUnit::Avx512Bf16 => Some(Algorithm::Dots),
+        MatrixUnit::None => None,
+    }
 }
 
 /// Whether the layer's convolution runs batch-wide: images under 32×32 with

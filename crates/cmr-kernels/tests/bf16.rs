@@ -1,13 +1,16 @@
-//! bf16 on the AMX tiles against the f32 kernels: the forward pass and the
-//! input gradient within bf16's tolerance (1e-2 of the largest value), the
-//! weight and bias gradients (f32 in both) equal; on a CPU without AMX the
-//! bf16 setting falls back to f32 and gives its bits exactly.
+//! bf16 on the CPU's bf16 units (AMX tiles, AVX512-BF16 dot products)
+//! against the f32 kernels: the forward pass and the input gradient within
+//! bf16's tolerance (1e-2 of the largest value), the weight and bias
+//! gradients (f32 in both) equal; without a unit (a CPU that has none, or
+//! forced by `Bf16Unit::None`) the bf16 setting falls back to f32 and gives
+//! its bits exactly.
 
 #![allow(clippy::unwrap_used)]
 
 use candle_core::{Tensor, Var};
+use cmr_kernels::amx::MatrixUnit;
 use cmr_kernels::testing::{fixed_tensor, max_rel};
-use cmr_kernels::{KernelConfig, Precision};
+use cmr_kernels::{Algorithm, Bf16Unit, ConvShape, KernelConfig, Pass, Precision, plan};
 
 const F32: KernelConfig = KernelConfig::DEFAULT;
 const BF16: KernelConfig = KernelConfig {
@@ -20,12 +23,34 @@ const BF16: KernelConfig = KernelConfig {
 /// with room.
 const TOLERANCE: f32 = 1e-2;
 
-fn amx() -> bool {
-    let on = cmr_kernels::amx::has_amx();
-    if !on {
-        eprintln!("no AMX-BF16 on this CPU: the bf16 setting runs the f32 kernels (tested to give their bits)");
+/// The bf16 settings to test on this CPU, each with whether it runs bf16
+/// products: every unit the CPU has, and the forced fallback.
+fn settings() -> Vec<(KernelConfig, bool)> {
+    let mut out = vec![(
+        KernelConfig {
+            bf16_unit: Bf16Unit::None,
+            ..BF16
+        },
+        false,
+    )];
+    for unit in [Bf16Unit::Auto, Bf16Unit::Dots] {
+        let on = unit.unit() != MatrixUnit::None;
+        if unit == Bf16Unit::Auto || on && unit.unit() != Bf16Unit::Auto.unit() {
+            out.push((
+                KernelConfig {
+                    bf16_unit: unit,
+                    ..BF16
+                },
+                on,
+            ));
+        }
     }
-    on
+    if !out.iter().any(|&(_, on)| on) {
+        eprintln!(
+            "no AMX-BF16 nor AVX512-BF16 on this CPU: the bf16 setting runs the f32 kernels (tested to give their bits)"
+        );
+    }
+    out
 }
 
 /// `(y, dx, dw, db)` of `conv2d` with a fixed probe as the output gradient.
@@ -50,7 +75,12 @@ fn conv_pass(x: &Tensor, w: &Tensor, b: &Tensor, probe: &Tensor, cfg: &KernelCon
 /// kernels); each on the tiles where the plan puts it.
 #[test]
 fn convolution_in_bf16_is_within_tolerance_of_f32() {
-    let on_tiles = amx();
+    for (cfg, on) in settings() {
+        convolution_within_tolerance(&cfg, on);
+    }
+}
+
+fn convolution_within_tolerance(cfg: &KernelConfig, on: bool) {
     for (i, &(b, cin, cout, h, w, k)) in [
         (2, 64, 64, 24, 24, 3),
         (1, 128, 128, 12, 12, 3),
@@ -68,14 +98,35 @@ fn convolution_in_bf16_is_within_tolerance_of_f32() {
         let bias = fixed_tensor(&[cout], seed + 2, 0.0, 0.1);
         let probe = fixed_tensor(&[b, cout, h, w], seed + 3, 0.0, 1.0);
         let exact = conv_pass(&x, &wt, &bias, &probe, &F32);
-        let bf16 = conv_pass(&x, &wt, &bias, &probe, &BF16);
+        let bf16 = conv_pass(&x, &wt, &bias, &probe, cfg);
         let shape = (b, cin, cout, h, w, k);
-        for (name, got, want) in [("y", &bf16[0], &exact[0]), ("dx", &bf16[1], &exact[1])] {
+        let unit = cfg.bf16_unit;
+        let layer = ConvShape {
+            batch: b,
+            cin,
+            h,
+            w,
+            cout,
+            k,
+            upsample: 1,
+        };
+        for (name, got, want, pass) in [
+            ("y", &bf16[0], &exact[0], Pass::Forward),
+            ("dx", &bf16[1], &exact[1], Pass::InputGrad),
+        ] {
             let e = max_rel(got, want);
-            if on_tiles {
-                assert!(e < TOLERANCE, "{shape:?} {name}: {e}");
+            if on {
+                assert!(e < TOLERANCE, "{unit:?} {shape:?} {name}: {e}");
+                // where the plan puts the pass in bf16, its rounding shows:
+                // not the f32 path by mistake
+                let in_bf16 = matches!(plan(&layer, pass, cfg), Algorithm::Tiles | Algorithm::Dots);
+                assert_eq!(
+                    e > 0.0,
+                    in_bf16,
+                    "{unit:?} {shape:?} {name}: {e}, planned in bf16: {in_bf16}"
+                );
             } else {
-                assert_eq!(e, 0.0, "{shape:?} {name}: the fallback is f32");
+                assert_eq!(e, 0.0, "{unit:?} {shape:?} {name}: the fallback is f32");
             }
         }
         // the weight and bias gradients are f32 in both, from the same
@@ -90,7 +141,12 @@ fn convolution_in_bf16_is_within_tolerance_of_f32() {
 /// its output and all its gradients within tolerance of f32.
 #[test]
 fn a_training_layer_in_bf16_is_within_tolerance_of_f32() {
-    let on_tiles = amx();
+    for (cfg, on) in settings() {
+        training_layer_within_tolerance(&cfg, on);
+    }
+}
+
+fn training_layer_within_tolerance(cfg: &KernelConfig, on: bool) {
     let (b, cin, cout, h, w) = (4, 32, 48, 24, 24);
     let x = fixed_tensor(&[b, cin, h, w], 7, 0.0, 1.0);
     let wt = fixed_tensor(&[cout, cin, 3, 3], 8, 0.0, 0.2);
@@ -144,7 +200,7 @@ fn a_training_layer_in_bf16_is_within_tolerance_of_f32() {
         out.extend(vars.iter().map(|v| grads.get(v).unwrap().clone()));
         out
     };
-    let (exact, bf16) = (run(&F32), run(&BF16));
+    let (exact, bf16) = (run(&F32), run(cfg));
     let largest = |t: &Tensor| t.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
     for (i, name) in ["y", "dx", "dw", "dbias", "dgamma", "dbeta"].iter().enumerate() {
         let (got, want) = (&bf16[i], &exact[i]);
@@ -156,10 +212,10 @@ fn a_training_layer_in_bf16_is_within_tolerance_of_f32() {
             largest(want)
         };
         let e = largest(&(got - want).unwrap()) / scale.max(1e-6);
-        if on_tiles {
-            assert!(e < TOLERANCE, "{name}: {e}");
+        if on {
+            assert!(e < TOLERANCE, "{:?} {name}: {e}", cfg.bf16_unit);
         } else {
-            assert_eq!(e, 0.0, "{name}: the fallback is f32");
+            assert_eq!(e, 0.0, "{:?} {name}: the fallback is f32", cfg.bf16_unit);
         }
     }
 }

@@ -12,9 +12,9 @@
 //! `--json` prints one JSON object per row instead of the table; `--what
 //! "train b8"` keeps only the rows of that kind (to measure one case's peak
 //! memory with `/usr/bin/time -v`); `--no-kernels` runs candle's own ops
-//! (`KernelConfig::off`), `--bf16` bf16 products on the AMX tiles where the CPU has them. `--compare batched` (or `direct`, `upsampled`, `winograd`, `f4`: F(2×2)
-//! everywhere Winograd runs against the default's tiles; `bf16`: f32 products against bf16 on the
-//! AMX tiles) times
+//! (`KernelConfig::off`), `--bf16` bf16 products on the CPU's bf16 unit (AMX tiles, else AVX512-BF16 dot products). `--compare batched` (or `direct`, `upsampled`, `winograd`, `f4`: F(2×2)
+//! everywhere Winograd runs against the default's tiles; `bf16`: f32 products against bf16 on the bf16 unit,
+//! AMX or AVX512-BF16) times
 //! each case with that switch of the fast kernels off and on, alternating
 //! run by run in one process, so that a slow minute of the machine hits both
 //! alike: two rows per case, the mode in brackets.
@@ -83,7 +83,7 @@ fn switch(name: &str, base: KernelConfig) -> [KernelConfig; 2] {
             winograd: Winograd::F2x2,
             ..base
         }),
-        // off: f32 products; on: bf16 on the AMX tiles where the plan puts them
+        // off: f32 products; on: bf16 on the CPU's bf16 unit where the plan puts them
         "bf16" => [
             KernelConfig {
                 precision: Precision::F32,

@@ -51,20 +51,25 @@ pub fn predict_options(args: &InferenceArgs, recorded: Option<PostProcess>) -> a
     })
 }
 
-/// The precision `--precision` asks for on this CPU, said once.
+/// The precision `--precision` asks for on this CPU, said once. `auto` is
+/// bf16 on AMX only: AVX512-BF16's dot products were measured slower than
+/// the f32 kernels (BENCHMARKS.md), so they run only when asked for.
 pub fn precision(choice: PrecisionChoice) -> Precision {
     let unit = cmr_models::backend::matrix_unit();
-    let amx = unit == MatrixUnit::Amx;
     let chosen = match choice {
-        PrecisionChoice::Auto if amx => Precision::Bf16,
+        PrecisionChoice::Auto if unit == MatrixUnit::Amx => Precision::Bf16,
         PrecisionChoice::Auto | PrecisionChoice::F32 => Precision::F32,
         PrecisionChoice::Bf16 => Precision::Bf16,
     };
-    match (chosen, amx) {
-        (Precision::Bf16, true) => {
+    match (chosen, unit) {
+        (Precision::Bf16, MatrixUnit::Amx) => {
             tracing::info!("precision: bf16 products on the AMX-BF16 tiles, f32 sums (--precision f32 for f32)")
         }
-        (Precision::Bf16, false) => tracing::warn!(
+        (Precision::Bf16, MatrixUnit::Avx512Bf16) => tracing::warn!(
+            "precision: bf16 products on AVX512-BF16 dot products, f32 sums: this CPU has no AMX, and the dot \
+             products are slower than f32 (--precision f32 or auto for f32)"
+        ),
+        (Precision::Bf16, MatrixUnit::None) => tracing::warn!(
             "--precision bf16: this CPU has {unit} (or Linux did not grant its tiles): the convolutions run in f32"
         ),
         (Precision::F32, _) => tracing::info!("precision: f32 (this CPU has {unit})"),
