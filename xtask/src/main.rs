@@ -94,7 +94,7 @@ struct BenchArgs {
     #[arg(long, value_delimiter = ',', default_value = "torch",
           value_parser = clap::builder::PossibleValuesParser::new(xtask::bench::Peer::NAMES))]
     peers: Vec<String>,
-    /// Our side's precision: f32, or bf16 on the CPU's AMX tiles.
+    /// Our side's precision: f32, or bf16 on the CPU's bf16 unit (AMX tiles, else AVX512-BF16).
     #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
     precision: String,
     /// Compare with another build of our step benchmark instead of PyTorch:

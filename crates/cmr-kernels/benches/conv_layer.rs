@@ -198,12 +198,13 @@ fn forward_table(shapes: &[(usize, usize, usize, usize)], rounds: usize, modes: 
         rayon::current_num_threads()
     );
     println!(
-        "{:<22} {} {:>10} {:>9} {:>9}",
+        "{:<22} {} {:>10} {:>9} {:>9}  {}",
         "b, cin, cout, side",
         names.map(|m| format!("{m:>12}")).join(""),
         "GFLOP/s",
         "nominal",
-        "measured"
+        "measured",
+        "second's algorithm"
     );
     for &(b, cin, cout, side) in shapes {
         let x = Tensor::randn(0f32, 1.0, (b, cin, side, side), &dev).unwrap();
@@ -215,8 +216,18 @@ fn forward_table(shapes: &[(usize, usize, usize, usize)], rounds: usize, modes: 
         let best = alternating(rounds, &modes, run);
         let flops = 2.0 * (b * cin * cout * 9 * side * side) as f64;
         let gflops = flops / (best[1] * 1e-3) / 1e9;
+        let layer = cmr_kernels::ConvShape {
+            batch: b,
+            cin,
+            h: side,
+            w: side,
+            cout,
+            k: 3,
+            upsample: 1,
+        };
+        let algorithm = cmr_kernels::plan(&layer, cmr_kernels::Pass::Forward, &modes[1].1);
         println!(
-            "{:<22} {} {gflops:>10.0} {:>8.1}% {:>8.1}%",
+            "{:<22} {} {gflops:>10.0} {:>8.1}% {:>8.1}%  {algorithm}",
             format!("{b}, {cin}, {cout}, {side}"),
             best.map(|v| format!("{v:>12.2}")).join(""),
             100.0 * gflops / bf16_peak_gflops(),
