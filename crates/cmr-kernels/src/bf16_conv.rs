@@ -287,28 +287,31 @@ pub(crate) fn forward(
         }
     };
     let jobs = l.np.div_ceil(M) * runs;
-    if unit == MatrixUnit::Amx {
-        let packed = pack_weights(simd, weight, l);
-        (0..jobs).into_par_iter().for_each_init(Vec::new, |sums, job| {
-            let (n0, r) = ((job / runs) * M, job % runs);
-            let blocks = r * run..((r + 1) * run).min(l.blocks);
-            let len = blocks.len() * N;
-            sums.resize(M * len, 0f32);
-            tiles_job(l, &packed, &copy, n0, blocks.clone(), sums);
-            finish(sums, n0, blocks.start * N, len);
-        });
+    let packed = if unit == MatrixUnit::Amx {
+        Packed::Tiles(pack_weights(simd, weight, l))
     } else {
-        let packed = pack_dot_weights(weight, l);
-        (0..jobs).into_par_iter().for_each_init(Vec::new, |sums, job| {
-            let (n0, r) = ((job / runs) * M, job % runs);
-            let blocks = r * run..((r + 1) * run).min(l.blocks);
-            let len = blocks.len() * DOT_N;
-            sums.resize(M * len, 0f32);
-            dots_job(l, &packed, &copy, n0, blocks.clone(), sums);
-            finish(sums, n0, blocks.start * DOT_N, len);
-        });
-    }
+        Packed::Dots(pack_dot_weights(weight, l))
+    };
+    (0..jobs).into_par_iter().for_each_init(Vec::new, |sums, job| {
+        let (n0, r) = ((job / runs) * M, job % runs);
+        let blocks = r * run..((r + 1) * run).min(l.blocks);
+        let len = blocks.len() * n;
+        sums.resize(M * len, 0f32);
+        match &packed {
+            Packed::Tiles(packed) => tiles_job(l, packed, &copy, n0, blocks.clone(), sums),
+            Packed::Dots(packed) => dots_job(l, packed, &copy, n0, blocks.clone(), sums),
+        }
+        finish(sums, n0, blocks.start * n, len);
+    });
     true
+}
+
+/// The weights as one unit reads them.
+enum Packed {
+    /// [`pack_weights`]'s layout.
+    Tiles(Vec<u16>),
+    /// [`pack_dot_weights`]'s layout.
+    Dots(Vec<u32>),
 }
 
 /// One job on the tiles: `sums [M, len]` = output channels `n0 .. n0 + M`
