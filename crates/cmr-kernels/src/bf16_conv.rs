@@ -1,6 +1,7 @@
-//! The forward convolution in bf16 on AMX tiles, f32 sums: stride 1, "same"
-//! padding, odd kernels, the epilogue (bias, inference BatchNorm's affine,
-//! ReLU) applied in f32 as the sums leave the tiles.
+//! The forward convolution in bf16 on AMX tiles (or, where the CPU has no
+//! AMX, on AVX512-BF16 dot products), f32 sums: stride 1, "same" padding,
+//! odd kernels, the epilogue (bias, inference BatchNorm's affine, ReLU)
+//! applied in f32 as the sums leave the unit.
 //!
 //! The batch is copied once into bf16, each image zero-padded by `k / 2` on
 //! every side and the images stacked (`[pixel]` over `b·hp·wp` padded
@@ -20,6 +21,13 @@
 //! The work is a grid of jobs, one per 32 output channels and run of output
 //! blocks: the run's share of the copy and the 32 channels' weights stay in
 //! cache while its blocks go through the tiles.
+//!
+//! The dot products (`vdpbf16ps`: 16 lanes, each adding the two products
+//! of a channel pair into f32) read the same copy, with channels padded to
+//! a pair only: a block is 8 output channels × 48 numbered outputs (three
+//! vectors of one pair plane, each multiplied by one broadcast weight pair
+//! per channel), 24 sums in registers through 32 input channels and every
+//! tap, the weights packed as `[cout/8, cp/2, tap, 8]` pairs.
 
 use rayon::prelude::*;
 

@@ -30,8 +30,8 @@
 use crate::amx::MatrixUnit;
 use crate::config::{Batched, KernelConfig, Precision, Winograd};
 
-/// The fewest input and output channels whose products go on AMX tiles in
-/// bf16: a tile multiply takes 32 input channels (fewer are padded with
+/// The fewest input and output channels whose products go on AMX tiles (or
+/// the dot products, which take the same layers) in bf16: a tile multiply takes 32 input channels (fewer are padded with
 /// zeros), and the sums leave the tiles 32 output channels at a time.
 pub const TILES_MIN_CHANNELS: usize = 16;
 
@@ -123,7 +123,7 @@ pub enum Algorithm {
     /// bf16 products on AMX tiles, f32 sums (`bf16_conv.rs`).
     Tiles,
     /// bf16 products on AVX512-BF16 dot products, f32 sums (`bf16_conv.rs`):
-    /// where the CPU has no AMX.
+    /// where the CPU has no AMX, or `bf16_unit = "dots"` asks for them.
     Dots,
 }
 
