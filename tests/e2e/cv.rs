@@ -202,3 +202,109 @@ fn deform_writes_a_seeded_aligned_copy() {
             .any(|e| e.unwrap().file_name().to_string_lossy().starts_with(".cmr"))
     );
 }
+
+/// Self-training: each fold of a cross-validation also trains on the test
+/// images, labelled by the same fold of a teacher cross-validation on the
+/// same folds; a teacher on other folds is refused.
+#[test]
+fn pseudo_labels_come_from_the_teacher_fold_that_never_saw_the_fold() {
+    let Some(data) = shared_data() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let root = subset(&data, dir.path(), 8, 3);
+    let train = |extra: &[&str], out: &std::path::Path| {
+        let mut cmd = cmr();
+        cmd.args([
+            "train",
+            "--arch",
+            "unet",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "4",
+            "--device",
+            "cpu",
+        ])
+        .args(extra)
+        .arg("--data")
+        .arg(&root)
+        .arg("--out")
+        .arg(out);
+        cmd
+    };
+    let teacher = dir.path().join("teacher");
+    ok(&mut train(&["--folds", "2"], &teacher));
+    let student = dir.path().join("student");
+    let t = teacher.to_str().unwrap();
+    ok(&mut train(&["--folds-from", t, "--pseudo-labels-from", t], &student));
+    let spec: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(student.join("cv.json")).unwrap()).unwrap();
+    let recorded = spec["config"]["data"]["pseudo_labels"]["teacher"].as_str().unwrap();
+    assert_eq!(
+        std::path::Path::new(recorded).canonicalize().unwrap(),
+        teacher.canonicalize().unwrap()
+    );
+    let test_ids = ["cmr121", "cmr122", "cmr123"];
+    for fold in 0..2 {
+        // the labels are that teacher fold's eight-view prediction
+        let predicted = dir.path().join(format!("predicted-{fold}"));
+        ok(cmr()
+            .args(["predict", "--tta", "--device", "cpu", "--model"])
+            .arg(teacher.join(format!("fold-{fold}")))
+            .arg("--input")
+            .arg(root.join("test"))
+            .arg("--out")
+            .arg(&predicted));
+        let fold_dir = student.join(format!("fold-{fold}"));
+        for id in test_ids {
+            let name = format!("{id}_mask.png");
+            assert_eq!(
+                read_mask(&fold_dir.join("pseudo").join(&name)).unwrap(),
+                read_mask(&predicted.join(&name)).unwrap(),
+                "fold {fold}, {id}"
+            );
+        }
+        // and the fold trained on them, validated on its labelled slices only
+        let splits: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(fold_dir.join("splits.json")).unwrap()).unwrap();
+        let ids = |key: &str| -> Vec<String> {
+            splits[key]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap().to_string())
+                .collect()
+        };
+        let (trained, validated) = (ids("train"), ids("val"));
+        assert!(test_ids.iter().all(|id| trained.iter().any(|t| t == id)), "{trained:?}");
+        assert!(validated.iter().all(|v| !v.starts_with("cmr12")), "{validated:?}");
+        assert_eq!(
+            validated,
+            spec["folds"]["val"][fold]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap().to_string())
+                .collect::<Vec<_>>()
+        );
+    }
+    // a finished student resumes to nothing new, its labels untouched
+    let before = std::fs::read(student.join("fold-0/pseudo/cmr121_mask.png")).unwrap();
+    ok(cmr().args(["train", "--resume"]).arg(&student).arg("--data").arg(&root));
+    assert_eq!(
+        std::fs::read(student.join("fold-0/pseudo/cmr121_mask.png")).unwrap(),
+        before
+    );
+
+    // a teacher on other folds trained on slices the student's folds score
+    let other = dir.path().join("other");
+    ok(&mut train(&["--folds", "4"], &other));
+    let err = fails(&mut train(
+        &["--folds-from", t, "--pseudo-labels-from", other.to_str().unwrap()],
+        &dir.path().join("refused"),
+    ));
+    assert!(err.contains("not this cross-validation's"), "{err}");
+    assert!(!dir.path().join("refused").exists());
+    // pseudo-labels are for a cross-validation only
+    let err = fails(&mut train(&["--pseudo-labels-from", t], &dir.path().join("single")));
+    assert!(err.contains("--folds-from"), "{err}");
+}

@@ -171,7 +171,7 @@ fn train(spec: &CvSpec, samples: &[Sample], dir: &Path) -> anyhow::Result<f64> {
         epochs: spec.config.epochs,
         fold: (0, spec.folds.k),
     };
-    train_folds(&mut cv, spec, samples, &device, &mut log, &AtomicBool::new(false))?;
+    train_folds(&mut cv, spec, samples, &[], &device, &mut log, &AtomicBool::new(false))?;
     Ok(started.elapsed().as_secs_f64())
 }
 

@@ -198,6 +198,13 @@ pub struct TrainArgs {
     /// scores their fold ensembles, cross-validated).
     #[arg(long, value_name = "CV", conflicts_with = "resume")]
     pub folds_from: Option<PathBuf>,
+    /// Self-training: the dataset's unlabelled test/ images join each fold's
+    /// training slices, labelled (with eight-view TTA) by the same fold of
+    /// this finished cross-validation, whose folds must be this one's (so no
+    /// teacher saw the slices its fold is scored on). The labels are kept in
+    /// each fold's pseudo/ folder. Needs --folds-from (the teacher's folds).
+    #[arg(long, value_name = "CV", requires = "folds_from")]
+    pub pseudo_labels_from: Option<PathBuf>,
     /// Slices per optimiser step [default: the preset's: 8].
     #[arg(long)]
     pub batch_size: Option<usize>,

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::device::DeviceSpec;
 use crate::error::{Result, TrainError};
 use crate::optim::OptimConfig;
+use crate::pseudo::PseudoLabels;
 use crate::schedule::Schedule;
 
 fn default_size() -> usize {
@@ -55,6 +56,11 @@ pub struct DataConfig {
     /// training and prediction alike (PNG slices are 8-bit already).
     #[serde(default)]
     pub window: VolumeWindow,
+    /// Self-training: the dataset's unlabelled images, labelled by a teacher
+    /// cross-validation fold by fold, join each fold's training slices
+    /// (cross-validations only; see [`crate::PseudoLabels`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pseudo_labels: Option<PseudoLabels>,
 }
 
 impl DataConfig {
@@ -78,6 +84,7 @@ impl Default for DataConfig {
             augment: AugmentConfig::none(),
             spacing_mm: None,
             window: VolumeWindow::CLIP,
+            pseudo_labels: None,
         }
     }
 }

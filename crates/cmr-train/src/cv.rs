@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::{ConfigChanges, TrainConfig};
 use crate::error::{Result, TrainError};
 use crate::predict::{PredictOptions, Predictor, Tta};
+use crate::pseudo::{check_teacher, pseudo_labelled};
 use crate::run::{RunDir, lock_and_sweep, read_json_if_there};
 use crate::trainer::{Observer, Outcome, Trainer};
 
@@ -265,20 +266,32 @@ pub enum CvOutcome {
 /// Train every fold that is not finished, in order: a fold never started is
 /// created (one started but stopped before its first checkpoint is started
 /// again), one in progress is resumed, a finished one is skipped. `samples`
-/// must be the data the folds were made from. `summary.json` is rewritten
-/// after each fold. The folder's lock is taken first (if `cv` does not hold
-/// it): a CV another process trains is refused.
+/// must be the data the folds were made from. With `data.pseudo_labels` in
+/// the recipe, `unlabelled` (the dataset's `test/` images) join each fold's
+/// training slices with the masks its teacher fold gives them
+/// ([`pseudo_labelled`]); without, they are not used. `summary.json` is
+/// rewritten after each fold. The folder's lock is taken first (if `cv` does
+/// not hold it): a CV another process trains is refused.
 pub fn train_folds(
     cv: &mut CvDir,
     spec: &CvSpec,
     samples: &[Sample],
+    unlabelled: &[Sample],
     device: &Device,
     observer: &mut dyn Observer,
     stop: &AtomicBool,
 ) -> Result<CvOutcome> {
     cv.lock()?;
+    // each fold's teacher: the same fold of the teacher cross-validation
+    let teachers = match &spec.config.data.pseudo_labels {
+        Some(p) => {
+            check_pseudo_data(samples, unlabelled, &p.teacher)?;
+            Some((check_teacher(&p.teacher, &spec.folds)?, p))
+        }
+        None => None,
+    };
     for fold in 0..spec.folds.k {
-        let splits = spec.folds.split(samples, fold)?;
+        let mut splits = spec.folds.split(samples, fold)?;
         let dir = cv.fold_dir(fold);
         let mut trainer = match cv.fold_status(fold)? {
             FoldStatus::Finished => continue,
@@ -297,6 +310,16 @@ pub fn train_folds(
                 message: format!("its {} differs from the recipe in {}", RunDir::CONFIG, CvDir::SPEC),
             });
         }
+        if let Some((teachers, p)) = &teachers {
+            splits.train.extend(pseudo_labelled(
+                &dir,
+                &teachers[fold],
+                p.tta,
+                unlabelled,
+                device,
+                spec.config.kernels,
+            )?);
+        }
         observer.fold_start(fold, spec.folds.k, trainer.state().epochs_done);
         let outcome = trainer.fit(&splits, observer, stop)?;
         cv.write_summary(spec)?;
@@ -310,6 +333,25 @@ pub fn train_folds(
         }
     }
     Ok(CvOutcome::Finished(cv.write_summary(spec)?))
+}
+
+/// Pseudo-labels need unlabelled images, none of which may share an id with
+/// a labelled slice (the split records and batches go by id).
+fn check_pseudo_data(samples: &[Sample], unlabelled: &[Sample], teacher: &Path) -> Result<()> {
+    if unlabelled.is_empty() {
+        return Err(TrainError::Config(format!(
+            "pseudo-labels from {} need unlabelled images (the dataset's test/), and there are none",
+            teacher.display()
+        )));
+    }
+    let labelled: std::collections::BTreeSet<&str> = samples.iter().map(|s| s.id.as_str()).collect();
+    if let Some(s) = unlabelled.iter().find(|s| labelled.contains(s.id.as_str())) {
+        return Err(TrainError::Run {
+            path: s.path.clone(),
+            message: format!("an unlabelled image with the id {} of a labelled slice", s.id),
+        });
+    }
+    Ok(())
 }
 
 /// Cross-validated scores: each fold's model on its own validation images.

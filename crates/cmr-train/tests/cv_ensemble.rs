@@ -126,6 +126,7 @@ fn a_cross_validation_interrupted_in_its_second_fold_resumes_there_exactly() {
         &mut straight,
         &spec,
         &samples,
+        &[],
         &Device::Cpu,
         &mut Quiet,
         &AtomicBool::new(false),
@@ -150,7 +151,7 @@ fn a_cross_validation_interrupted_in_its_second_fold_resumes_there_exactly() {
         current: 0,
         started: Vec::new(),
     };
-    let out = train_folds(&mut first, &spec, &samples, &Device::Cpu, &mut obs, &stop).unwrap();
+    let out = train_folds(&mut first, &spec, &samples, &[], &Device::Cpu, &mut obs, &stop).unwrap();
     assert_eq!(out, CvOutcome::Interrupted { fold: 1 });
     assert_eq!(first.fold_status(0).unwrap(), FoldStatus::Finished);
     assert_eq!(first.fold_status(1).unwrap(), FoldStatus::InProgress(0));
@@ -162,6 +163,7 @@ fn a_cross_validation_interrupted_in_its_second_fold_resumes_there_exactly() {
         &mut cv,
         &spec,
         &samples,
+        &[],
         &Device::Cpu,
         &mut Quiet,
         &AtomicBool::new(false),
@@ -177,7 +179,7 @@ fn a_cross_validation_interrupted_in_its_second_fold_resumes_there_exactly() {
         current: 0,
         started: Vec::new(),
     };
-    let out = train_folds(&mut cv, &spec, &samples, &Device::Cpu, &mut obs, &stop).unwrap();
+    let out = train_folds(&mut cv, &spec, &samples, &[], &Device::Cpu, &mut obs, &stop).unwrap();
     assert!(matches!(out, CvOutcome::Finished(_)), "{out:?}");
     // fold 0 was skipped, fold 1 picked up where it stopped
     assert_eq!(obs.started, vec![(1, 0)]);

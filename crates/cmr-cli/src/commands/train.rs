@@ -6,12 +6,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, bail};
-use cmr_data::{AugmentConfig, Dataset, Folds};
+use cmr_data::{AugmentConfig, Dataset, Folds, Sample};
 use cmr_loss::Loss;
 use cmr_models::Architecture;
 use cmr_train::{
-    ConfigChanges, CvDir, CvOutcome, CvSpec, EarlyStopping, Outcome, TrainConfig, Trainer, device_name, load_splits,
-    train_folds,
+    ConfigChanges, CvDir, CvOutcome, CvSpec, EarlyStopping, Outcome, PseudoLabels, TrainConfig, Trainer, check_teacher,
+    device_name, load_splits, train_folds,
 };
 
 use crate::args::{AugmentChoice, LossChoice, TrainArgs};
@@ -255,7 +255,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         let mut cfg = build_config(&args)?;
         // each fold is scored on its validation slices: they must choose nothing
         cfg.keep = cmr_train::Keep::Last;
-        let samples = train_samples(&args.data, &cfg)?;
+        let (samples, _) = train_samples(&args.data, &cfg)?;
         let folds = match (&args.folds_from, args.folds) {
             (Some(from), k) => {
                 let (_, other) = CvDir::open(from)?;
@@ -278,6 +278,15 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("making {k} folds of {}", args.data.display()))?,
             (None, None) => unreachable!("checked above"),
         };
+        if let Some(teacher) = &args.pseudo_labels_from {
+            check_teacher(teacher, &folds).with_context(|| format!("the teacher {}", teacher.display()))?;
+            // recorded absolute: a resume from another folder finds it
+            let teacher = std::path::absolute(teacher).unwrap_or_else(|_| teacher.clone());
+            cfg.data.pseudo_labels = Some(PseudoLabels {
+                teacher,
+                tta: cmr_train::Tta::Dihedral,
+            });
+        }
         let out = args.out.clone().unwrap_or_else(|| default_out(&cfg, &args));
         check_out_of_data(&out, &args.data)?;
         let spec = CvSpec { config: cfg, folds };
@@ -360,8 +369,9 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
 
 /// The labelled `train/` slices of the dataset at `root`, fitted to the
 /// recipe's size (a cross-validation runs over these; `val/`, if any, is
-/// left for a final check).
-fn train_samples(root: &Path, cfg: &TrainConfig) -> anyhow::Result<Vec<cmr_data::Sample>> {
+/// left for a final check), and its unlabelled `test/` images (none without
+/// that folder).
+fn train_samples(root: &Path, cfg: &TrainConfig) -> anyhow::Result<(Vec<Sample>, Vec<Sample>)> {
     let dataset =
         Dataset::open(root, cfg.data.load_options()).with_context(|| format!("loading {}", root.display()))?;
     if dataset.val.is_some() {
@@ -370,7 +380,7 @@ fn train_samples(root: &Path, cfg: &TrainConfig) -> anyhow::Result<Vec<cmr_data:
             root.display()
         );
     }
-    Ok(dataset.train)
+    Ok((dataset.train, dataset.test.unwrap_or_default()))
 }
 
 /// Train (or continue) every fold of a cross-validation.
@@ -391,7 +401,7 @@ fn run_cv(cv: &mut CvDir, spec: &CvSpec, args: &TrainArgs) -> anyhow::Result<Exi
             );
         }
     }
-    let samples = train_samples(&args.data, &spec.config)?;
+    let (samples, unlabelled) = train_samples(&args.data, &spec.config)?;
     let device = open_device(&args.device, spec.config.device)?;
     let cfg = &spec.config;
     tracing::info!(
@@ -406,7 +416,14 @@ fn run_cv(cv: &mut CvDir, spec: &CvSpec, args: &TrainArgs) -> anyhow::Result<Exi
     );
     let stop = stop_flag()?;
     let mut progress = TrainProgress::new(cfg.epochs, 0);
-    let outcome = train_folds(cv, spec, &samples, &device, &mut progress, &stop);
+    if let Some(p) = &cfg.data.pseudo_labels {
+        tracing::info!(
+            "self-training: each fold also trains on the {} unlabelled images, labelled by that fold of {}",
+            unlabelled.len(),
+            p.teacher.display()
+        );
+    }
+    let outcome = train_folds(cv, spec, &samples, &unlabelled, &device, &mut progress, &stop);
     progress.finish();
     match outcome.with_context(|| format!("training {}", cv.root().display()))? {
         CvOutcome::Finished(summary) => {
