@@ -1,7 +1,7 @@
 //! Cross-validation folders (training, interruption and exact resume in a
 //! later fold, out-of-fold scores) and ensembles with test-time augmentation
 //! (averaging checked by hand, the eight views on a model that is
-//! equivariant by construction).
+//! equivariant by construction), and self-training on pseudo-labels.
 
 #![allow(clippy::unwrap_used)]
 
@@ -12,8 +12,9 @@ use candle_nn::VarMap;
 use cmr_data::{AugmentConfig, Folds, Grouping, Plane, Sample, Size};
 use cmr_models::{Model, ModelConfig, UNetConfig, build};
 use cmr_train::{
-    CvDir, CvOutcome, CvSpec, EpochRecord, FoldStatus, Keep, Observer, OptimConfig, PredictOptions, Predictor, Quiet,
-    Schedule, TrainConfig, Tta, decide_clean_up, evaluate_folds, seeded_var_builder, train_folds, varmap_tensors,
+    CvDir, CvOutcome, CvSpec, EpochRecord, FoldStatus, Keep, Observer, OptimConfig, PSEUDO_DIR, PredictOptions,
+    Predictor, PseudoLabels, Quiet, Schedule, TrainConfig, Tta, check_teacher, decide_clean_up, evaluate_folds,
+    seeded_var_builder, train_folds, varmap_tensors,
 };
 
 fn sample(i: usize) -> Sample {
@@ -399,4 +400,134 @@ fn eight_view_tta_leaves_an_equivariant_model_unchanged_and_not_a_random_one() {
 /// The (shared) model of a single-member predictor.
 fn plain_model(p: &Predictor) -> Model {
     p.members()[0].clone()
+}
+
+/// Unlabelled images `cmr121` … like the labelled ones.
+fn unlabelled(n: usize) -> Vec<Sample> {
+    (0..n)
+        .map(|i| Sample {
+            id: format!("cmr{}", 121 + i),
+            mask: None,
+            ..sample(i + 3)
+        })
+        .collect()
+}
+
+#[test]
+fn pseudo_labels_come_from_the_teacher_fold_and_stay_with_the_run() {
+    let samples: Vec<Sample> = (0..12).map(sample).collect();
+    let teacher_spec = spec(&samples);
+    let dir = tempfile::tempdir().unwrap();
+    let teacher = dir.path().join("teacher");
+    let mut cv = CvDir::create(&teacher, &teacher_spec).unwrap();
+    let quiet = AtomicBool::new(false);
+    train_folds(&mut cv, &teacher_spec, &samples, &[], &Device::Cpu, &mut Quiet, &quiet).unwrap();
+    drop(cv);
+
+    let mut student_spec = spec(&samples);
+    student_spec.config.data.pseudo_labels = Some(PseudoLabels {
+        teacher: teacher.clone(),
+        tta: Tta::Flips,
+    });
+    let images = unlabelled(4);
+    // stopped in its second fold, after its labels are written
+    let student = dir.path().join("student");
+    let mut first = CvDir::create(&student, &student_spec).unwrap();
+    let stop = AtomicBool::new(false);
+    let mut obs = StopInFold {
+        stop: &stop,
+        fold: 1,
+        current: 0,
+        started: Vec::new(),
+    };
+    let out = train_folds(
+        &mut first,
+        &student_spec,
+        &samples,
+        &images,
+        &Device::Cpu,
+        &mut obs,
+        &stop,
+    )
+    .unwrap();
+    assert_eq!(out, CvOutcome::Interrupted { fold: 1 });
+    drop(first);
+    for fold in 0..2 {
+        // the labels are the teacher fold's prediction with the recipe's TTA
+        let predictor =
+            Predictor::load(&teacher.join(format!("fold-{fold}")), &Device::Cpu, options(Tta::Flips)).unwrap();
+        let expected = predictor.predict(&images, |_| {}).unwrap();
+        let labels = student.join(format!("fold-{fold}")).join(PSEUDO_DIR);
+        for (s, want) in images.iter().zip(&expected) {
+            let got = cmr_data::read_mask(&labels.join(format!("{}_mask.png", s.id))).unwrap();
+            assert_eq!(&got, want, "fold {fold}, {}", s.id);
+        }
+    }
+    // resumed on other unlabelled images: refused, the labels kept
+    let (mut cv, _) = CvDir::open(&student).unwrap();
+    let err = train_folds(
+        &mut cv,
+        &student_spec,
+        &samples,
+        &images[..3],
+        &Device::Cpu,
+        &mut Quiet,
+        &quiet,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("not the data this run started with"), "{err}");
+    let out = train_folds(
+        &mut cv,
+        &student_spec,
+        &samples,
+        &images,
+        &Device::Cpu,
+        &mut Quiet,
+        &quiet,
+    )
+    .unwrap();
+    assert!(matches!(out, CvOutcome::Finished(_)), "{out:?}");
+    for fold in 0..2 {
+        let record = cmr_data::SplitRecord::read(&cv.fold_dir(fold).join("splits.json"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(record.train.len(), 12 - student_spec.folds.val[fold].len() + 4);
+        assert!(images.iter().all(|s| record.train.contains(&s.id)));
+        assert_eq!(record.val, student_spec.folds.val[fold]);
+    }
+    drop(cv);
+
+    // no unlabelled images, or one with a labelled slice's id: refused
+    let other = |name: &str| CvDir::create(&dir.path().join(name), &student_spec).unwrap();
+    let err = train_folds(
+        &mut other("none"),
+        &student_spec,
+        &samples,
+        &[],
+        &Device::Cpu,
+        &mut Quiet,
+        &quiet,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("need unlabelled images"), "{err}");
+    let mut clash = unlabelled(1);
+    clash[0].id = "cmr3".into();
+    let err = train_folds(
+        &mut other("clash"),
+        &student_spec,
+        &samples,
+        &clash,
+        &Device::Cpu,
+        &mut Quiet,
+        &quiet,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("id cmr3 of a labelled slice"), "{err}");
+    // a teacher on other folds trained on slices a student fold is scored on
+    let three = Folds::new(&samples, 3, 11, Grouping::Consecutive { size: 2 }).unwrap();
+    let err = check_teacher(&teacher, &three).unwrap_err().to_string();
+    assert!(err.contains("not this cross-validation's"), "{err}");
 }
