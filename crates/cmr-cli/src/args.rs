@@ -151,6 +151,8 @@ pub enum LossChoice {
 #[command(after_help = "Examples:
   cmr train --arch unet3plus --data data/cmr-2021                      the cpu preset
   cmr train --arch unet3plus --data data/cmr-2021 --folds 5            5-fold cross-validation
+  cmr train --arch unet3plus --data data/cmr-2021 --folds-from cv --pseudo-labels-from cv --epochs 100
+                                                  self-training on test/, each fold taught by cv's
   cmr train --arch unet --data data/cmr-2021 --preset seed --epochs 50 --out runs/u
   cmr train --resume runs/u --data data/cmr-2021                       continue where it stopped
   cmr train --config recipe.toml --data data/cmr-2021                  any config.json key in TOML")]
