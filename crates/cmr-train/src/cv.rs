@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::{ConfigChanges, TrainConfig};
 use crate::error::{Result, TrainError};
 use crate::predict::{PredictOptions, Predictor, Tta};
-use crate::pseudo::{check_teacher, pseudo_labelled};
+use crate::pseudo::{PSEUDO_DIR, check_teacher, pseudo_labelled};
 use crate::run::{RunDir, lock_and_sweep, read_json_if_there};
 use crate::trainer::{Observer, Outcome, Trainer};
 
@@ -282,14 +282,12 @@ pub fn train_folds(
     stop: &AtomicBool,
 ) -> Result<CvOutcome> {
     cv.lock()?;
-    // each fold's teacher: the same fold of the teacher cross-validation
-    let teachers = match &spec.config.data.pseudo_labels {
-        Some(p) => {
-            check_pseudo_data(samples, unlabelled, &p.teacher)?;
-            Some((check_teacher(&p.teacher, &spec.folds)?, p))
-        }
-        None => None,
-    };
+    if let Some(p) = &spec.config.data.pseudo_labels {
+        check_pseudo_data(samples, unlabelled, &p.teacher)?;
+    }
+    // each fold's teacher (the same fold of the teacher cross-validation),
+    // checked when a fold's labels are still to be written
+    let mut teachers: Option<Vec<PathBuf>> = None;
     for fold in 0..spec.folds.k {
         let mut splits = spec.folds.split(samples, fold)?;
         let dir = cv.fold_dir(fold);
@@ -310,10 +308,18 @@ pub fn train_folds(
                 message: format!("its {} differs from the recipe in {}", RunDir::CONFIG, CvDir::SPEC),
             });
         }
-        if let Some((teachers, p)) = &teachers {
+        if let Some(p) = &spec.config.data.pseudo_labels {
+            if teachers.is_none() && !dir.join(PSEUDO_DIR).exists() {
+                teachers = Some(check_teacher(&p.teacher, &spec.folds)?);
+            }
+            // (with its labels written, a fold does not read its teacher)
+            let teacher = match &teachers {
+                Some(t) => t[fold].clone(),
+                None => p.teacher.join(format!("fold-{fold}")),
+            };
             splits.train.extend(pseudo_labelled(
                 &dir,
-                &teachers[fold],
+                &teacher,
                 p.tta,
                 unlabelled,
                 device,

@@ -83,7 +83,8 @@ pub fn check_teacher(teacher: &Path, folds: &Folds) -> Result<Vec<PathBuf>> {
 /// The unlabelled `images` with the masks of `run/pseudo/`: read back when
 /// the folder is there, else predicted by the model at `teacher` and written
 /// there first (into a temporary folder renamed when whole, so that a crash
-/// leaves no partial labels under the final name).
+/// leaves no partial labels under the final name). `teacher` is not read
+/// when the labels are there: a resumed run does not need its teacher.
 pub fn pseudo_labelled(
     run: &Path,
     teacher: &Path,

@@ -477,6 +477,9 @@ fn pseudo_labels_come_from_the_teacher_fold_and_stay_with_the_run() {
     .unwrap_err()
     .to_string();
     assert!(err.contains("not the data this run started with"), "{err}");
+    // with its labels written, a fold resumes without its teacher
+    let away = dir.path().join("teacher-moved");
+    std::fs::rename(&teacher, &away).unwrap();
     let out = train_folds(
         &mut cv,
         &student_spec,
@@ -488,6 +491,7 @@ fn pseudo_labels_come_from_the_teacher_fold_and_stay_with_the_run() {
     )
     .unwrap();
     assert!(matches!(out, CvOutcome::Finished(_)), "{out:?}");
+    std::fs::rename(&away, &teacher).unwrap();
     for fold in 0..2 {
         let record = cmr_data::SplitRecord::read(&cv.fold_dir(fold).join("splits.json"))
             .unwrap()
