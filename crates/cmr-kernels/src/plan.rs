@@ -31,8 +31,9 @@ use crate::amx::MatrixUnit;
 use crate::config::{Batched, KernelConfig, Precision, Winograd};
 
 /// The fewest input and output channels whose products go on AMX tiles (or
-/// the dot products, which take the same layers) in bf16: a tile multiply takes 32 input channels (fewer are padded with
-/// zeros), and the sums leave the tiles 32 output channels at a time.
+/// the dot products, which take the same layers) in bf16: a tile multiply
+/// takes 32 input channels (fewer are padded with zeros), and the sums leave
+/// the tiles 32 output channels at a time.
 pub const TILES_MIN_CHANNELS: usize = 16;
 
 /// The smallest images whose products go on the tiles: at 6×6 the bf16

@@ -96,7 +96,7 @@ pub fn pseudo_labelled(
     let dir = run.join(PSEUDO_DIR);
     let ids: Vec<String> = images.iter().map(|s| s.id.clone()).collect();
     if !dir.exists() {
-        write_labels(&dir, teacher, tta, images, device, kernels)?;
+        write_labels(&dir, teacher, tta, images, &ids, device, kernels)?;
     }
     let record_path = dir.join(RECORD);
     let text = std::fs::read_to_string(&record_path).map_err(|e| TrainError::io(&record_path, e))?;
@@ -144,6 +144,7 @@ fn write_labels(
     teacher: &Path,
     tta: Tta,
     images: &[Sample],
+    ids: &[String],
     device: &Device,
     kernels: KernelConfig,
 ) -> Result<()> {
@@ -180,7 +181,7 @@ fn write_labels(
     let record = TeacherRecord {
         model: teacher.to_path_buf(),
         tta,
-        ids: images.iter().map(|s| s.id.clone()).collect(),
+        ids: ids.to_vec(),
     };
     let text = serde_json::to_string_pretty(&record).expect("a TeacherRecord always serialises");
     cmr_data::write_atomic(&partial.join(RECORD), text.as_bytes())?;
