@@ -228,6 +228,11 @@ pub struct TrainArgs {
     /// uses the main output only)
     #[arg(long)]
     pub deep_supervision: bool,
+    /// Validate and keep a moving average of the weights, updated after
+    /// every step with this decay (0.99: about the last 100 steps), instead
+    /// of the live weights.
+    #[arg(long, value_name = "DECAY")]
+    pub ema: Option<f64>,
     /// Validate every N epochs (and after the last).
     #[arg(long, value_name = "N")]
     pub val_every: Option<usize>,

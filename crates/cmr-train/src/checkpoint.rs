@@ -13,9 +13,10 @@ use crate::error::{Result, TrainError};
 const STEPS_KEY: &str = "cmr.optimizer_steps";
 /// The metadata key of a training checkpoint's progress (`TrainState` JSON).
 const STATE_KEY: &str = "cmr.state";
-/// Name prefixes of a training checkpoint's two tensor sets.
+/// Name prefixes of a training checkpoint's tensor sets.
 const WEIGHTS_PREFIX: &str = "weights/";
 const OPTIMIZER_PREFIX: &str = "optimizer/";
+const EMA_PREFIX: &str = "ema/";
 /// The largest safetensors header read (the format's own bound is 100 MB).
 const MAX_HEADER: u64 = 100_000_000;
 
@@ -39,6 +40,8 @@ pub struct Checkpoint {
     pub weights: HashMap<String, Tensor>,
     /// The optimiser's state tensors.
     pub optimizer: HashMap<String, Tensor>,
+    /// The moving average of the weights (empty without `ema`).
+    pub ema: HashMap<String, Tensor>,
     /// Optimiser steps taken.
     pub steps: u64,
     /// The run's progress as JSON (`TrainState`).
@@ -49,7 +52,11 @@ impl Checkpoint {
     /// Write the checkpoint to `path` atomically.
     pub fn save(&self, path: &Path) -> Result<()> {
         let mut all: HashMap<String, Tensor> = HashMap::new();
-        for (prefix, set) in [(WEIGHTS_PREFIX, &self.weights), (OPTIMIZER_PREFIX, &self.optimizer)] {
+        for (prefix, set) in [
+            (WEIGHTS_PREFIX, &self.weights),
+            (OPTIMIZER_PREFIX, &self.optimizer),
+            (EMA_PREFIX, &self.ema),
+        ] {
             for (k, v) in set {
                 all.insert(format!("{prefix}{k}"), v.clone());
             }
@@ -80,11 +87,14 @@ impl Checkpoint {
             .ok_or_else(|| TrainError::checkpoint(path, "not a training checkpoint (no progress record)"))?;
         let mut weights = HashMap::new();
         let mut optimizer = HashMap::new();
+        let mut ema = HashMap::new();
         for (k, v) in tensors {
             if let Some(name) = k.strip_prefix(WEIGHTS_PREFIX) {
                 weights.insert(name.to_string(), v);
             } else if let Some(name) = k.strip_prefix(OPTIMIZER_PREFIX) {
                 optimizer.insert(name.to_string(), v);
+            } else if let Some(name) = k.strip_prefix(EMA_PREFIX) {
+                ema.insert(name.to_string(), v);
             } else {
                 return Err(TrainError::checkpoint(path, format!("unexpected tensor {k:?}")));
             }
@@ -92,6 +102,7 @@ impl Checkpoint {
         Ok(Self {
             weights,
             optimizer,
+            ema,
             steps,
             state,
         })

@@ -9,6 +9,7 @@ use cmr_models::{Architecture, KernelConfig, ModelConfig, Preset};
 use serde::{Deserialize, Serialize};
 
 use crate::device::DeviceSpec;
+use crate::ema::EmaConfig;
 use crate::error::{Result, TrainError};
 use crate::optim::OptimConfig;
 use crate::pseudo::PseudoLabels;
@@ -144,6 +145,10 @@ pub struct TrainConfig {
     /// before this setting existed have the default).
     #[serde(default)]
     pub kernels: KernelConfig,
+    /// A moving average of the weights, which validation and the kept model
+    /// use (none: the live weights).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ema: Option<EmaConfig>,
 }
 
 /// The settings a run may change when it resumes (the rest of its recipe is
@@ -265,6 +270,7 @@ impl TrainConfig {
                 early_stopping: None,
                 keep: Keep::Best,
                 kernels: KernelConfig::default(),
+                ema: None,
             },
             TrainPreset::Cpu => Self {
                 // U-Net 3+ trains at 1.5× the small widths with the robust
@@ -305,6 +311,7 @@ impl TrainConfig {
                 early_stopping: None,
                 keep: Keep::Best,
                 kernels: KernelConfig::default(),
+                ema: None,
             },
         }
     }
@@ -318,6 +325,9 @@ impl TrainConfig {
         self.data.augment.validate()?;
         self.data.grouping.validate()?;
         self.data.window.validate()?;
+        if let Some(e) = &self.ema {
+            e.validate()?;
+        }
         if let Some(t) = self.data.spacing_mm
             && !(t.is_finite() && (0.05..=50.0).contains(&t))
         {

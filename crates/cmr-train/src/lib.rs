@@ -13,6 +13,7 @@ mod checkpoint;
 mod config;
 mod cv;
 mod device;
+mod ema;
 mod error;
 mod init;
 mod log;
@@ -33,6 +34,7 @@ pub use cv::{
     ensemble_members, evaluate_fold_ensembles, evaluate_folds, train_folds,
 };
 pub use device::{DeviceSpec, HAS_CUDA, HAS_METAL, device_name};
+pub use ema::EmaConfig;
 pub use error::{Result, TrainError};
 pub use init::seeded_var_builder;
 pub use log::{CSV_HEADER, EpochRecord, MetricsLog};

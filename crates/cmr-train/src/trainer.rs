@@ -14,6 +14,7 @@ use cmr_models::{Model, build, is_running_stat};
 
 use crate::checkpoint::{Checkpoint, load_tensors, load_varmap, save_varmap, set_varmap, varmap_tensors};
 use crate::config::{ConfigChanges, Keep, TrainConfig};
+use crate::ema::Ema;
 use crate::error::{Result, TrainError};
 use crate::init::seeded_var_builder;
 use crate::log::{EpochRecord, MetricsLog};
@@ -83,6 +84,8 @@ pub struct Trainer {
     state: TrainState,
     log: MetricsLog,
     other_data: OtherData,
+    /// The moving average of the weights (`ema` in the recipe).
+    ema: Option<Ema>,
 }
 
 /// What `fit` does when the run's `splits.json` names other data than it is
@@ -95,6 +98,14 @@ pub enum OtherData {
     /// Go on: record the new split, and forget the best score when the
     /// validation slices changed (it was measured on others).
     Allow,
+}
+
+/// The moving average the recipe asks for, starting at `varmap`'s weights.
+fn averaged(config: &TrainConfig, varmap: &VarMap, device: &Device) -> Result<Option<Ema>> {
+    config
+        .ema
+        .map(|e| Ema::new(e, &config.model, &config.kernels, varmap, device))
+        .transpose()
 }
 
 fn trainable(varmap: &VarMap) -> BTreeMap<String, candle_core::Var> {
@@ -142,6 +153,7 @@ impl Trainer {
             seeded_var_builder(&varmap, config.seed, DType::F32, &device),
         )?;
         let optim = Optimizer::new(config.optim.clone(), trainable(&varmap))?;
+        let ema = averaged(&config, &varmap, &device)?;
         let run = RunDir::create(out, &config)?;
         Ok(Self {
             config,
@@ -153,6 +165,7 @@ impl Trainer {
             state: TrainState::default(),
             log: MetricsLog::default(),
             other_data: OtherData::Refuse,
+            ema,
         })
     }
 
@@ -173,6 +186,7 @@ impl Trainer {
             seeded_var_builder(&varmap, config.seed, DType::F32, &device),
         )?;
         let mut optim = Optimizer::new(config.optim.clone(), trainable(&varmap))?;
+        let ema = averaged(&config, &varmap, &device)?;
         let state = if run.file(RunDir::CHECKPOINT).exists() {
             let path = run.file(RunDir::CHECKPOINT);
             let checkpoint = Checkpoint::load(&path, &device)?;
@@ -190,6 +204,22 @@ impl Trainer {
             optim
                 .load_state(checkpoint.optimizer, checkpoint.steps)
                 .map_err(|e| TrainError::checkpoint(&path, e))?;
+            match (&ema, checkpoint.ema.is_empty()) {
+                (Some(e), false) => set_varmap(e.varmap(), &checkpoint.ema, &path)?,
+                (None, true) => {}
+                (Some(_), true) => {
+                    return Err(TrainError::checkpoint(
+                        &path,
+                        "the recipe averages the weights (ema) but the checkpoint holds no average",
+                    ));
+                }
+                (None, false) => {
+                    return Err(TrainError::checkpoint(
+                        &path,
+                        "the checkpoint holds averaged weights but the recipe has no ema",
+                    ));
+                }
+            }
             state
         } else if let Some(state) = run.read_state()? {
             // a run from before checkpoint.safetensors: three files
@@ -213,6 +243,12 @@ impl Trainer {
             optim
                 .load_state(tensors, state.optimizer_steps)
                 .map_err(|e| TrainError::checkpoint(&opt_path, e))?;
+            if ema.is_some() {
+                return Err(TrainError::checkpoint(
+                    &opt_path,
+                    "a run in the old three-file layout has no averaged weights, yet its recipe has ema",
+                ));
+            }
             state
         } else {
             tracing::info!(
@@ -232,6 +268,7 @@ impl Trainer {
             state,
             log,
             other_data: OtherData::Refuse,
+            ema,
         };
         if trainer.log.records.len() > trainer.state.epochs_done {
             // rows of epochs the checkpoint does not have: they are trained again
@@ -304,6 +341,16 @@ impl Trainer {
         &self.varmap
     }
 
+    /// The variables that are validated and kept as the model: the moving
+    /// average with `ema`, else the live ones.
+    pub fn kept_varmap(&self) -> &VarMap {
+        self.ema.as_ref().map_or(&self.varmap, Ema::varmap)
+    }
+
+    fn kept_model(&self) -> &Model {
+        self.ema.as_ref().map_or(&self.model, Ema::model)
+    }
+
     pub fn records(&self) -> &[EpochRecord] {
         &self.log.records
     }
@@ -315,6 +362,7 @@ impl Trainer {
         Checkpoint {
             weights: varmap_tensors(&self.varmap),
             optimizer,
+            ema: self.ema.as_ref().map(Ema::tensors).unwrap_or_default(),
             steps,
             state: self.state.to_json(),
         }
@@ -386,6 +434,9 @@ impl Trainer {
                 }
                 // A data-parallel run would all-reduce `grads` here.
                 self.optim.step(&grads, lr)?;
+                if let Some(ema) = &self.ema {
+                    ema.update()?;
+                }
                 self.state.batches_done = index + 1;
                 self.state.partial_loss_sum += value;
                 self.state.optimizer_steps = self.optim.steps();
@@ -412,7 +463,7 @@ impl Trainer {
             let mut improved = false;
             if validates_at(epoch + 1, cfg.val_every, cfg.epochs) {
                 let predictor = Predictor::new(
-                    self.model.clone(),
+                    self.kept_model().clone(),
                     cfg.clone(),
                     self.device.clone(),
                     PredictOptions {
@@ -428,7 +479,7 @@ impl Trainer {
                 record.val_mean_dice = Some(report.mean_dice);
                 let min_delta = cfg.early_stopping.as_ref().map_or(0.0, |e| e.min_delta);
                 if cfg.keep == Keep::Last {
-                    save_varmap(&self.run.file(RunDir::BEST), &self.varmap)?;
+                    save_varmap(&self.run.file(RunDir::BEST), self.kept_varmap())?;
                 }
                 if is_improvement(
                     self.state.best.as_ref().map(|b| b.mean_dice),
@@ -437,7 +488,7 @@ impl Trainer {
                 ) {
                     improved = true;
                     if cfg.keep == Keep::Best {
-                        save_varmap(&self.run.file(RunDir::BEST), &self.varmap)?;
+                        save_varmap(&self.run.file(RunDir::BEST), self.kept_varmap())?;
                     }
                     self.state.best = Some(Best {
                         epoch: epoch + 1,

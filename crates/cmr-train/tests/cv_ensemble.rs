@@ -72,6 +72,7 @@ fn config(epochs: usize) -> TrainConfig {
         early_stopping: None,
         keep: Keep::Last,
         kernels: Default::default(),
+        ema: None,
     }
 }
 

@@ -74,6 +74,7 @@ fn config(epochs: usize) -> TrainConfig {
         early_stopping: None,
         keep: cmr_train::Keep::Best,
         kernels: Default::default(),
+        ema: None,
     }
 }
 
@@ -383,4 +384,90 @@ fn a_truncated_checkpoint_is_an_error_naming_it() {
         .unwrap()
         .to_string();
     assert!(err.contains("checkpoint.safetensors"), "{err}");
+}
+
+fn tensors_sorted(map: std::collections::HashMap<String, candle_core::Tensor>) -> Vec<(String, Vec<f32>)> {
+    let mut w: Vec<(String, Vec<f32>)> = map
+        .into_iter()
+        .map(|(k, v)| (k, v.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+        .collect();
+    w.sort_by(|a, b| a.0.cmp(&b.0));
+    w
+}
+
+fn with_ema(epochs: usize, decay: f64) -> TrainConfig {
+    TrainConfig {
+        ema: Some(cmr_train::EmaConfig { decay }),
+        ..config(epochs)
+    }
+}
+
+#[test]
+fn the_moving_average_after_one_step_is_by_hand_and_is_the_kept_model() {
+    let dir = tempfile::tempdir().unwrap();
+    // one batch of the ten training slices: one optimiser step
+    let mut c = with_ema(1, 0.25);
+    c.batch_size = 10;
+    let mut t = Trainer::create(c, dir.path(), Device::Cpu).unwrap();
+    let before = weights(&t);
+    assert_eq!(
+        tensors_sorted(varmap_tensors(t.kept_varmap())),
+        before,
+        "the average starts at the weights"
+    );
+    t.fit(&splits(), &mut Quiet, &AtomicBool::new(false)).unwrap();
+    assert_eq!(t.state().optimizer_steps, 1);
+    let after = weights(&t);
+    let kept = tensors_sorted(varmap_tensors(t.kept_varmap()));
+    let mut moved = 0;
+    for (((name, w0), (_, w1)), (_, avg)) in before.iter().zip(&after).zip(&kept) {
+        for ((a, b), e) in w0.iter().zip(w1).zip(avg) {
+            let want = 0.25 * a + 0.75 * b;
+            assert!((e - want).abs() <= 1e-6 * (1.0 + want.abs()), "{name}: {e} vs {want}");
+            moved += usize::from(a != b);
+        }
+    }
+    assert!(
+        moved > 100,
+        "the step changed {moved} values: the hand case would test nothing"
+    );
+    // model.safetensors is the average, not the live weights
+    let (saved, _) = cmr_train::load_tensors(&t.run().file(RunDir::BEST), &Device::Cpu).unwrap();
+    assert_eq!(tensors_sorted(saved), kept);
+    assert_ne!(kept, after);
+}
+
+#[test]
+fn a_run_with_a_moving_average_resumes_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut straight = Trainer::create(with_ema(2, 0.9), &dir.path().join("straight"), Device::Cpu).unwrap();
+    straight.fit(&splits(), &mut Quiet, &AtomicBool::new(false)).unwrap();
+    let path = dir.path().join("interrupted");
+    let mut t = Trainer::create(with_ema(2, 0.9), &path, Device::Cpu).unwrap();
+    let stop = AtomicBool::new(false);
+    let out = t.fit(&splits(), &mut StopAfterOne(&stop), &stop).unwrap();
+    assert!(matches!(out, Outcome::Interrupted { .. }), "{out:?}");
+    drop(t);
+    let mut t = Trainer::resume(&path, Device::Cpu, &ConfigChanges::default()).unwrap();
+    t.fit(&splits(), &mut Quiet, &AtomicBool::new(false)).unwrap();
+    assert_eq!(weights(&t), weights(&straight));
+    let kept = tensors_sorted(varmap_tensors(t.kept_varmap()));
+    assert_eq!(kept, tensors_sorted(varmap_tensors(straight.kept_varmap())));
+    assert_ne!(kept, weights(&t));
+    // validation scored the average: the records agree as well
+    let a: Vec<Option<f64>> = straight.records().iter().map(|r| r.val_mean_dice).collect();
+    let b: Vec<Option<f64>> = t.records().iter().map(|r| r.val_mean_dice).collect();
+    assert_eq!(a, b);
+}
+
+#[test]
+fn a_decay_outside_zero_to_one_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    for decay in [0.0, 1.0, -0.5, f64::NAN] {
+        let err = Trainer::create(with_ema(1, decay), &dir.path().join("x"), Device::Cpu)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("ema.decay"), "{err}");
+    }
 }

@@ -109,6 +109,9 @@ fn apply_flags(cfg: &mut TrainConfig, args: &TrainArgs) {
     if let Some(s) = args.seed {
         cfg.seed = s;
     }
+    if let Some(decay) = args.ema {
+        cfg.ema = Some(cmr_train::EmaConfig { decay });
+    }
     if let Some(v) = args.val_every {
         cfg.val_every = v;
     }
