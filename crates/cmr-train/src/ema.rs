@@ -1,9 +1,13 @@
 //! An exponential moving average of a network's variables (`ema` in the
-//! recipe): after every optimiser step each averaged variable becomes
-//! `decay · average + (1 − decay) · live`, BatchNorm's running statistics
-//! included. Validation, `model.safetensors` and so every prediction use the
-//! average; training steps the live weights. The average starts at the
-//! initial weights and is saved in each checkpoint, so a resume is exact.
+//! recipe), BatchNorm's running statistics included: after optimiser step
+//! `t` the average is `Σ_{s ≤ t} decay^(t−s) · w_s` over the weights after
+//! each step, normalised by `Σ decay^(t−s) = (1 − decay^t) / (1 − decay)`
+//! (Adam's bias correction), so the initial weights leave no trace and the
+//! first validations are of a trained network. In place:
+//! `average += β_t · (live − average)` with `β_t = (1 − decay) / (1 − decay^t)`
+//! (1 at the first step). Validation, `model.safetensors` and so every
+//! prediction use the average; training steps the live weights. The average
+//! is saved in each checkpoint, so a resume is exact.
 
 use std::collections::HashMap;
 
@@ -88,11 +92,11 @@ impl Ema {
         })
     }
 
-    /// One step of the average, after an optimiser step.
-    pub(crate) fn update(&self) -> Result<()> {
-        let d = self.decay;
+    /// The average after optimiser step `step` (1-based).
+    pub(crate) fn update(&self, step: u64) -> Result<()> {
+        let beta = step_weight(self.decay, step);
         for (avg, live) in &self.pairs {
-            let next = ((avg.as_tensor() * d)? + (live.as_tensor() * (1.0 - d))?)?;
+            let next = ((avg.as_tensor() * (1.0 - beta))? + (live.as_tensor() * beta)?)?;
             avg.set(&next)?;
         }
         Ok(())
@@ -108,5 +112,39 @@ impl Ema {
 
     pub(crate) fn tensors(&self) -> HashMap<String, Tensor> {
         varmap_tensors(&self.varmap)
+    }
+}
+
+/// `β_t = (1 − decay) / (1 − decay^t)`: the weight of the newest weights in
+/// the normalised average after step `t` (1 at the first).
+fn step_weight(decay: f64, step: u64) -> f64 {
+    let t = i32::try_from(step.max(1)).unwrap_or(i32::MAX);
+    (1.0 - decay) / (1.0 - decay.powi(t))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::step_weight;
+
+    #[test]
+    fn the_recursive_weights_give_the_normalised_average() {
+        // average of w_1..w_t weighted decay^(t−s), by the recursion and directly
+        let d: f64 = 0.8;
+        let w = [3.0, -1.0, 4.0, 1.5, -5.0, 9.0];
+        let mut avg = 0.0;
+        for (i, x) in w.iter().enumerate() {
+            let t = i as u64 + 1;
+            avg += step_weight(d, t) * (x - avg);
+            let direct: f64 = w[..=i]
+                .iter()
+                .enumerate()
+                .map(|(s, x)| d.powi((i - s) as i32) * x)
+                .sum::<f64>()
+                / (0..=i).map(|s| d.powi(s as i32)).sum::<f64>();
+            assert!((avg - direct).abs() < 1e-12, "step {t}: {avg} vs {direct}");
+        }
+        assert_eq!(step_weight(d, 1), 1.0);
+        // far along, the plain exponential average's weight
+        assert!((step_weight(d, 500) - (1.0 - d)).abs() < 1e-12);
     }
 }

@@ -435,7 +435,7 @@ impl Trainer {
                 // A data-parallel run would all-reduce `grads` here.
                 self.optim.step(&grads, lr)?;
                 if let Some(ema) = &self.ema {
-                    ema.update()?;
+                    ema.update(self.optim.steps())?;
                 }
                 self.state.batches_done = index + 1;
                 self.state.partial_loss_sum += value;

@@ -403,26 +403,30 @@ fn with_ema(epochs: usize, decay: f64) -> TrainConfig {
 }
 
 #[test]
-fn the_moving_average_after_one_step_is_by_hand_and_is_the_kept_model() {
+fn the_moving_average_over_two_steps_is_by_hand_and_is_the_kept_model() {
     let dir = tempfile::tempdir().unwrap();
-    // one batch of the ten training slices: one optimiser step
+    // one batch of the ten training slices: one optimiser step an epoch
     let mut c = with_ema(1, 0.25);
     c.batch_size = 10;
+    c.keep = cmr_train::Keep::Last;
     let mut t = Trainer::create(c, dir.path(), Device::Cpu).unwrap();
-    let before = weights(&t);
-    assert_eq!(
-        tensors_sorted(varmap_tensors(t.kept_varmap())),
-        before,
-        "the average starts at the weights"
-    );
+    let w0 = weights(&t);
     t.fit(&splits(), &mut Quiet, &AtomicBool::new(false)).unwrap();
-    assert_eq!(t.state().optimizer_steps, 1);
-    let after = weights(&t);
+    // after the first step the normalised average is that step's weights
+    let w1 = weights(&t);
+    assert_ne!(w1, w0);
+    assert_eq!(tensors_sorted(varmap_tensors(t.kept_varmap())), w1);
+    drop(t);
+    let mut t = Trainer::resume(dir.path(), Device::Cpu, &ConfigChanges::epochs(Some(2))).unwrap();
+    t.fit(&splits(), &mut Quiet, &AtomicBool::new(false)).unwrap();
+    assert_eq!(t.state().optimizer_steps, 2);
+    // (0.25·w1 + w2) / 1.25 = 0.2·w1 + 0.8·w2
+    let w2 = weights(&t);
     let kept = tensors_sorted(varmap_tensors(t.kept_varmap()));
     let mut moved = 0;
-    for (((name, w0), (_, w1)), (_, avg)) in before.iter().zip(&after).zip(&kept) {
-        for ((a, b), e) in w0.iter().zip(w1).zip(avg) {
-            let want = 0.25 * a + 0.75 * b;
+    for (((name, a), (_, b)), (_, avg)) in w1.iter().zip(&w2).zip(&kept) {
+        for ((a, b), e) in a.iter().zip(b).zip(avg) {
+            let want = 0.2 * a + 0.8 * b;
             assert!((e - want).abs() <= 1e-6 * (1.0 + want.abs()), "{name}: {e} vs {want}");
             moved += usize::from(a != b);
         }
@@ -431,10 +435,10 @@ fn the_moving_average_after_one_step_is_by_hand_and_is_the_kept_model() {
         moved > 100,
         "the step changed {moved} values: the hand case would test nothing"
     );
-    // model.safetensors is the average, not the live weights
+    // model.safetensors (the last) is the average, not the live weights
     let (saved, _) = cmr_train::load_tensors(&t.run().file(RunDir::BEST), &Device::Cpu).unwrap();
     assert_eq!(tensors_sorted(saved), kept);
-    assert_ne!(kept, after);
+    assert_ne!(kept, w2);
 }
 
 #[test]
