@@ -354,6 +354,8 @@ pub fn targets(dir: &Path) -> Vec<Target> {
             .into_iter()
             .map(|(k, v)| (format!("m.{k}"), v))
             .collect(),
+        // a run with a moving average: the checkpoint's third tensor set
+        ema: varmap_tensors(&varmap),
         steps: 32,
         state: state.to_json(),
     };
