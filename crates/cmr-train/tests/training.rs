@@ -475,3 +475,39 @@ fn a_decay_outside_zero_to_one_is_refused() {
         assert!(err.contains("ema.decay"), "{err}");
     }
 }
+
+#[test]
+fn a_checkpoint_whose_average_does_not_match_the_recipe_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    // config.json edited by hand after training: the checkpoint no longer fits
+    let rewrite = |path: &std::path::Path, ema: Option<f64>| {
+        let file = path.join(RunDir::CONFIG);
+        let mut c: TrainConfig = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+        c.ema = ema.map(|decay| cmr_train::EmaConfig { decay });
+        std::fs::write(&file, c.to_json()).unwrap();
+    };
+    let averaged = dir.path().join("averaged");
+    let mut t = Trainer::create(with_ema(1, 0.9), &averaged, Device::Cpu).unwrap();
+    t.fit(&splits(), &mut Quiet, &AtomicBool::new(false)).unwrap();
+    drop(t);
+    rewrite(&averaged, None);
+    let err = Trainer::resume(&averaged, Device::Cpu, &ConfigChanges::epochs(Some(2)))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("checkpoint.safetensors") && err.contains("holds averaged weights"),
+        "{err}"
+    );
+    let plain = dir.path().join("plain");
+    drop(train(&plain, 1));
+    rewrite(&plain, Some(0.9));
+    let err = Trainer::resume(&plain, Device::Cpu, &ConfigChanges::epochs(Some(2)))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("checkpoint.safetensors") && err.contains("holds no average"),
+        "{err}"
+    );
+}
