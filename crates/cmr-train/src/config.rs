@@ -277,7 +277,7 @@ impl TrainConfig {
                 // augmentation for 200 epochs (3.9 s an epoch on two cores:
                 // 13 minutes, 65 for five folds; cross-validated 0.898 against
                 // 0.892 for the small widths at 160); U-Net at the small widths
-                // with it for 400 epochs (1.8 s an epoch on one core: 12
+                // with it for 400 epochs (1.5 s an epoch on one core: 10
                 // minutes; cross-validated 0.895, 0.902 with TTA, against
                 // 0.890 at 200 epochs and 0.879 with the report's five for 80;
                 // 0.866 on deformed copies against 0.783); SegNet keeps the

@@ -78,13 +78,19 @@ fn config(epochs: usize) -> TrainConfig {
     }
 }
 
-fn weights(t: &Trainer) -> Vec<(String, Vec<f32>)> {
-    let mut w: Vec<(String, Vec<f32>)> = varmap_tensors(t.varmap())
+/// Tensors by name, flattened, in name order (comparable with `assert_eq!`).
+fn tensors_sorted(map: std::collections::HashMap<String, candle_core::Tensor>) -> Vec<(String, Vec<f32>)> {
+    let mut w: Vec<(String, Vec<f32>)> = map
         .into_iter()
         .map(|(k, v)| (k, v.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
         .collect();
     w.sort_by(|a, b| a.0.cmp(&b.0));
     w
+}
+
+/// The live weights.
+fn weights(t: &Trainer) -> Vec<(String, Vec<f32>)> {
+    tensors_sorted(varmap_tensors(t.varmap()))
 }
 
 fn train(dir: &std::path::Path, epochs: usize) -> Trainer {
@@ -384,15 +390,6 @@ fn a_truncated_checkpoint_is_an_error_naming_it() {
         .unwrap()
         .to_string();
     assert!(err.contains("checkpoint.safetensors"), "{err}");
-}
-
-fn tensors_sorted(map: std::collections::HashMap<String, candle_core::Tensor>) -> Vec<(String, Vec<f32>)> {
-    let mut w: Vec<(String, Vec<f32>)> = map
-        .into_iter()
-        .map(|(k, v)| (k, v.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
-        .collect();
-    w.sort_by(|a, b| a.0.cmp(&b.0));
-    w
 }
 
 fn with_ema(epochs: usize, decay: f64) -> TrainConfig {
